@@ -1,0 +1,486 @@
+//! `node.toml` → typed, validated configuration.
+//!
+//! Every section is a serde struct with `deny_unknown_fields`, so a typo is an
+//! error rather than a silently ignored key. Defaults live in one place (the
+//! `Default` impls below). `Config::validate` checks what serde cannot (ranges,
+//! files that must exist, combinations) and every error names the key.
+//! Relative paths are resolved against the directory of the config file, so
+//! the shipped `node.toml` runs from anywhere.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// A configuration problem; the message always names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// A duration written as a string: `500ms`, `30s`, `5m`, `1h`, `5d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn secs(s: u64) -> Dur {
+        Dur(Duration::from_secs(s))
+    }
+}
+
+impl FromStr for Dur {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("duration {s:?} has no unit (use ms, s, m, h or d)"))?;
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("duration {s:?} does not start with a number"))?;
+        let ms_per = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(format!("duration {s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+        };
+        n.checked_mul(ms_per)
+            .map(|ms| Dur(Duration::from_millis(ms)))
+            .ok_or_else(|| format!("duration {s:?} is too large"))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        for (unit, per) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+            if ms >= per && ms % per == 0 {
+                return write!(f, "{}{unit}", ms / per);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub smtp: SmtpConfig,
+    #[serde(default)]
+    pub accept: AcceptConfig,
+    #[serde(default)]
+    pub relay: RelayConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name of this node in the network (later: in its certificate).
+    pub name: String,
+    /// Public host name: SMTP banner, EHLO name when relaying, `Received:` headers.
+    pub hostname: String,
+    /// Spool and state live here. Relative to the config file's directory.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Name suffixes of the network's magic MX hosts, e.g. `.magic.example.net`.
+    #[serde(default)]
+    pub magic_suffixes: Vec<String>,
+    /// Other names of this node; MX hosts with these names are never relayed to.
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    pub listen: Vec<SocketAddr>,
+    /// Longest command or text line, in octets including CRLF (RFC 5321: 512 / 1000).
+    pub max_line_length: usize,
+    /// Largest message accepted, in octets (advertised with SIZE).
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    /// Simultaneous inbound connections, all sources together.
+    pub max_connections: usize,
+    /// Wait for a command (RFC 5321 4.5.3.2: at least 5 minutes).
+    pub command_timeout: Dur,
+    /// Wait for each chunk of DATA (RFC 5321: 3 minutes per data block).
+    pub data_timeout: Dur,
+    /// Reject the session after this many bad commands in a row.
+    pub max_errors: usize,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: vec!["127.0.0.1:2525".parse().unwrap()],
+            max_line_length: 1000,
+            max_message_size: 10 * 1024 * 1024,
+            max_recipients: 100,
+            max_connections: 500,
+            command_timeout: Dur::secs(300),
+            data_timeout: Dur::secs(180),
+            max_errors: 10,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcceptConfig {
+    /// Recipient domains this node accepts mail for.
+    pub domains: Vec<String>,
+    /// Also accept a domain whose MX set lists a host under `node.magic_suffixes`.
+    pub mx_delegation: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayTls {
+    /// STARTTLS when offered, plain text if it is not or the handshake fails.
+    Opportunistic,
+    /// Never STARTTLS.
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Port of the real MX hosts.
+    pub port: u16,
+    /// Give up on a recipient (DSN) after this long in the queue.
+    pub max_age: Dur,
+    /// First retry delay; doubles per attempt up to `retry_max`.
+    pub retry_initial: Dur,
+    pub retry_max: Dur,
+    /// Simultaneous deliveries.
+    pub concurrency: usize,
+    pub connect_timeout: Dur,
+    pub command_timeout: Dur,
+    /// A message with more `Received:` headers than this is refused as a loop.
+    pub max_received_headers: usize,
+    pub tls: RelayTls,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            port: 25,
+            max_age: Dur::secs(5 * 86_400),
+            retry_initial: Dur::secs(60),
+            retry_max: Dur::secs(3_600),
+            concurrency: 20,
+            connect_timeout: Dur::secs(30),
+            command_timeout: Dur::secs(300),
+            max_received_headers: 50,
+            tls: RelayTls::Opportunistic,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Nameservers as `ip:port`; empty = the system's resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
+    pub timeout: Dur,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: Dur::secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// HTTP listener for /metrics, /healthz, /status; absent = off.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without validating (the error names line, column and key).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.node.data_dir);
+        if let Some(p) = self.smtp.tls_cert.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.smtp.tls_key.as_mut() {
+            fix(p);
+        }
+    }
+
+    /// Checks what the types cannot; every error names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.name.trim().is_empty() {
+            return Err(invalid("node.name", "must not be empty"));
+        }
+        if !is_hostname(&self.node.hostname) {
+            return Err(invalid(
+                "node.hostname",
+                format!("{:?} is not a valid host name", self.node.hostname),
+            ));
+        }
+        for s in &self.node.magic_suffixes {
+            if !is_hostname(s.trim_start_matches('.')) {
+                return Err(invalid(
+                    "node.magic_suffixes",
+                    format!("{s:?} is not a domain suffix"),
+                ));
+            }
+        }
+        for d in &self.accept.domains {
+            if !is_hostname(d) {
+                return Err(invalid(
+                    "accept.domains",
+                    format!("{d:?} is not a domain name"),
+                ));
+            }
+        }
+        if self.accept.mx_delegation && self.node.magic_suffixes.is_empty() {
+            return Err(invalid(
+                "accept.mx_delegation",
+                "needs node.magic_suffixes to know which MX hosts are magic",
+            ));
+        }
+        let s = &self.smtp;
+        if s.listen.is_empty() {
+            return Err(invalid("smtp.listen", "needs at least one address"));
+        }
+        if !(512..=65_536).contains(&s.max_line_length) {
+            return Err(invalid(
+                "smtp.max_line_length",
+                "must be between 512 and 65536 octets",
+            ));
+        }
+        if s.max_message_size < 1024 {
+            return Err(invalid("smtp.max_message_size", "must be at least 1024 octets"));
+        }
+        if s.max_recipients == 0 {
+            return Err(invalid("smtp.max_recipients", "must be at least 1"));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("smtp.max_connections", "must be at least 1"));
+        }
+        if s.command_timeout.0 < Duration::from_secs(1) {
+            return Err(invalid("smtp.command_timeout", "must be at least 1s"));
+        }
+        if s.data_timeout.0 < Duration::from_secs(1) {
+            return Err(invalid("smtp.data_timeout", "must be at least 1s"));
+        }
+        match (&s.tls_cert, &s.tls_key) {
+            (Some(_), None) => return Err(invalid("smtp.tls_key", "is required with smtp.tls_cert")),
+            (None, Some(_)) => return Err(invalid("smtp.tls_cert", "is required with smtp.tls_key")),
+            (Some(c), Some(k)) => {
+                if !c.is_file() {
+                    return Err(invalid("smtp.tls_cert", format!("{} is not a readable file", c.display())));
+                }
+                if !k.is_file() {
+                    return Err(invalid("smtp.tls_key", format!("{} is not a readable file", k.display())));
+                }
+            }
+            (None, None) => {}
+        }
+        let r = &self.relay;
+        if r.port == 0 {
+            return Err(invalid("relay.port", "must not be 0"));
+        }
+        if r.concurrency == 0 {
+            return Err(invalid("relay.concurrency", "must be at least 1"));
+        }
+        if r.retry_initial.0.is_zero() {
+            return Err(invalid("relay.retry_initial", "must be more than 0"));
+        }
+        if r.retry_max < r.retry_initial {
+            return Err(invalid("relay.retry_max", "must not be less than relay.retry_initial"));
+        }
+        if r.max_age < r.retry_initial {
+            return Err(invalid("relay.max_age", "must not be less than relay.retry_initial"));
+        }
+        if r.max_received_headers == 0 {
+            return Err(invalid("relay.max_received_headers", "must be at least 1"));
+        }
+        if self.dns.timeout.0.is_zero() {
+            return Err(invalid("dns.timeout", "must be more than 0"));
+        }
+        Ok(())
+    }
+
+    /// True if `host` is under one of the magic suffixes (case-insensitive,
+    /// trailing dot ignored).
+    pub fn is_magic_host(&self, host: &str) -> bool {
+        let host = normalize_name(host);
+        self.node.magic_suffixes.iter().any(|s| {
+            let s = normalize_name(s);
+            let s = s.trim_start_matches('.');
+            host == s || host.ends_with(&format!(".{s}"))
+        })
+    }
+
+    /// True if `host` is one of this node's own names.
+    pub fn is_own_name(&self, host: &str) -> bool {
+        let host = normalize_name(host);
+        std::iter::once(&self.node.hostname)
+            .chain(self.node.names.iter())
+            .any(|n| normalize_name(n) == host)
+    }
+
+    /// True if `domain` is listed in `[accept] domains`.
+    pub fn is_accepted_domain(&self, domain: &str) -> bool {
+        let domain = normalize_name(domain);
+        self.accept.domains.iter().any(|d| normalize_name(d) == domain)
+    }
+}
+
+/// Lower-case, without a trailing dot.
+pub fn normalize_name(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn is_hostname(name: &str) -> bool {
+    let name = name.trim_end_matches('.');
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[node]\nname = \"n1\"\nhostname = \"mx1.magic.test\"\n";
+
+    #[test]
+    fn durations_parse_and_print() {
+        assert_eq!("30s".parse::<Dur>().unwrap(), Dur::secs(30));
+        assert_eq!("5m".parse::<Dur>().unwrap(), Dur::secs(300));
+        assert_eq!("1h".parse::<Dur>().unwrap(), Dur::secs(3600));
+        assert_eq!("5d".parse::<Dur>().unwrap(), Dur::secs(432_000));
+        assert_eq!("250ms".parse::<Dur>().unwrap().0, Duration::from_millis(250));
+        assert!("5".parse::<Dur>().is_err());
+        assert!("m".parse::<Dur>().is_err());
+        assert!("5y".parse::<Dur>().is_err());
+        assert_eq!(Dur::secs(300).to_string(), "5m");
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.relay.port, 25);
+        assert_eq!(c.relay.max_age, Dur::secs(5 * 86_400));
+        assert_eq!(c.smtp.max_line_length, 1000);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse(&format!("{MINIMAL}[smtp]\nmax_lines = 3\n")).unwrap_err();
+        assert!(err.contains("max_lines"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let err = Config::parse(&format!("{MINIMAL}[relay]\nmax_age = \"5 years\"\n")).unwrap_err();
+        assert!(err.contains("max_age"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.accept.mx_delegation = true;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("accept.mx_delegation"), "{err}");
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.smtp.tls_cert = Some("x.pem".into());
+        assert!(c.validate().unwrap_err().to_string().starts_with("smtp.tls_key"));
+    }
+
+    #[test]
+    fn magic_and_own_names() {
+        let mut c = Config::parse(MINIMAL).unwrap();
+        c.node.magic_suffixes = vec![".magic.test".into()];
+        assert!(c.is_magic_host("mx1.magic.test."));
+        assert!(c.is_magic_host("MX1.Magic.Test"));
+        assert!(!c.is_magic_host("notmagic.test"));
+        assert!(!c.is_magic_host("xmagic.test"));
+        assert!(c.is_own_name("mx1.magic.test."));
+    }
+}
