@@ -106,6 +106,12 @@ pub struct Config {
     pub dns: DnsConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub throttle: ThrottleConfig,
+    #[serde(default)]
+    pub trust: TrustConfig,
+    #[serde(default)]
+    pub gossip: GossipConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -245,6 +251,110 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// Per-block limits, network-wide, per sliding window.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThrottleConfig {
+    /// Off: nothing is counted or refused (hold still applies).
+    pub enabled: bool,
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    /// Sliding window the limits apply to.
+    pub window: Dur,
+    /// Counting granularity; the window is a whole number of epochs.
+    pub epoch: Dur,
+    pub max_connections: u32,
+    pub max_messages: u32,
+    pub max_recipients: u32,
+    /// Time in the penalty box after passing a limit; doubles per offense.
+    pub penalty: Dur,
+    pub max_penalty: Dur,
+    /// Connections of a penalised block answered with a full 421; later ones are closed without a banner.
+    pub polite_refusals: u32,
+    /// Bound of the block table.
+    pub max_tracked_blocks: usize,
+    /// Accepted mail waits this long before relay, so the node sees the network's counts.
+    pub hold: Dur,
+    /// Quarantined mail is deleted after this long.
+    pub quarantine_max_age: Dur,
+}
+
+impl Default for ThrottleConfig {
+    fn default() -> Self {
+        ThrottleConfig {
+            enabled: true,
+            ipv4_prefix: 24,
+            ipv6_prefix: 48,
+            window: Dur::secs(3_600),
+            epoch: Dur::secs(60),
+            max_connections: 120,
+            max_messages: 60,
+            max_recipients: 200,
+            penalty: Dur::secs(15 * 60),
+            max_penalty: Dur::secs(4 * 3_600),
+            polite_refusals: 3,
+            max_tracked_blocks: 1_000_000,
+            hold: Dur::secs(5),
+            quarantine_max_age: Dur::secs(7 * 86_400),
+        }
+    }
+}
+
+/// Sharing counts with peer nodes over QUIC (mutual TLS).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GossipConfig {
+    /// Off: the node throttles on its own counts only (no peers needed).
+    pub enabled: bool,
+    /// UDP address of the QUIC endpoint.
+    pub listen: SocketAddr,
+    /// Network id: messages from another network are dropped.
+    pub network: String,
+    /// Gossip addresses of nodes to join through; one live seed is enough.
+    pub seeds: Vec<SocketAddr>,
+    /// Network CA certificate (PEM); peers must present a certificate it signed.
+    pub ca: Option<PathBuf>,
+    /// This node's certificate and key (PEM), issued by the CA for `node.name`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Deltas are pushed this often.
+    pub interval: Dur,
+    /// Peers each push goes to.
+    pub fanout: usize,
+    /// Digest exchange with one random peer this often (repairs losses, restarts, partitions).
+    pub anti_entropy_interval: Dur,
+    /// A peer that does not answer probes for about this long is declared down.
+    pub failure_timeout: Dur,
+    /// Cap of one peer's contribution to a block's count, as a share of the limit (0 < share <= 1).
+    pub max_origin_share: f64,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig {
+            enabled: false,
+            listen: "127.0.0.1:7401".parse().unwrap(),
+            network: "magicmx".to_string(),
+            seeds: Vec::new(),
+            ca: None,
+            cert: None,
+            key: None,
+            interval: Dur::secs(1),
+            fanout: 3,
+            anti_entropy_interval: Dur::secs(10),
+            failure_timeout: Dur::secs(10),
+            max_origin_share: 0.5,
+        }
+    }
+}
+
+/// Networks never counted nor refused by the throttle.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    pub networks: Vec<ipnet::IpNet>,
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -274,6 +384,9 @@ impl Config {
             }
         };
         fix(&mut self.node.data_dir);
+        for p in [&mut self.gossip.ca, &mut self.gossip.cert, &mut self.gossip.key].into_iter().flatten() {
+            fix(p);
+        }
         if let Some(p) = self.smtp.tls_cert.as_mut() {
             fix(p);
         }
@@ -371,6 +484,70 @@ impl Config {
         }
         if r.max_received_headers == 0 {
             return Err(invalid("relay.max_received_headers", "must be at least 1"));
+        }
+        let t = &self.throttle;
+        if t.ipv4_prefix == 0 || t.ipv4_prefix > 32 {
+            return Err(invalid("throttle.ipv4_prefix", "must be between 1 and 32"));
+        }
+        if t.ipv6_prefix == 0 || t.ipv6_prefix > 128 {
+            return Err(invalid("throttle.ipv6_prefix", "must be between 1 and 128"));
+        }
+        if t.epoch.0 < Duration::from_millis(100) {
+            return Err(invalid("throttle.epoch", "must be at least 100ms"));
+        }
+        if t.window < t.epoch || t.window.0.as_millis() % t.epoch.0.as_millis() != 0 {
+            return Err(invalid(
+                "throttle.window",
+                "must be a whole number of throttle.epoch (at least one)",
+            ));
+        }
+        if t.window.0.as_millis() / t.epoch.0.as_millis() > 10_000 {
+            return Err(invalid("throttle.window", "is more than 10000 epochs; use a longer throttle.epoch"));
+        }
+        for (key, v) in [
+            ("throttle.max_connections", t.max_connections),
+            ("throttle.max_messages", t.max_messages),
+            ("throttle.max_recipients", t.max_recipients),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if t.max_penalty < t.penalty {
+            return Err(invalid("throttle.max_penalty", "must not be less than throttle.penalty"));
+        }
+        if t.max_tracked_blocks == 0 {
+            return Err(invalid("throttle.max_tracked_blocks", "must be at least 1"));
+        }
+        let g = &self.gossip;
+        if g.enabled {
+            for (key, p) in [("gossip.ca", &g.ca), ("gossip.cert", &g.cert), ("gossip.key", &g.key)] {
+                match p {
+                    None => return Err(invalid(key, "is required when gossip.enabled = true")),
+                    Some(p) if !p.is_file() => {
+                        return Err(invalid(key, format!("{} is not a readable file", p.display())))
+                    }
+                    Some(_) => {}
+                }
+            }
+            if g.network.trim().is_empty() {
+                return Err(invalid("gossip.network", "must not be empty"));
+            }
+        }
+        if g.interval.0 < Duration::from_millis(10) {
+            return Err(invalid("gossip.interval", "must be at least 10ms"));
+        }
+        if g.fanout == 0 {
+            return Err(invalid("gossip.fanout", "must be at least 1"));
+        }
+        if g.anti_entropy_interval.0.is_zero() {
+            return Err(invalid("gossip.anti_entropy_interval", "must be more than 0"));
+        }
+        if g.failure_timeout.0 < Duration::from_millis(100) {
+            return Err(invalid("gossip.failure_timeout", "must be at least 100ms"));
+        }
+        if !(g.max_origin_share > 0.0 && g.max_origin_share <= 1.0) {
+            return Err(invalid("gossip.max_origin_share", "must be more than 0 and at most 1"));
         }
         if self.dns.timeout.0.is_zero() {
             return Err(invalid("dns.timeout", "must be more than 0"));

@@ -5,8 +5,163 @@
 //! takes due messages from the spool and delivers them to the domain's real
 //! MX. `run` wires the parts together under one shutdown signal.
 
+pub mod admin;
 pub mod config;
 pub mod dns;
 pub mod relay;
 pub mod smtp;
 pub mod spool;
+pub mod throttle;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use config::Config;
+
+/// A running node: its parts, for the binary and for in-process tests.
+pub struct Node {
+    pub config: Arc<Config>,
+    pub spool: spool::Spool,
+    pub throttle: Arc<throttle::Throttle>,
+    /// Bound SMTP addresses (useful when the config says port 0).
+    pub smtp_addrs: Vec<std::net::SocketAddr>,
+    pub admin_addr: Option<std::net::SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Node {
+    /// Opens the spool (recovering the queue), binds the listeners and starts
+    /// every task. The node runs until `shutdown` is cancelled.
+    pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Node> {
+        let config = Arc::new(config);
+        admin::prometheus();
+        let spool = spool::Spool::open(&config.node.data_dir.join("spool")).with_context(|| {
+            format!("node.data_dir: cannot open the spool in {}", config.node.data_dir.display())
+        })?;
+        let dns = dns::Dns::new(&config.dns).context("dns: cannot create the resolver")?;
+        let throttle = Arc::new(throttle::Throttle::new(&config.throttle, &config.trust, &config.node.name));
+        let relay = relay::Relay::new(config.clone(), spool.clone(), dns.clone())
+            .with_gate(Arc::new(ThrottleGate(throttle.clone())));
+        let wake = relay.wake();
+        let ctx = Arc::new(smtp::Context::new(config.clone(), spool.clone(), dns, wake.clone(), throttle.clone())?);
+        let listeners = smtp::bind(&config).await?;
+        let smtp_addrs = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+        let admin_listener = match config.admin.listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("admin.listen: cannot bind {addr}: {e}"))?;
+                info!(addr = %l.local_addr()?, "admin listening");
+                Some(l)
+            }
+            None => None,
+        };
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+        info!(node = %config.node.name, queued = spool.len().unwrap_or(0), "node started");
+
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(relay.run(shutdown.clone()));
+        tasks.spawn(smtp::serve(listeners, ctx, shutdown.clone()));
+        if let Some(l) = admin_listener {
+            let a = admin::Admin {
+                node: config.node.name.clone(),
+                throttle: throttle.clone(),
+                spool: spool.clone(),
+                relay_wake: wake,
+            };
+            tasks.spawn(admin::serve(l, a, shutdown.clone()));
+        }
+        tasks.spawn(sweep(throttle.clone(), config.throttle.epoch.0, shutdown.clone()));
+        tasks.close();
+        Ok(Node {
+            config,
+            spool,
+            throttle,
+            smtp_addrs,
+            admin_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Waits until shutdown was requested and every task ended, then closes
+    /// the spool (last, so that sessions storing a message finish first).
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        self.tasks.wait().await;
+        self.spool.close().await;
+        info!("node stopped");
+    }
+}
+
+/// Runs a node until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    Node::start(config, shutdown).await?.wait().await;
+    Ok(())
+}
+
+/// Forgets idle blocks once per epoch, keeping the table bounded.
+async fn sweep(throttle: Arc<throttle::Throttle>, every: std::time::Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(100)));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let gone = throttle.sweep(throttle::now_ms());
+                if gone > 0 {
+                    tracing::debug!(gone, tracked = throttle.tracked(), "swept idle blocks");
+                }
+            }
+        }
+    }
+}
+
+/// The release check of held mail: a message whose source block is over a
+/// limit network-wide when its hold ends goes to quarantine.
+struct ThrottleGate(Arc<throttle::Throttle>);
+
+impl relay::ReleaseGate for ThrottleGate {
+    fn quarantine_reason(&self, client: std::net::IpAddr) -> Option<String> {
+        self.0
+            .over_limit(client, throttle::now_ms())
+            .map(|r| format!("block {} over its limit ({r})", self.0.block_of(client)))
+    }
+}
+
+/// The `queue list` table: one line per message.
+pub fn spool_listing(entries: &[spool::QueueEntry]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<18} {:<30} {:>8} {:<20} {:<40} last error", "id", "sender", "attempts", "next attempt", "recipients");
+    for e in entries {
+        let pending: Vec<&str> = e
+            .envelope
+            .recipients
+            .iter()
+            .filter(|r| r.state == spool::RcptState::Pending)
+            .map(|r| r.address.as_str())
+            .collect();
+        let next = chrono::DateTime::from_timestamp(e.next_attempt as i64, 0)
+            .map(|d| d.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_default();
+        let sender = if e.envelope.sender.is_empty() { "<>" } else { e.envelope.sender.as_str() };
+        let state = if e.quarantined { " [quarantined]" } else { "" };
+        let _ = writeln!(
+            out,
+            "{:<18} {:<30} {:>8} {:<20} {:<40} {}{}",
+            e.id,
+            sender,
+            e.attempts,
+            next,
+            pending.join(","),
+            e.last_error.as_deref().unwrap_or("-"),
+            state
+        );
+    }
+    let _ = writeln!(out, "{} message(s)", entries.len());
+    out
+}

@@ -1,1 +1,211 @@
-fn main(){}
+//! The `magicmx` command: parses arguments, sets up tracing, wires signals.
+//! Everything else is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use magicmx::config::Config;
+
+#[derive(Parser)]
+#[command(name = "magicmx", version, about = "A node of a throttling relay MX network")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node.
+    Run {
+        #[arg(long, short, default_value = "node.toml")]
+        config: PathBuf,
+    },
+    /// Check a config file and exit.
+    CheckConfig {
+        #[arg(long, short, default_value = "node.toml")]
+        config: PathBuf,
+    },
+    /// Inspect the queue.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+    /// Say why mail from this address would be accepted or refused now
+    /// (asks the running node through `[admin] listen`).
+    Explain {
+        ip: std::net::IpAddr,
+        #[arg(long, short, default_value = "node.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// List queued messages: id, sender, recipients, attempts, next attempt, last error.
+    List {
+        #[arg(long, short, default_value = "node.toml")]
+        config: PathBuf,
+    },
+    /// Quarantined mail: list, release (relay it), delete.
+    Quarantine {
+        #[command(subcommand)]
+        command: QuarantineCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuarantineCommand {
+    List {
+        #[arg(long, short, default_value = "node.toml")]
+        config: PathBuf,
+    },
+    Release {
+        id: String,
+        #[arg(long, short, default_value = "node.toml")]
+        config: PathBuf,
+    },
+    Delete {
+        id: String,
+        #[arg(long, short, default_value = "node.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("magicmx: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: &PathBuf) -> anyhow::Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = load(&config)?;
+            init_tracing();
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("shutdown requested");
+                    signal.cancel();
+                });
+                magicmx::run(config, shutdown).await
+            })
+        }
+        Command::CheckConfig { config } => {
+            let c = load(&config)?;
+            println!(
+                "{}: ok (node {}, listening on {:?}, accepting {:?})",
+                config.display(),
+                c.node.name,
+                c.smtp.listen,
+                c.accept.domains
+            );
+            Ok(())
+        }
+        Command::Queue { command: QueueCommand::List { config } } => {
+            let c = load(&config)?;
+            let entries = magicmx::spool::Spool::list_readonly(&c.node.data_dir.join("spool"))?;
+            print!("{}", magicmx::spool_listing(&entries));
+            Ok(())
+        }
+        Command::Queue { command: QueueCommand::Quarantine { command } } => quarantine(command),
+        Command::Explain { ip, config } => {
+            let c = load(&config)?;
+            let addr = admin_addr(&c)?;
+            let (code, body) = block_on(magicmx::admin::request(addr, "GET", &format!("/explain?ip={ip}")))?;
+            if code != 200 {
+                anyhow::bail!("the node answered {code}: {}", body.trim());
+            }
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            println!("{ip}: {}", v["verdict"].as_str().unwrap_or("?"));
+            println!("block:   {}", v["block"].as_str().unwrap_or("?"));
+            for k in ["connections", "messages", "recipients"] {
+                println!("{k:<12} {} of {} in the window", v["counts"][k], v["limits"][k]);
+            }
+            println!("penalty:  {}s left, {} offense(s)", v["penalty_left_secs"], v["offenses"]);
+            Ok(())
+        }
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
+}
+
+fn admin_addr(c: &Config) -> anyhow::Result<std::net::SocketAddr> {
+    c.admin
+        .listen
+        .ok_or_else(|| anyhow::anyhow!("admin.listen: not set; the command talks to the running node through it"))
+}
+
+fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
+    match command {
+        QuarantineCommand::List { config } => {
+            let c = load(&config)?;
+            let entries = magicmx::spool::Spool::list_readonly(&c.node.data_dir.join("spool"))?;
+            let q: Vec<_> = entries.into_iter().filter(|e| e.quarantined).collect();
+            print!("{}", magicmx::spool_listing(&q));
+            Ok(())
+        }
+        QuarantineCommand::Release { id, config } => quarantine_action(&config, &id, "release"),
+        QuarantineCommand::Delete { id, config } => quarantine_action(&config, &id, "delete"),
+    }
+}
+
+fn quarantine_action(config: &PathBuf, id: &str, action: &str) -> anyhow::Result<()> {
+    let c = load(config)?;
+    let addr = admin_addr(&c)?;
+    let path = format!("/quarantine/{action}?id={id}");
+    let (code, body) = block_on(magicmx::admin::request(addr, "POST", &path))?;
+    if code != 200 {
+        anyhow::bail!("{}", body.trim());
+    }
+    print!("{body}");
+    Ok(())
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MAGICMX_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("MAGICMX_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

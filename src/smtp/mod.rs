@@ -1,1 +1,430 @@
-//! smtp
+//! Inbound ESMTP server.
+//!
+//! Sockets live here; the protocol lives in [`session`] (a sans-IO state
+//! machine) and [`data`] (strict DATA framing). A connection gets a permit
+//! from a bounded pool (over the limit it is told `421` at once, never left
+//! waiting in the accept queue), then its session is driven by [`drive`]:
+//! read with a timeout, feed the session, act on its events (check a
+//! recipient, store a message in the spool, start TLS), write the replies.
+//! Accepted mail goes to the spool and the relay is woken. On shutdown every
+//! session that is waiting for input answers `421` and closes; a message that
+//! is being stored finishes first, so nothing acknowledged is lost.
+
+pub mod data;
+pub mod session;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::dns::{Dns, MxAnswer};
+use crate::spool::{Envelope, RcptState, Recipient, Spool};
+use crate::throttle::{now_ms, Decision, Throttle};
+use session::{Event, Message, Session, SessionConfig, Verdict};
+
+/// Everything a connection needs, shared by all of them.
+pub struct Context {
+    pub config: Arc<Config>,
+    pub session: SessionConfig,
+    pub spool: Spool,
+    pub dns: Dns,
+    /// Woken after a message is stored.
+    pub relay_wake: Arc<Notify>,
+    pub tls: Option<TlsAcceptor>,
+    pub throttle: Arc<Throttle>,
+}
+
+/// Loads the STARTTLS certificate and key (PEM) with the ring provider.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+    use anyhow::Context as _;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("smtp.tls_cert: cannot read {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("smtp.tls_cert: bad PEM in {}", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("smtp.tls_cert: no certificate in {}", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("smtp.tls_key: cannot read a private key from {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("smtp.tls_key: does not match smtp.tls_cert")?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+impl Context {
+    pub fn new(
+        config: Arc<Config>,
+        spool: Spool,
+        dns: Dns,
+        relay_wake: Arc<Notify>,
+        throttle: Arc<Throttle>,
+    ) -> anyhow::Result<Context> {
+        let tls = match (&config.smtp.tls_cert, &config.smtp.tls_key) {
+            (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
+            _ => None,
+        };
+        let session = SessionConfig {
+            hostname: config.node.hostname.clone(),
+            max_line_length: config.smtp.max_line_length,
+            max_message_size: config.smtp.max_message_size,
+            max_recipients: config.smtp.max_recipients,
+            max_errors: config.smtp.max_errors,
+            max_received_headers: config.relay.max_received_headers,
+            tls_available: tls.is_some(),
+        };
+        Ok(Context {
+            config,
+            session,
+            spool,
+            dns,
+            relay_wake,
+            tls,
+            throttle,
+        })
+    }
+
+    /// Asks the throttle, unless it is disabled; counts and logs refusals.
+    fn throttle(&self, stage: &'static str, peer: IpAddr, ask: impl FnOnce(&Throttle) -> Decision) -> Decision {
+        if !self.config.throttle.enabled {
+            return Decision::Accept;
+        }
+        let d = ask(&self.throttle);
+        match &d {
+            Decision::Accept => {}
+            Decision::Refuse { reason, reply } => {
+                metrics::counter!("magicmx_throttle_refusals_total", "stage" => stage, "reason" => reason.as_str()).increment(1);
+                info!(client = %peer, block = %self.throttle.block_of(peer), stage, %reason, reply = %reply, "throttled");
+            }
+            Decision::Drop { reason } => {
+                metrics::counter!("magicmx_throttle_drops_total", "stage" => stage, "reason" => reason.as_str()).increment(1);
+                debug!(client = %peer, block = %self.throttle.block_of(peer), stage, %reason, "dropped without banner");
+            }
+        }
+        d
+    }
+
+    /// Is the node willing to take mail for this recipient? Never an open relay:
+    /// only listed domains, or domains that delegate to the magic MX.
+    pub async fn check_recipient(&self, peer: IpAddr, address: &str, domain: &str) -> Verdict {
+        match self.check_domain(address, domain).await {
+            Verdict::Accept => {}
+            refuse => return refuse,
+        }
+        match self.throttle("rcpt", peer, |t| t.on_rcpt(peer, now_ms())) {
+            Decision::Accept => Verdict::Accept,
+            Decision::Refuse { reply, .. } => Verdict::Refuse(reply),
+            Decision::Drop { reason } => Verdict::Refuse(format!("450 4.7.1 Too much mail from your network ({reason})")),
+        }
+    }
+
+    async fn check_domain(&self, address: &str, domain: &str) -> Verdict {
+        if self.config.is_accepted_domain(domain) {
+            return Verdict::Accept;
+        }
+        if self.config.accept.mx_delegation {
+            match self.dns.mx(domain).await {
+                Ok(MxAnswer::Hosts(hosts)) if hosts.iter().any(|h| self.config.is_magic_host(&h.host)) => {
+                    return Verdict::Accept;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(rcpt = address, error = %e, "MX lookup failed");
+                    return Verdict::Refuse(format!(
+                        "451 4.4.3 <{address}>: Recipient address rejected: temporary DNS failure"
+                    ));
+                }
+            }
+        }
+        Verdict::Refuse(format!("550 5.7.1 <{address}>: Relay access denied: relaying denied"))
+    }
+
+    /// Stores an accepted message with its `Received:` header; returns the queue id.
+    pub async fn store(&self, m: Message) -> Result<String, String> {
+        if let Decision::Refuse { reply, .. } = self.throttle("data", m.peer, |t| t.on_message(m.peer, now_ms())) {
+            return Err(reply);
+        }
+        let now = unix_now();
+        let mut body = received_header(&self.config.node.hostname, &m, now).into_bytes();
+        body.extend_from_slice(&m.body);
+        let envelope = Envelope {
+            sender: m.sender.clone(),
+            recipients: m
+                .recipients
+                .iter()
+                .map(|a| Recipient {
+                    address: a.clone(),
+                    state: RcptState::Pending,
+                })
+                .collect(),
+            client_ip: m.peer,
+            helo: m.helo.clone(),
+            received_at: now,
+            smtputf8: m.smtputf8,
+            eight_bit: m.eight_bit,
+        };
+        let size = body.len();
+        let release = now + self.config.throttle.hold.0.as_secs();
+        match self.spool.store(envelope, body, release).await {
+            Ok(entry) => {
+                info!(
+                    queue_id = %entry.id,
+                    from = %m.sender,
+                    to = ?m.recipients,
+                    size,
+                    client = %m.peer,
+                    "received"
+                );
+                self.relay_wake.notify_one();
+                Ok(entry.id)
+            }
+            Err(e) => {
+                warn!(error = %e, client = %m.peer, "spool write failed");
+                Err("451 4.3.0 Error: queue file write error".to_string())
+            }
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The trace header this node adds (RFC 5321 4.4), with the protocol name
+/// of RFC 3848 / RFC 6531.
+pub fn received_header(hostname: &str, m: &Message, now: u64) -> String {
+    let proto = match (m.smtputf8, m.esmtp, m.tls) {
+        (true, _, false) => "UTF8SMTP",
+        (true, _, true) => "UTF8SMTPS",
+        (false, true, true) => "ESMTPS",
+        (false, true, false) => "ESMTP",
+        (false, false, _) => "SMTP",
+    };
+    let date = chrono::DateTime::from_timestamp(now as i64, 0)
+        .unwrap_or_default()
+        .to_rfc2822();
+    let ip = match m.peer {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("IPv6:{v6}"),
+    };
+    let helo = if m.helo.is_empty() { "unknown" } else { m.helo.as_str() };
+    let mut h = format!("Received: from {helo} ([{ip}])\r\n\tby {hostname} (magicmx) with {proto}");
+    if let [one] = m.recipients.as_slice() {
+        h.push_str(&format!("\r\n\tfor <{one}>"));
+    }
+    h.push_str(&format!("; {date}\r\n"));
+    h
+}
+
+/// Binds every `[smtp] listen` address.
+pub async fn bind(config: &Config) -> anyhow::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    for addr in &config.smtp.listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("smtp.listen: cannot bind {addr}: {e}"))?;
+        info!(addr = %l.local_addr()?, "smtp listening");
+        listeners.push(l);
+    }
+    Ok(listeners)
+}
+
+/// Accepts connections until shutdown; returns when every session has ended.
+pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<Context>, shutdown: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(ctx.config.smtp.max_connections));
+    let tracker = TaskTracker::new();
+    for listener in listeners {
+        let (ctx, permits, shutdown, sessions) = (ctx.clone(), permits.clone(), shutdown.clone(), tracker.clone());
+        tracker.spawn(async move {
+            loop {
+                let (stream, peer) = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    debug!(%peer, "too many connections");
+                    let mut stream = stream;
+                    sessions.spawn(async move {
+                        let line = b"421 4.3.2 Too many connections, try again later\r\n";
+                        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line)).await;
+                    });
+                    continue;
+                };
+                let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+                sessions.spawn(async move {
+                    connection(stream, peer, ctx, shutdown).await;
+                    drop(permit);
+                });
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// How a driven stream ended.
+enum Ended {
+    Closed,
+    StartTls(Session),
+}
+
+#[tracing::instrument(name = "smtp", skip_all, fields(client = %peer))]
+async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, shutdown: CancellationToken) {
+    let _ = stream.set_nodelay(true);
+    let ip = canonical_ip(peer.ip());
+    let mut stream = stream;
+    match ctx.throttle("connect", ip, |t| t.on_connect(ip, now_ms())) {
+        Decision::Accept => {}
+        Decision::Refuse { reply, .. } => {
+            let line = format!("{reply}\r\n");
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes())).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+        Decision::Drop { .. } => return,
+    }
+    let mut session = Session::new(ctx.session.clone(), ip, false);
+    session.greeting();
+    debug!("connected");
+    let session = match drive(&mut stream, ip, session, &ctx, &shutdown).await {
+        Ended::Closed => return,
+        Ended::StartTls(s) => s,
+    };
+    let Some(acceptor) = ctx.tls.clone() else { return };
+    let timeout = ctx.config.smtp.command_timeout.0;
+    let mut tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            info!(error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            info!("TLS handshake timed out");
+            return;
+        }
+    };
+    let mut session = session;
+    session.tls_started();
+    if let Ended::StartTls(_) = drive(&mut tls, ip, session, &ctx, &shutdown).await {
+        // The session refuses a second STARTTLS itself; nothing to do.
+    }
+    let _ = tls.shutdown().await;
+}
+
+/// IPv4-mapped IPv6 addresses are IPv4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+async fn write_out<S: AsyncWrite + Unpin>(stream: &mut S, session: &mut Session, timeout: Duration) -> bool {
+    if !session.has_output() {
+        return true;
+    }
+    let out = session.take_output();
+    matches!(
+        tokio::time::timeout(timeout, async {
+            stream.write_all(&out).await?;
+            stream.flush().await
+        })
+        .await,
+        Ok(Ok(()))
+    )
+}
+
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    peer: IpAddr,
+    mut session: Session,
+    ctx: &Context,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let cfg = &ctx.config.smtp;
+    let hostname = &ctx.config.node.hostname;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match session.next_event() {
+            Event::NeedInput => {
+                if !write_out(stream, &mut session, cfg.command_timeout.0).await {
+                    return Ended::Closed;
+                }
+                let timeout = if session.in_data() { cfg.data_timeout.0 } else { cfg.command_timeout.0 };
+                let read = tokio::select! {
+                    r = tokio::time::timeout(timeout, stream.read(&mut buf)) => r,
+                    _ = shutdown.cancelled() => {
+                        let line = format!("421 4.3.2 {hostname} Service shutting down\r\n");
+                        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes())).await;
+                        return Ended::Closed;
+                    }
+                };
+                match read {
+                    Ok(Ok(0)) => {
+                        debug!("client closed");
+                        return Ended::Closed;
+                    }
+                    Ok(Ok(n)) => session.receive(&buf[..n]),
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "read failed");
+                        return Ended::Closed;
+                    }
+                    Err(_) => {
+                        info!(in_data = session.in_data(), "timeout");
+                        let line = format!("421 4.4.2 {hostname} Error: timeout exceeded\r\n");
+                        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes())).await;
+                        return Ended::Closed;
+                    }
+                }
+            }
+            Event::Close => {
+                write_out(stream, &mut session, cfg.command_timeout.0).await;
+                let _ = stream.shutdown().await;
+                return Ended::Closed;
+            }
+            Event::StartTls => {
+                if !write_out(stream, &mut session, cfg.command_timeout.0).await {
+                    return Ended::Closed;
+                }
+                return Ended::StartTls(session);
+            }
+            Event::Recipient { address, domain } => {
+                let verdict = ctx.check_recipient(peer, &address, &domain).await;
+                if let Verdict::Refuse(reply) = &verdict {
+                    info!(rcpt = %address, reply = %reply, "recipient refused");
+                }
+                session.recipient_verdict(verdict);
+            }
+            Event::Message(m) => {
+                let result = ctx.store(*m).await;
+                session.message_stored(result.as_deref().map_err(|e| e.as_str()));
+            }
+        }
+    }
+}

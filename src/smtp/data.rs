@@ -1,0 +1,269 @@
+//! Strict DATA framing, sans IO.
+//!
+//! The only end of data is `<CR><LF>.<CR><LF>` (the first CRLF may be the one
+//! that ended the DATA command). A bare LF or a bare CR anywhere is recorded as
+//! an error but never ends the message or starts a new line, so sequences such
+//! as `\n.\n`, `\r.\r\n` or `\n.\r\n` cannot end a message early and smuggle
+//! the rest as commands. The reader keeps scanning after an error until the
+//! real end, so the reply comes at a well-defined point and the remaining bytes
+//! are never interpreted as commands. Dot-stuffing is undone on the way.
+
+/// Why a message was refused, in the order they were found (the first wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataError {
+    BareLf,
+    BareCr,
+    LineTooLong,
+    TooBig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the start of a line.
+    LineStart,
+    /// A `.` at the start of a line.
+    Dot,
+    /// `.` `CR` at the start of a line.
+    DotCr,
+    /// Inside a line.
+    Mid,
+    /// A `CR` inside a line (or after a stuffed dot).
+    Cr,
+}
+
+/// Receives the bytes that follow `354` and finds the end of data.
+#[derive(Debug)]
+pub struct DataReader {
+    state: State,
+    body: Vec<u8>,
+    line_len: usize,
+    max_line: usize,
+    max_size: usize,
+    error: Option<DataError>,
+    /// Octets seen, including those dropped after an error.
+    seen: u64,
+}
+
+/// Outcome of feeding bytes to a [`DataReader`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// The end has not been seen; every byte was consumed.
+    More,
+    /// The end was seen after `consumed` bytes of the input; the rest is
+    /// the next command.
+    Done { consumed: usize },
+}
+
+impl DataReader {
+    /// `max_line` counts the line's CRLF (RFC 5321: 1000); `max_size` is the
+    /// largest body accepted.
+    pub fn new(max_line: usize, max_size: usize) -> DataReader {
+        DataReader {
+            state: State::LineStart,
+            body: Vec::with_capacity(max_size.min(64 * 1024)),
+            line_len: 0,
+            max_line: max_line.saturating_sub(2),
+            max_size,
+            error: None,
+            seen: 0,
+        }
+    }
+
+    fn fail(&mut self, e: DataError) {
+        if self.error.is_none() {
+            self.error = Some(e);
+            self.body = Vec::new();
+        }
+    }
+
+    fn push(&mut self, b: u8) {
+        self.line_len += 1;
+        if self.line_len > self.max_line {
+            self.fail(DataError::LineTooLong);
+        }
+        if self.error.is_none() {
+            if self.body.len() >= self.max_size {
+                self.fail(DataError::TooBig);
+            } else {
+                self.body.push(b);
+            }
+        }
+    }
+
+    fn push_crlf(&mut self) {
+        if self.error.is_none() {
+            if self.body.len() + 2 > self.max_size {
+                self.fail(DataError::TooBig);
+            } else {
+                self.body.extend_from_slice(b"\r\n");
+            }
+        }
+        self.line_len = 0;
+    }
+
+    /// A byte inside a line (not CR).
+    fn mid(&mut self, b: u8) {
+        if b == b'\n' {
+            self.fail(DataError::BareLf);
+        }
+        self.push(b);
+        self.state = State::Mid;
+    }
+
+    /// Feeds input; stops at the end of data.
+    pub fn feed(&mut self, input: &[u8]) -> Progress {
+        for (i, &b) in input.iter().enumerate() {
+            self.seen += 1;
+            match (self.state, b) {
+                (State::LineStart, b'.') => self.state = State::Dot,
+                (State::LineStart | State::Mid, b'\r') => self.state = State::Cr,
+                (State::LineStart | State::Mid, _) => self.mid(b),
+                (State::Dot, b'\r') => self.state = State::DotCr,
+                // A stuffed dot: drop it, the rest is an ordinary line.
+                (State::Dot, _) => self.mid(b),
+                (State::DotCr, b'\n') => {
+                    return Progress::Done { consumed: i + 1 };
+                }
+                (State::DotCr, _) => {
+                    // `.` CR x: the CR was bare.
+                    self.fail(DataError::BareCr);
+                    self.push(b'\r');
+                    if b == b'\r' {
+                        self.state = State::Cr;
+                    } else {
+                        self.mid(b);
+                    }
+                }
+                (State::Cr, b'\n') => {
+                    self.push_crlf();
+                    self.state = State::LineStart;
+                }
+                (State::Cr, b'\r') => {
+                    self.fail(DataError::BareCr);
+                    self.push(b'\r');
+                }
+                (State::Cr, _) => {
+                    self.fail(DataError::BareCr);
+                    self.push(b'\r');
+                    self.mid(b);
+                }
+            }
+        }
+        Progress::More
+    }
+
+    /// Octets received so far, including any dropped after an error.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    /// The body (unstuffed, CRLF line endings) or the first error. Call after
+    /// [`Progress::Done`].
+    pub fn finish(self) -> Result<Vec<u8>, DataError> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.body),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(input: &[u8]) -> (Result<Vec<u8>, DataError>, Option<usize>) {
+        let mut r = DataReader::new(1000, 1 << 20);
+        match r.feed(input) {
+            Progress::Done { consumed } => (r.finish(), Some(consumed)),
+            Progress::More => (Err(DataError::TooBig), None),
+        }
+    }
+
+    /// Feeds the input split at every position; the outcome must not change.
+    fn run_split(input: &[u8]) -> (Result<Vec<u8>, DataError>, Option<usize>) {
+        let whole = run(input);
+        for cut in 0..=input.len() {
+            let mut r = DataReader::new(1000, 1 << 20);
+            let (a, b) = input.split_at(cut);
+            let end = match r.feed(a) {
+                Progress::Done { consumed } => Some(consumed),
+                Progress::More => match r.feed(b) {
+                    Progress::Done { consumed } => Some(cut + consumed),
+                    Progress::More => None,
+                },
+            };
+            let got = if end.is_some() {
+                (r.finish(), end)
+            } else {
+                (Err(DataError::TooBig), None)
+            };
+            assert_eq!(got, whole, "split at {cut} of {:?}", String::from_utf8_lossy(input));
+        }
+        whole
+    }
+
+    #[test]
+    fn plain_message() {
+        let (body, end) = run_split(b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n");
+        assert_eq!(body.unwrap(), b"Subject: x\r\n\r\nhello\r\n");
+        assert_eq!(end, Some(24));
+    }
+
+    #[test]
+    fn empty_message() {
+        let (body, end) = run_split(b".\r\n");
+        assert_eq!(body.unwrap(), b"");
+        assert_eq!(end, Some(3));
+    }
+
+    #[test]
+    fn dot_unstuffing() {
+        let (body, _) = run_split(b"..leading\r\n...\r\n.x\r\n.\r\n");
+        assert_eq!(body.unwrap(), b".leading\r\n..\r\nx\r\n");
+    }
+
+    #[test]
+    fn smuggling_sequences_do_not_end_data() {
+        for fake in [&b"\n.\n"[..], b"\r.\r\n", b"\n.\r\n", b"\r\n.\n", b"\r\n.\r\r\n"] {
+            let mut input = b"a".to_vec();
+            input.extend_from_slice(fake);
+            input.extend_from_slice(b"MAIL FROM:<evil@x>\r\n.\r\n");
+            let (body, end) = run_split(&input);
+            assert_eq!(end, Some(input.len()), "{fake:?} ended data early");
+            assert!(body.is_err(), "{fake:?} accepted");
+        }
+    }
+
+    #[test]
+    fn bare_lf_and_cr_are_refused() {
+        assert_eq!(run_split(b"a\nb\r\n.\r\n").0, Err(DataError::BareLf));
+        assert_eq!(run_split(b"a\rb\r\n.\r\n").0, Err(DataError::BareCr));
+        assert_eq!(run_split(b"a\r\r\n.\r\n").0, Err(DataError::BareCr));
+        assert_eq!(run_split(b"\n.\r\n.\r\n").0, Err(DataError::BareLf));
+    }
+
+    #[test]
+    fn long_line_is_refused_but_read_to_the_end() {
+        let mut input = vec![b'x'; 999];
+        input.extend_from_slice(b"\r\n.\r\n");
+        let mut r = DataReader::new(1000, 1 << 20);
+        assert_eq!(r.feed(&input), Progress::Done { consumed: input.len() });
+        assert_eq!(r.finish(), Err(DataError::LineTooLong));
+        let mut input = vec![b'x'; 998];
+        input.extend_from_slice(b"\r\n.\r\n");
+        let mut r = DataReader::new(1000, 1 << 20);
+        assert_eq!(r.feed(&input), Progress::Done { consumed: input.len() });
+        assert_eq!(r.finish().unwrap().len(), 1000);
+    }
+
+    #[test]
+    fn oversize_message_is_refused() {
+        let mut r = DataReader::new(1000, 10);
+        assert_eq!(r.feed(b"0123456789\r\n"), Progress::More);
+        assert_eq!(r.feed(b".\r\n"), Progress::Done { consumed: 3 });
+        assert_eq!(r.finish(), Err(DataError::TooBig));
+        let mut r = DataReader::new(1000, 12);
+        r.feed(b"0123456789\r\n.\r\n");
+        assert_eq!(r.finish().unwrap(), b"0123456789\r\n");
+    }
+}

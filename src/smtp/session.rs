@@ -1,0 +1,725 @@
+//! The SMTP session as a state machine, sans IO.
+//!
+//! Bytes go in with [`Session::receive`]; [`Session::next_event`] consumes as
+//! much input as it can, writes replies to an output buffer
+//! ([`Session::take_output`]) and stops at the first thing it cannot decide
+//! alone: a recipient to check, a message to store, a STARTTLS to perform, a
+//! need for more input, or the end of the session. The caller answers the
+//! first two with [`Session::recipient_verdict`] and
+//! [`Session::message_stored`]. Replies are buffered until the input runs dry,
+//! which is what PIPELINING (RFC 2920) asks for. Commands are parsed by
+//! smtp-proto; DATA framing is [`super::data::DataReader`].
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+
+use smtp_proto::{Request, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8};
+
+use super::data::{DataError, DataReader, Progress};
+
+/// Limits and names a session needs; built once from the config.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub hostname: String,
+    pub max_line_length: usize,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub max_errors: usize,
+    pub max_received_headers: usize,
+    /// STARTTLS can be offered (a certificate is configured).
+    pub tls_available: bool,
+}
+
+/// What the caller must do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// All input consumed: flush the output and read more.
+    NeedInput,
+    /// Flush the output, then close the connection.
+    Close,
+    /// Flush the output (it holds the `220`), then run the TLS handshake and
+    /// call [`Session::tls_started`].
+    StartTls,
+    /// Decide on this recipient, then call [`Session::recipient_verdict`].
+    Recipient { address: String, domain: String },
+    /// Store this message durably, then call [`Session::message_stored`].
+    Message(Box<Message>),
+}
+
+/// An accepted transaction, ready for the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub helo: String,
+    pub peer: IpAddr,
+    pub esmtp: bool,
+    pub tls: bool,
+    pub smtputf8: bool,
+    pub eight_bit: bool,
+    /// The body as received: unstuffed, CRLF line endings.
+    pub body: Vec<u8>,
+}
+
+/// The caller's answer about a recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    /// Refuse with this full reply line (code, enhanced code, text; no CRLF).
+    Refuse(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    None,
+    Recipient,
+    Message,
+}
+
+#[derive(Debug, Default)]
+struct Transaction {
+    sender: String,
+    recipients: Vec<String>,
+    smtputf8: bool,
+    eight_bit: bool,
+}
+
+pub struct Session {
+    cfg: SessionConfig,
+    peer: IpAddr,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: bool,
+    tx: Option<Transaction>,
+    pending_rcpt: Option<String>,
+    data: Option<DataReader>,
+    pending: Pending,
+    errors: usize,
+    /// Skipping the rest of an over-long command line.
+    discarding: bool,
+    closed: bool,
+}
+
+impl Session {
+    /// A new session; `tls` is true for a connection that started in TLS.
+    pub fn new(cfg: SessionConfig, peer: IpAddr, tls: bool) -> Session {
+        Session {
+            cfg,
+            peer,
+            input: Vec::new(),
+            output: Vec::new(),
+            helo: None,
+            esmtp: false,
+            tls,
+            tx: None,
+            pending_rcpt: None,
+            data: None,
+            pending: Pending::None,
+            errors: 0,
+            discarding: false,
+            closed: false,
+        }
+    }
+
+    /// Queues the `220` greeting.
+    pub fn greeting(&mut self) {
+        let host = self.cfg.hostname.clone();
+        self.reply(&format!("220 {host} ESMTP magicmx"));
+    }
+
+    /// Adds received bytes to the input buffer.
+    pub fn receive(&mut self, bytes: &[u8]) {
+        self.input.extend_from_slice(bytes);
+    }
+
+    /// Replies waiting to be written.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.output)
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.output.is_empty()
+    }
+
+    /// True while the session is reading message content (the caller uses
+    /// the DATA timeout then).
+    pub fn in_data(&self) -> bool {
+        self.data.is_some()
+    }
+
+    /// True if input arrived that has not been processed yet.
+    pub fn has_buffered_input(&self) -> bool {
+        !self.input.is_empty()
+    }
+
+    pub fn tls_active(&self) -> bool {
+        self.tls
+    }
+
+    /// The client's HELO/EHLO name, if any yet.
+    pub fn helo(&self) -> Option<&str> {
+        self.helo.as_deref()
+    }
+
+    fn reply(&mut self, line: &str) {
+        self.output.extend_from_slice(line.as_bytes());
+        self.output.extend_from_slice(b"\r\n");
+    }
+
+    /// A command error; after too many the session ends.
+    fn error(&mut self, line: &str) {
+        self.reply(line);
+        self.errors += 1;
+        if self.errors >= self.cfg.max_errors {
+            let host = self.cfg.hostname.clone();
+            self.reply(&format!("421 4.7.0 {host} Error: too many errors"));
+            self.closed = true;
+        }
+    }
+
+    /// Runs the state machine until the caller has something to do.
+    pub fn next_event(&mut self) -> Event {
+        assert_eq!(self.pending, Pending::None, "answer the previous event first");
+        loop {
+            if self.closed {
+                return Event::Close;
+            }
+            if self.data.is_some() {
+                match self.data_step() {
+                    Some(event) => return event,
+                    None => continue,
+                }
+            }
+            // Command mode: take one line.
+            let Some(lf) = self.input.iter().position(|&b| b == b'\n') else {
+                if self.input.len() >= self.cfg.max_line_length {
+                    self.input.clear();
+                    if !self.discarding {
+                        self.discarding = true;
+                        self.error("500 5.5.2 Error: line too long");
+                    }
+                }
+                return Event::NeedInput;
+            };
+            let line: Vec<u8> = self.input.drain(..=lf).collect();
+            if self.discarding {
+                // The tail of an over-long line, already answered.
+                self.discarding = false;
+                continue;
+            }
+            if line.len() > self.cfg.max_line_length {
+                self.error("500 5.5.2 Error: line too long");
+                continue;
+            }
+            if let Some(event) = self.command(&line) {
+                return event;
+            }
+        }
+    }
+
+    fn data_step(&mut self) -> Option<Event> {
+        let reader = self.data.as_mut().expect("in data");
+        match reader.feed(&self.input) {
+            Progress::More => {
+                self.input.clear();
+                Some(Event::NeedInput)
+            }
+            Progress::Done { consumed } => {
+                self.input.drain(..consumed);
+                let reader = self.data.take().expect("in data");
+                let tx = self.tx.take().unwrap_or_default();
+                match reader.finish() {
+                    Ok(body) => self.check_message(tx, body),
+                    Err(e) => {
+                        let line = match e {
+                            DataError::BareLf => {
+                                "554 5.6.0 Error: bare <LF> received; lines must end with <CR><LF>"
+                            }
+                            DataError::BareCr => {
+                                "554 5.6.0 Error: bare <CR> received; lines must end with <CR><LF>"
+                            }
+                            DataError::LineTooLong => "500 5.5.2 Error: line too long",
+                            DataError::TooBig => {
+                                "552 5.3.4 Error: message size exceeds fixed limit"
+                            }
+                        };
+                        self.reply(line);
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_message(&mut self, tx: Transaction, body: Vec<u8>) -> Option<Event> {
+        if count_received(&body) > self.cfg.max_received_headers {
+            self.reply("554 5.4.6 Error: too many hops (mail loop?)");
+            return None;
+        }
+        self.pending = Pending::Message;
+        Some(Event::Message(Box::new(Message {
+            sender: tx.sender,
+            recipients: tx.recipients,
+            helo: self.helo.clone().unwrap_or_default(),
+            peer: self.peer,
+            esmtp: self.esmtp,
+            tls: self.tls,
+            smtputf8: tx.smtputf8,
+            eight_bit: tx.eight_bit,
+            body,
+        })))
+    }
+
+    /// The caller's answer to [`Event::Message`]: the queue id, or the
+    /// full reply line refusing it (e.g. a 451 when the spool failed).
+    pub fn message_stored(&mut self, result: Result<&str, &str>) {
+        assert_eq!(self.pending, Pending::Message);
+        self.pending = Pending::None;
+        match result {
+            Ok(id) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
+            Err(line) => self.reply(line),
+        }
+    }
+
+    /// The caller's answer to [`Event::Recipient`].
+    pub fn recipient_verdict(&mut self, verdict: Verdict) {
+        assert_eq!(self.pending, Pending::Recipient);
+        self.pending = Pending::None;
+        let address = self.pending_rcpt.take().unwrap_or_default();
+        match verdict {
+            Verdict::Accept => {
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.recipients.push(address);
+                }
+                self.reply("250 2.1.5 Ok");
+            }
+            Verdict::Refuse(line) => self.reply(&line),
+        }
+    }
+
+    /// The TLS handshake succeeded: the session starts over (RFC 3207).
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.helo = None;
+        self.esmtp = false;
+        self.tx = None;
+    }
+
+    fn command(&mut self, line: &[u8]) -> Option<Event> {
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.parse_error(line, e);
+                return None;
+            }
+        };
+        match request {
+            Request::Ehlo { host } => self.hello(host, true),
+            Request::Helo { host } => self.hello(host, false),
+            Request::Lhlo { .. } => self.error("500 5.5.2 Error: command not recognized"),
+            Request::Mail { from } => self.mail(from),
+            Request::Rcpt { to } => return self.rcpt(to.address),
+            Request::Data => return self.data(),
+            Request::Rset => {
+                self.tx = None;
+                self.reply("250 2.0.0 Ok");
+            }
+            Request::Noop { .. } => self.reply("250 2.0.0 Ok"),
+            Request::Quit => {
+                self.reply("221 2.0.0 Bye");
+                self.closed = true;
+            }
+            Request::Vrfy { .. } => {
+                self.reply("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+            }
+            Request::Help { .. } => self.reply(
+                "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
+            ),
+            Request::StartTls => return self.starttls(),
+            Request::Expn { .. }
+            | Request::Auth { .. }
+            | Request::Bdat { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => self.error("502 5.5.1 Error: command not implemented"),
+        }
+        None
+    }
+
+    fn parse_error(&mut self, line: &[u8], e: smtp_proto::Error) {
+        use smtp_proto::Error as E;
+        let verb = line
+            .iter()
+            .take_while(|b| b.is_ascii_alphabetic())
+            .map(|b| b.to_ascii_uppercase())
+            .collect::<Vec<u8>>();
+        let reply = match e {
+            E::UnknownCommand | E::NeedsMoreData { .. } => {
+                "500 5.5.2 Error: command not recognized".to_string()
+            }
+            E::InvalidSenderAddress => "501 5.1.7 Bad sender address syntax".to_string(),
+            E::InvalidRecipientAddress => "501 5.1.3 Bad recipient address syntax".to_string(),
+            E::SyntaxError { syntax } => format!("501 5.5.4 Syntax: {syntax}"),
+            E::InvalidParameter { param } => format!("501 5.5.4 Bad {param} parameter"),
+            E::UnsupportedParameter { param } => {
+                let param: String = param.chars().filter(|c| c.is_ascii_graphic()).take(40).collect();
+                format!("555 5.5.4 Unsupported option: {param}")
+            }
+            E::ResponseTooLong | E::InvalidResponse { .. } => {
+                "500 5.5.2 Error: command not recognized".to_string()
+            }
+        };
+        // A bare verb that needs arguments reads better with its syntax.
+        let reply = match (verb.as_slice(), reply.starts_with("500")) {
+            (b"HELO", true) => "501 5.5.4 Syntax: HELO hostname".to_string(),
+            (b"EHLO", true) => "501 5.5.4 Syntax: EHLO hostname".to_string(),
+            _ => reply,
+        };
+        self.error(&reply);
+    }
+
+    fn hello(&mut self, host: Cow<'_, str>, esmtp: bool) {
+        let name = host.trim().to_string();
+        if name.is_empty() || name.len() > 255 || name.bytes().any(|b| !b.is_ascii_graphic()) {
+            self.error("501 5.5.4 Syntax: EHLO hostname");
+            return;
+        }
+        self.helo = Some(name);
+        self.esmtp = esmtp;
+        self.tx = None;
+        let host = self.cfg.hostname.clone();
+        if !esmtp {
+            self.reply(&format!("250 {host}"));
+            return;
+        }
+        let mut lines = vec![
+            host,
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.cfg.max_message_size),
+            "8BITMIME".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+            "SMTPUTF8".to_string(),
+        ];
+        if self.cfg.tls_available && !self.tls {
+            lines.push("STARTTLS".to_string());
+        }
+        let last = lines.len() - 1;
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            self.output.extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
+        }
+    }
+
+    fn mail(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>) {
+        if self.helo.is_none() {
+            self.error("503 5.5.1 Error: send HELO/EHLO first");
+            return;
+        }
+        if self.tx.is_some() {
+            self.error("503 5.5.1 Error: nested MAIL command");
+            return;
+        }
+        if from.size > self.cfg.max_message_size && from.size != usize::MAX {
+            self.reply("552 5.3.4 Message size exceeds fixed limit");
+            return;
+        }
+        let sender = from.address.to_string();
+        if !sender.is_empty() && !valid_mailbox(&sender) {
+            self.error("501 5.1.7 Bad sender address syntax");
+            return;
+        }
+        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+        if !smtputf8 && !sender.is_ascii() {
+            self.error("553 5.6.7 Error: non-ASCII sender address needs SMTPUTF8");
+            return;
+        }
+        self.tx = Some(Transaction {
+            sender,
+            recipients: Vec::new(),
+            smtputf8,
+            eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
+        });
+        self.reply("250 2.1.0 Ok");
+    }
+
+    fn rcpt(&mut self, address: Cow<'_, str>) -> Option<Event> {
+        let Some(tx) = self.tx.as_ref() else {
+            self.error("503 5.5.1 Error: need MAIL command");
+            return None;
+        };
+        if tx.recipients.len() >= self.cfg.max_recipients {
+            self.reply("452 4.5.3 Error: too many recipients");
+            return None;
+        }
+        let smtputf8 = tx.smtputf8;
+        let address = address.to_string();
+        if !valid_mailbox(&address) {
+            self.error("501 5.1.3 Bad recipient address syntax");
+            return None;
+        }
+        if !smtputf8 && !address.is_ascii() {
+            self.error("553 5.6.7 Error: non-ASCII recipient address needs SMTPUTF8");
+            return None;
+        }
+        let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        self.pending = Pending::Recipient;
+        self.pending_rcpt = Some(address.clone());
+        Some(Event::Recipient { address, domain })
+    }
+
+    fn data(&mut self) -> Option<Event> {
+        match &self.tx {
+            None => self.error("503 5.5.1 Error: need RCPT command"),
+            Some(tx) if tx.recipients.is_empty() => {
+                self.error("554 5.5.1 Error: no valid recipients")
+            }
+            Some(_) => {
+                self.reply("354 End data with <CR><LF>.<CR><LF>");
+                self.data = Some(DataReader::new(
+                    self.cfg.max_line_length,
+                    self.cfg.max_message_size,
+                ));
+            }
+        }
+        None
+    }
+
+    fn starttls(&mut self) -> Option<Event> {
+        if self.tls {
+            self.error("554 5.5.1 Error: TLS already active");
+            return None;
+        }
+        if !self.cfg.tls_available {
+            self.error("502 5.5.1 Error: command not implemented");
+            return None;
+        }
+        if !self.input.is_empty() {
+            // Plain-text commands pipelined behind STARTTLS would be taken as
+            // if they came through TLS (CVE-2011-0411). Refuse and end.
+            self.reply("554 5.5.1 Error: commands pipelined after STARTTLS");
+            self.input.clear();
+            self.closed = true;
+            return Some(Event::Close);
+        }
+        self.reply("220 2.0.0 Ready to start TLS");
+        Some(Event::StartTls)
+    }
+}
+
+/// `local@domain` with a non-empty local part and a plausible domain
+/// (smtp-proto has already checked the path syntax).
+fn valid_mailbox(address: &str) -> bool {
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && !domain.is_empty()
+        && !domain.starts_with('.')
+        && !domain.contains("..")
+        && domain
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '.' || c == '-' || c == '[' || c == ']' || c == ':')
+}
+
+/// Number of `Received:` header fields in the header section of `body`.
+pub fn count_received(body: &[u8]) -> usize {
+    body.split(|&b| b == b'\n')
+        .take_while(|line| !line.is_empty() && *line != b"\r")
+        .filter(|line| line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:"))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SessionConfig {
+        SessionConfig {
+            hostname: "mx.magic.test".into(),
+            max_line_length: 1000,
+            max_message_size: 1000,
+            max_recipients: 2,
+            max_errors: 10,
+            max_received_headers: 3,
+            tls_available: true,
+        }
+    }
+
+    fn new() -> Session {
+        let mut s = Session::new(cfg(), "192.0.2.1".parse().unwrap(), false);
+        s.greeting();
+        s
+    }
+
+    fn out(s: &mut Session) -> String {
+        String::from_utf8(s.take_output()).unwrap()
+    }
+
+    /// Drives the session, accepting every recipient and storing every message.
+    fn drive(s: &mut Session, input: &[u8]) -> (String, Vec<Message>, Event) {
+        s.receive(input);
+        let mut messages = Vec::new();
+        loop {
+            match s.next_event() {
+                Event::Recipient { .. } => s.recipient_verdict(Verdict::Accept),
+                Event::Message(m) => {
+                    messages.push(*m);
+                    s.message_stored(Ok("Q1"));
+                }
+                e => return (out(s), messages, e),
+            }
+        }
+    }
+
+    #[test]
+    fn full_transaction_pipelined() {
+        let mut s = new();
+        let (o, msgs, e) = drive(
+            &mut s,
+            b"EHLO client.test\r\nMAIL FROM:<a@b.test> BODY=8BITMIME\r\nRCPT TO:<u@example.test>\r\nDATA\r\nhi\r\n..dot\r\n.\r\nQUIT\r\n",
+        );
+        assert_eq!(e, Event::Close);
+        assert!(o.starts_with("220 mx.magic.test ESMTP"), "{o}");
+        assert!(o.contains("250-PIPELINING\r\n250-SIZE 1000\r\n"), "{o}");
+        assert!(o.contains("250 STARTTLS\r\n"), "{o}");
+        assert!(o.contains("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 "), "{o}");
+        assert!(o.ends_with("250 2.0.0 Ok: queued as Q1\r\n221 2.0.0 Bye\r\n"), "{o}");
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].body, b"hi\r\n.dot\r\n");
+        assert_eq!(msgs[0].sender, "a@b.test");
+        assert!(msgs[0].eight_bit);
+        assert_eq!(msgs[0].recipients, vec!["u@example.test"]);
+    }
+
+    #[test]
+    fn every_split_gives_the_same_replies() {
+        let input: &[u8] = b"HELO c.test\r\nMAIL FROM:<>\r\nRCPT TO:<u@example.test>\r\nDATA\r\nx\r\n.\r\nNOOP\r\n";
+        let mut whole = new();
+        let (expected, _, _) = drive(&mut whole, input);
+        for cut in 0..input.len() {
+            let mut s = new();
+            let (mut got, _, _) = drive(&mut s, &input[..cut]);
+            got += &drive(&mut s, &input[cut..]).0;
+            assert_eq!(got, expected, "split at {cut}");
+        }
+    }
+
+    #[test]
+    fn order_of_commands_is_enforced() {
+        let mut s = new();
+        let (o, _, _) = drive(&mut s, b"MAIL FROM:<a@b.test>\r\n");
+        assert!(o.ends_with("503 5.5.1 Error: send HELO/EHLO first\r\n"), "{o}");
+        let (o, _, _) = drive(&mut s, b"EHLO c\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
+        assert!(o.contains("503 5.5.1 Error: need MAIL command"), "{o}");
+        assert!(o.ends_with("503 5.5.1 Error: need RCPT command\r\n"), "{o}");
+        let (o, _, _) = drive(&mut s, b"MAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\nDATA\r\n");
+        assert!(o.contains("503 5.5.1 Error: nested MAIL command"), "{o}");
+        assert!(o.ends_with("554 5.5.1 Error: no valid recipients\r\n"), "{o}");
+    }
+
+    #[test]
+    fn limits() {
+        let mut s = new();
+        let (o, _, _) = drive(
+            &mut s,
+            b"EHLO c\r\nMAIL FROM:<a@b.test> SIZE=5000\r\nMAIL FROM:<a@b.test> SIZE=500\r\nRCPT TO:<1@e.test>\r\nRCPT TO:<2@e.test>\r\nRCPT TO:<3@e.test>\r\n",
+        );
+        assert!(o.contains("552 5.3.4"), "{o}");
+        assert!(o.ends_with("250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n452 4.5.3 Error: too many recipients\r\n"), "{o}");
+        let mut long = b"NOOP ".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 2000));
+        long.extend_from_slice(b"\r\nNOOP\r\n");
+        let (o, _, _) = drive(&mut s, &long);
+        assert!(o.ends_with("500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"), "{o}");
+    }
+
+    #[test]
+    fn bad_data_is_refused_and_session_continues() {
+        let mut s = new();
+        let (o, msgs, _) = drive(
+            &mut s,
+            b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@e.test>\r\nDATA\r\nx\n.\nMAIL FROM:<evil@x>\r\n.\r\nNOOP\r\n",
+        );
+        assert!(msgs.is_empty());
+        assert!(o.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n554 5.6.0 Error: bare <LF> received; lines must end with <CR><LF>\r\n250 2.0.0 Ok\r\n"), "{o}");
+    }
+
+    #[test]
+    fn loops_are_refused() {
+        let mut s = new();
+        let (o, msgs, _) = drive(
+            &mut s,
+            b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@e.test>\r\nDATA\r\nReceived: a\r\nreceived: b\r\nRECEIVED: c\r\nReceived: d\r\n\r\nbody\r\n.\r\n",
+        );
+        assert!(msgs.is_empty());
+        assert!(o.ends_with("554 5.4.6 Error: too many hops (mail loop?)\r\n"), "{o}");
+    }
+
+    #[test]
+    fn starttls_with_pipelined_command_is_refused() {
+        let mut s = new();
+        let (o, _, e) = drive(&mut s, b"EHLO c\r\nSTARTTLS\r\nNOOP\r\n");
+        assert_eq!(e, Event::Close);
+        assert!(o.ends_with("554 5.5.1 Error: commands pipelined after STARTTLS\r\n"), "{o}");
+        assert!(!o.contains("250 2.0.0 Ok"), "{o}");
+        let mut s = new();
+        let (o, _, e) = drive(&mut s, b"EHLO c\r\nSTARTTLS\r\n");
+        assert_eq!(e, Event::StartTls);
+        assert!(o.ends_with("220 2.0.0 Ready to start TLS\r\n"), "{o}");
+        s.tls_started();
+        let (o, _, _) = drive(&mut s, b"MAIL FROM:<a@b.test>\r\nEHLO c\r\n");
+        assert!(o.starts_with("503 5.5.1 Error: send HELO/EHLO first"), "{o}");
+        assert!(!o.contains("STARTTLS"), "{o}");
+    }
+
+    #[test]
+    fn refused_recipient_and_other_commands() {
+        let mut s = new();
+        s.receive(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@elsewhere.test>\r\nVRFY x\r\nHELP\r\nEXPN x\r\nFOO\r\n");
+        let e = loop {
+            match s.next_event() {
+                Event::NeedInput => continue,
+                e => break e,
+            }
+        };
+        assert_eq!(
+            e,
+            Event::Recipient { address: "u@elsewhere.test".into(), domain: "elsewhere.test".into() }
+        );
+        s.recipient_verdict(Verdict::Refuse("550 5.7.1 <u@elsewhere.test>: relaying denied".into()));
+        assert_eq!(s.next_event(), Event::NeedInput);
+        let o = out(&mut s);
+        assert!(o.contains("550 5.7.1 <u@elsewhere.test>: relaying denied\r\n252 "), "{o}");
+        assert!(o.contains("214 2.0.0"), "{o}");
+        assert!(o.contains("502 5.5.1"), "{o}");
+        assert!(o.ends_with("500 5.5.2 Error: command not recognized\r\n"), "{o}");
+    }
+
+    #[test]
+    fn too_many_errors_closes() {
+        let mut s = new();
+        let (o, _, e) = drive(&mut s, b"A
+B
+C
+D
+E
+F
+G
+H
+I
+J
+K
+");
+        assert_eq!(e, Event::Close);
+        assert!(o.ends_with("421 4.7.0 mx.magic.test Error: too many errors\r\n"), "{o}");
+    }
+
+    #[test]
+    fn counts_received_in_header_only() {
+        assert_eq!(count_received(b"Received: a\r\nX: y\r\nreceived: b\r\n\r\nReceived: body\r\n"), 2);
+        assert_eq!(count_received(b""), 0);
+    }
+}

@@ -1,0 +1,801 @@
+//! Per-block throttling: who may connect and send, and why not.
+//!
+//! A source is keyed by its network block (IPv4 /24, IPv6 /48 by default;
+//! IPv4-mapped IPv6 counts as IPv4). Each block has counters of connections,
+//! messages and recipients per *origin* (the node that saw them) per aligned
+//! *epoch* (wall-clock time divided by the epoch length, so that every node
+//! numbers epochs alike). This node is origin 0; peers' counts arrive through
+//! [`Throttle::merge`], which keeps the field-wise maximum per
+//! (origin, block, epoch): merging is idempotent, commutative and associative,
+//! so duplicated, reordered or re-sent counts are harmless. The network-wide
+//! count of a block is the sum over origins of the epochs inside the window.
+//!
+//! Decisions are made at connect, RCPT and end of DATA. A block that passes a
+//! limit goes to the penalty box for `penalty` (doubling for repeat offenders,
+//! up to `max_penalty`); its first `polite_refusals` connections then get a
+//! full `421`, later ones are closed without a banner. Trusted networks are
+//! never counted and never refused.
+//!
+//! The map is bounded by `max_tracked_blocks`: idle blocks (nothing in the
+//! window, no penalty) are swept every epoch; when the map is still full, a
+//! block not yet tracked is let through uncounted (fail open, so legitimate
+//! mail is never refused because of memory pressure) and
+//! `magicmx_throttle_untracked_total` is incremented.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::RwLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::Serialize;
+
+use crate::config::{ThrottleConfig, TrustConfig};
+
+/// A source network block: the key of every count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Block(pub IpNet);
+
+impl fmt::Display for Block {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Serialize for Block {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// The block of `ip` for the given prefix lengths.
+pub fn block_of(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> Block {
+    let ip = crate::smtp::canonical_ip(ip);
+    let net = match ip {
+        IpAddr::V4(a) => IpNet::V4(Ipv4Net::new(a, v4_prefix.min(32)).expect("prefix <= 32").trunc()),
+        IpAddr::V6(a) => IpNet::V6(Ipv6Net::new(a, v6_prefix.min(128)).expect("prefix <= 128").trunc()),
+    };
+    Block(net)
+}
+
+/// Counts of one (origin, block, epoch), or sums of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub connections: u32,
+    pub messages: u32,
+    pub recipients: u32,
+}
+
+impl Counts {
+    /// Field-wise maximum: the merge of two observations of the same
+    /// (origin, block, epoch). Each field only grows on its origin, so the
+    /// maximum is the latest.
+    pub fn max(self, o: Counts) -> Counts {
+        Counts {
+            connections: self.connections.max(o.connections),
+            messages: self.messages.max(o.messages),
+            recipients: self.recipients.max(o.recipients),
+        }
+    }
+
+    pub fn saturating_add(self, o: Counts) -> Counts {
+        Counts {
+            connections: self.connections.saturating_add(o.connections),
+            messages: self.messages.saturating_add(o.messages),
+            recipients: self.recipients.saturating_add(o.recipients),
+        }
+    }
+
+    pub fn min(self, o: Counts) -> Counts {
+        Counts {
+            connections: self.connections.min(o.connections),
+            messages: self.messages.min(o.messages),
+            recipients: self.recipients.min(o.recipients),
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == Counts::default()
+    }
+}
+
+/// Index of an origin node; 0 is this node.
+pub type Origin = u16;
+pub const SELF_ORIGIN: Origin = 0;
+
+/// One origin's counts for one epoch of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    origin: Origin,
+    epoch: u64,
+    counts: Counts,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Penalty {
+    /// Unix ms; the block is refused until then.
+    until: u64,
+    /// Times the block went over a limit (drives the doubling).
+    offenses: u32,
+    /// Refusals during the current penalty (drives the polite count).
+    refusals: u32,
+    reason: Option<Reason>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct BlockState {
+    slots: Vec<Slot>,
+    penalty: Penalty,
+}
+
+/// Why a decision refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    TooManyConnections,
+    TooManyMessages,
+    TooManyRecipients,
+    PenaltyBox,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::TooManyConnections => "too_many_connections",
+            Reason::TooManyMessages => "too_many_messages",
+            Reason::TooManyRecipients => "too_many_recipients",
+            Reason::PenaltyBox => "penalty_box",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A throttle decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Accept,
+    /// Refuse with this reply line (no CRLF).
+    Refuse { reason: Reason, reply: String },
+    /// Close at once, without a banner: the block has had its polite refusals.
+    Drop { reason: Reason },
+}
+
+/// What `/status` and `magicmx explain` show about a block.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockStatus {
+    pub block: Block,
+    pub counts: Counts,
+    pub limits: Counts,
+    pub over: Option<Reason>,
+    /// Seconds left in the penalty box (0 = not in it).
+    pub penalty_left_secs: u64,
+    pub offenses: u32,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The throttle of one node.
+pub struct Throttle {
+    cfg: ThrottleConfig,
+    trust: Vec<IpNet>,
+    blocks: DashMap<Block, BlockState>,
+    /// Origin names; index = [`Origin`]. Index 0 is this node.
+    origins: RwLock<Vec<String>>,
+    epoch_ms: u64,
+    window_epochs: u64,
+    /// Most one peer origin may add to a block's count (see `with_peer_share`).
+    peer_cap: Counts,
+}
+
+impl Throttle {
+    pub fn new(cfg: &ThrottleConfig, trust: &TrustConfig, node_name: &str) -> Throttle {
+        let epoch_ms = (cfg.epoch.0.as_millis() as u64).max(1);
+        let window_epochs = ((cfg.window.0.as_millis() as u64) / epoch_ms).max(1);
+        Throttle {
+            cfg: cfg.clone(),
+            trust: trust.networks.clone(),
+            blocks: DashMap::new(),
+            origins: RwLock::new(vec![node_name.to_string()]),
+            epoch_ms,
+            window_epochs,
+            peer_cap: Counts {
+                connections: u32::MAX,
+                messages: u32::MAX,
+                recipients: u32::MAX,
+            },
+        }
+    }
+
+    /// Caps each peer origin's contribution to a block's count at `share`
+    /// of the limits, so that one peer cannot throttle a block by itself.
+    /// This node's own counts are never capped.
+    pub fn with_peer_share(mut self, share: f64) -> Throttle {
+        let cap = |limit: u32| ((limit as f64 * share).floor() as u32).max(1);
+        self.peer_cap = Counts {
+            connections: cap(self.cfg.max_connections),
+            messages: cap(self.cfg.max_messages),
+            recipients: cap(self.cfg.max_recipients),
+        };
+        self
+    }
+
+    pub fn limits(&self) -> Counts {
+        Counts {
+            connections: self.cfg.max_connections,
+            messages: self.cfg.max_messages,
+            recipients: self.cfg.max_recipients,
+        }
+    }
+
+    pub fn block_of(&self, ip: IpAddr) -> Block {
+        block_of(ip, self.cfg.ipv4_prefix, self.cfg.ipv6_prefix)
+    }
+
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = crate::smtp::canonical_ip(ip);
+        self.trust.iter().any(|n| n.contains(&ip))
+    }
+
+    pub fn epoch_of(&self, ms: u64) -> u64 {
+        ms / self.epoch_ms
+    }
+
+    /// Epochs `e` with `first <= e <= current` are inside the window.
+    fn window_start(&self, now_ms: u64) -> u64 {
+        self.epoch_of(now_ms).saturating_sub(self.window_epochs - 1)
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The index of an origin, registering it if new.
+    pub fn origin(&self, name: &str) -> Origin {
+        if let Some(i) = self.origins.read().expect("origins").iter().position(|n| n == name) {
+            return i as Origin;
+        }
+        let mut w = self.origins.write().expect("origins");
+        if let Some(i) = w.iter().position(|n| n == name) {
+            return i as Origin;
+        }
+        w.push(name.to_string());
+        (w.len() - 1).min(Origin::MAX as usize) as Origin
+    }
+
+    pub fn origin_name(&self, origin: Origin) -> Option<String> {
+        self.origins.read().expect("origins").get(origin as usize).cloned()
+    }
+
+    /// Network-wide counts of a block inside the window at `now_ms`.
+    fn totals_of(&self, state: &BlockState, now_ms: u64) -> Counts {
+        capped_window_sum(&state.slots, self.window_start(now_ms), self.epoch_of(now_ms), self.peer_cap)
+    }
+
+    fn over(&self, c: Counts) -> Option<Reason> {
+        if c.connections > self.cfg.max_connections {
+            Some(Reason::TooManyConnections)
+        } else if c.messages > self.cfg.max_messages {
+            Some(Reason::TooManyMessages)
+        } else if c.recipients > self.cfg.max_recipients {
+            Some(Reason::TooManyRecipients)
+        } else {
+            None
+        }
+    }
+
+    /// Puts a block in the penalty box, doubling for repeat offenders.
+    fn penalise(&self, state: &mut BlockState, reason: Reason, now_ms: u64) {
+        let p = &mut state.penalty;
+        p.offenses = p.offenses.saturating_add(1);
+        let base = self.cfg.penalty.0.as_millis() as u64;
+        let max = self.cfg.max_penalty.0.as_millis() as u64;
+        let len = base.saturating_mul(1u64 << (p.offenses - 1).min(20)).min(max);
+        p.until = now_ms.saturating_add(len);
+        p.refusals = 0;
+        p.reason = Some(reason);
+        metrics::counter!("magicmx_throttle_penalties_total", "reason" => reason.as_str()).increment(1);
+    }
+
+    /// Applies `f` to the block's state, creating it if there is room.
+    /// Returns None when the map is full and the block is new (fail open).
+    fn with_block<R>(&self, block: Block, f: impl FnOnce(&mut BlockState) -> R) -> Option<R> {
+        if let Some(mut s) = self.blocks.get_mut(&block) {
+            return Some(f(&mut s));
+        }
+        if self.blocks.len() >= self.cfg.max_tracked_blocks {
+            metrics::counter!("magicmx_throttle_untracked_total").increment(1);
+            return None;
+        }
+        let mut s = self.blocks.entry(block).or_default();
+        Some(f(&mut s))
+    }
+
+    fn add_own(&self, state: &mut BlockState, now_ms: u64, add: Counts) {
+        let epoch = self.epoch_of(now_ms);
+        match state.slots.iter_mut().find(|s| s.origin == SELF_ORIGIN && s.epoch == epoch) {
+            Some(s) => s.counts = s.counts.saturating_add(add),
+            None => {
+                // Drop epochs that left the window while we are here.
+                let first = self.window_start(now_ms);
+                state.slots.retain(|s| s.epoch >= first);
+                state.slots.push(Slot {
+                    origin: SELF_ORIGIN,
+                    epoch,
+                    counts: add,
+                });
+            }
+        }
+    }
+
+    /// A refusal for a block in the penalty box: polite first, then silent.
+    fn refuse_penalised(&self, state: &mut BlockState, now_ms: u64) -> Decision {
+        let p = &mut state.penalty;
+        p.refusals = p.refusals.saturating_add(1);
+        let reason = Reason::PenaltyBox;
+        if p.refusals > self.cfg.polite_refusals {
+            return Decision::Drop { reason };
+        }
+        let left = p.until.saturating_sub(now_ms).div_ceil(1000);
+        let why = p.reason.map(|r| r.as_str()).unwrap_or("over limit");
+        Decision::Refuse {
+            reason,
+            reply: format!(
+                "421 4.7.0 Too much mail from your network ({why}); try again in {left} seconds"
+            ),
+        }
+    }
+
+    /// At connect: count the connection, refuse a block over its limit or in
+    /// the penalty box.
+    pub fn on_connect(&self, ip: IpAddr, now_ms: u64) -> Decision {
+        if self.is_trusted(ip) {
+            return Decision::Accept;
+        }
+        let block = self.block_of(ip);
+        let decision = self.with_block(block, |state| {
+            if state.penalty.until > now_ms {
+                return self.refuse_penalised(state, now_ms);
+            }
+            self.add_own(
+                state,
+                now_ms,
+                Counts {
+                    connections: 1,
+                    ..Counts::default()
+                },
+            );
+            let totals = self.totals_of(state, now_ms);
+            match self.over(totals) {
+                None => Decision::Accept,
+                Some(reason) => {
+                    self.penalise(state, reason, now_ms);
+                    self.refuse_penalised(state, now_ms);
+                    Decision::Refuse {
+                        reason,
+                        reply: format!(
+                            "421 4.7.0 Too much mail from your network ({reason}); try again later"
+                        ),
+                    }
+                }
+            }
+        });
+        decision.unwrap_or(Decision::Accept)
+    }
+
+    /// At RCPT: a recipient that would pass the limit is refused with `450`.
+    pub fn on_rcpt(&self, ip: IpAddr, now_ms: u64) -> Decision {
+        self.count_one(ip, now_ms, Reason::TooManyRecipients, |c| &mut c.recipients)
+    }
+
+    /// At the end of DATA: a message that would pass the limit is refused with `450`.
+    pub fn on_message(&self, ip: IpAddr, now_ms: u64) -> Decision {
+        self.count_one(ip, now_ms, Reason::TooManyMessages, |c| &mut c.messages)
+    }
+
+    fn count_one(&self, ip: IpAddr, now_ms: u64, reason: Reason, field: fn(&mut Counts) -> &mut u32) -> Decision {
+        if self.is_trusted(ip) {
+            return Decision::Accept;
+        }
+        let block = self.block_of(ip);
+        let limits = self.limits();
+        let decision = self.with_block(block, |state| {
+            let mut totals = self.totals_of(state, now_ms);
+            let mut limits = limits;
+            let (have, limit) = (*field(&mut totals), *field(&mut limits));
+            if state.penalty.until > now_ms || have >= limit {
+                if state.penalty.until <= now_ms {
+                    self.penalise(state, reason, now_ms);
+                }
+                let reason = if have >= limit { reason } else { Reason::PenaltyBox };
+                return Decision::Refuse {
+                    reason,
+                    reply: format!("450 4.7.1 Too much mail from your network ({reason}); try again later"),
+                };
+            }
+            let mut add = Counts::default();
+            *field(&mut add) = 1;
+            self.add_own(state, now_ms, add);
+            Decision::Accept
+        });
+        decision.unwrap_or(Decision::Accept)
+    }
+
+    /// Merges an origin's counts for one (block, epoch): field-wise maximum.
+    /// Epochs outside the window (or too far in the future) are ignored.
+    pub fn merge(&self, origin: Origin, block: Block, epoch: u64, counts: Counts, now_ms: u64) {
+        let current = self.epoch_of(now_ms);
+        if epoch < self.window_start(now_ms) || epoch > current + 1 {
+            return;
+        }
+        self.with_block(block, |state| {
+            match state.slots.iter_mut().find(|s| s.origin == origin && s.epoch == epoch) {
+                Some(s) => s.counts = s.counts.max(counts),
+                None => state.slots.push(Slot { origin, epoch, counts }),
+            }
+        });
+    }
+
+    /// True (with the reason) if the block of `ip` is over a limit
+    /// network-wide or in the penalty box: held mail is quarantined then.
+    pub fn over_limit(&self, ip: IpAddr, now_ms: u64) -> Option<Reason> {
+        if self.is_trusted(ip) {
+            return None;
+        }
+        let state = self.blocks.get(&self.block_of(ip))?;
+        if state.penalty.until > now_ms {
+            return Some(state.penalty.reason.unwrap_or(Reason::PenaltyBox));
+        }
+        self.over(self.totals_of(&state, now_ms))
+    }
+
+    pub fn status(&self, block: Block, now_ms: u64) -> BlockStatus {
+        let (counts, penalty) = match self.blocks.get(&block) {
+            Some(s) => (self.totals_of(&s, now_ms), s.penalty.clone()),
+            None => (Counts::default(), Penalty::default()),
+        };
+        BlockStatus {
+            block,
+            counts,
+            limits: self.limits(),
+            over: self.over(counts),
+            penalty_left_secs: penalty.until.saturating_sub(now_ms).div_ceil(1000),
+            offenses: penalty.offenses,
+        }
+    }
+
+    /// The `n` blocks with the most activity, relative to their limits.
+    pub fn hottest(&self, n: usize, now_ms: u64) -> Vec<BlockStatus> {
+        let l = self.limits();
+        let heat = |c: &Counts| {
+            let f = |v: u32, m: u32| v as f64 / m.max(1) as f64;
+            f(c.connections, l.connections).max(f(c.messages, l.messages)).max(f(c.recipients, l.recipients))
+        };
+        let mut all: Vec<BlockStatus> = self
+            .blocks
+            .iter()
+            .map(|e| self.status(*e.key(), now_ms))
+            .collect();
+        all.sort_by(|a, b| {
+            (b.penalty_left_secs > 0)
+                .cmp(&(a.penalty_left_secs > 0))
+                .then(heat(&b.counts).total_cmp(&heat(&a.counts)))
+        });
+        all.truncate(n);
+        all
+    }
+
+    /// Blocks currently in the penalty box.
+    pub fn penalised(&self, now_ms: u64) -> usize {
+        self.blocks.iter().filter(|e| e.penalty.until > now_ms).count()
+    }
+
+    /// Drops expired epochs and forgets idle blocks (nothing in the window,
+    /// no penalty running). Returns the number of blocks forgotten.
+    pub fn sweep(&self, now_ms: u64) -> usize {
+        let first = self.window_start(now_ms);
+        let before = self.blocks.len();
+        self.blocks.retain(|_, s| {
+            s.slots.retain(|sl| sl.epoch >= first);
+            !s.slots.is_empty() || s.penalty.until > now_ms
+        });
+        before - self.blocks.len()
+    }
+
+    /// Every (origin, block, epoch) count inside the window: what gossip sends.
+    pub fn snapshot(&self, now_ms: u64) -> Vec<(Origin, Block, u64, Counts)> {
+        let first = self.window_start(now_ms);
+        let mut out = Vec::new();
+        for e in self.blocks.iter() {
+            for s in &e.slots {
+                if s.epoch >= first {
+                    out.push((s.origin, *e.key(), s.epoch, s.counts));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Sum of the slots with `first <= epoch <= current`. Epochs outside the
+/// window never count.
+fn window_sum(slots: &[Slot], first: u64, current: u64) -> Counts {
+    slots
+        .iter()
+        .filter(|s| s.epoch >= first && s.epoch <= current + 1)
+        .fold(Counts::default(), |acc, s| acc.saturating_add(s.counts))
+}
+
+/// Like [`window_sum`], but each origin other than this node contributes at
+/// most `cap`.
+fn capped_window_sum(slots: &[Slot], first: u64, current: u64, cap: Counts) -> Counts {
+    let own: Vec<Slot> = slots.iter().filter(|s| s.origin == SELF_ORIGIN).copied().collect();
+    let mut total = window_sum(&own, first, current);
+    let mut origins: Vec<Origin> = slots.iter().map(|s| s.origin).filter(|o| *o != SELF_ORIGIN).collect();
+    if origins.is_empty() {
+        return total;
+    }
+    origins.sort_unstable();
+    origins.dedup();
+    for o in origins {
+        let theirs: Vec<Slot> = slots.iter().filter(|s| s.origin == o).copied().collect();
+        total = total.saturating_add(window_sum(&theirs, first, current).min(cap));
+    }
+    total
+}
+
+/// A plain, ordered counter state: the model of what the network agrees on.
+/// Used by property tests and the gossip simulation; the live [`Throttle`]
+/// merges the same way slot by slot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CounterState(pub BTreeMap<(Origin, Block, u64), Counts>);
+
+impl CounterState {
+    pub fn merge(&mut self, other: &CounterState) {
+        for (k, v) in &other.0 {
+            let e = self.0.entry(*k).or_default();
+            *e = e.max(*v);
+        }
+    }
+
+    /// Network-wide counts of `block` for epochs in `first..=current`.
+    pub fn window_sum(&self, block: Block, first: u64, current: u64) -> Counts {
+        let slots: Vec<Slot> = self
+            .0
+            .iter()
+            .filter(|((_, b, _), _)| *b == block)
+            .map(|((origin, _, epoch), counts)| Slot {
+                origin: *origin,
+                epoch: *epoch,
+                counts: *counts,
+            })
+            .collect();
+        window_sum(&slots, first, current)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Dur;
+    use proptest::prelude::*;
+
+    fn cfg() -> ThrottleConfig {
+        ThrottleConfig {
+            max_connections: 3,
+            max_messages: 2,
+            max_recipients: 4,
+            window: Dur::secs(60),
+            epoch: Dur::secs(10),
+            penalty: Dur::secs(30),
+            max_penalty: Dur::secs(100),
+            polite_refusals: 2,
+            ..ThrottleConfig::default()
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    const T0: u64 = 1_000_000_000;
+
+    #[test]
+    fn blocks() {
+        let t = Throttle::new(&ThrottleConfig::default(), &TrustConfig::default(), "n");
+        assert_eq!(t.block_of(ip("192.0.2.77")).to_string(), "192.0.2.0/24");
+        assert_eq!(t.block_of(ip("::ffff:192.0.2.77")).to_string(), "192.0.2.0/24");
+        assert_eq!(t.block_of(ip("2001:db8:1:2::5")).to_string(), "2001:db8:1::/48");
+    }
+
+    #[test]
+    fn connections_over_limit_go_to_the_penalty_box() {
+        let t = Throttle::new(&cfg(), &TrustConfig::default(), "n");
+        for i in 0..3 {
+            assert_eq!(t.on_connect(ip(&format!("10.1.1.{i}")), T0), Decision::Accept);
+        }
+        // Another block is not affected.
+        assert_eq!(t.on_connect(ip("10.2.2.1"), T0), Decision::Accept);
+        let d = t.on_connect(ip("10.1.1.9"), T0);
+        assert!(matches!(d, Decision::Refuse { reason: Reason::TooManyConnections, ref reply } if reply.starts_with("421 4.7.0")), "{d:?}");
+        // One more polite refusal, then silence.
+        assert!(matches!(t.on_connect(ip("10.1.1.9"), T0 + 1), Decision::Refuse { reason: Reason::PenaltyBox, .. }));
+        assert_eq!(t.on_connect(ip("10.1.1.9"), T0 + 2), Decision::Drop { reason: Reason::PenaltyBox });
+        // After the penalty and the window, accepted again.
+        assert_eq!(t.on_connect(ip("10.1.1.9"), T0 + 61_000), Decision::Accept);
+        assert_eq!(t.over_limit(ip("10.1.1.9"), T0 + 61_000), None);
+    }
+
+    #[test]
+    fn repeat_offenders_wait_longer() {
+        let t = Throttle::new(&cfg(), &TrustConfig::default(), "n");
+        let mut now = T0;
+        let mut lengths = Vec::new();
+        for _ in 0..4 {
+            while t.on_connect(ip("10.1.1.1"), now) == Decision::Accept {}
+            let s = t.status(t.block_of(ip("10.1.1.1")), now);
+            lengths.push(s.penalty_left_secs);
+            now += s.penalty_left_secs * 1000 + 61_000;
+        }
+        assert_eq!(lengths, vec![30, 60, 100, 100]);
+    }
+
+    #[test]
+    fn recipients_and_messages() {
+        let t = Throttle::new(&cfg(), &TrustConfig::default(), "n");
+        for _ in 0..4 {
+            assert_eq!(t.on_rcpt(ip("10.1.1.1"), T0), Decision::Accept);
+        }
+        let d = t.on_rcpt(ip("10.1.1.1"), T0);
+        assert!(matches!(d, Decision::Refuse { reason: Reason::TooManyRecipients, ref reply } if reply.starts_with("450 4.7.1")), "{d:?}");
+        assert_eq!(t.on_message(ip("10.3.3.3"), T0), Decision::Accept);
+        assert_eq!(t.on_message(ip("10.3.3.3"), T0), Decision::Accept);
+        assert!(matches!(t.on_message(ip("10.3.3.3"), T0), Decision::Refuse { reason: Reason::TooManyMessages, .. }));
+    }
+
+    #[test]
+    fn trusted_networks_are_never_counted_or_refused() {
+        let trust = TrustConfig {
+            networks: vec!["10.9.0.0/16".parse().unwrap()],
+        };
+        let t = Throttle::new(&cfg(), &trust, "n");
+        for _ in 0..100 {
+            assert_eq!(t.on_connect(ip("10.9.1.1"), T0), Decision::Accept);
+            assert_eq!(t.on_rcpt(ip("10.9.1.1"), T0), Decision::Accept);
+        }
+        assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn merged_peer_counts_throttle_and_are_idempotent() {
+        let t = Throttle::new(&cfg(), &TrustConfig::default(), "n");
+        let b = t.block_of(ip("10.1.1.1"));
+        let peer = t.origin("peer");
+        let c = Counts {
+            connections: 0,
+            messages: 0,
+            recipients: 4,
+        };
+        for _ in 0..3 {
+            t.merge(peer, b, t.epoch_of(T0), c, T0);
+        }
+        assert_eq!(t.status(b, T0).counts.recipients, 4);
+        assert!(matches!(t.on_rcpt(ip("10.1.1.2"), T0), Decision::Refuse { .. }));
+        assert_eq!(t.over_limit(ip("10.1.1.3"), T0), Some(Reason::TooManyRecipients));
+    }
+
+    #[test]
+    fn one_peer_cannot_throttle_a_block_alone() {
+        let t = Throttle::new(&cfg(), &TrustConfig::default(), "n").with_peer_share(0.5);
+        let b = t.block_of(ip("10.1.1.1"));
+        let liar = t.origin("liar");
+        let huge = Counts { connections: 1_000_000, messages: 1_000_000, recipients: 1_000_000 };
+        t.merge(liar, b, t.epoch_of(T0), huge, T0);
+        // Capped at half of each limit (3 -> 1, 2 -> 1, 4 -> 2).
+        assert_eq!(t.status(b, T0).counts, Counts { connections: 1, messages: 1, recipients: 2 });
+        assert_eq!(t.over_limit(ip("10.1.1.1"), T0), None);
+        assert_eq!(t.on_connect(ip("10.1.1.1"), T0), Decision::Accept);
+        // Enough peers agreeing can.
+        for name in ["other", "third"] {
+            let o = t.origin(name);
+            t.merge(o, b, t.epoch_of(T0), huge, T0);
+        }
+        assert!(t.over_limit(ip("10.1.1.1"), T0).is_some());
+    }
+
+    #[test]
+    fn full_map_fails_open_and_sweep_forgets_idle_blocks() {
+        let c = ThrottleConfig {
+            max_tracked_blocks: 2,
+            ..cfg()
+        };
+        let t = Throttle::new(&c, &TrustConfig::default(), "n");
+        t.on_connect(ip("10.1.1.1"), T0);
+        t.on_connect(ip("10.2.1.1"), T0);
+        for _ in 0..10 {
+            assert_eq!(t.on_connect(ip("10.3.1.1"), T0), Decision::Accept);
+        }
+        assert_eq!(t.tracked(), 2);
+        assert_eq!(t.sweep(T0 + 61_000), 2);
+        assert_eq!(t.tracked(), 0);
+    }
+
+    fn arb_state() -> impl Strategy<Value = CounterState> {
+        let key = (0u16..3, 0u8..3, 0u64..6);
+        let counts = (0u32..50, 0u32..50, 0u32..50).prop_map(|(a, b, c)| Counts {
+            connections: a,
+            messages: b,
+            recipients: c,
+        });
+        proptest::collection::btree_map(key, counts, 0..20).prop_map(|m| {
+            CounterState(
+                m.into_iter()
+                    .map(|((o, b, e), c)| {
+                        let block = block_of(IpAddr::from([10, b, 0, 1]), 24, 48);
+                        ((o, block, e), c)
+                    })
+                    .collect(),
+            )
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn merge_is_commutative(a in arb_state(), b in arb_state()) {
+            let mut ab = a.clone(); ab.merge(&b);
+            let mut ba = b.clone(); ba.merge(&a);
+            prop_assert_eq!(ab, ba);
+        }
+
+        #[test]
+        fn merge_is_associative(a in arb_state(), b in arb_state(), c in arb_state()) {
+            let mut l = a.clone(); l.merge(&b); l.merge(&c);
+            let mut bc = b.clone(); bc.merge(&c);
+            let mut r = a.clone(); r.merge(&bc);
+            prop_assert_eq!(l, r);
+        }
+
+        #[test]
+        fn merge_is_idempotent(a in arb_state(), b in arb_state()) {
+            let mut once = a.clone(); once.merge(&b);
+            let mut twice = once.clone(); twice.merge(&b);
+            prop_assert_eq!(&once, &twice);
+            let mut self_merge = a.clone(); self_merge.merge(&a);
+            prop_assert_eq!(self_merge, a);
+        }
+
+        /// The live throttle and the model agree, and no epoch outside the
+        /// window is ever counted.
+        #[test]
+        fn window_sum_never_counts_expired_epochs(a in arb_state(), now_epoch in 0u64..8) {
+            let c = ThrottleConfig { window: Dur::secs(30), epoch: Dur::secs(10), ..ThrottleConfig::default() };
+            let t = Throttle::new(&c, &TrustConfig::default(), "self");
+            for o in 1..3u16 { t.origin(&format!("o{o}")); }
+            let now = now_epoch * 10_000 + 5_000;
+            // Merge everything with a clock that accepts every epoch, then look at `now`.
+            for ((o, b, e), counts) in &a.0 {
+                t.merge(*o, *b, *e, *counts, (*e) * 10_000 + 1);
+            }
+            let first = now_epoch.saturating_sub(2);
+            for b in 0u8..3 {
+                let block = block_of(IpAddr::from([10, b, 0, 1]), 24, 48);
+                let expected = a.0.iter()
+                    .filter(|((_, bb, e), _)| *bb == block && *e >= first && *e <= now_epoch + 1)
+                    .fold(Counts::default(), |acc, (_, c)| acc.saturating_add(*c));
+                prop_assert_eq!(t.status(block, now).counts, expected);
+                prop_assert_eq!(a.window_sum(block, first, now_epoch), expected);
+            }
+        }
+    }
+}
