@@ -112,6 +112,8 @@ pub struct Config {
     pub trust: TrustConfig,
     #[serde(default)]
     pub gossip: GossipConfig,
+    #[serde(default)]
+    pub outbound: OutboundConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -348,6 +350,17 @@ impl Default for GossipConfig {
     }
 }
 
+/// The smarthost door for trusted senders: any domain, no throttle, no hold,
+/// magic MX hosts skipped.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    /// Listeners; empty = no outbound mode.
+    pub listen: Vec<SocketAddr>,
+    /// Who may relay through them.
+    pub clients: Vec<ipnet::IpNet>,
+}
+
 /// Networks never counted nor refused by the throttle.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -519,6 +532,9 @@ impl Config {
         if t.max_tracked_blocks == 0 {
             return Err(invalid("throttle.max_tracked_blocks", "must be at least 1"));
         }
+        if !self.outbound.listen.is_empty() && self.outbound.clients.is_empty() {
+            return Err(invalid("outbound.clients", "is required with outbound.listen (nobody could use it)"));
+        }
         let g = &self.gossip;
         if g.enabled {
             for (key, p) in [("gossip.ca", &g.ca), ("gossip.cert", &g.cert), ("gossip.key", &g.key)] {
@@ -572,6 +588,15 @@ impl Config {
         std::iter::once(&self.node.hostname)
             .chain(self.node.names.iter())
             .any(|n| normalize_name(n) == host)
+    }
+
+    /// True if `ip` may relay through the outbound listener.
+    pub fn is_outbound_client(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.outbound.clients.iter().any(|n| n.contains(&ip))
     }
 
     /// True if `domain` is listed in `[accept] domains`.

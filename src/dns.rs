@@ -138,11 +138,10 @@ impl Dns {
         opts.server_ordering_strategy = ServerOrderingStrategy::UserProvidedOrder;
         opts.try_tcp_on_error = true;
 
-        let resolver =
-            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-                .with_options(opts)
-                .build()
-                .map_err(|e| DnsError::Setup(e.to_string()))?;
+        let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+            .with_options(opts)
+            .build()
+            .map_err(|e| DnsError::Setup(e.to_string()))?;
         let attempts = u32::try_from(servers.len().max(1)).unwrap_or(u32::MAX);
         let deadline = cfg
             .timeout
@@ -323,7 +322,9 @@ fn system_nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
                 (Some("nameserver"), Some(addr)) => {
                     // Drop an IPv6 zone (`fe80::1%eth0`): not expressible here.
                     let addr = addr.split('%').next().unwrap_or(addr);
-                    addr.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))
+                    addr.parse::<IpAddr>()
+                        .ok()
+                        .map(|ip| SocketAddr::new(ip, 53))
                 }
                 _ => None,
             }
@@ -356,7 +357,15 @@ pub(crate) mod testutil {
         let origin = fqdn("test");
         let mut zone: InMemoryZoneHandler =
             InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
-        let soa = SOA::new(fqdn("ns.test"), fqdn("hostmaster.test"), 1, 3600, 600, 86400, 5);
+        let soa = SOA::new(
+            fqdn("ns.test"),
+            fqdn("hostmaster.test"),
+            1,
+            3600,
+            600,
+            86400,
+            5,
+        );
         assert!(zone.upsert_mut(Record::from_rdata(origin.clone(), 60, RData::SOA(soa)), 1));
         for (owner, data) in records {
             assert!(zone.upsert_mut(Record::from_rdata(fqdn(owner), 60, data), 1));
@@ -390,7 +399,10 @@ mod tests {
         assert!(n.is_fqdn());
         assert_eq!(n.to_ascii().to_lowercase(), "example.org.");
         assert!(absolute_name("example.org.").unwrap().is_fqdn());
-        assert!(absolute_name("bücher.example").unwrap().to_ascii().starts_with("xn--"));
+        assert!(absolute_name("bücher.example")
+            .unwrap()
+            .to_ascii()
+            .starts_with("xn--"));
         assert!(absolute_name("").is_err());
         assert!(absolute_name(".").is_err());
         assert!(absolute_name(&"a".repeat(64)).is_err());
@@ -463,11 +475,26 @@ mod tests {
     async fn test_server() -> SocketAddr {
         use hickory_resolver::proto::rr::rdata::{A, AAAA, MX};
         testutil::server(vec![
-            ("example.test", RData::MX(MX::new(20, name("Mail.Example.test.")))),
-            ("example.test", RData::MX(MX::new(10, name("mx1.magic.test.")))),
-            ("mail.example.test", RData::A(A("192.0.2.25".parse().unwrap()))),
-            ("mail.example.test", RData::AAAA(AAAA("2001:db8::25".parse().unwrap()))),
-            ("v6only.test", RData::AAAA(AAAA("2001:db8::6".parse().unwrap()))),
+            (
+                "example.test",
+                RData::MX(MX::new(20, name("Mail.Example.test."))),
+            ),
+            (
+                "example.test",
+                RData::MX(MX::new(10, name("mx1.magic.test."))),
+            ),
+            (
+                "mail.example.test",
+                RData::A(A("192.0.2.25".parse().unwrap())),
+            ),
+            (
+                "mail.example.test",
+                RData::AAAA(AAAA("2001:db8::25".parse().unwrap())),
+            ),
+            (
+                "v6only.test",
+                RData::AAAA(AAAA("2001:db8::6".parse().unwrap())),
+            ),
             ("nomx.test", RData::A(A("192.0.2.26".parse().unwrap()))),
             ("null.test", RData::MX(MX::new(0, Name::root()))),
         ])
@@ -518,7 +545,10 @@ mod tests {
             dns.addresses("v6only.test").await.unwrap(),
             vec!["2001:db8::6".parse::<IpAddr>().unwrap()]
         );
-        assert_eq!(dns.addresses("null.test").await.unwrap(), Vec::<IpAddr>::new());
+        assert_eq!(
+            dns.addresses("null.test").await.unwrap(),
+            Vec::<IpAddr>::new()
+        );
         assert_eq!(
             dns.addresses("missing.test").await,
             Err(DnsError::NoDomain("missing.test".into()))
@@ -534,7 +564,11 @@ mod tests {
         let dns = dns_at(silent.local_addr().unwrap());
         let err = dns.mx("example.test").await.unwrap_err();
         assert!(err.is_temporary(), "{err}");
-        assert!(dns.addresses("mail.example.test").await.unwrap_err().is_temporary());
+        assert!(dns
+            .addresses("mail.example.test")
+            .await
+            .unwrap_err()
+            .is_temporary());
     }
 
     #[tokio::test]

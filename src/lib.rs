@@ -28,6 +28,8 @@ pub struct Node {
     pub throttle: Arc<throttle::Throttle>,
     /// Bound SMTP addresses (useful when the config says port 0).
     pub smtp_addrs: Vec<std::net::SocketAddr>,
+    /// Bound outbound (smarthost) addresses.
+    pub outbound_addrs: Vec<std::net::SocketAddr>,
     pub admin_addr: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
@@ -43,12 +45,17 @@ impl Node {
             format!("node.data_dir: cannot open the spool in {}", config.node.data_dir.display())
         })?;
         let dns = dns::Dns::new(&config.dns).context("dns: cannot create the resolver")?;
-        let throttle = Arc::new(throttle::Throttle::new(&config.throttle, &config.trust, &config.node.name));
+        let throttle = Arc::new(
+            throttle::Throttle::new(&config.throttle, &config.trust, &config.node.name)
+                .with_peer_share(config.gossip.max_origin_share),
+        );
         let relay = relay::Relay::new(config.clone(), spool.clone(), dns.clone())
-            .with_gate(Arc::new(ThrottleGate(throttle.clone())));
+            .with_gate(Arc::new(ThrottleGate(throttle.clone(), config.clone())));
         let wake = relay.wake();
         let ctx = Arc::new(smtp::Context::new(config.clone(), spool.clone(), dns, wake.clone(), throttle.clone())?);
-        let listeners = smtp::bind(&config).await?;
+        let listeners = smtp::bind(&config.smtp.listen, "smtp.listen").await?;
+        let outbound = smtp::bind(&config.outbound.listen, "outbound.listen").await?;
+        let outbound_addrs = outbound.iter().filter_map(|l| l.local_addr().ok()).collect();
         let smtp_addrs = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
         let admin_listener = match config.admin.listen {
             Some(addr) => {
@@ -65,6 +72,9 @@ impl Node {
 
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(relay.run(shutdown.clone()));
+        if !outbound.is_empty() {
+            tasks.spawn(smtp::serve(outbound, Arc::new(ctx.outbound()), shutdown.clone()));
+        }
         tasks.spawn(smtp::serve(listeners, ctx, shutdown.clone()));
         if let Some(l) = admin_listener {
             let a = admin::Admin {
@@ -82,6 +92,7 @@ impl Node {
             spool,
             throttle,
             smtp_addrs,
+            outbound_addrs,
             admin_addr,
             shutdown,
             tasks,
@@ -122,10 +133,14 @@ async fn sweep(throttle: Arc<throttle::Throttle>, every: std::time::Duration, sh
 
 /// The release check of held mail: a message whose source block is over a
 /// limit network-wide when its hold ends goes to quarantine.
-struct ThrottleGate(Arc<throttle::Throttle>);
+/// Mail from outbound (trusted) clients is never held back.
+struct ThrottleGate(Arc<throttle::Throttle>, Arc<Config>);
 
 impl relay::ReleaseGate for ThrottleGate {
     fn quarantine_reason(&self, client: std::net::IpAddr) -> Option<String> {
+        if self.1.is_outbound_client(client) || !self.1.throttle.enabled {
+            return None;
+        }
         self.0
             .over_limit(client, throttle::now_ms())
             .map(|r| format!("block {} over its limit ({r})", self.0.block_of(client)))

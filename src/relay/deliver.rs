@@ -90,7 +90,12 @@ pub async fn deliver(
     recipients: &[String],
 ) -> Vec<RcptResult> {
     let mut results: Vec<Option<RcptResult>> = vec![None; recipients.len()];
-    let local = |o: RcptOutcome| Some(RcptResult { outcome: o, mx: None });
+    let local = |o: RcptOutcome| {
+        Some(RcptResult {
+            outcome: o,
+            mx: None,
+        })
+    };
 
     let sender = if msg.sender.is_empty() {
         None
@@ -334,7 +339,11 @@ async fn session(
     let mut conn = match connect(&p, ip).await {
         Ok(c) => c,
         Err(Reply::Negative { text, .. }) => {
-            return retry(rcpts, Vec::new(), format!("4.4.1 {peer} refused to talk: {text}"))
+            return retry(
+                rcpts,
+                Vec::new(),
+                format!("4.4.1 {peer} refused to talk: {text}"),
+            )
         }
         Err(Reply::Broken(e) | Reply::Positive(e)) => {
             return retry(rcpts, Vec::new(), format!("4.4.1 connect to {peer}: {e}"))
@@ -350,7 +359,11 @@ async fn session(
                 conn = match connect(&p, ip).await {
                     Ok(c) => c,
                     Err(Reply::Negative { text, .. }) => {
-                        return retry(rcpts, Vec::new(), format!("4.4.1 {peer} refused to talk: {text}"))
+                        return retry(
+                            rcpts,
+                            Vec::new(),
+                            format!("4.4.1 {peer} refused to talk: {text}"),
+                        )
                     }
                     Err(Reply::Broken(e) | Reply::Positive(e)) => {
                         return retry(rcpts, Vec::new(), format!("4.4.1 connect to {peer}: {e}"))
@@ -534,7 +547,7 @@ async fn transaction(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::testutil::sink;
+    use crate::relay::testutil::{sink, tls_acceptor, Mode};
 
     #[test]
     fn one_trailing_crlf_is_stripped() {
@@ -555,8 +568,12 @@ mod tests {
     }
 
     fn config(port: u16) -> Config {
+        config_tls(port, "none")
+    }
+
+    fn config_tls(port: u16, tls: &str) -> Config {
         let c = Config::parse(&format!(
-            "[node]\nname = \"n1\"\nhostname = \"mx1.magic.test\"\n[relay]\nport = {port}\nconnect_timeout = \"2s\"\ncommand_timeout = \"5s\"\ntls = \"none\"\n[dns]\nnameservers = [\"127.0.0.1:9\"]\ntimeout = \"1s\"\n"
+            "[node]\nname = \"n1\"\nhostname = \"mx1.magic.test\"\n[relay]\nport = {port}\nconnect_timeout = \"2s\"\ncommand_timeout = \"5s\"\ntls = \"{tls}\"\n[dns]\nnameservers = [\"127.0.0.1:9\"]\ntimeout = \"1s\"\n"
         ))
         .unwrap();
         c.validate().unwrap();
@@ -575,14 +592,19 @@ mod tests {
 
     #[tokio::test]
     async fn per_recipient_outcomes_and_exact_body() {
-        let (port, sessions) = sink("127.0.0.1:0", false).await;
+        let (port, sessions) = sink("127.0.0.1:0", Mode::Plain).await;
         let c = config(port);
         let dns = Dns::new(&c.dns).unwrap();
         let body = b"Subject: t\r\n\r\n.leading dot\r\nlast line\r\n";
-        let rcpts: Vec<String> = ["ok@example.org", "bad@example.org", "later@example.org", "not an address"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let rcpts: Vec<String> = [
+            "ok@example.org",
+            "bad@example.org",
+            "later@example.org",
+            "not an address",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let out = deliver(
             &c,
             &dns,
@@ -593,10 +615,19 @@ mod tests {
         )
         .await;
         assert_eq!(out.len(), 4);
-        assert_eq!(out[0].outcome, RcptOutcome::Delivered("250 2.0.0 queued as X1".into()));
+        assert_eq!(
+            out[0].outcome,
+            RcptOutcome::Delivered("250 2.0.0 queued as X1".into())
+        );
         assert_eq!(out[0].mx.as_deref(), Some("127.0.0.1"));
-        assert_eq!(out[1].outcome, RcptOutcome::PermFail("550 5.1.1 no such user".into()));
-        assert_eq!(out[2].outcome, RcptOutcome::TempFail("450 4.2.0 try later".into()));
+        assert_eq!(
+            out[1].outcome,
+            RcptOutcome::PermFail("550 5.1.1 no such user".into())
+        );
+        assert_eq!(
+            out[2].outcome,
+            RcptOutcome::TempFail("450 4.2.0 try later".into())
+        );
         assert!(matches!(&out[3].outcome, RcptOutcome::PermFail(r) if r.starts_with("5.1.3 ")));
         assert_eq!(out[3].mx, None);
 
@@ -604,15 +635,21 @@ mod tests {
         let s = sessions.lock().unwrap().clone();
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].commands[0], "EHLO mx1.magic.test");
-        assert_eq!(s[0].commands[1], "MAIL FROM:<alice@example.com> BODY=8BITMIME");
+        assert_eq!(
+            s[0].commands[1],
+            "MAIL FROM:<alice@example.com> BODY=8BITMIME"
+        );
         // Dot-stuffed on the wire, trailing CRLF not doubled.
-        assert_eq!(s[0].data, b"Subject: t\r\n\r\n..leading dot\r\nlast line\r\n");
+        assert_eq!(
+            s[0].data,
+            b"Subject: t\r\n\r\n..leading dot\r\nlast line\r\n"
+        );
         assert!(s[0].commands.iter().any(|c| c == "QUIT"));
     }
 
     #[tokio::test]
     async fn null_sender_and_no_data_without_accepted_rcpt() {
-        let (port, sessions) = sink("127.0.0.1:0", false).await;
+        let (port, sessions) = sink("127.0.0.1:0", Mode::Plain).await;
         let c = config(port);
         let dns = Dns::new(&c.dns).unwrap();
         let out = deliver(
@@ -633,7 +670,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_greeting_and_dead_hosts_are_temporary() {
-        let (port, _) = sink("127.0.0.1:0", true).await;
+        let (port, _) = sink("127.0.0.1:0", Mode::Refuse).await;
         let c = config(port);
         let dns = Dns::new(&c.dns).unwrap();
         // 127.0.0.3: nothing listens there, the connection is refused.
@@ -655,8 +692,8 @@ mod tests {
 
     #[tokio::test]
     async fn next_host_after_a_refused_greeting_or_connection() {
-        let (port, sessions) = sink("127.0.0.1:0", false).await;
-        let (_, refused) = sink(&format!("127.0.0.2:{port}"), true).await;
+        let (port, sessions) = sink("127.0.0.1:0", Mode::Plain).await;
+        let (_, refused) = sink(&format!("127.0.0.2:{port}"), Mode::Refuse).await;
         let c = config(port);
         let dns = Dns::new(&c.dns).unwrap();
         let out = deliver(
@@ -668,10 +705,96 @@ mod tests {
             &["ok@example.org".to_string()],
         )
         .await;
-        assert!(matches!(&out[0].outcome, RcptOutcome::Delivered(_)), "{out:?}");
+        assert!(
+            matches!(&out[0].outcome, RcptOutcome::Delivered(_)),
+            "{out:?}"
+        );
         assert_eq!(out[0].mx.as_deref(), Some("127.0.0.1"));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(sessions.lock().unwrap().len(), 1);
         assert_eq!(refused.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn opportunistic_starttls_without_verification() {
+        let (port, sessions) = sink("127.0.0.1:0", Mode::StartTls(Some(tls_acceptor()))).await;
+        let c = config_tls(port, "opportunistic");
+        let dns = Dns::new(&c.dns).unwrap();
+        // The certificate is self-signed and for "localhost": accepted anyway.
+        let out = deliver(
+            &c,
+            &dns,
+            &message("a@example.com", b"S: t\r\n\r\nbody\r\n"),
+            "example.org",
+            &["127.0.0.1".into()],
+            &["ok@example.org".to_string()],
+        )
+        .await;
+        assert!(
+            matches!(&out[0].outcome, RcptOutcome::Delivered(_)),
+            "{out:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let s = sessions.lock().unwrap().clone();
+        assert_eq!(s.len(), 1);
+        assert!(s[0].tls);
+        assert_eq!(
+            s[0].commands
+                .iter()
+                .filter(|c| c.starts_with("EHLO"))
+                .count(),
+            2
+        );
+        assert_eq!(s[0].data, b"S: t\r\n\r\nbody\r\n");
+    }
+
+    #[tokio::test]
+    async fn failed_tls_handshake_falls_back_to_plain_text() {
+        let (port, sessions) = sink("127.0.0.1:0", Mode::StartTls(None)).await;
+        let c = config_tls(port, "opportunistic");
+        let dns = Dns::new(&c.dns).unwrap();
+        let out = deliver(
+            &c,
+            &dns,
+            &message("a@example.com", b"x\r\n"),
+            "example.org",
+            &["127.0.0.1".into()],
+            &["ok@example.org".to_string()],
+        )
+        .await;
+        assert!(
+            matches!(&out[0].outcome, RcptOutcome::Delivered(_)),
+            "{out:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let s = sessions.lock().unwrap().clone();
+        assert_eq!(s.len(), 2, "{s:?}");
+        let plain = s.iter().find(|x| !x.data.is_empty()).unwrap();
+        assert!(!plain.tls);
+        assert!(!plain.commands.iter().any(|c| c == "STARTTLS"));
+    }
+
+    #[tokio::test]
+    async fn tls_none_never_starts_tls() {
+        let (port, sessions) = sink("127.0.0.1:0", Mode::StartTls(Some(tls_acceptor()))).await;
+        let c = config_tls(port, "none");
+        let dns = Dns::new(&c.dns).unwrap();
+        let out = deliver(
+            &c,
+            &dns,
+            &message("a@example.com", b"x\r\n"),
+            "example.org",
+            &["127.0.0.1".into()],
+            &["ok@example.org".to_string()],
+        )
+        .await;
+        assert!(
+            matches!(&out[0].outcome, RcptOutcome::Delivered(_)),
+            "{out:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let s = sessions.lock().unwrap().clone();
+        assert!(!s[0].tls);
+        assert!(!s[0].commands.iter().any(|c| c == "STARTTLS"));
     }
 }

@@ -168,7 +168,11 @@ pub fn status_of(reply: &str) -> String {
 /// node's own reasons (RFC 3464 diagnostic-type).
 fn diagnostic_code(reply: &str) -> String {
     let first = reply.split_whitespace().next().unwrap_or("");
-    let kind = if is_reply_code(first) { "smtp" } else { "X-magicmx" };
+    let kind = if is_reply_code(first) {
+        "smtp"
+    } else {
+        "X-magicmx"
+    };
     format!("{kind}; {}", clean(reply))
 }
 
@@ -331,18 +335,29 @@ mod tests {
         let ct = field(&top, "content-type").unwrap();
         assert!(ct.starts_with("multipart/report;"), "{ct}");
         assert!(ct.contains("report-type=delivery-status"), "{ct}");
-        let boundary = ct.split("boundary=\"").nth(1).unwrap().trim_end_matches('"');
+        let boundary = ct
+            .split("boundary=\"")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches('"');
 
         let close = format!("\r\n--{boundary}--\r\n");
-        let inner = body.strip_suffix(&close).expect("closing boundary at the end");
+        let inner = body
+            .strip_suffix(&close)
+            .expect("closing boundary at the end");
         let delimiter = format!("--{boundary}\r\n");
         let mut parts = inner.split(&delimiter);
-        assert_eq!(parts.next().unwrap(), "This is a MIME-encapsulated message.\r\n\r\n");
+        assert_eq!(
+            parts.next().unwrap(),
+            "This is a MIME-encapsulated message.\r\n\r\n"
+        );
         let parts: Vec<&str> = parts.collect();
         assert_eq!(parts.len(), 3);
 
         let (h1, text) = split(parts[0]);
-        assert!(field(&h1, "content-type").unwrap().starts_with("text/plain"));
+        assert!(field(&h1, "content-type")
+            .unwrap()
+            .starts_with("text/plain"));
         assert!(text.contains("<bob@example.org>"));
         assert!(text.contains("550 5.1.1"));
 
@@ -351,10 +366,16 @@ mod tests {
         let groups: Vec<&str> = status.trim_end().split("\r\n\r\n").collect();
         assert_eq!(groups.len(), 3, "{status}");
         let (per_msg, _) = split(&format!("{}\r\n\r\n", groups[0]));
-        assert_eq!(field(&per_msg, "reporting-mta"), Some("dns; mx1.magic.test"));
+        assert_eq!(
+            field(&per_msg, "reporting-mta"),
+            Some("dns; mx1.magic.test")
+        );
         assert!(field(&per_msg, "arrival-date").unwrap().contains("2023"));
         let (r1, _) = split(&format!("{}\r\n\r\n", groups[1]));
-        assert_eq!(field(&r1, "final-recipient"), Some("rfc822; bob@example.org"));
+        assert_eq!(
+            field(&r1, "final-recipient"),
+            Some("rfc822; bob@example.org")
+        );
         assert_eq!(field(&r1, "action"), Some("failed"));
         assert_eq!(field(&r1, "status"), Some("5.1.1"));
         assert_eq!(field(&r1, "remote-mta"), Some("dns; mail.example.org"));
@@ -363,10 +384,15 @@ mod tests {
             Some("smtp; 550 5.1.1 <bob@example.org>: user unknown")
         );
         let (r2, _) = split(&format!("{}\r\n\r\n", groups[2]));
-        assert_eq!(field(&r2, "final-recipient"), Some("rfc822; carol@nullmx.example"));
+        assert_eq!(
+            field(&r2, "final-recipient"),
+            Some("rfc822; carol@nullmx.example")
+        );
         assert_eq!(field(&r2, "status"), Some("5.1.10"));
         assert_eq!(field(&r2, "remote-mta"), None);
-        assert!(field(&r2, "diagnostic-code").unwrap().starts_with("X-magicmx; 5.1.10"));
+        assert!(field(&r2, "diagnostic-code")
+            .unwrap()
+            .starts_with("X-magicmx; 5.1.10"));
 
         let (h3, headers) = split(parts[2]);
         assert_eq!(field(&h3, "content-type"), Some("text/rfc822-headers"));
@@ -391,8 +417,14 @@ mod tests {
     #[test]
     fn status_codes() {
         assert_eq!(status_of("550 5.1.1 user unknown"), "5.1.1");
-        assert_eq!(status_of("5.1.10 domain accepts no mail (null MX)"), "5.1.10");
-        assert_eq!(status_of("4.4.7 message expired: 451 4.3.0 try later"), "4.4.7");
+        assert_eq!(
+            status_of("5.1.10 domain accepts no mail (null MX)"),
+            "5.1.10"
+        );
+        assert_eq!(
+            status_of("4.4.7 message expired: 451 4.3.0 try later"),
+            "4.4.7"
+        );
         assert_eq!(status_of("554 no enhanced code"), "5.0.0");
         assert_eq!(status_of("452 too many"), "4.0.0");
         assert_eq!(status_of("550 4.1.1 mismatched class"), "5.0.0");

@@ -196,8 +196,12 @@ impl Relay {
         }
 
         if !tasks.is_empty() {
-            info!(in_flight = tasks.len(), "relay stopping: waiting for deliveries in progress");
-            let grace = tokio::time::sleep(SHUTDOWN_GRACE.min(inner.config.relay.command_timeout.0));
+            info!(
+                in_flight = tasks.len(),
+                "relay stopping: waiting for deliveries in progress"
+            );
+            let grace =
+                tokio::time::sleep(SHUTDOWN_GRACE.min(inner.config.relay.command_timeout.0));
             tokio::pin!(grace);
             loop {
                 tokio::select! {
@@ -245,7 +249,10 @@ async fn scan(inner: &Inner) -> (Vec<QueueId>, Duration) {
         } else if entry.next_attempt <= now {
             due.push(entry.id);
         } else {
-            let ms = entry.next_attempt.saturating_mul(1000).saturating_sub(now_ms);
+            let ms = entry
+                .next_attempt
+                .saturating_mul(1000)
+                .saturating_sub(now_ms);
             until_next = until_next.min(Duration::from_millis(ms));
         }
     }
@@ -354,12 +361,10 @@ async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
             continue;
         }
         match r.address.rsplit_once('@') {
-            Some((local_part, domain)) if !local_part.is_empty() && !domain.is_empty() => {
-                by_domain
-                    .entry(crate::config::normalize_name(domain))
-                    .or_default()
-                    .push(i)
-            }
+            Some((local_part, domain)) if !local_part.is_empty() && !domain.is_empty() => by_domain
+                .entry(crate::config::normalize_name(domain))
+                .or_default()
+                .push(i),
             _ => {
                 results[i] = local(RcptOutcome::PermFail(format!(
                     "5.1.3 bad recipient address syntax <{}>",
@@ -443,7 +448,11 @@ async fn settle(inner: &Inner, entry: QueueEntry, body: &[u8], results: Vec<Opti
 
     if !s.newly_failed.is_empty() {
         if entry.envelope.sender.is_empty() {
-            info!(queue_id, failed = s.newly_failed.len(), "no DSN: null sender");
+            info!(
+                queue_id,
+                failed = s.newly_failed.len(),
+                "no DSN: null sender"
+            );
         } else {
             queue_dsn(inner, &entry, body, &s.newly_failed, now).await;
         }
@@ -453,7 +462,13 @@ async fn settle(inner: &Inner, entry: QueueEntry, body: &[u8], results: Vec<Opti
     }
 }
 
-async fn queue_dsn(inner: &Inner, entry: &QueueEntry, body: &[u8], failed: &[FailedRcpt], now: u64) {
+async fn queue_dsn(
+    inner: &Inner,
+    entry: &QueueEntry,
+    body: &[u8],
+    failed: &[FailedRcpt],
+    now: u64,
+) {
     let hostname = inner.config.node.hostname.as_str();
     let message = dsn::build(&dsn::Report {
         hostname,
@@ -525,7 +540,12 @@ struct Settled {
 }
 
 /// Applies an attempt's results to the entry (pure: no I/O, `now` given).
-fn apply(mut entry: QueueEntry, results: &[Option<RcptResult>], now: u64, relay: &RelayConfig) -> Settled {
+fn apply(
+    mut entry: QueueEntry,
+    results: &[Option<RcptResult>],
+    now: u64,
+    relay: &RelayConfig,
+) -> Settled {
     let mut events = Vec::new();
     let mut newly_failed = Vec::new();
     let mut deferred: Vec<(usize, Option<String>, String)> = Vec::new();
@@ -568,7 +588,10 @@ fn apply(mut entry: QueueEntry, results: &[Option<RcptResult>], now: u64, relay:
     let expired = now.saturating_sub(entry.envelope.received_at) >= max_age;
     if expired {
         // Everything still pending gives up now, deferred in this attempt or not.
-        let last = entry.last_error.clone().unwrap_or_else(|| "no attempt succeeded".into());
+        let last = entry
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "no attempt succeeded".into());
         for (i, rcpt) in entry.envelope.recipients.iter_mut().enumerate() {
             if rcpt.state != RcptState::Pending {
                 continue;
@@ -640,7 +663,10 @@ fn count_received(message: &[u8]) -> usize {
             continue;
         }
         if let Some(colon) = line.iter().position(|&b| b == b':') {
-            if line[..colon].trim_ascii_end().eq_ignore_ascii_case(b"received") {
+            if line[..colon]
+                .trim_ascii_end()
+                .eq_ignore_ascii_case(b"received")
+            {
                 count += 1;
             }
         }
@@ -670,7 +696,13 @@ fn pending_with(
         .recipients
         .iter()
         .enumerate()
-        .map(|(i, r)| if r.state == RcptState::Pending { f(i) } else { None })
+        .map(|(i, r)| {
+            if r.state == RcptState::Pending {
+                f(i)
+            } else {
+                None
+            }
+        })
         .collect()
 }
 
@@ -777,10 +809,25 @@ mod tests {
         let now = 1_000_100;
         let s = apply(done, &results, now, &relay_config());
         let r = &s.entry.envelope.recipients;
-        assert_eq!(r[0].state, RcptState::Delivered { reply: "250 ok".into() });
-        assert_eq!(r[1].state, RcptState::Failed { reply: "550 5.1.1 unknown".into() });
+        assert_eq!(
+            r[0].state,
+            RcptState::Delivered {
+                reply: "250 ok".into()
+            }
+        );
+        assert_eq!(
+            r[1].state,
+            RcptState::Failed {
+                reply: "550 5.1.1 unknown".into()
+            }
+        );
         assert_eq!(r[2].state, RcptState::Pending);
-        assert_eq!(r[3].state, RcptState::Delivered { reply: "250 earlier".into() });
+        assert_eq!(
+            r[3].state,
+            RcptState::Delivered {
+                reply: "250 earlier".into()
+            }
+        );
         assert_eq!(s.entry.attempts, 1);
         assert_eq!(s.entry.next_attempt, now + 60);
         assert_eq!(s.entry.last_error.as_deref(), Some("450 4.2.0 later"));
@@ -793,12 +840,24 @@ mod tests {
             }]
         );
         let kinds: Vec<EventKind> = s.events.iter().map(|e| e.kind).collect();
-        assert_eq!(kinds, vec![EventKind::Delivered, EventKind::Bounced, EventKind::Deferred]);
+        assert_eq!(
+            kinds,
+            vec![
+                EventKind::Delivered,
+                EventKind::Bounced,
+                EventKind::Deferred
+            ]
+        );
 
         // Second deferral: the delay doubles; the failure is not reported again.
         let s2 = apply(
             s.entry,
-            &[None, None, remote(RcptOutcome::TempFail("451 again".into())), None],
+            &[
+                None,
+                None,
+                remote(RcptOutcome::TempFail("451 again".into())),
+                None,
+            ],
             now + 60,
             &relay_config(),
         );
@@ -827,7 +886,13 @@ mod tests {
         assert!(!has_pending(&s.entry));
         assert_eq!(s.newly_failed.len(), 1);
         assert_eq!(s.newly_failed[0].address, "a@x.org");
-        assert_eq!(s.events.iter().filter(|e| e.kind == EventKind::Expired).count(), 1);
+        assert_eq!(
+            s.events
+                .iter()
+                .filter(|e| e.kind == EventKind::Expired)
+                .count(),
+            1
+        );
         assert_eq!(dsn::status_of(&s.newly_failed[0].reply), "4.4.7");
     }
 
@@ -835,7 +900,12 @@ mod tests {
     fn not_expired_one_second_early() {
         let e = entry(&["a@x.org"]);
         let now = e.envelope.received_at + 86_399;
-        let s = apply(e, &[remote(RcptOutcome::TempFail("451 busy".into()))], now, &relay_config());
+        let s = apply(
+            e,
+            &[remote(RcptOutcome::TempFail("451 busy".into()))],
+            now,
+            &relay_config(),
+        );
         assert!(has_pending(&s.entry));
         assert!(s.newly_failed.is_empty());
     }
@@ -843,7 +913,12 @@ mod tests {
     #[test]
     fn all_done_means_nothing_pending() {
         let e = entry(&["a@x.org"]);
-        let s = apply(e, &[remote(RcptOutcome::Delivered("250 ok".into()))], 1_000_001, &relay_config());
+        let s = apply(
+            e,
+            &[remote(RcptOutcome::Delivered("250 ok".into()))],
+            1_000_001,
+            &relay_config(),
+        );
         assert!(!has_pending(&s.entry));
         assert!(s.newly_failed.is_empty());
     }
@@ -866,8 +941,14 @@ mod tests {
         use hickory_resolver::proto::rr::{Name, RData};
         use std::str::FromStr;
         crate::dns::testutil::server(vec![
-            ("relay.test", RData::MX(MX::new(10, Name::from_str("mx7.magic.test.").unwrap()))),
-            ("relay.test", RData::MX(MX::new(20, Name::from_str("mail.relay.test.").unwrap()))),
+            (
+                "relay.test",
+                RData::MX(MX::new(10, Name::from_str("mx7.magic.test.").unwrap())),
+            ),
+            (
+                "relay.test",
+                RData::MX(MX::new(20, Name::from_str("mail.relay.test.").unwrap())),
+            ),
             ("mail.relay.test", RData::A(A(Ipv4Addr::LOCALHOST))),
         ])
         .await
@@ -897,7 +978,7 @@ mod tests {
 
     #[tokio::test]
     async fn runner_delivers_defers_bounces_and_stops() {
-        let (port, sessions) = testutil::sink("127.0.0.1:0", false).await;
+        let (port, sessions) = testutil::sink("127.0.0.1:0", testutil::Mode::Plain).await;
         let config = node_config(port, relay_dns().await);
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
@@ -906,7 +987,11 @@ mod tests {
         let body = b"Received: from x by y\r\nSubject: hi\r\n\r\nhello\r\n".to_vec();
         let first = spool
             .store(
-                envelope("alice@relay.test", &["ok@relay.test", "bad@relay.test", "later@relay.test"], now),
+                envelope(
+                    "alice@relay.test",
+                    &["ok@relay.test", "bad@relay.test", "later@relay.test"],
+                    now,
+                ),
                 body,
                 now,
             )
@@ -929,10 +1014,23 @@ mod tests {
         })
         .await;
 
-        let e = spool.get(&first.id).unwrap().expect("original kept for its pending recipient");
+        let e = spool
+            .get(&first.id)
+            .unwrap()
+            .expect("original kept for its pending recipient");
         let r = &e.envelope.recipients;
-        assert_eq!(r[0].state, RcptState::Delivered { reply: "250 2.0.0 queued as X1".into() });
-        assert_eq!(r[1].state, RcptState::Failed { reply: "550 5.1.1 no such user".into() });
+        assert_eq!(
+            r[0].state,
+            RcptState::Delivered {
+                reply: "250 2.0.0 queued as X1".into()
+            }
+        );
+        assert_eq!(
+            r[1].state,
+            RcptState::Failed {
+                reply: "550 5.1.1 no such user".into()
+            }
+        );
         assert_eq!(r[2].state, RcptState::Pending);
         assert_eq!(e.last_error.as_deref(), Some("450 4.2.0 try later"));
         assert!(e.next_attempt >= now + 60, "{} vs {now}", e.next_attempt);
@@ -940,21 +1038,39 @@ mod tests {
         let seen = sessions.lock().unwrap().clone();
         let original = seen
             .iter()
-            .find(|s| s.commands.iter().any(|c| c == "MAIL FROM:<alice@relay.test>"))
+            .find(|s| {
+                s.commands
+                    .iter()
+                    .any(|c| c == "MAIL FROM:<alice@relay.test>")
+            })
             .expect("original session");
-        assert!(original.commands.iter().any(|c| c == "RCPT TO:<later@relay.test>"));
+        assert!(original
+            .commands
+            .iter()
+            .any(|c| c == "RCPT TO:<later@relay.test>"));
         let bounce = seen
             .iter()
             .find(|s| s.commands.iter().any(|c| c == "MAIL FROM:<>"))
             .expect("DSN session");
-        assert!(bounce.commands.iter().any(|c| c == "RCPT TO:<alice@relay.test>"));
-        assert!(!seen.iter().any(|s| s.commands.iter().any(|c| c.contains("ok2@"))));
+        assert!(bounce
+            .commands
+            .iter()
+            .any(|c| c == "RCPT TO:<alice@relay.test>"));
+        assert!(!seen
+            .iter()
+            .any(|s| s.commands.iter().any(|c| c.contains("ok2@"))));
         let dsn = String::from_utf8(bounce.data.clone()).unwrap();
         assert!(is_crlf_only(&bounce.data));
         assert!(dsn.contains("report-type=delivery-status"), "{dsn}");
-        assert!(dsn.contains("Final-Recipient: rfc822; bad@relay.test"), "{dsn}");
+        assert!(
+            dsn.contains("Final-Recipient: rfc822; bad@relay.test"),
+            "{dsn}"
+        );
         assert!(dsn.contains("Remote-MTA: dns; mail.relay.test"), "{dsn}");
-        assert!(!dsn.contains("Final-Recipient: rfc822; later@relay.test"), "{dsn}");
+        assert!(
+            !dsn.contains("Final-Recipient: rfc822; later@relay.test"),
+            "{dsn}"
+        );
         assert!(dsn.contains("Subject: hi\r\n"), "{dsn}");
 
         token.cancel();
@@ -973,25 +1089,34 @@ mod tests {
 
     #[tokio::test]
     async fn gate_quarantines_and_old_quarantine_expires() {
-        let (port, sessions) = testutil::sink("127.0.0.1:0", false).await;
+        let (port, sessions) = testutil::sink("127.0.0.1:0", testutil::Mode::Plain).await;
         let config = node_config(port, relay_dns().await);
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let dns = Dns::new(&config.dns).unwrap();
         let now = unix_now();
         let held = spool
-            .store(envelope("a@relay.test", &["ok@relay.test"], now), b"S: x\r\n\r\nx\r\n".to_vec(), now)
+            .store(
+                envelope("a@relay.test", &["ok@relay.test"], now),
+                b"S: x\r\n\r\nx\r\n".to_vec(),
+                now,
+            )
             .await
             .unwrap();
         let old_age = config.throttle.quarantine_max_age.0.as_secs() + 10;
         let mut old = spool
-            .store(envelope("a@relay.test", &["ok@relay.test"], now - old_age), b"x\r\n".to_vec(), now + 3600)
+            .store(
+                envelope("a@relay.test", &["ok@relay.test"], now - old_age),
+                b"x\r\n".to_vec(),
+                now + 3600,
+            )
             .await
             .unwrap();
         old.quarantined = true;
         spool.update(&old).await.unwrap();
 
-        let relay = Relay::new(Arc::new(config), spool.clone(), dns).with_gate(Arc::new(Quarantine));
+        let relay =
+            Relay::new(Arc::new(config), spool.clone(), dns).with_gate(Arc::new(Quarantine));
         let token = CancellationToken::new();
         let runner = tokio::spawn(relay.run(token.clone()));
         eventually("held message quarantined, old one removed", || {
@@ -1005,7 +1130,10 @@ mod tests {
         assert!(e.last_error.unwrap().contains("block over its limit"));
         assert!(spool.get(&old.id).unwrap().is_none());
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(sessions.lock().unwrap().is_empty(), "quarantined mail is never relayed");
+        assert!(
+            sessions.lock().unwrap().is_empty(),
+            "quarantined mail is never relayed"
+        );
         token.cancel();
         tokio::time::timeout(Duration::from_secs(5), runner)
             .await

@@ -42,9 +42,7 @@ pub fn plan_with<R: rand::Rng + ?Sized>(
     let domain = normalize_name(domain);
     let mut hosts = match answer {
         MxAnswer::NullMx => {
-            return Plan::PermFail(format!(
-                "5.1.10 domain accepts no mail (null MX): {domain}"
-            ))
+            return Plan::PermFail(format!("5.1.10 domain accepts no mail (null MX): {domain}"))
         }
         MxAnswer::NoDomain => {
             return Plan::PermFail(format!("5.1.2 domain {domain} does not exist (NXDOMAIN)"))
@@ -142,7 +140,11 @@ mod tests {
             assert_eq!(h[3], "c.example.org");
             seen_first.insert(h[0].clone());
         }
-        assert_eq!(seen_first.len(), 3, "every equal-preference host comes first sometimes");
+        assert_eq!(
+            seen_first.len(),
+            3,
+            "every equal-preference host comes first sometimes"
+        );
     }
 
     #[test]
@@ -164,7 +166,10 @@ mod tests {
     #[test]
     fn null_mx_is_permanent() {
         match plan("example.org", MxAnswer::NullMx, &config()) {
-            Plan::PermFail(r) => assert!(r.starts_with("5.1.10 domain accepts no mail (null MX)"), "{r}"),
+            Plan::PermFail(r) => assert!(
+                r.starts_with("5.1.10 domain accepts no mail (null MX)"),
+                "{r}"
+            ),
             other => panic!("{other:?}"),
         }
     }
@@ -188,7 +193,10 @@ mod tests {
 
     #[test]
     fn duplicate_hosts_are_tried_once() {
-        let answer = MxAnswer::Hosts(vec![mx(10, "mail.example.org"), mx(20, "Mail.Example.org.")]);
+        let answer = MxAnswer::Hosts(vec![
+            mx(10, "mail.example.org"),
+            mx(20, "Mail.Example.org."),
+        ]);
         assert_eq!(
             hosts(plan("example.org", answer, &config())),
             vec!["mail.example.org"]

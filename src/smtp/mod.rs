@@ -32,8 +32,19 @@ use crate::spool::{Envelope, RcptState, Recipient, Spool};
 use crate::throttle::{now_ms, Decision, Throttle};
 use session::{Event, Message, Session, SessionConfig, Verdict};
 
+/// Which door a connection came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The magic MX: mail for accepted domains from anyone, throttled and held.
+    Inbound,
+    /// The smarthost of trusted senders (`[outbound] clients`): mail for any
+    /// domain, delivered straight to the non-magic MX, no throttle, no hold.
+    Outbound,
+}
+
 /// Everything a connection needs, shared by all of them.
 pub struct Context {
+    pub mode: Mode,
     pub config: Arc<Config>,
     pub session: SessionConfig,
     pub spool: Spool,
@@ -89,6 +100,7 @@ impl Context {
             tls_available: tls.is_some(),
         };
         Ok(Context {
+            mode: Mode::Inbound,
             config,
             session,
             spool,
@@ -99,9 +111,23 @@ impl Context {
         })
     }
 
+    /// The same node's outbound door: same spool and relay, other rules.
+    pub fn outbound(&self) -> Context {
+        Context {
+            mode: Mode::Outbound,
+            config: self.config.clone(),
+            session: self.session.clone(),
+            spool: self.spool.clone(),
+            dns: self.dns.clone(),
+            relay_wake: self.relay_wake.clone(),
+            tls: self.tls.clone(),
+            throttle: self.throttle.clone(),
+        }
+    }
+
     /// Asks the throttle, unless it is disabled; counts and logs refusals.
     fn throttle(&self, stage: &'static str, peer: IpAddr, ask: impl FnOnce(&Throttle) -> Decision) -> Decision {
-        if !self.config.throttle.enabled {
+        if !self.config.throttle.enabled || self.mode == Mode::Outbound {
             return Decision::Accept;
         }
         let d = ask(&self.throttle);
@@ -122,6 +148,15 @@ impl Context {
     /// Is the node willing to take mail for this recipient? Never an open relay:
     /// only listed domains, or domains that delegate to the magic MX.
     pub async fn check_recipient(&self, peer: IpAddr, address: &str, domain: &str) -> Verdict {
+        if self.mode == Mode::Outbound {
+            return if self.config.is_outbound_client(peer) {
+                Verdict::Accept
+            } else {
+                Verdict::Refuse(format!(
+                    "550 5.7.1 <{address}>: Relay access denied: {peer} is not an outbound client"
+                ))
+            };
+        }
         match self.check_domain(address, domain).await {
             Verdict::Accept => {}
             refuse => return refuse,
@@ -179,11 +214,15 @@ impl Context {
             eight_bit: m.eight_bit,
         };
         let size = body.len();
-        let release = now + self.config.throttle.hold.0.as_secs();
+        let release = match self.mode {
+            Mode::Inbound => now + self.config.throttle.hold.0.as_secs(),
+            Mode::Outbound => now,
+        };
         match self.spool.store(envelope, body, release).await {
             Ok(entry) => {
                 info!(
                     queue_id = %entry.id,
+                    mode = ?self.mode,
                     from = %m.sender,
                     to = ?m.recipients,
                     size,
@@ -234,14 +273,17 @@ pub fn received_header(hostname: &str, m: &Message, now: u64) -> String {
     h
 }
 
-/// Binds every `[smtp] listen` address.
-pub async fn bind(config: &Config) -> anyhow::Result<Vec<TcpListener>> {
+/// Binds every address of `key` (`smtp.listen` or `outbound.listen`).
+pub async fn bind(addrs: &[SocketAddr], key: &'static str) -> anyhow::Result<Vec<TcpListener>> {
     let mut listeners = Vec::new();
-    for addr in &config.smtp.listen {
+    for addr in addrs {
         let l = TcpListener::bind(addr)
             .await
-            .map_err(|e| anyhow::anyhow!("smtp.listen: cannot bind {addr}: {e}"))?;
-        info!(addr = %l.local_addr()?, "smtp listening");
+            .map_err(|e| anyhow::anyhow!("{key}: cannot bind {addr}: {e}"))?;
+        match key {
+            "smtp.listen" => info!(addr = %l.local_addr()?, "smtp listening"),
+            _ => info!(addr = %l.local_addr()?, "outbound listening"),
+        }
         listeners.push(l);
     }
     Ok(listeners)
