@@ -114,6 +114,8 @@ pub struct Config {
     pub gossip: GossipConfig,
     #[serde(default)]
     pub outbound: OutboundConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -359,6 +361,31 @@ pub struct OutboundConfig {
     pub listen: Vec<SocketAddr>,
     /// Who may relay through them.
     pub clients: Vec<ipnet::IpNet>,
+}
+
+/// Postfix policy service for the real MX: refuse untrusted direct senders.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// TCP address for Postfix's `check_policy_service`; absent = off inside `run`.
+    pub listen: Option<SocketAddr>,
+    /// Addresses of magic nodes (always allowed), besides those learned from gossip.
+    pub magic_nodes: Vec<ipnet::IpNet>,
+    /// Requests of a block answered DEFER_IF_PERMIT before REJECT.
+    pub polite_refusals: u32,
+    /// The polite count is per block per this period.
+    pub polite_period: Dur,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            listen: None,
+            magic_nodes: Vec::new(),
+            polite_refusals: 3,
+            polite_period: Dur::secs(3_600),
+        }
+    }
 }
 
 /// Networks never counted nor refused by the throttle.

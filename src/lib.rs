@@ -21,6 +21,21 @@ use tracing::info;
 
 pub use config::Config;
 
+/// File under `data_dir` holding the bound admin address of the running node.
+pub const ADMIN_ADDR_FILE: &str = "admin.addr";
+
+/// The admin address of the node that uses `config`: the one it bound (from
+/// `data_dir/admin.addr`) when the config leaves the port to the system.
+pub fn admin_addr(config: &Config) -> Option<std::net::SocketAddr> {
+    let configured = config.admin.listen?;
+    if configured.port() != 0 {
+        return Some(configured);
+    }
+    std::fs::read_to_string(config.node.data_dir.join(ADMIN_ADDR_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
 /// A running node: its parts, for the binary and for in-process tests.
 pub struct Node {
     pub config: Arc<Config>,
@@ -68,6 +83,10 @@ impl Node {
             None => None,
         };
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(addr) = admin_addr {
+            // The CLI finds the running node here (the config may say port 0).
+            let _ = std::fs::write(config.node.data_dir.join(ADMIN_ADDR_FILE), addr.to_string());
+        }
         info!(node = %config.node.name, queued = spool.len().unwrap_or(0), "node started");
 
         let tasks = tokio_util::task::TaskTracker::new();

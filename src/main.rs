@@ -152,9 +152,9 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 fn admin_addr(c: &Config) -> anyhow::Result<std::net::SocketAddr> {
-    c.admin
-        .listen
-        .ok_or_else(|| anyhow::anyhow!("admin.listen: not set; the command talks to the running node through it"))
+    magicmx::admin_addr(c).ok_or_else(|| {
+        anyhow::anyhow!("admin.listen: not set (or the node is not running); the command talks to the running node through it")
+    })
 }
 
 fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {

@@ -588,12 +588,8 @@ fn writer_thread(
         let size = batch.len();
         // A panic inside redb (a damaged file) drops the batch's reply
         // channels, so its waiters get an error; the thread carries on.
-        match catch_unwind(AssertUnwindSafe(|| apply_batch(&db, batch))) {
-            Ok(true) => {
-                commits.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(false) => {}
-            Err(_) => error!(batch = size, "spool writer panicked during a batch"),
+        if catch_unwind(AssertUnwindSafe(|| apply_batch(&db, batch, &commits))).is_err() {
+            error!(batch = size, "spool writer panicked during a batch");
         }
     }
     // Release the file before telling close() that the writer is done.
@@ -665,8 +661,8 @@ type Tables<'t> = (
 );
 
 /// Applies the batch in one transaction and answers every waiter.
-/// Returns whether a transaction was committed.
-fn apply_batch(db: &Database, batch: Vec<Op>) -> bool {
+/// Counts the commit in `commits` before anyone is answered.
+fn apply_batch(db: &Database, batch: Vec<Op>, commits: &AtomicU64) {
     let mut answers = Vec::with_capacity(batch.len());
     let mut ops = batch.into_iter();
     let outcome = (|| -> Result<bool, String> {
@@ -683,14 +679,7 @@ fn apply_batch(db: &Database, batch: Vec<Op>) -> bool {
                 txn.open_table(BODY).map_err(|e| e.to_string())?,
             );
             for op in ops.by_ref() {
-                match apply(&mut tables, op) {
-                    Ok(Some(answer)) => answers.push(answer),
-                    Ok(None) => {}
-                    Err((answer, msg)) => {
-                        answers.push(answer);
-                        return Err(msg);
-                    }
-                }
+                apply(&mut tables, op, &mut answers)?;
             }
         }
         if answers.is_empty() {
@@ -703,8 +692,10 @@ fn apply_batch(db: &Database, batch: Vec<Op>) -> bool {
     })();
     match outcome {
         Ok(committed) => {
+            if committed {
+                commits.fetch_add(1, Ordering::Relaxed);
+            }
             answers.into_iter().for_each(Answer::send);
-            committed
         }
         Err(msg) => {
             error!(error = %msg, batch = answers.len() + ops.len(), "spool write transaction failed");
@@ -714,14 +705,13 @@ fn apply_batch(db: &Database, batch: Vec<Op>) -> bool {
             for op in ops {
                 op.failed(&msg).send();
             }
-            false
         }
     }
 }
 
-/// Applies one operation. `Ok(None)`: skipped (its waiter is gone).
-/// `Err`: the transaction is broken; the answer carries the error.
-fn apply(tables: &mut Tables<'_>, op: Op) -> Result<Option<Answer>, (Answer, String)> {
+/// Applies one operation and queues its answer. Skips a store whose waiter
+/// is gone. `Err`: the transaction is broken (the answer carries the error).
+fn apply(tables: &mut Tables<'_>, op: Op, answers: &mut Vec<Answer>) -> Result<(), String> {
     let (meta, body_table) = tables;
     match op {
         Op::Store {
@@ -734,7 +724,7 @@ fn apply(tables: &mut Tables<'_>, op: Op) -> Result<Option<Answer>, (Answer, Str
                 // The SMTP session went away before the message was on disk:
                 // it never got a 250, so the client will send it again.
                 debug!("store abandoned by its caller; skipped");
-                return Ok(None);
+                return Ok(());
             }
             let result = (|| -> Result<QueueEntry, Failure> {
                 let mut id = new_queue_id();
@@ -758,14 +748,9 @@ fn apply(tables: &mut Tables<'_>, op: Op) -> Result<Option<Answer>, (Answer, Str
                 info!(queue_id = %entry.id, size = entry.size, recipients = entry.envelope.recipients.len(), "message spooled");
                 Ok(entry)
             })();
-            match result {
-                Ok(entry) => Ok(Some(Answer::Entry(reply, Ok(entry)))),
-                Err(Failure::Op(err)) => Ok(Some(Answer::Entry(reply, Err(err)))),
-                Err(Failure::Txn(msg)) => Err((
-                    Answer::Entry(reply, Err(SpoolError::Database(msg.clone()))),
-                    msg,
-                )),
-            }
+            let (result, broken) = split_failure(result);
+            answers.push(Answer::Entry(reply, result));
+            broken
         }
         Op::Update { entry, reply } => {
             let result = (|| -> Result<(), Failure> {
@@ -778,7 +763,9 @@ fn apply(tables: &mut Tables<'_>, op: Op) -> Result<Option<Answer>, (Answer, Str
                 debug!(queue_id = %entry.id, attempts = entry.attempts, next_attempt = entry.next_attempt, "spool entry updated");
                 Ok(())
             })();
-            unit_answer(reply, result)
+            let (result, broken) = split_failure(result);
+            answers.push(Answer::Unit(reply, result));
+            broken
         }
         Op::Remove { id, reply } => {
             let result = (|| -> Result<(), Failure> {
@@ -790,22 +777,19 @@ fn apply(tables: &mut Tables<'_>, op: Op) -> Result<Option<Answer>, (Answer, Str
                 info!(queue_id = %id, "message removed from spool");
                 Ok(())
             })();
-            unit_answer(reply, result)
+            let (result, broken) = split_failure(result);
+            answers.push(Answer::Unit(reply, result));
+            broken
         }
     }
 }
 
-fn unit_answer(
-    reply: oneshot::Sender<Result<(), SpoolError>>,
-    result: Result<(), Failure>,
-) -> Result<Option<Answer>, (Answer, String)> {
+/// The waiter's result, and `Err` if the transaction itself is broken.
+fn split_failure<T>(result: Result<T, Failure>) -> (Result<T, SpoolError>, Result<(), String>) {
     match result {
-        Ok(()) => Ok(Some(Answer::Unit(reply, Ok(())))),
-        Err(Failure::Op(err)) => Ok(Some(Answer::Unit(reply, Err(err)))),
-        Err(Failure::Txn(msg)) => Err((
-            Answer::Unit(reply, Err(SpoolError::Database(msg.clone()))),
-            msg,
-        )),
+        Ok(value) => (Ok(value), Ok(())),
+        Err(Failure::Op(err)) => (Err(err), Ok(())),
+        Err(Failure::Txn(msg)) => (Err(SpoolError::Database(msg.clone())), Err(msg)),
     }
 }
 
@@ -834,8 +818,8 @@ mod tests {
             client_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, (n % 250) as u8)),
             helo: "client.example.org".into(),
             received_at: 1_700_000_000 + n,
-            smtputf8: n % 2 == 0,
-            eight_bit: n % 3 == 0,
+            smtputf8: n % 2 == 1,
+            eight_bit: n % 3 == 1,
         }
     }
 
@@ -891,6 +875,7 @@ mod tests {
         entry.next_attempt = 999;
         entry.last_error = Some("451 4.3.0 try later".into());
         entry.quarantined = true;
+        entry.released = true;
         entry.envelope.recipients[0].state = RcptState::Delivered {
             reply: "250 2.0.0 ok".into(),
         };
@@ -940,6 +925,25 @@ mod tests {
         assert_eq!(spool.entries().unwrap(), expected);
         // Ids of successive stores sort by time.
         assert!(stored.windows(2).all(|w| w[0].id < w[1].id));
+    }
+
+    #[test]
+    fn records_without_released_still_parse() {
+        let mut json = serde_json::to_value(QueueEntry {
+            id: "0000000000000001".into(),
+            envelope: envelope(1),
+            size: 3,
+            attempts: 0,
+            next_attempt: 0,
+            last_error: None,
+            quarantined: true,
+            released: false,
+        })
+        .unwrap();
+        json.as_object_mut().unwrap().remove("released");
+        let bytes = serde_json::to_vec(&json).unwrap();
+        let entry = parse_entry("0000000000000001", &bytes).unwrap();
+        assert!(entry.quarantined && !entry.released);
     }
 
     #[test]

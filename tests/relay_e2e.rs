@@ -209,6 +209,7 @@ fn accepts_only_listed_or_delegated_domains() {
 
 #[test]
 fn acknowledged_mail_survives_sigkill_and_is_delivered_once() {
+    // The real MX is down until the end: its port is only reserved.
     let port = Sink::reserve_port("127.0.0.1");
     let dns = DnsServer::start(&[
         Rec::Mx("example.test", 10, "real.example.test"),
@@ -217,35 +218,49 @@ fn acknowledged_mail_survives_sigkill_and_is_delivered_once() {
     let mut node = Node::start(NodeConf::new(dns.addr, port));
 
     let msg = simple_message("alice@sender.test", "user@example.test", "crash-1");
-    let r = send_mail(node.smtp_addr, "alice@sender.test", &["user@example.test"], &msg);
+    let r = send_mail(
+        node.smtp_addr,
+        "alice@sender.test",
+        &["user@example.test"],
+        &msg,
+    );
     assert_eq!(r.code, 250, "end of data: {r}");
-
-    let received = node.wait_log(&["queue_id=", "received"], Duration::from_secs(5));
-    let id = common::node::queue_id(&received).expect("queue_id value");
-    // The real MX is down: the node tries, fails, and keeps the message.
-    node.wait_log(&["deferred", "queue_id=", &id], Duration::from_secs(10));
-
-    let listing = node.queue_list();
-    let line = listing
-        .lines()
-        .find(|l| l.contains(&id))
-        .unwrap_or_else(|| panic!("queue list (node running) lacks {id}:\n{listing}"));
-    assert!(line.contains("alice@sender.test"), "{line}");
-    assert!(line.contains("user@example.test"), "{line}");
-
+    // Crash right after the acknowledgement.
     node.kill();
+
+    // The queue survived the crash: the message is listed, with its id
+    // (first column) and envelope.
+    let listing = node.queue_list();
+    let lines: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.contains("alice@sender.test"))
+        .collect();
+    assert_eq!(lines.len(), 1, "queue list after SIGKILL:\n{listing}");
+    assert!(lines[0].contains("user@example.test"), "{listing}");
+    let id = lines[0].split_whitespace().next().unwrap().to_string();
+    if let Some(logged) = node
+        .log_lines_with(&["queue_id=", "received"])
+        .first()
+        .and_then(|l| common::node::queue_id(l))
+    {
+        assert_eq!(logged, id, "queue list id differs from the logged queue_id");
+    }
+
+    node.restart();
+    // Still down: the node tries, fails, keeps the message.
+    node.wait_log(&["deferred", "queue_id=", &id], Duration::from_secs(10));
     let listing = node.queue_list();
     assert!(
         listing.contains(&id),
-        "queue list after SIGKILL lacks {id}:\n{listing}"
+        "queue list (node running, MX down) lacks {id}:\n{listing}"
     );
 
-    node.restart();
     let sink = Sink::builder()
         .start("127.0.0.1", port)
         .expect("bind the sink on the reserved port");
     let msgs = sink.wait_messages(1, DELIVERY);
     assert_one_received_then(&msgs[0], &msg);
+    assert_eq!(msgs[0].mail_from, "alice@sender.test");
     assert_eq!(msgs[0].rcpts, vec!["user@example.test"]);
 
     std::thread::sleep(QUIET);

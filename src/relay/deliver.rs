@@ -90,11 +90,9 @@ pub async fn deliver(
     recipients: &[String],
 ) -> Vec<RcptResult> {
     let mut results: Vec<Option<RcptResult>> = vec![None; recipients.len()];
-    let local = |o: RcptOutcome| {
-        Some(RcptResult {
-            outcome: o,
-            mx: None,
-        })
+    let local = |o: RcptOutcome| RcptResult {
+        outcome: o,
+        mx: None,
     };
 
     let sender = if msg.sender.is_empty() {
@@ -104,7 +102,7 @@ pub async fn deliver(
             Ok(a) => Some(a),
             Err(e) => {
                 let reply = format!("5.1.7 bad sender address syntax <{}>: {e}", msg.sender);
-                return vec![local(RcptOutcome::PermFail(reply)).unwrap(); recipients.len()];
+                return vec![local(RcptOutcome::PermFail(reply)); recipients.len()];
             }
         }
     };
@@ -113,9 +111,9 @@ pub async fn deliver(
         match Address::from_str(rcpt) {
             Ok(a) => pending.push((i, a)),
             Err(e) => {
-                results[i] = local(RcptOutcome::PermFail(format!(
+                results[i] = Some(local(RcptOutcome::PermFail(format!(
                     "5.1.3 bad recipient address syntax <{rcpt}>: {e}"
-                )))
+                ))))
             }
         }
     }
@@ -189,12 +187,10 @@ pub async fn deliver(
             }
         }
     }
-    for (i, _) in pending {
-        results[i] = local(RcptOutcome::TempFail(last_error.clone()));
-    }
+    // Whatever no reply settled (all addresses failed, or too many tried).
     results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| local(RcptOutcome::TempFail(last_error.clone())).unwrap()))
+        .map(|r| r.unwrap_or_else(|| local(RcptOutcome::TempFail(last_error.clone()))))
         .collect()
 }
 

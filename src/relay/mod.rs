@@ -7,6 +7,11 @@
 //! second). Due, non-quarantined messages are delivered by up to
 //! `relay.concurrency` tasks; a message is never in two tasks at once.
 //!
+//! When a message's hold ends (its first attempt), the [`ReleaseGate`] (the
+//! throttle) may send it to quarantine instead: kept on disk, never relayed
+//! nor bounced, released by the operator or removed by the runner after
+//! `throttle.quarantine_max_age`.
+//!
 //! One attempt of one message: refuse it as a loop if it carries too many
 //! `Received:` headers, then group the pending recipients by domain and, per
 //! domain, look up the MX set ([`crate::dns`]), plan the route ([`mx`]) and

@@ -1,0 +1,663 @@
+//! Gossip: sharing per-block counts with the other nodes of the network.
+//!
+//! Data enters from two sides. From this node's throttle: every `interval`
+//! the push task takes a [`Throttle::snapshot`], records what grew in the
+//! [`ledger::Ledger`] (own counts and counts learned from peers alike) and
+//! pushes the hot entries to `fanout` random live peers; each change is
+//! pushed for about log2(N) + 1 rounds, so forwarding is epidemic. From
+//! peers: count batches are checked (network id, version, sender name
+//! against the connection's certificate, origin, block prefix, epoch
+//! length) and merged with [`Throttle::merge`] (field-wise maximum, so
+//! duplicates and reordering are harmless; the throttle caps each peer
+//! origin at `max_origin_share` of the limit and ignores epochs outside the
+//! window). Every `anti_entropy_interval`, and as soon as a peer comes up,
+//! a push-pull digest exchange with one peer repairs lost messages,
+//! restarts and healed partitions.
+//!
+//! Membership is SWIM (foca, [`membership`]) over QUIC datagrams of the same
+//! mutual-TLS connections ([`transport`], [`tls`]); a node starts knowing
+//! only its seeds' addresses, learns each seed's name from its certificate
+//! and announces itself to it.
+//!
+//! **Counts stamped with this node's own name.** A restarted node has lost
+//! its own counts while its peers still hold them. For a short *relearn*
+//! period after start (3 anti-entropy intervals plus the failure timeout)
+//! counts carrying this node's name are merged back into its own origin
+//! (origin 0, field-wise maximum), so it resumes from where it was instead
+//! of granting the same block a fresh allowance. Counts made between the
+//! restart and the relearn within the same epoch may be under-counted by
+//! at most what the node counted before relearning (max, not sum). After
+//! that period this node is the only authority on its counts and copies
+//! arriving from peers are ignored (a peer cannot inflate them).
+//!
+//! Known limit: counts of an origin are accepted from any peer that
+//! forwards them (epidemic), for origins that are members or the sender
+//! itself; a certified but malicious member could forge another member's
+//! counts. Signed per-origin batches would close that.
+
+pub mod ca;
+pub mod ledger;
+pub mod membership;
+pub mod tls;
+pub mod transport;
+pub mod wire;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::seq::{IndexedRandom, SliceRandom};
+use serde::Serialize;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::throttle::{now_ms, Block, Origin, Throttle, SELF_ORIGIN};
+use ledger::{decode_batch, rounds_for, Key, Ledger, OriginId, MAX_BATCH_ENTRIES};
+use membership::{Members, NodeId, Output};
+use transport::{dropped, read_frame, write_frame, Event, Peer, SendError, Transport};
+use wire::{proto, Body};
+
+/// A gossip problem at start or in `magicmx ca`.
+#[derive(Debug, thiserror::Error)]
+pub enum GossipError {
+    #[error("{key}: {message}")]
+    Config { key: &'static str, message: String },
+    #[error("gossip.listen: cannot bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("{}: {message}", path.display())]
+    Ca { path: PathBuf, message: String },
+}
+
+/// One peer as shown in `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub gossip_addr: SocketAddr,
+    pub smtp_addrs: Vec<SocketAddr>,
+    /// `alive`, `suspect` or `down`.
+    pub state: &'static str,
+    /// Seconds since this node last heard from the peer directly.
+    pub last_heard_secs: Option<f64>,
+}
+
+/// Down peers stay in `/status` this long.
+const SHOW_DOWN_FOR: Duration = Duration::from_secs(600);
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Anti-entropy exchanges answered at once.
+const MAX_ANSWERS: usize = 8;
+
+/// The running gossip of this node. All its tasks end when the shutdown
+/// token given to [`Gossip::start`] is cancelled.
+pub struct Gossip {
+    core: Arc<Core>,
+    local_addr: SocketAddr,
+}
+
+struct LedgerState {
+    ledger: Ledger,
+    /// Throttle origin index -> ledger origin id.
+    ids: Vec<Option<OriginId>>,
+}
+
+struct Core {
+    name: String,
+    network: String,
+    config: Arc<Config>,
+    throttle: Arc<Throttle>,
+    transport: Arc<Transport>,
+    members: Mutex<Members>,
+    members_changed: Notify,
+    ledger: Mutex<LedgerState>,
+    epoch_ms: u64,
+    window_epochs: u64,
+    relearn_until: Instant,
+    smtp: Vec<SocketAddr>,
+    exchange_now: mpsc::Sender<SocketAddr>,
+    answers: Semaphore,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+fn config_err(key: &'static str, message: impl Into<String>) -> GossipError {
+    GossipError::Config {
+        key,
+        message: message.into(),
+    }
+}
+
+impl Gossip {
+    /// Binds the QUIC endpoint, joins through the seeds, starts
+    /// dissemination, anti-entropy and membership tasks; all end when
+    /// `shutdown` is cancelled.
+    pub async fn start(config: Arc<Config>, throttle: Arc<Throttle>, shutdown: CancellationToken) -> Result<Gossip, GossipError> {
+        let g = &config.gossip;
+        let path = |key: &'static str, p: &Option<PathBuf>| p.clone().ok_or_else(|| config_err(key, "is required when gossip is on"));
+        let material = tls::Material::load(&path("gossip.ca", &g.ca)?, &path("gossip.cert", &g.cert)?, &path("gossip.key", &g.key)?)?;
+        material.check(&config.node.name)?;
+        if g.listen.ip().is_unspecified() {
+            return Err(config_err(
+                "gossip.listen",
+                "must be a specific address (peers dial the address this node announces), not 0.0.0.0 or ::",
+            ));
+        }
+        let transport_config = tls::transport_config(g.failure_timeout.0);
+        let server = material.server_config(transport_config.clone())?;
+        let client = material.client_config(transport_config)?;
+        let tasks = TaskTracker::new();
+        let (events_tx, events_rx) = mpsc::channel(1024);
+        let transport = Transport::bind(g.listen, server, client, events_tx, shutdown.clone(), tasks.clone())
+            .map_err(|source| GossipError::Bind { addr: g.listen, source })?;
+        let local_addr = transport
+            .local_addr()
+            .map_err(|source| GossipError::Bind { addr: g.listen, source })?;
+        info!(addr = %local_addr, node = %config.node.name, network = %g.network, "gossip listening");
+
+        let me = NodeId {
+            name: config.node.name.clone(),
+            gossip: local_addr,
+            smtp: config.smtp.listen.clone(),
+            bump: now_ms(),
+        };
+        let epoch_ms = (config.throttle.epoch.0.as_millis() as u64).max(1);
+        let window_epochs = ((config.throttle.window.0.as_millis() as u64) / epoch_ms).max(1);
+        let (exchange_tx, exchange_rx) = mpsc::channel(64);
+        let core = Arc::new(Core {
+            name: config.node.name.clone(),
+            network: g.network.clone(),
+            members: Mutex::new(Members::new(me, g, rand::random())),
+            members_changed: Notify::new(),
+            ledger: Mutex::new(LedgerState {
+                ledger: Ledger::new(1),
+                ids: Vec::new(),
+            }),
+            epoch_ms,
+            window_epochs,
+            relearn_until: Instant::now() + g.anti_entropy_interval.0 * 3 + g.failure_timeout.0,
+            smtp: config.smtp.listen.clone(),
+            exchange_now: exchange_tx,
+            answers: Semaphore::new(MAX_ANSWERS),
+            throttle,
+            transport,
+            shutdown,
+            tasks: tasks.clone(),
+            config,
+        });
+        tasks.spawn(core.clone().dispatch(events_rx));
+        tasks.spawn(core.clone().membership_loop());
+        tasks.spawn(core.clone().push_loop());
+        tasks.spawn(core.clone().anti_entropy_loop(exchange_rx));
+        tasks.spawn(core.clone().seed_loop());
+        tasks.close();
+        Ok(Gossip { core, local_addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Live peers for /status: name, gossip addr, smtp addrs, state
+    /// (alive/suspect/down), last heard. Down peers are listed for ten
+    /// minutes.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let m = self.core.members.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<PeerStatus> = m
+            .peers
+            .values()
+            .filter(|p| p.down_since.is_none_or(|t| t.elapsed() < SHOW_DOWN_FOR))
+            .map(|p| PeerStatus {
+                name: p.id.name.clone(),
+                gossip_addr: p.id.gossip,
+                smtp_addrs: p.id.smtp.clone(),
+                state: match p.state {
+                    foca::State::Alive => "alive",
+                    foca::State::Suspect => "suspect",
+                    foca::State::Down => "down",
+                },
+                last_heard_secs: p.last_heard.map(|t| t.elapsed().as_secs_f64()),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// SMTP addresses of every live member, this node included (for the
+    /// real-MX policy service).
+    pub fn member_smtp_addrs(&self) -> Vec<SocketAddr> {
+        let m = self.core.members.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<SocketAddr> = self.core.smtp.clone();
+        for id in m.live() {
+            out.extend(id.smtp.iter().copied());
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Waits until every gossip task ended (after shutdown).
+    pub async fn wait(&self) {
+        self.core.tasks.wait().await;
+    }
+}
+
+impl Core {
+    fn members(&self) -> std::sync::MutexGuard<'_, Members> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn live_peers(&self) -> Vec<NodeId> {
+        self.members().live().cloned().collect()
+    }
+
+    fn first_epoch(&self, now: u64) -> u64 {
+        self.throttle.epoch_of(now).saturating_sub(self.window_epochs - 1)
+    }
+
+    fn seal(&self, body: Body) -> Vec<u8> {
+        wire::encode(&wire::seal(&self.network, &self.name, body))
+    }
+
+    /// Checks an envelope from `peer`; returns its body if acceptable.
+    fn open(&self, peer: &Peer, bytes: &[u8]) -> Option<Body> {
+        match wire::open(bytes, &self.network) {
+            Err(r) => {
+                dropped(r.as_str());
+                debug!(peer = %peer.name, reason = r.as_str(), "gossip message dropped");
+                None
+            }
+            Ok((sender, body)) => {
+                if !peer.accepts(&sender) {
+                    dropped("sender");
+                    warn!(peer = %peer.name, claimed = %sender, reason = "sender does not match the certificate", "gossip message dropped");
+                    return None;
+                }
+                metrics::counter!("magicmx_gossip_messages_total", "direction" => "in", "kind" => wire::kind(&body)).increment(1);
+                Some(body)
+            }
+        }
+    }
+
+    async fn dispatch(self: Arc<Self>, mut events: mpsc::Receiver<Event>) {
+        loop {
+            let event = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                e = events.recv() => match e { Some(e) => e, None => return },
+            };
+            match event {
+                Event::Datagram(peer, bytes) => self.on_message(peer, &bytes),
+                Event::Uni(peer, bytes) => self.on_message(peer, &bytes),
+                Event::Bi(peer, send, recv) => {
+                    if self.transport.drop_from(&peer.addr()) {
+                        continue;
+                    }
+                    let me = self.clone();
+                    self.tasks.spawn(async move {
+                        let Ok(_permit) = me.answers.try_acquire() else {
+                            dropped("overload");
+                            return;
+                        };
+                        let name = peer.name.clone();
+                        match tokio::time::timeout(EXCHANGE_TIMEOUT, me.answer_exchange(peer, send, recv)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => debug!(peer = %name, reason = %e, "anti-entropy answer failed"),
+                            Err(_) => debug!(peer = %name, reason = "timeout", "anti-entropy answer failed"),
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_message(self: &Arc<Self>, peer: Peer, bytes: &[u8]) {
+        if self.transport.drop_from(&peer.addr()) {
+            return;
+        }
+        let Some(body) = self.open(&peer, bytes) else { return };
+        match body {
+            Body::Swim(packet) => self.on_swim(&peer, &packet),
+            Body::Delta(batch) => {
+                let n = self.merge_counts(&peer, &batch);
+                debug!(peer = %peer.name, entries = batch.entries.len(), merged = n, "gossip delta");
+            }
+            other => {
+                dropped("unexpected");
+                debug!(peer = %peer.name, kind = wire::kind(&other), reason = "outside an exchange", "gossip message dropped");
+            }
+        }
+    }
+
+    fn on_swim(self: &Arc<Self>, peer: &Peer, packet: &[u8]) {
+        match membership::packet_source(packet) {
+            Some(src) if peer.accepts(&src) => {}
+            claimed => {
+                dropped("sender");
+                warn!(peer = %peer.name, claimed = ?claimed, reason = "SWIM source does not match the certificate", "gossip message dropped");
+                return;
+            }
+        }
+        let out = self.members().handle_packet(&peer.name, packet, Instant::now());
+        match out {
+            Ok(out) => self.after_members(out),
+            Err(e) => {
+                dropped("swim");
+                debug!(peer = %peer.name, reason = %e, "SWIM packet refused");
+            }
+        }
+        self.members_changed.notify_one();
+    }
+
+    /// Sends foca's packets and reacts to membership changes.
+    fn after_members(self: &Arc<Self>, out: Output) {
+        for (addr, _, data) in out.send {
+            let bytes = self.seal(Body::Swim(data));
+            let t = self.transport.clone();
+            self.tasks.spawn(async move {
+                if let Err(e) = t.send_datagram(addr, bytes, "swim").await {
+                    debug!(peer = %addr, reason = %e, "SWIM packet not sent");
+                }
+            });
+        }
+        // A peer that (re)appeared, or this node that just joined: exchange
+        // digests at once rather than at the next anti-entropy tick.
+        for id in out.up {
+            let _ = self.exchange_now.try_send(id.gossip);
+        }
+        if out.joined {
+            if let Some(p) = self.live_peers().choose(&mut rand::rng()) {
+                let _ = self.exchange_now.try_send(p.gossip);
+            }
+        }
+        metrics::gauge!("magicmx_gossip_peers").set(self.members().live_count() as f64);
+    }
+
+    async fn membership_loop(self: Arc<Self>) {
+        loop {
+            let deadline = self
+                .members()
+                .next_deadline()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = self.members_changed.notified() => continue,
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+            let out = self.members().handle_timers(Instant::now());
+            self.after_members(out);
+        }
+        // Tell the others we leave, then close the endpoint.
+        let out = self.members().leave(Instant::now());
+        for (addr, _, data) in out.send {
+            let bytes = self.seal(Body::Swim(data));
+            let _ = tokio::time::timeout(Duration::from_millis(300), self.transport.send_datagram(addr, bytes, "swim")).await;
+        }
+        self.transport.close().await;
+        info!("gossip stopped");
+    }
+
+    /// Announces this node to its seeds until it has joined, then keeps
+    /// announcing to any seed that is not a live member (healed partitions,
+    /// restarted seeds).
+    async fn seed_loop(self: Arc<Self>) {
+        let g = &self.config.gossip;
+        let local = self.transport.local_addr().ok();
+        loop {
+            let joined = self.members().live_count() > 0;
+            for seed in g.seeds.iter().copied().filter(|s| Some(*s) != local) {
+                let me = self.clone();
+                self.tasks.spawn(async move { me.announce_to(seed).await });
+            }
+            let wait = if joined {
+                g.anti_entropy_interval.0
+            } else {
+                g.interval.0.max(Duration::from_millis(200))
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn announce_to(self: Arc<Self>, seed: SocketAddr) {
+        let peer = match self.transport.connect(seed).await {
+            Ok(p) => p,
+            Err(e) => {
+                debug!(peer = %seed, reason = %e, "seed unreachable");
+                return;
+            }
+        };
+        if peer.name == self.name || self.live_peers().iter().any(|id| id.name == peer.name) {
+            return;
+        }
+        let placeholder = NodeId {
+            name: peer.name.clone(),
+            gossip: seed,
+            smtp: Vec::new(),
+            bump: 0,
+        };
+        debug!(peer = %peer.name, addr = %seed, "announcing to seed");
+        let out = self.members().announce(placeholder, Instant::now());
+        match out {
+            Ok(out) => self.after_members(out),
+            Err(e) => debug!(peer = %seed, reason = %e, "announce failed"),
+        }
+        self.members_changed.notify_one();
+    }
+
+    /// Records what grew in the throttle since the last round.
+    fn observe_throttle(&self, state: &mut LedgerState, now: u64) {
+        state.ledger.prune(self.first_epoch(now));
+        for (origin, block, epoch, counts) in self.throttle.snapshot(now) {
+            let Some(id) = self.ledger_id(state, origin) else { continue };
+            state.ledger.observe(Key { origin: id, epoch, block }, counts);
+        }
+    }
+
+    fn ledger_id(&self, state: &mut LedgerState, origin: Origin) -> Option<OriginId> {
+        let i = origin as usize;
+        if let Some(Some(id)) = state.ids.get(i) {
+            return Some(*id);
+        }
+        let name = self.throttle.origin_name(origin)?;
+        let id = state.ledger.intern(&name);
+        if state.ids.len() <= i {
+            state.ids.resize(i + 1, None);
+        }
+        state.ids[i] = Some(id);
+        Some(id)
+    }
+
+    async fn push_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.gossip.interval.0);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => self.push_round(),
+            }
+        }
+    }
+
+    /// One dissemination round: the hot counts to `fanout` random live peers.
+    fn push_round(self: &Arc<Self>) {
+        let live = self.live_peers();
+        let bytes = {
+            let mut state = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+            self.observe_throttle(&mut state, now_ms());
+            state.ledger.set_rounds(rounds_for(live.len() + 1));
+            if live.is_empty() {
+                return;
+            }
+            let entries = state.ledger.take_round(MAX_BATCH_ENTRIES);
+            if entries.is_empty() {
+                return;
+            }
+            let batch = state.ledger.encode_batch(&entries, self.epoch_ms);
+            self.seal(Body::Delta(batch))
+        };
+        let mut targets = live;
+        targets.shuffle(&mut rand::rng());
+        targets.truncate(self.config.gossip.fanout);
+        let bytes = Arc::new(bytes);
+        for id in targets {
+            let (t, bytes) = (self.transport.clone(), bytes.clone());
+            self.tasks.spawn(async move {
+                if let Err(e) = t.send_uni(id.gossip, &bytes, "delta").await {
+                    debug!(peer = %id.name, reason = %e, "delta not sent");
+                }
+            });
+        }
+    }
+
+    fn prefix_ok(&self, block: &Block) -> bool {
+        match block.0 {
+            ipnet::IpNet::V4(n) => n.prefix_len() == self.config.throttle.ipv4_prefix,
+            ipnet::IpNet::V6(n) => n.prefix_len() == self.config.throttle.ipv6_prefix,
+        }
+    }
+
+    /// Merges a batch of counts from `from` into the throttle. Returns the
+    /// number of counts merged.
+    fn merge_counts(&self, from: &Peer, batch: &proto::CountBatch) -> usize {
+        let (updates, invalid) = match decode_batch(batch, self.epoch_ms) {
+            Ok(x) => x,
+            Err(e) => {
+                dropped(e.as_str());
+                debug!(peer = %from.name, reason = e.as_str(), "gossip counts dropped");
+                return 0;
+            }
+        };
+        if invalid > 0 {
+            metrics::counter!("magicmx_gossip_dropped_total", "reason" => "entry").increment(invalid as u64);
+        }
+        let relearn = Instant::now() < self.relearn_until;
+        let known: HashSet<String> = self.members().peers.keys().cloned().collect();
+        let origins: Vec<Option<Origin>> = batch
+            .origins
+            .iter()
+            .map(|name| {
+                if *name == self.name {
+                    relearn.then_some(SELF_ORIGIN)
+                } else if *name == from.name || known.contains(name) {
+                    Some(self.throttle.origin(name))
+                } else {
+                    dropped("unknown_origin");
+                    debug!(peer = %from.name, origin = %name, reason = "unknown origin", "gossip counts dropped");
+                    None
+                }
+            })
+            .collect();
+        let now = now_ms();
+        let mut merged = 0;
+        for u in updates {
+            let Some(origin) = origins[u.origin] else { continue };
+            if !self.prefix_ok(&u.block) {
+                dropped("prefix");
+                continue;
+            }
+            self.throttle.merge(origin, u.block, u.epoch, u.counts, now);
+            merged += 1;
+        }
+        merged
+    }
+
+    async fn anti_entropy_loop(self: Arc<Self>, mut now_rx: mpsc::Receiver<SocketAddr>) {
+        let mut tick = tokio::time::interval(self.config.gossip.anti_entropy_interval.0);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let addr = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => match self.live_peers().choose(&mut rand::rng()) {
+                    Some(p) => p.gossip,
+                    None => continue,
+                },
+                a = now_rx.recv() => match a { Some(a) => a, None => return },
+            };
+            let me = self.clone();
+            self.tasks.spawn(async move {
+                match tokio::time::timeout(EXCHANGE_TIMEOUT, me.exchange(addr)).await {
+                    Ok(Ok((sent, received))) => debug!(peer = %addr, sent, received, "anti-entropy done"),
+                    Ok(Err(e)) => debug!(peer = %addr, reason = %e, "anti-entropy failed"),
+                    Err(_) => debug!(peer = %addr, reason = "timeout", "anti-entropy failed"),
+                }
+            });
+        }
+    }
+
+    async fn read_body(&self, peer: &Peer, recv: &mut quinn::RecvStream) -> Result<Body, SendError> {
+        let bytes = read_frame(recv).await?;
+        self.open(peer, &bytes)
+            .ok_or_else(|| SendError::Stream("refused message".into()))
+    }
+
+    /// Anti-entropy as the initiator: summary, epoch digest, repair, reply.
+    /// Returns the numbers of counts sent and received.
+    async fn exchange(self: &Arc<Self>, addr: SocketAddr) -> Result<(usize, usize), SendError> {
+        let (peer, mut send, mut recv) = self.transport.open_bi(addr).await?;
+        let now = now_ms();
+        let summary = {
+            let mut state = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+            self.observe_throttle(&mut state, now);
+            state.ledger.summary(self.first_epoch(now), self.throttle.epoch_of(now) + 1, self.epoch_ms)
+        };
+        write_frame(&mut send, &self.seal(Body::Summary(summary)), "summary").await?;
+        let Body::EpochDigest(digest) = self.read_body(&peer, &mut recv).await? else {
+            return Err(SendError::Stream("expected an epoch digest".into()));
+        };
+        let repair = {
+            let state = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+            state.ledger.answer_epoch_digest(&digest, self.epoch_ms)
+        }
+        .map_err(|e| SendError::Stream(e.as_str().into()))?;
+        let sent = repair.counts.as_ref().map_or(0, |c| c.entries.len());
+        let want = repair.want.len();
+        write_frame(&mut send, &self.seal(Body::Repair(repair)), "repair").await?;
+        let _ = send.finish();
+        if want == 0 {
+            return Ok((sent, 0));
+        }
+        let Body::RepairReply(reply) = self.read_body(&peer, &mut recv).await? else {
+            return Err(SendError::Stream("expected a repair reply".into()));
+        };
+        let received = self.merge_counts(&peer, &reply);
+        Ok((sent, received))
+    }
+
+    /// Anti-entropy as the peer.
+    async fn answer_exchange(self: &Arc<Self>, peer: Peer, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), SendError> {
+        let Body::Summary(summary) = self.read_body(&peer, &mut recv).await? else {
+            return Err(SendError::Stream("expected a summary".into()));
+        };
+        let digest = {
+            let mut state = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+            self.observe_throttle(&mut state, now_ms());
+            state.ledger.answer_summary(&summary, self.epoch_ms)
+        };
+        let digest = digest.map_err(|e| {
+            dropped(e.as_str());
+            SendError::Stream(e.as_str().into())
+        })?;
+        write_frame(&mut send, &self.seal(Body::EpochDigest(digest)), "epoch_digest").await?;
+        let Body::Repair(repair) = self.read_body(&peer, &mut recv).await? else {
+            return Err(SendError::Stream("expected a repair".into()));
+        };
+        if let Some(counts) = &repair.counts {
+            self.merge_counts(&peer, counts);
+        }
+        if repair.want.is_empty() {
+            return Ok(());
+        }
+        let reply = {
+            let state = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+            state.ledger.answer_repair(&repair, self.epoch_ms)
+        }
+        .map_err(|e| SendError::Stream(e.as_str().into()))?;
+        write_frame(&mut send, &self.seal(Body::RepairReply(reply)), "repair_reply").await?;
+        let _ = send.finish();
+        Ok(())
+    }
+}

@@ -1,0 +1,422 @@
+//! The QUIC endpoint: one per node, on `[gossip] listen`, used both to
+//! accept and to dial (so a peer's remote address is its gossip address).
+//!
+//! Connections are cached per peer address, whichever side opened them.
+//! Every connection gets a reader task that hands datagrams (SWIM), whole
+//! unidirectional streams (count deltas, at most [`MAX_MESSAGE`] bytes) and
+//! bidirectional streams (anti-entropy) to the gossip core as [`Event`]s on
+//! a bounded channel; when the channel is full the event is dropped and
+//! counted, never queued without bound. Handshake failures (no certificate,
+//! another CA) are logged and counted.
+//!
+//! Test hook: if the environment variable `MAGICMX_GOSSIP_BLOCK_FILE` names
+//! a file, every socket address listed in it (one per line) is cut off at
+//! this layer: nothing is sent to it and everything from it is dropped. The
+//! file is re-read every 100 ms, so a test can open and heal a partition.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use prost::bytes::Bytes;
+use rustls::pki_types::CertificateDer;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::tls::{self, COMMON_NAME};
+use super::wire::MAX_MESSAGE;
+
+/// Most simultaneous connections (both directions).
+const MAX_CONNECTIONS: usize = 1024;
+/// A dial that failed is not retried for this long.
+const REDIAL_AFTER: Duration = Duration::from_millis(500);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+pub const BLOCK_FILE_ENV: &str = "MAGICMX_GOSSIP_BLOCK_FILE";
+
+/// An established connection and the node name its certificate carries.
+#[derive(Clone)]
+pub struct Peer {
+    pub conn: quinn::Connection,
+    pub name: String,
+    cert: CertificateDer<'static>,
+}
+
+impl Peer {
+    pub fn addr(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    /// True if `claimed` may speak on this connection: the certificate is
+    /// valid for it.
+    pub fn accepts(&self, claimed: &str) -> bool {
+        claimed == self.name || tls::valid_for(&self.cert, claimed)
+    }
+}
+
+/// What arrives from peers.
+pub enum Event {
+    Datagram(Peer, Bytes),
+    Uni(Peer, Vec<u8>),
+    Bi(Peer, quinn::SendStream, quinn::RecvStream),
+}
+
+#[derive(Default)]
+struct Slot {
+    peer: Option<Peer>,
+    failed_at: Option<Instant>,
+}
+
+pub struct Transport {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    slots: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Slot>>>>,
+    events: mpsc::Sender<Event>,
+    blocked: RwLock<HashSet<SocketAddr>>,
+    connections: AtomicUsize,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("address cut off by the test block file")]
+    Blocked,
+    #[error("recent dial failure")]
+    Backoff,
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("peer certificate carries no valid node name")]
+    NoName,
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error("timed out")]
+    Timeout,
+}
+
+pub fn count_out(kind: &'static str, bytes: usize) {
+    metrics::counter!("magicmx_gossip_bytes_total", "direction" => "out").increment(bytes as u64);
+    metrics::counter!("magicmx_gossip_messages_total", "direction" => "out", "kind" => kind).increment(1);
+}
+
+pub fn count_in_bytes(bytes: usize) {
+    metrics::counter!("magicmx_gossip_bytes_total", "direction" => "in").increment(bytes as u64);
+}
+
+pub fn dropped(reason: &'static str) {
+    metrics::counter!("magicmx_gossip_dropped_total", "reason" => reason).increment(1);
+}
+
+impl Transport {
+    /// Binds the endpoint; incoming events go to `events`.
+    pub fn bind(
+        listen: SocketAddr,
+        server: quinn::ServerConfig,
+        client: quinn::ClientConfig,
+        events: mpsc::Sender<Event>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+    ) -> std::io::Result<Arc<Transport>> {
+        let endpoint = quinn::Endpoint::server(server, listen)?;
+        let t = Arc::new(Transport {
+            endpoint,
+            client,
+            slots: Mutex::new(HashMap::new()),
+            events,
+            blocked: RwLock::new(HashSet::new()),
+            connections: AtomicUsize::new(0),
+            shutdown,
+            tasks,
+        });
+        t.tasks.spawn(t.clone().accept_loop());
+        if let Some(path) = std::env::var_os(BLOCK_FILE_ENV) {
+            t.tasks.spawn(t.clone().watch_block_file(PathBuf::from(path)));
+        }
+        Ok(t)
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    fn is_blocked(&self, addr: &SocketAddr) -> bool {
+        let b = self.blocked.read().unwrap_or_else(|e| e.into_inner());
+        !b.is_empty() && b.contains(addr)
+    }
+
+    /// True (and counted) if events from this peer must be dropped.
+    pub fn drop_from(&self, addr: &SocketAddr) -> bool {
+        if self.is_blocked(addr) {
+            dropped("blocked");
+            return true;
+        }
+        false
+    }
+
+    async fn watch_block_file(self: Arc<Self>, path: PathBuf) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let text = tokio::fs::read_to_string(&path).await.unwrap_or_default();
+            let set: HashSet<SocketAddr> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            let mut b = self.blocked.write().unwrap_or_else(|e| e.into_inner());
+            if *b != set {
+                debug!(blocked = ?set, "gossip test block list changed");
+                *b = set;
+            }
+        }
+    }
+
+    fn slot(&self, addr: SocketAddr) -> Arc<tokio::sync::Mutex<Slot>> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entry(addr).or_default().clone()
+    }
+
+    /// A connection to `addr`: the cached one if still open, else a new one.
+    pub async fn connect(self: &Arc<Self>, addr: SocketAddr) -> Result<Peer, SendError> {
+        if self.is_blocked(&addr) {
+            return Err(SendError::Blocked);
+        }
+        let slot = self.slot(addr);
+        let mut s = slot.lock().await;
+        if let Some(p) = &s.peer {
+            if p.conn.close_reason().is_none() {
+                return Ok(p.clone());
+            }
+            s.peer = None;
+        }
+        if s.failed_at.is_some_and(|t| t.elapsed() < REDIAL_AFTER) {
+            return Err(SendError::Backoff);
+        }
+        let result = async {
+            let connecting = self
+                .endpoint
+                .connect_with(self.client.clone(), addr, COMMON_NAME)
+                .map_err(|e| SendError::Connect(e.to_string()))?;
+            let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+                .await
+                .map_err(|_| SendError::Timeout)?
+                .map_err(|e| SendError::Connect(e.to_string()))?;
+            self.register(conn).ok_or(SendError::NoName)
+        }
+        .await;
+        match result {
+            Ok(p) => {
+                s.peer = Some(p.clone());
+                s.failed_at = None;
+                Ok(p)
+            }
+            Err(e) => {
+                s.failed_at = Some(Instant::now());
+                debug!(peer = %addr, reason = %e, "gossip dial failed");
+                dropped("connect");
+                Err(e)
+            }
+        }
+    }
+
+    /// The cached open connection to `addr`, if any (never dials).
+    pub fn cached(&self, addr: &SocketAddr) -> Option<Peer> {
+        if self.is_blocked(addr) {
+            return None;
+        }
+        let slot = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(addr).cloned()?;
+        let s = slot.try_lock().ok()?;
+        s.peer.as_ref().filter(|p| p.conn.close_reason().is_none()).cloned()
+    }
+
+    /// Names the connection after its certificate and starts its reader.
+    fn register(self: &Arc<Self>, conn: quinn::Connection) -> Option<Peer> {
+        let cert = tls::peer_cert(&conn)?;
+        let Some(name) = tls::node_name_of(&cert) else {
+            warn!(peer = %conn.remote_address(), reason = "certificate names no node", "gossip connection refused");
+            conn.close(1u32.into(), b"no node name in certificate");
+            dropped("certificate");
+            return None;
+        };
+        let peer = Peer { conn, name, cert };
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.tasks.spawn(self.clone().read_loop(peer.clone()));
+        Some(peer)
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        loop {
+            let incoming = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                i = self.endpoint.accept() => match i { Some(i) => i, None => return },
+            };
+            let remote = incoming.remote_address();
+            if self.is_blocked(&remote) {
+                dropped("blocked");
+                incoming.ignore();
+                continue;
+            }
+            if self.connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                dropped("connections");
+                incoming.refuse();
+                continue;
+            }
+            let me = self.clone();
+            self.tasks.spawn(async move {
+                let conn = match tokio::time::timeout(CONNECT_TIMEOUT, incoming).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        warn!(peer = %remote, reason = %e, "gossip handshake failed");
+                        dropped("handshake");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(peer = %remote, reason = "timeout", "gossip handshake failed");
+                        dropped("handshake");
+                        return;
+                    }
+                };
+                if let Some(peer) = me.register(conn) {
+                    debug!(peer = %peer.name, addr = %remote, "gossip connection accepted");
+                    let slot = me.slot(remote);
+                    let mut s = slot.lock().await;
+                    s.peer = Some(peer);
+                    s.failed_at = None;
+                }
+            });
+        }
+    }
+
+    async fn read_loop(self: Arc<Self>, peer: Peer) {
+        let conn = peer.conn.clone();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                d = conn.read_datagram() => match d {
+                    Ok(bytes) => {
+                        count_in_bytes(bytes.len());
+                        self.deliver(Event::Datagram(peer.clone(), bytes));
+                    }
+                    Err(_) => break,
+                },
+                u = conn.accept_uni() => match u {
+                    Ok(mut recv) => {
+                        let me = self.clone();
+                        let peer = peer.clone();
+                        self.tasks.spawn(async move {
+                            match tokio::time::timeout(STREAM_TIMEOUT, recv.read_to_end(MAX_MESSAGE)).await {
+                                Ok(Ok(bytes)) => {
+                                    count_in_bytes(bytes.len());
+                                    me.deliver(Event::Uni(peer, bytes));
+                                }
+                                Ok(Err(e)) => {
+                                    debug!(peer = %peer.name, reason = %e, "gossip stream dropped");
+                                    dropped("stream");
+                                }
+                                Err(_) => dropped("timeout"),
+                            }
+                        });
+                    }
+                    Err(_) => break,
+                },
+                b = conn.accept_bi() => match b {
+                    Ok((send, recv)) => self.deliver(Event::Bi(peer.clone(), send, recv)),
+                    Err(_) => break,
+                },
+            }
+        }
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+        debug!(peer = %peer.name, reason = ?conn.close_reason(), "gossip connection closed");
+        // Forget the slot's connection if it is this one.
+        let slot = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(&peer.addr()).cloned();
+        if let Some(slot) = slot {
+            let mut s = slot.lock().await;
+            if s.peer.as_ref().is_some_and(|p| p.conn.stable_id() == conn.stable_id()) {
+                s.peer = None;
+            }
+        }
+    }
+
+    fn deliver(&self, event: Event) {
+        if self.events.try_send(event).is_err() {
+            dropped("overload");
+        }
+    }
+
+    /// Sends one message as a datagram, or as a stream when too large for one.
+    pub async fn send_datagram(self: &Arc<Self>, addr: SocketAddr, bytes: Vec<u8>, kind: &'static str) -> Result<(), SendError> {
+        let peer = self.connect(addr).await?;
+        let n = bytes.len();
+        if peer.conn.max_datagram_size().is_some_and(|max| n <= max) {
+            peer.conn
+                .send_datagram(Bytes::from(bytes))
+                .map_err(|e| SendError::Stream(e.to_string()))?;
+            count_out(kind, n);
+            Ok(())
+        } else {
+            self.send_uni_on(&peer, &bytes, kind).await
+        }
+    }
+
+    /// Sends one message on its own unidirectional stream.
+    pub async fn send_uni(self: &Arc<Self>, addr: SocketAddr, bytes: &[u8], kind: &'static str) -> Result<(), SendError> {
+        let peer = self.connect(addr).await?;
+        self.send_uni_on(&peer, bytes, kind).await
+    }
+
+    async fn send_uni_on(&self, peer: &Peer, bytes: &[u8], kind: &'static str) -> Result<(), SendError> {
+        let fut = async {
+            let mut s = peer.conn.open_uni().await.map_err(|e| SendError::Stream(e.to_string()))?;
+            s.write_all(bytes).await.map_err(|e| SendError::Stream(e.to_string()))?;
+            s.finish().map_err(|e| SendError::Stream(e.to_string()))?;
+            Ok::<(), SendError>(())
+        };
+        tokio::time::timeout(STREAM_TIMEOUT, fut).await.map_err(|_| SendError::Timeout)??;
+        count_out(kind, bytes.len());
+        Ok(())
+    }
+
+    /// Opens a bidirectional stream to `addr` (anti-entropy).
+    pub async fn open_bi(self: &Arc<Self>, addr: SocketAddr) -> Result<(Peer, quinn::SendStream, quinn::RecvStream), SendError> {
+        let peer = self.connect(addr).await?;
+        let (s, r) = tokio::time::timeout(STREAM_TIMEOUT, peer.conn.open_bi())
+            .await
+            .map_err(|_| SendError::Timeout)?
+            .map_err(|e| SendError::Stream(e.to_string()))?;
+        Ok((peer, s, r))
+    }
+
+    /// Closes every connection and waits (bounded) for the peers to be told.
+    pub async fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Writes one length-prefixed frame (u32 big-endian length, then bytes).
+pub async fn write_frame(s: &mut quinn::SendStream, bytes: &[u8], kind: &'static str) -> Result<(), SendError> {
+    let len = u32::try_from(bytes.len()).map_err(|_| SendError::Stream("frame too large".into()))?;
+    s.write_all(&len.to_be_bytes()).await.map_err(|e| SendError::Stream(e.to_string()))?;
+    s.write_all(bytes).await.map_err(|e| SendError::Stream(e.to_string()))?;
+    count_out(kind, bytes.len() + 4);
+    Ok(())
+}
+
+/// Reads one length-prefixed frame of at most [`MAX_MESSAGE`] bytes.
+pub async fn read_frame(r: &mut quinn::RecvStream) -> Result<Vec<u8>, SendError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await.map_err(|e| SendError::Stream(e.to_string()))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        dropped("size");
+        return Err(SendError::Stream(format!("frame of {len} bytes is over the limit")));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await.map_err(|e| SendError::Stream(e.to_string()))?;
+    count_in_bytes(len + 4);
+    Ok(buf)
+}
