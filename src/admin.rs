@@ -89,7 +89,8 @@ impl Admin {
         metrics::gauge!("magicmx_spool_quarantined").set(q.quarantined as f64);
         metrics::gauge!("magicmx_spool_held").set(q.held as f64);
         metrics::gauge!("magicmx_throttle_tracked_blocks").set(self.throttle.tracked() as f64);
-        metrics::gauge!("magicmx_throttle_penalised_blocks").set(self.throttle.penalised(now_ms()) as f64);
+        metrics::gauge!("magicmx_throttle_penalised_blocks")
+            .set(self.throttle.penalised(now_ms()) as f64);
         q
     }
 
@@ -185,12 +186,18 @@ impl Admin {
             e.quarantined = false;
             e.released = true;
             e.next_attempt = crate::smtp::unix_now();
-            self.spool.update(&e).await.map_err(|err| (500, format!("{id}: {err}\n")))?;
+            self.spool
+                .update(&e)
+                .await
+                .map_err(|err| (500, format!("{id}: {err}\n")))?;
             info!(queue_id = id, "released from quarantine");
             self.relay_wake.notify_one();
             Ok(format!("{id}: released\n"))
         } else {
-            self.spool.remove(id).await.map_err(|err| (500, format!("{id}: {err}\n")))?;
+            self.spool
+                .remove(id)
+                .await
+                .map_err(|err| (500, format!("{id}: {err}\n")))?;
             info!(queue_id = id, "deleted from quarantine");
             Ok(format!("{id}: deleted\n"))
         }
@@ -198,7 +205,8 @@ impl Admin {
 }
 
 fn json<T: Serialize>(v: &T) -> String {
-    let mut s = serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    let mut s =
+        serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     s.push('\n');
     s
 }
@@ -220,7 +228,9 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: CancellationTo
         };
         let admin = admin.clone();
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(10), handle(stream, &admin)).await {
+            if let Err(e) =
+                tokio::time::timeout(Duration::from_secs(10), handle(stream, &admin)).await
+            {
                 debug!(%peer, error = %e, "admin request timed out");
             }
         });
@@ -236,7 +246,11 @@ async fn handle(mut stream: TcpStream, admin: &Admin) {
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
         if buf.len() > 8192 {
-            let _ = stream.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n\r\n").await;
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n\r\n",
+                )
+                .await;
             return;
         }
     }
@@ -259,7 +273,11 @@ async fn handle(mut stream: TcpStream, admin: &Admin) {
 }
 
 /// A one-shot HTTP request to a running node's admin listener (for the CLI).
-pub async fn request(addr: std::net::SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+pub async fn request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
     let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
         .await
         .map_err(|_| anyhow::anyhow!("admin.listen {addr}: connect timed out"))?

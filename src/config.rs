@@ -65,7 +65,11 @@ impl FromStr for Dur {
             "m" => 60_000,
             "h" => 3_600_000,
             "d" => 86_400_000,
-            _ => return Err(format!("duration {s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+            _ => {
+                return Err(format!(
+                    "duration {s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+                ))
+            }
         };
         n.checked_mul(ms_per)
             .map(|ms| Dur(Duration::from_millis(ms)))
@@ -76,7 +80,12 @@ impl FromStr for Dur {
 impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        for (unit, per) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        for (unit, per) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1_000),
+        ] {
             if ms >= per && ms % per == 0 {
                 return write!(f, "{}{unit}", ms / per);
             }
@@ -424,7 +433,14 @@ impl Config {
             }
         };
         fix(&mut self.node.data_dir);
-        for p in [&mut self.gossip.ca, &mut self.gossip.cert, &mut self.gossip.key].into_iter().flatten() {
+        for p in [
+            &mut self.gossip.ca,
+            &mut self.gossip.cert,
+            &mut self.gossip.key,
+        ]
+        .into_iter()
+        .flatten()
+        {
             fix(p);
         }
         if let Some(p) = self.smtp.tls_cert.as_mut() {
@@ -479,7 +495,10 @@ impl Config {
             ));
         }
         if s.max_message_size < 1024 {
-            return Err(invalid("smtp.max_message_size", "must be at least 1024 octets"));
+            return Err(invalid(
+                "smtp.max_message_size",
+                "must be at least 1024 octets",
+            ));
         }
         if s.max_recipients == 0 {
             return Err(invalid("smtp.max_recipients", "must be at least 1"));
@@ -494,14 +513,24 @@ impl Config {
             return Err(invalid("smtp.data_timeout", "must be at least 1s"));
         }
         match (&s.tls_cert, &s.tls_key) {
-            (Some(_), None) => return Err(invalid("smtp.tls_key", "is required with smtp.tls_cert")),
-            (None, Some(_)) => return Err(invalid("smtp.tls_cert", "is required with smtp.tls_key")),
+            (Some(_), None) => {
+                return Err(invalid("smtp.tls_key", "is required with smtp.tls_cert"))
+            }
+            (None, Some(_)) => {
+                return Err(invalid("smtp.tls_cert", "is required with smtp.tls_key"))
+            }
             (Some(c), Some(k)) => {
                 if !c.is_file() {
-                    return Err(invalid("smtp.tls_cert", format!("{} is not a readable file", c.display())));
+                    return Err(invalid(
+                        "smtp.tls_cert",
+                        format!("{} is not a readable file", c.display()),
+                    ));
                 }
                 if !k.is_file() {
-                    return Err(invalid("smtp.tls_key", format!("{} is not a readable file", k.display())));
+                    return Err(invalid(
+                        "smtp.tls_key",
+                        format!("{} is not a readable file", k.display()),
+                    ));
                 }
             }
             (None, None) => {}
@@ -517,10 +546,16 @@ impl Config {
             return Err(invalid("relay.retry_initial", "must be more than 0"));
         }
         if r.retry_max < r.retry_initial {
-            return Err(invalid("relay.retry_max", "must not be less than relay.retry_initial"));
+            return Err(invalid(
+                "relay.retry_max",
+                "must not be less than relay.retry_initial",
+            ));
         }
         if r.max_age < r.retry_initial {
-            return Err(invalid("relay.max_age", "must not be less than relay.retry_initial"));
+            return Err(invalid(
+                "relay.max_age",
+                "must not be less than relay.retry_initial",
+            ));
         }
         if r.max_received_headers == 0 {
             return Err(invalid("relay.max_received_headers", "must be at least 1"));
@@ -542,7 +577,10 @@ impl Config {
             ));
         }
         if t.window.0.as_millis() / t.epoch.0.as_millis() > 10_000 {
-            return Err(invalid("throttle.window", "is more than 10000 epochs; use a longer throttle.epoch"));
+            return Err(invalid(
+                "throttle.window",
+                "is more than 10000 epochs; use a longer throttle.epoch",
+            ));
         }
         for (key, v) in [
             ("throttle.max_connections", t.max_connections),
@@ -554,21 +592,34 @@ impl Config {
             }
         }
         if t.max_penalty < t.penalty {
-            return Err(invalid("throttle.max_penalty", "must not be less than throttle.penalty"));
+            return Err(invalid(
+                "throttle.max_penalty",
+                "must not be less than throttle.penalty",
+            ));
         }
         if t.max_tracked_blocks == 0 {
             return Err(invalid("throttle.max_tracked_blocks", "must be at least 1"));
         }
         if !self.outbound.listen.is_empty() && self.outbound.clients.is_empty() {
-            return Err(invalid("outbound.clients", "is required with outbound.listen (nobody could use it)"));
+            return Err(invalid(
+                "outbound.clients",
+                "is required with outbound.listen (nobody could use it)",
+            ));
         }
         let g = &self.gossip;
         if g.enabled {
-            for (key, p) in [("gossip.ca", &g.ca), ("gossip.cert", &g.cert), ("gossip.key", &g.key)] {
+            for (key, p) in [
+                ("gossip.ca", &g.ca),
+                ("gossip.cert", &g.cert),
+                ("gossip.key", &g.key),
+            ] {
                 match p {
                     None => return Err(invalid(key, "is required when gossip.enabled = true")),
                     Some(p) if !p.is_file() => {
-                        return Err(invalid(key, format!("{} is not a readable file", p.display())))
+                        return Err(invalid(
+                            key,
+                            format!("{} is not a readable file", p.display()),
+                        ))
                     }
                     Some(_) => {}
                 }
@@ -584,13 +635,19 @@ impl Config {
             return Err(invalid("gossip.fanout", "must be at least 1"));
         }
         if g.anti_entropy_interval.0.is_zero() {
-            return Err(invalid("gossip.anti_entropy_interval", "must be more than 0"));
+            return Err(invalid(
+                "gossip.anti_entropy_interval",
+                "must be more than 0",
+            ));
         }
         if g.failure_timeout.0 < Duration::from_millis(100) {
             return Err(invalid("gossip.failure_timeout", "must be at least 100ms"));
         }
         if !(g.max_origin_share > 0.0 && g.max_origin_share <= 1.0) {
-            return Err(invalid("gossip.max_origin_share", "must be more than 0 and at most 1"));
+            return Err(invalid(
+                "gossip.max_origin_share",
+                "must be more than 0 and at most 1",
+            ));
         }
         if self.dns.timeout.0.is_zero() {
             return Err(invalid("dns.timeout", "must be more than 0"));
@@ -629,7 +686,10 @@ impl Config {
     /// True if `domain` is listed in `[accept] domains`.
     pub fn is_accepted_domain(&self, domain: &str) -> bool {
         let domain = normalize_name(domain);
-        self.accept.domains.iter().any(|d| normalize_name(d) == domain)
+        self.accept
+            .domains
+            .iter()
+            .any(|d| normalize_name(d) == domain)
     }
 }
 
@@ -645,7 +705,9 @@ fn is_hostname(name: &str) -> bool {
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -663,7 +725,10 @@ mod tests {
         assert_eq!("5m".parse::<Dur>().unwrap(), Dur::secs(300));
         assert_eq!("1h".parse::<Dur>().unwrap(), Dur::secs(3600));
         assert_eq!("5d".parse::<Dur>().unwrap(), Dur::secs(432_000));
-        assert_eq!("250ms".parse::<Dur>().unwrap().0, Duration::from_millis(250));
+        assert_eq!(
+            "250ms".parse::<Dur>().unwrap().0,
+            Duration::from_millis(250)
+        );
         assert!("5".parse::<Dur>().is_err());
         assert!("m".parse::<Dur>().is_err());
         assert!("5y".parse::<Dur>().is_err());
@@ -699,7 +764,11 @@ mod tests {
         assert!(err.starts_with("accept.mx_delegation"), "{err}");
         let mut c = Config::parse(MINIMAL).unwrap();
         c.smtp.tls_cert = Some("x.pem".into());
-        assert!(c.validate().unwrap_err().to_string().starts_with("smtp.tls_key"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("smtp.tls_key"));
     }
 
     #[test]

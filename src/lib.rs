@@ -57,7 +57,10 @@ impl Node {
         let config = Arc::new(config);
         admin::prometheus();
         let spool = spool::Spool::open(&config.node.data_dir.join("spool")).with_context(|| {
-            format!("node.data_dir: cannot open the spool in {}", config.node.data_dir.display())
+            format!(
+                "node.data_dir: cannot open the spool in {}",
+                config.node.data_dir.display()
+            )
         })?;
         let dns = dns::Dns::new(&config.dns).context("dns: cannot create the resolver")?;
         let throttle = Arc::new(
@@ -67,11 +70,23 @@ impl Node {
         let relay = relay::Relay::new(config.clone(), spool.clone(), dns.clone())
             .with_gate(Arc::new(ThrottleGate(throttle.clone(), config.clone())));
         let wake = relay.wake();
-        let ctx = Arc::new(smtp::Context::new(config.clone(), spool.clone(), dns, wake.clone(), throttle.clone())?);
+        let ctx = Arc::new(smtp::Context::new(
+            config.clone(),
+            spool.clone(),
+            dns,
+            wake.clone(),
+            throttle.clone(),
+        )?);
         let listeners = smtp::bind(&config.smtp.listen, "smtp.listen").await?;
         let outbound = smtp::bind(&config.outbound.listen, "outbound.listen").await?;
-        let outbound_addrs = outbound.iter().filter_map(|l| l.local_addr().ok()).collect();
-        let smtp_addrs = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+        let outbound_addrs = outbound
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let smtp_addrs = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
         let admin_listener = match config.admin.listen {
             Some(addr) => {
                 let l = tokio::net::TcpListener::bind(addr)
@@ -92,7 +107,11 @@ impl Node {
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(relay.run(shutdown.clone()));
         if !outbound.is_empty() {
-            tasks.spawn(smtp::serve(outbound, Arc::new(ctx.outbound()), shutdown.clone()));
+            tasks.spawn(smtp::serve(
+                outbound,
+                Arc::new(ctx.outbound()),
+                shutdown.clone(),
+            ));
         }
         tasks.spawn(smtp::serve(listeners, ctx, shutdown.clone()));
         if let Some(l) = admin_listener {
@@ -104,7 +123,11 @@ impl Node {
             };
             tasks.spawn(admin::serve(l, a, shutdown.clone()));
         }
-        tasks.spawn(sweep(throttle.clone(), config.throttle.epoch.0, shutdown.clone()));
+        tasks.spawn(sweep(
+            throttle.clone(),
+            config.throttle.epoch.0,
+            shutdown.clone(),
+        ));
         tasks.close();
         Ok(Node {
             config,
@@ -135,7 +158,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 /// Forgets idle blocks once per epoch, keeping the table bounded.
-async fn sweep(throttle: Arc<throttle::Throttle>, every: std::time::Duration, shutdown: CancellationToken) {
+async fn sweep(
+    throttle: Arc<throttle::Throttle>,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(100)));
     loop {
         tokio::select! {
@@ -170,7 +197,11 @@ impl relay::ReleaseGate for ThrottleGate {
 pub fn spool_listing(entries: &[spool::QueueEntry]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "{:<18} {:<30} {:>8} {:<20} {:<40} last error", "id", "sender", "attempts", "next attempt", "recipients");
+    let _ = writeln!(
+        out,
+        "{:<18} {:<30} {:>8} {:<20} {:<40} last error",
+        "id", "sender", "attempts", "next attempt", "recipients"
+    );
     for e in entries {
         let pending: Vec<&str> = e
             .envelope
@@ -182,7 +213,11 @@ pub fn spool_listing(entries: &[spool::QueueEntry]) -> String {
         let next = chrono::DateTime::from_timestamp(e.next_attempt as i64, 0)
             .map(|d| d.format("%Y-%m-%d %H:%M:%S").to_string())
             .unwrap_or_default();
-        let sender = if e.envelope.sender.is_empty() { "<>" } else { e.envelope.sender.as_str() };
+        let sender = if e.envelope.sender.is_empty() {
+            "<>"
+        } else {
+            e.envelope.sender.as_str()
+        };
         let state = if e.quarantined { " [quarantined]" } else { "" };
         let _ = writeln!(
             out,

@@ -10,7 +10,11 @@ use tokio_util::sync::CancellationToken;
 use magicmx::config::Config;
 
 #[derive(Parser)]
-#[command(name = "magicmx", version, about = "A node of a throttling relay MX network")]
+#[command(
+    name = "magicmx",
+    version,
+    about = "A node of a throttling relay MX network"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -85,7 +89,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(path: &PathBuf) -> anyhow::Result<Config> {
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Ok(Config::load(path)?)
 }
 
@@ -117,17 +121,25 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Queue { command: QueueCommand::List { config } } => {
+        Command::Queue {
+            command: QueueCommand::List { config },
+        } => {
             let c = load(&config)?;
             let entries = magicmx::spool::Spool::list_readonly(&c.node.data_dir.join("spool"))?;
             print!("{}", magicmx::spool_listing(&entries));
             Ok(())
         }
-        Command::Queue { command: QueueCommand::Quarantine { command } } => quarantine(command),
+        Command::Queue {
+            command: QueueCommand::Quarantine { command },
+        } => quarantine(command),
         Command::Explain { ip, config } => {
             let c = load(&config)?;
             let addr = admin_addr(&c)?;
-            let (code, body) = block_on(magicmx::admin::request(addr, "GET", &format!("/explain?ip={ip}")))?;
+            let (code, body) = block_on(magicmx::admin::request(
+                addr,
+                "GET",
+                &format!("/explain?ip={ip}"),
+            ))?;
             if code != 200 {
                 anyhow::bail!("the node answered {code}: {}", body.trim());
             }
@@ -135,9 +147,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("{ip}: {}", v["verdict"].as_str().unwrap_or("?"));
             println!("block:   {}", v["block"].as_str().unwrap_or("?"));
             for k in ["connections", "messages", "recipients"] {
-                println!("{k:<12} {} of {} in the window", v["counts"][k], v["limits"][k]);
+                println!(
+                    "{k:<12} {} of {} in the window",
+                    v["counts"][k], v["limits"][k]
+                );
             }
-            println!("penalty:  {}s left, {} offense(s)", v["penalty_left_secs"], v["offenses"]);
+            println!(
+                "penalty:  {}s left, {} offense(s)",
+                v["penalty_left_secs"], v["offenses"]
+            );
             Ok(())
         }
     }
@@ -171,7 +189,7 @@ fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
     }
 }
 
-fn quarantine_action(config: &PathBuf, id: &str, action: &str) -> anyhow::Result<()> {
+fn quarantine_action(config: &std::path::Path, id: &str, action: &str) -> anyhow::Result<()> {
     let c = load(config)?;
     let addr = admin_addr(&c)?;
     let path = format!("/quarantine/{action}?id={id}");
@@ -187,7 +205,9 @@ fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("MAGICMX_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("MAGICMX_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

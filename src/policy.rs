@@ -461,7 +461,7 @@ impl PolicyServer {
                     _ => return,
                 }
                 if fatal {
-                    let _ = stream.shutdown().await;
+                    close_after_error(&mut stream, &mut buf).await;
                     return;
                 }
             }
@@ -508,6 +508,24 @@ impl PolicyServer {
         }
         action
     }
+}
+
+/// Closes a connection whose framing is lost, cleanly: FIN after the
+/// answer, then whatever the client still sends is read and dropped for a
+/// moment, because closing with unread input would reset the connection and
+/// the client could lose the answer.
+async fn close_after_error(stream: &mut TcpStream, buf: &mut [u8]) {
+    let _ = stream.shutdown().await;
+    let drain = async {
+        let mut total = 0usize;
+        while let Ok(n) = stream.read(buf).await {
+            total += n;
+            if n == 0 || total > 4 * MAX_REQUEST {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
 /// Makes room in a full counter table: drops expired entries, then, if it

@@ -54,8 +54,16 @@ impl Serialize for Block {
 pub fn block_of(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> Block {
     let ip = crate::smtp::canonical_ip(ip);
     let net = match ip {
-        IpAddr::V4(a) => IpNet::V4(Ipv4Net::new(a, v4_prefix.min(32)).expect("prefix <= 32").trunc()),
-        IpAddr::V6(a) => IpNet::V6(Ipv6Net::new(a, v6_prefix.min(128)).expect("prefix <= 128").trunc()),
+        IpAddr::V4(a) => IpNet::V4(
+            Ipv4Net::new(a, v4_prefix.min(32))
+                .expect("prefix <= 32")
+                .trunc(),
+        ),
+        IpAddr::V6(a) => IpNet::V6(
+            Ipv6Net::new(a, v6_prefix.min(128))
+                .expect("prefix <= 128")
+                .trunc(),
+        ),
     };
     Block(net)
 }
@@ -162,9 +170,14 @@ impl fmt::Display for Reason {
 pub enum Decision {
     Accept,
     /// Refuse with this reply line (no CRLF).
-    Refuse { reason: Reason, reply: String },
+    Refuse {
+        reason: Reason,
+        reply: String,
+    },
     /// Close at once, without a banner: the block has had its polite refusals.
-    Drop { reason: Reason },
+    Drop {
+        reason: Reason,
+    },
 }
 
 /// What `/status` and `magicmx explain` show about a block.
@@ -263,7 +276,13 @@ impl Throttle {
 
     /// The index of an origin, registering it if new.
     pub fn origin(&self, name: &str) -> Origin {
-        if let Some(i) = self.origins.read().expect("origins").iter().position(|n| n == name) {
+        if let Some(i) = self
+            .origins
+            .read()
+            .expect("origins")
+            .iter()
+            .position(|n| n == name)
+        {
             return i as Origin;
         }
         let mut w = self.origins.write().expect("origins");
@@ -275,12 +294,21 @@ impl Throttle {
     }
 
     pub fn origin_name(&self, origin: Origin) -> Option<String> {
-        self.origins.read().expect("origins").get(origin as usize).cloned()
+        self.origins
+            .read()
+            .expect("origins")
+            .get(origin as usize)
+            .cloned()
     }
 
     /// Network-wide counts of a block inside the window at `now_ms`.
     fn totals_of(&self, state: &BlockState, now_ms: u64) -> Counts {
-        capped_window_sum(&state.slots, self.window_start(now_ms), self.epoch_of(now_ms), self.peer_cap)
+        capped_window_sum(
+            &state.slots,
+            self.window_start(now_ms),
+            self.epoch_of(now_ms),
+            self.peer_cap,
+        )
     }
 
     fn over(&self, c: Counts) -> Option<Reason> {
@@ -301,11 +329,14 @@ impl Throttle {
         p.offenses = p.offenses.saturating_add(1);
         let base = self.cfg.penalty.0.as_millis() as u64;
         let max = self.cfg.max_penalty.0.as_millis() as u64;
-        let len = base.saturating_mul(1u64 << (p.offenses - 1).min(20)).min(max);
+        let len = base
+            .saturating_mul(1u64 << (p.offenses - 1).min(20))
+            .min(max);
         p.until = now_ms.saturating_add(len);
         p.refusals = 0;
         p.reason = Some(reason);
-        metrics::counter!("magicmx_throttle_penalties_total", "reason" => reason.as_str()).increment(1);
+        metrics::counter!("magicmx_throttle_penalties_total", "reason" => reason.as_str())
+            .increment(1);
     }
 
     /// Applies `f` to the block's state, creating it if there is room.
@@ -324,7 +355,11 @@ impl Throttle {
 
     fn add_own(&self, state: &mut BlockState, now_ms: u64, add: Counts) {
         let epoch = self.epoch_of(now_ms);
-        match state.slots.iter_mut().find(|s| s.origin == SELF_ORIGIN && s.epoch == epoch) {
+        match state
+            .slots
+            .iter_mut()
+            .find(|s| s.origin == SELF_ORIGIN && s.epoch == epoch)
+        {
             Some(s) => s.counts = s.counts.saturating_add(add),
             None => {
                 // Drop epochs that left the window while we are here.
@@ -404,7 +439,13 @@ impl Throttle {
         self.count_one(ip, now_ms, Reason::TooManyMessages, |c| &mut c.messages)
     }
 
-    fn count_one(&self, ip: IpAddr, now_ms: u64, reason: Reason, field: fn(&mut Counts) -> &mut u32) -> Decision {
+    fn count_one(
+        &self,
+        ip: IpAddr,
+        now_ms: u64,
+        reason: Reason,
+        field: fn(&mut Counts) -> &mut u32,
+    ) -> Decision {
         if self.is_trusted(ip) {
             return Decision::Accept;
         }
@@ -418,10 +459,16 @@ impl Throttle {
                 if state.penalty.until <= now_ms {
                     self.penalise(state, reason, now_ms);
                 }
-                let reason = if have >= limit { reason } else { Reason::PenaltyBox };
+                let reason = if have >= limit {
+                    reason
+                } else {
+                    Reason::PenaltyBox
+                };
                 return Decision::Refuse {
                     reason,
-                    reply: format!("450 4.7.1 Too much mail from your network ({reason}); try again later"),
+                    reply: format!(
+                        "450 4.7.1 Too much mail from your network ({reason}); try again later"
+                    ),
                 };
             }
             let mut add = Counts::default();
@@ -440,9 +487,17 @@ impl Throttle {
             return;
         }
         self.with_block(block, |state| {
-            match state.slots.iter_mut().find(|s| s.origin == origin && s.epoch == epoch) {
+            match state
+                .slots
+                .iter_mut()
+                .find(|s| s.origin == origin && s.epoch == epoch)
+            {
                 Some(s) => s.counts = s.counts.max(counts),
-                None => state.slots.push(Slot { origin, epoch, counts }),
+                None => state.slots.push(Slot {
+                    origin,
+                    epoch,
+                    counts,
+                }),
             }
         });
     }
@@ -480,7 +535,9 @@ impl Throttle {
         let l = self.limits();
         let heat = |c: &Counts| {
             let f = |v: u32, m: u32| v as f64 / m.max(1) as f64;
-            f(c.connections, l.connections).max(f(c.messages, l.messages)).max(f(c.recipients, l.recipients))
+            f(c.connections, l.connections)
+                .max(f(c.messages, l.messages))
+                .max(f(c.recipients, l.recipients))
         };
         let mut all: Vec<BlockStatus> = self
             .blocks
@@ -498,7 +555,10 @@ impl Throttle {
 
     /// Blocks currently in the penalty box.
     pub fn penalised(&self, now_ms: u64) -> usize {
-        self.blocks.iter().filter(|e| e.penalty.until > now_ms).count()
+        self.blocks
+            .iter()
+            .filter(|e| e.penalty.until > now_ms)
+            .count()
     }
 
     /// Drops expired epochs and forgets idle blocks (nothing in the window,
@@ -540,9 +600,17 @@ fn window_sum(slots: &[Slot], first: u64, current: u64) -> Counts {
 /// Like [`window_sum`], but each origin other than this node contributes at
 /// most `cap`.
 fn capped_window_sum(slots: &[Slot], first: u64, current: u64, cap: Counts) -> Counts {
-    let own: Vec<Slot> = slots.iter().filter(|s| s.origin == SELF_ORIGIN).copied().collect();
+    let own: Vec<Slot> = slots
+        .iter()
+        .filter(|s| s.origin == SELF_ORIGIN)
+        .copied()
+        .collect();
     let mut total = window_sum(&own, first, current);
-    let mut origins: Vec<Origin> = slots.iter().map(|s| s.origin).filter(|o| *o != SELF_ORIGIN).collect();
+    let mut origins: Vec<Origin> = slots
+        .iter()
+        .map(|s| s.origin)
+        .filter(|o| *o != SELF_ORIGIN)
+        .collect();
     if origins.is_empty() {
         return total;
     }
@@ -615,23 +683,46 @@ mod tests {
     fn blocks() {
         let t = Throttle::new(&ThrottleConfig::default(), &TrustConfig::default(), "n");
         assert_eq!(t.block_of(ip("192.0.2.77")).to_string(), "192.0.2.0/24");
-        assert_eq!(t.block_of(ip("::ffff:192.0.2.77")).to_string(), "192.0.2.0/24");
-        assert_eq!(t.block_of(ip("2001:db8:1:2::5")).to_string(), "2001:db8:1::/48");
+        assert_eq!(
+            t.block_of(ip("::ffff:192.0.2.77")).to_string(),
+            "192.0.2.0/24"
+        );
+        assert_eq!(
+            t.block_of(ip("2001:db8:1:2::5")).to_string(),
+            "2001:db8:1::/48"
+        );
     }
 
     #[test]
     fn connections_over_limit_go_to_the_penalty_box() {
         let t = Throttle::new(&cfg(), &TrustConfig::default(), "n");
         for i in 0..3 {
-            assert_eq!(t.on_connect(ip(&format!("10.1.1.{i}")), T0), Decision::Accept);
+            assert_eq!(
+                t.on_connect(ip(&format!("10.1.1.{i}")), T0),
+                Decision::Accept
+            );
         }
         // Another block is not affected.
         assert_eq!(t.on_connect(ip("10.2.2.1"), T0), Decision::Accept);
         let d = t.on_connect(ip("10.1.1.9"), T0);
-        assert!(matches!(d, Decision::Refuse { reason: Reason::TooManyConnections, ref reply } if reply.starts_with("421 4.7.0")), "{d:?}");
+        assert!(
+            matches!(d, Decision::Refuse { reason: Reason::TooManyConnections, ref reply } if reply.starts_with("421 4.7.0")),
+            "{d:?}"
+        );
         // One more polite refusal, then silence.
-        assert!(matches!(t.on_connect(ip("10.1.1.9"), T0 + 1), Decision::Refuse { reason: Reason::PenaltyBox, .. }));
-        assert_eq!(t.on_connect(ip("10.1.1.9"), T0 + 2), Decision::Drop { reason: Reason::PenaltyBox });
+        assert!(matches!(
+            t.on_connect(ip("10.1.1.9"), T0 + 1),
+            Decision::Refuse {
+                reason: Reason::PenaltyBox,
+                ..
+            }
+        ));
+        assert_eq!(
+            t.on_connect(ip("10.1.1.9"), T0 + 2),
+            Decision::Drop {
+                reason: Reason::PenaltyBox
+            }
+        );
         // After the penalty and the window, accepted again.
         assert_eq!(t.on_connect(ip("10.1.1.9"), T0 + 61_000), Decision::Accept);
         assert_eq!(t.over_limit(ip("10.1.1.9"), T0 + 61_000), None);
@@ -658,10 +749,19 @@ mod tests {
             assert_eq!(t.on_rcpt(ip("10.1.1.1"), T0), Decision::Accept);
         }
         let d = t.on_rcpt(ip("10.1.1.1"), T0);
-        assert!(matches!(d, Decision::Refuse { reason: Reason::TooManyRecipients, ref reply } if reply.starts_with("450 4.7.1")), "{d:?}");
+        assert!(
+            matches!(d, Decision::Refuse { reason: Reason::TooManyRecipients, ref reply } if reply.starts_with("450 4.7.1")),
+            "{d:?}"
+        );
         assert_eq!(t.on_message(ip("10.3.3.3"), T0), Decision::Accept);
         assert_eq!(t.on_message(ip("10.3.3.3"), T0), Decision::Accept);
-        assert!(matches!(t.on_message(ip("10.3.3.3"), T0), Decision::Refuse { reason: Reason::TooManyMessages, .. }));
+        assert!(matches!(
+            t.on_message(ip("10.3.3.3"), T0),
+            Decision::Refuse {
+                reason: Reason::TooManyMessages,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -691,8 +791,14 @@ mod tests {
             t.merge(peer, b, t.epoch_of(T0), c, T0);
         }
         assert_eq!(t.status(b, T0).counts.recipients, 4);
-        assert!(matches!(t.on_rcpt(ip("10.1.1.2"), T0), Decision::Refuse { .. }));
-        assert_eq!(t.over_limit(ip("10.1.1.3"), T0), Some(Reason::TooManyRecipients));
+        assert!(matches!(
+            t.on_rcpt(ip("10.1.1.2"), T0),
+            Decision::Refuse { .. }
+        ));
+        assert_eq!(
+            t.over_limit(ip("10.1.1.3"), T0),
+            Some(Reason::TooManyRecipients)
+        );
     }
 
     #[test]
@@ -700,10 +806,21 @@ mod tests {
         let t = Throttle::new(&cfg(), &TrustConfig::default(), "n").with_peer_share(0.5);
         let b = t.block_of(ip("10.1.1.1"));
         let liar = t.origin("liar");
-        let huge = Counts { connections: 1_000_000, messages: 1_000_000, recipients: 1_000_000 };
+        let huge = Counts {
+            connections: 1_000_000,
+            messages: 1_000_000,
+            recipients: 1_000_000,
+        };
         t.merge(liar, b, t.epoch_of(T0), huge, T0);
         // Capped at half of each limit (3 -> 1, 2 -> 1, 4 -> 2).
-        assert_eq!(t.status(b, T0).counts, Counts { connections: 1, messages: 1, recipients: 2 });
+        assert_eq!(
+            t.status(b, T0).counts,
+            Counts {
+                connections: 1,
+                messages: 1,
+                recipients: 2
+            }
+        );
         assert_eq!(t.over_limit(ip("10.1.1.1"), T0), None);
         assert_eq!(t.on_connect(ip("10.1.1.1"), T0), Decision::Accept);
         // Enough peers agreeing can.

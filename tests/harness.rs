@@ -68,7 +68,9 @@ fn dns_server_answers_mx_a_nxdomain_nodata() {
 
     // Null MX.
     let r = query(dns.addr, "null.test.", RecordType::MX);
-    assert!(matches!(&r.answers[0].data, RData::MX(mx) if mx.preference == 0 && mx.exchange.is_root()));
+    assert!(
+        matches!(&r.answers[0].data, RData::MX(mx) if mx.preference == 0 && mx.exchange.is_root())
+    );
 
     // A second zone.
     let r = query(dns.addr, "other.org.", RecordType::A);

@@ -63,7 +63,9 @@ fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
         .zip(want)
         .position(|(a, b)| a != b)
         .unwrap_or(got.len().min(want.len()));
-    let ctx = |b: &[u8]| String::from_utf8_lossy(&b[at.saturating_sub(40)..(at + 40).min(b.len())]).into_owned();
+    let ctx = |b: &[u8]| {
+        String::from_utf8_lossy(&b[at.saturating_sub(40)..(at + 40).min(b.len())]).into_owned()
+    };
     panic!(
         "{what}: differs at byte {at} (got {} bytes, want {})\n got: {:?}\nwant: {:?}",
         got.len(),
@@ -89,11 +91,16 @@ fn assert_one_received_then(txn: &Txn, original: &[u8]) {
         "exactly one Received: header expected in {:?}",
         txn
     );
-    assert_eq!(bare_cr_lf(&txn.data), Vec::<usize>::new(), "bare CR/LF sent to the real MX");
+    assert_eq!(
+        bare_cr_lf(&txn.data),
+        Vec::<usize>::new(),
+        "bare CR/LF sent to the real MX"
+    );
 }
 
 fn has_message(t: &[Txn], rcpt: &str) -> bool {
-    t.iter().any(|t| t.accepted() && t.rcpts.iter().any(|r| r == rcpt))
+    t.iter()
+        .any(|t| t.accepted() && t.rcpts.iter().any(|r| r == rcpt))
 }
 
 #[test]
@@ -289,7 +296,12 @@ fn temporary_failure_is_retried() {
     ]);
     let node = Node::start(NodeConf::new(dns.addr, sink.addr.port()));
     let msg = simple_message("alice@sender.test", "user@example.test", "retry-1");
-    let r = send_mail(node.smtp_addr, "alice@sender.test", &["user@example.test"], &msg);
+    let r = send_mail(
+        node.smtp_addr,
+        "alice@sender.test",
+        &["user@example.test"],
+        &msg,
+    );
     assert_eq!(r.code, 250);
 
     sink.wait_messages(1, DELIVERY);
@@ -306,7 +318,10 @@ fn temporary_failure_is_retried() {
 
 fn dsn_setup() -> (Sink, DnsServer) {
     let sink = Sink::builder()
-        .refuse_rcpt("bad@example.test", "550 5.1.1 <bad@example.test>: no such user")
+        .refuse_rcpt(
+            "bad@example.test",
+            "550 5.1.1 <bad@example.test>: no such user",
+        )
         .start("127.0.0.1", 0)
         .unwrap();
     let dns = DnsServer::start(&[
@@ -349,18 +364,30 @@ fn permanent_failure_of_one_recipient_sends_a_dsn_to_the_sender() {
     assert_eq!(dsn.rcpts, vec!["alice@sender.test"]);
     let text = dsn.text();
     let flat = text.to_ascii_lowercase().replace('"', "");
-    assert!(flat.contains("multipart/report"), "DSN is not multipart/report:\n{text}");
+    assert!(
+        flat.contains("multipart/report"),
+        "DSN is not multipart/report:\n{text}"
+    );
     assert!(
         flat.contains("report-type=delivery-status"),
         "DSN lacks report-type=delivery-status:\n{text}"
     );
-    assert!(flat.contains("message/delivery-status"), "no delivery-status part:\n{text}");
-    assert!(text.contains("bad@example.test"), "DSN does not name the recipient:\n{text}");
+    assert!(
+        flat.contains("message/delivery-status"),
+        "no delivery-status part:\n{text}"
+    );
+    assert!(
+        text.contains("bad@example.test"),
+        "DSN does not name the recipient:\n{text}"
+    );
     assert!(
         text.lines().any(|l| l.starts_with("Status: 5.")),
         "DSN has no `Status: 5.x.x`:\n{text}"
     );
-    assert!(flat.contains("action: failed"), "DSN has no `Action: failed`:\n{text}");
+    assert!(
+        flat.contains("action: failed"),
+        "DSN has no `Action: failed`:\n{text}"
+    );
     assert!(
         !text
             .lines()
@@ -376,13 +403,20 @@ fn permanent_failure_of_one_recipient_sends_a_dsn_to_the_sender() {
             .filter(|t| t.accepted() && t.rcpts.iter().any(|r| r == rcpt))
             .count()
     };
-    assert_eq!(count("good@example.test"), 1, "good@ delivered more than once");
+    assert_eq!(
+        count("good@example.test"),
+        1,
+        "good@ delivered more than once"
+    );
     assert_eq!(count("alice@sender.test"), 1, "more than one DSN");
     assert_eq!(
         sink.rcpt_attempts("bad@example.test"),
         1,
         "a 5xx recipient was retried"
     );
+    node.wait_log(&["queue_id=", "bounced"], Duration::from_secs(1));
+    let rows = common::node::queue_rows(&node.queue_list());
+    assert!(rows.is_empty(), "messages left in the queue: {rows:#?}");
 }
 
 #[test]
@@ -403,8 +437,21 @@ fn no_dsn_for_the_null_sender() {
     std::thread::sleep(QUIET);
     let all = sink.transactions();
     assert_eq!(all.len(), 1, "extra transactions (a DSN?): {all:#?}");
-    assert_eq!(sink.rcpt_attempts("bad@example.test"), 1, "5xx recipient retried");
+    assert_eq!(
+        sink.rcpt_attempts("bad@example.test"),
+        1,
+        "5xx recipient retried"
+    );
     node.wait_log(&["queue_id=", "bounced"], Duration::from_secs(1));
+    // A DSN to `<>` cannot reach the sink, so look for it in the node: the
+    // queue must be empty, and no DSN logged (current wording: `dsn queued`).
+    let rows = common::node::queue_rows(&node.queue_list());
+    assert!(rows.is_empty(), "messages left in the queue: {rows:#?}");
+    let dsn_lines = node.log_lines_with(&["dsn queued"]);
+    assert!(
+        dsn_lines.is_empty(),
+        "a DSN was made for the null sender: {dsn_lines:#?}"
+    );
 }
 
 #[test]
@@ -425,12 +472,21 @@ fn opportunistic_tls_to_the_real_mx() {
     let node = Node::start(NodeConf::new(dns.addr, sink.addr.port()).relay_tls("opportunistic"));
     let msg = simple_message("alice@sender.test", "user@example.test", "tls-1");
     assert_eq!(
-        send_mail(node.smtp_addr, "alice@sender.test", &["user@example.test"], &msg).code,
+        send_mail(
+            node.smtp_addr,
+            "alice@sender.test",
+            &["user@example.test"],
+            &msg
+        )
+        .code,
         250
     );
     let msgs = sink.wait_messages(1, DELIVERY);
     assert_one_received_then(&msgs[0], &msg);
-    assert!(sink.starttls_commands() >= 1, "STARTTLS was offered and not tried");
+    assert!(
+        sink.starttls_commands() >= 1,
+        "STARTTLS was offered and not tried"
+    );
     eprintln!("delivered over TLS: {}", msgs[0].tls);
 
     // With relay.tls = "none" the node never tries.
@@ -438,10 +494,20 @@ fn opportunistic_tls_to_the_real_mx() {
     let before = sink.starttls_commands();
     let msg = simple_message("alice@sender.test", "user@example.test", "tls-2");
     assert_eq!(
-        send_mail(node2.smtp_addr, "alice@sender.test", &["user@example.test"], &msg).code,
+        send_mail(
+            node2.smtp_addr,
+            "alice@sender.test",
+            &["user@example.test"],
+            &msg
+        )
+        .code,
         250
     );
     let msgs = sink.wait_messages(2, DELIVERY);
     assert!(!msgs[1].tls);
-    assert_eq!(sink.starttls_commands(), before, "STARTTLS with relay.tls = none");
+    assert_eq!(
+        sink.starttls_commands(),
+        before,
+        "STARTTLS with relay.tls = none"
+    );
 }

@@ -110,6 +110,10 @@ fn smuggling_case(case: &str, fake_end: &[u8]) {
         "{case}: a message with a fake end of data must be refused, got {r}"
     );
     let open = after_refusal(&mut c, case);
+    eprintln!(
+        "{case}: refused with `{r}`, session {}",
+        if open { "kept" } else { "closed" }
+    );
     e.control(if open { Some(&mut c) } else { None }, case);
 }
 
@@ -152,6 +156,10 @@ fn bare_in_data(case: &str, body: &[u8]) {
     let r = c.reply();
     assert_eq!(r.class(), 5, "{case}: must be refused, got {r}");
     let open = after_refusal(&mut c, case);
+    eprintln!(
+        "{case}: refused with `{r}`, session {}",
+        if open { "kept" } else { "closed" }
+    );
     e.control(if open { Some(&mut c) } else { None }, case);
 }
 
@@ -198,7 +206,10 @@ fn over_long_data_line_is_refused() {
     c.expect("MAIL FROM:<alice@sender.test>", 250);
     c.expect("RCPT TO:<user@example.test>", 250);
     c.expect("DATA", 354);
-    let msg = format!("Subject: long\r\n\r\n{}\r\nsmuggled? no\r\n", "y".repeat(5000));
+    let msg = format!(
+        "Subject: long\r\n\r\n{}\r\nsmuggled? no\r\n",
+        "y".repeat(5000)
+    );
     c.send(&data_transfer(msg.as_bytes()));
     let r = c.reply();
     assert_eq!(r.class(), 5, "over-long DATA line: {r}");
@@ -212,7 +223,9 @@ fn size_limit_552() {
     let mut c = Client::connect(e.node.smtp_addr);
     let ehlo = c.ehlo("client.example.net");
     assert!(
-        ehlo.lines.iter().any(|l| l.eq_ignore_ascii_case("SIZE 4096")),
+        ehlo.lines
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case("SIZE 4096")),
         "EHLO does not advertise SIZE 4096: {ehlo}"
     );
 
@@ -224,7 +237,9 @@ fn size_limit_552() {
     c.expect("DATA", 354);
     let mut big = b"Subject: big\r\n\r\n".to_vec();
     for i in 0..200 {
-        big.extend_from_slice(format!("line {i:04} of a message that is too big for the node\r\n").as_bytes());
+        big.extend_from_slice(
+            format!("line {i:04} of a message that is too big for the node\r\n").as_bytes(),
+        );
     }
     assert!(big.len() > 8000);
     c.send(&data_transfer(&big));
@@ -252,8 +267,10 @@ fn too_many_recipients_452() {
     // The relay may split recipients over transactions: collect them all.
     let want = ["u1@example.test", "u2@example.test", "u3@example.test"];
     let all = e.sink.wait_for(DELIVERY, "u1..u3 delivered", |t| {
-        want.iter()
-            .all(|w| t.iter().any(|t| t.accepted() && t.rcpts.iter().any(|r| r == w)))
+        want.iter().all(|w| {
+            t.iter()
+                .any(|t| t.accepted() && t.rcpts.iter().any(|r| r == w))
+        })
     });
     let mut rcpts: Vec<String> = all
         .iter()
@@ -276,13 +293,22 @@ fn starttls_then_transaction() {
     let (e, tls, _dir) = tls_env();
     let mut c = Client::connect(e.node.smtp_addr);
     let ehlo = c.ehlo("client.example.net");
-    assert!(ehlo.has_extension("STARTTLS"), "STARTTLS not offered: {ehlo}");
-    assert!(ehlo.has_extension("PIPELINING"), "PIPELINING not offered: {ehlo}");
+    assert!(
+        ehlo.has_extension("STARTTLS"),
+        "STARTTLS not offered: {ehlo}"
+    );
+    assert!(
+        ehlo.has_extension("PIPELINING"),
+        "PIPELINING not offered: {ehlo}"
+    );
     c.expect("STARTTLS", 220);
     c.upgrade_tls(tls.client_config(), "node1.magic.test")
         .expect("TLS handshake with the node");
     let ehlo = c.ehlo("client.example.net");
-    assert!(!ehlo.has_extension("STARTTLS"), "STARTTLS offered again inside TLS: {ehlo}");
+    assert!(
+        !ehlo.has_extension("STARTTLS"),
+        "STARTTLS offered again inside TLS: {ehlo}"
+    );
     let msg = simple_message("alice@sender.test", "user@example.test", "over-tls");
     let r = transaction(&mut c, "alice@sender.test", &["user@example.test"], &msg);
     assert_eq!(r.code, 250);
@@ -303,6 +329,7 @@ fn commands_pipelined_after_starttls_are_not_executed() {
             first.class() == 4 || first.class() == 5,
             "STARTTLS with pipelined data: {first}"
         );
+        eprintln!("STARTTLS with a pipelined NOOP refused: `{first}`");
         return;
     }
     // The 220 must be the last thing sent in plain text.
@@ -311,7 +338,9 @@ fn commands_pipelined_after_starttls_are_not_executed() {
         matches!(plain_after, common::Next::Timeout | common::Next::Closed),
         "plain-text reply after the STARTTLS 220 (the NOOP ran before TLS?): {plain_after:?}"
     );
-    if c.upgrade_tls(tls.client_config(), "node1.magic.test").is_err() {
+    if c.upgrade_tls(tls.client_config(), "node1.magic.test")
+        .is_err()
+    {
         // The node closed instead of negotiating: acceptable.
         return;
     }

@@ -85,7 +85,9 @@ fn subject_of(t: &Txn) -> String {
 fn assert_body_intact(t: &Txn, subject: &str) {
     let text = t.text();
     assert!(
-        text.contains(&format!("Hello from smtplib ({subject}).\r\n.a line starting with a dot\r\n\r\nbye\r\n")),
+        text.contains(&format!(
+            "Hello from smtplib ({subject}).\r\n.a line starting with a dot\r\n\r\nbye\r\n"
+        )),
         "body changed: {text:?}"
     );
     assert!(text.ends_with("bye\r\n"), "{text:?}");
@@ -130,10 +132,18 @@ fn smtplib_plain() {
 #[test]
 fn smtplib_starttls() {
     let e = env(true);
-    python(&e.node, "starttls", "py-tls", &["user@example.test", "other@example.test"]);
+    python(
+        &e.node,
+        "starttls",
+        "py-tls",
+        &["user@example.test", "other@example.test"],
+    );
     let msgs = wait_delivered(
         &e.sink,
-        &[("py-tls", "user@example.test"), ("py-tls", "other@example.test")],
+        &[
+            ("py-tls", "user@example.test"),
+            ("py-tls", "other@example.test"),
+        ],
     );
     for m in &msgs {
         assert_eq!(m.mail_from, "alice@sender.test");
@@ -144,7 +154,12 @@ fn smtplib_starttls() {
 #[test]
 fn smtplib_pipelined() {
     let e = env(false);
-    python(&e.node, "pipeline", "py-pipe", &["user@example.test", "other@example.test"]);
+    python(
+        &e.node,
+        "pipeline",
+        "py-pipe",
+        &["user@example.test", "other@example.test"],
+    );
     let msgs = wait_delivered(
         &e.sink,
         &[

@@ -47,8 +47,12 @@ impl InProc {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
                 let node = magicmx::Node::start(config, stop).await.unwrap();
-                tx.send((node.throttle.clone(), node.smtp_addrs[0], node.admin_addr.unwrap()))
-                    .unwrap();
+                tx.send((
+                    node.throttle.clone(),
+                    node.smtp_addrs[0],
+                    node.admin_addr.unwrap(),
+                ))
+                .unwrap();
                 node.wait().await;
             });
         });
@@ -81,7 +85,11 @@ impl InProc {
 
     fn http_get(&self, path: &str) -> String {
         let mut s = TcpStream::connect(self.admin).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
@@ -104,7 +112,8 @@ fn connect_from(ip: &str, server: SocketAddr) -> Next {
     let local: SocketAddr = format!("{ip}:0").parse().unwrap();
     let sock = socket2_connect(local, server);
     let mut conn = sock;
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut buf = [0u8; 512];
     match conn.read(&mut buf) {
         Ok(0) | Err(_) => Next::Closed,
@@ -123,7 +132,10 @@ fn connect_from(ip: &str, server: SocketAddr) -> Next {
 fn socket2_connect(local: SocketAddr, server: SocketAddr) -> TcpStream {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind(local).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let stream = rt.block_on(sock.connect(server)).unwrap();
     let std = stream.into_std().unwrap();
     std.set_nonblocking(false).unwrap();
@@ -168,7 +180,10 @@ fn blocks_are_throttled_penalised_and_released() {
     // ...after that the node closes without a banner.
     for i in 6..=8 {
         let n = connect_from(&format!("127.1.1.{i}"), node.smtp);
-        assert!(matches!(n, Next::Closed), "connection {i} should be closed silently: {n:?}");
+        assert!(
+            matches!(n, Next::Closed),
+            "connection {i} should be closed silently: {n:?}"
+        );
     }
 
     // Another block is not affected.
@@ -184,7 +199,10 @@ fn blocks_are_throttled_penalised_and_released() {
     // explain says why.
     let (ok, text) = node.cli(&["explain", "127.1.1.77"]);
     assert!(ok, "{text}");
-    assert!(text.contains("refused") && text.contains("penalty box"), "{text}");
+    assert!(
+        text.contains("refused") && text.contains("penalty box"),
+        "{text}"
+    );
     let (ok, text) = node.cli(&["explain", "127.9.9.9"]);
     assert!(ok && text.contains("trusted"), "{text}");
 
@@ -249,7 +267,13 @@ fn mail_from_a_block_that_goes_over_during_the_hold_is_quarantined() {
 
     // A message from block 127.5.5.0/24 is accepted and held.
     let msg = simple_message("alice@sender.test", "bob@example.test", "held");
-    let r = send_from("127.5.5.5", node.smtp, "alice@sender.test", "bob@example.test", &msg);
+    let r = send_from(
+        "127.5.5.5",
+        node.smtp,
+        "alice@sender.test",
+        "bob@example.test",
+        &msg,
+    );
     assert_eq!(r.code, 250, "{r}");
     let id = r.text().rsplit(' ').next().unwrap().to_string();
 
@@ -266,7 +290,10 @@ fn mail_from_a_block_that_goes_over_during_the_hold_is_quarantined() {
         let origin = node.throttle.origin(peer);
         node.throttle.merge(origin, block, epoch, flood, now_ms());
     }
-    assert!(node.throttle.over_limit("127.5.5.5".parse().unwrap(), now_ms()).is_some());
+    assert!(node
+        .throttle
+        .over_limit("127.5.5.5".parse().unwrap(), now_ms())
+        .is_some());
 
     // At release it goes to quarantine: listed, not delivered, no DSN.
     assert!(
@@ -277,7 +304,11 @@ fn mail_from_a_block_that_goes_over_during_the_hold_is_quarantined() {
         "message {id} never showed up in quarantine"
     );
     std::thread::sleep(Duration::from_secs(2));
-    assert!(sink.transactions().is_empty(), "quarantined mail (or a DSN) was sent: {:?}", sink.transactions());
+    assert!(
+        sink.transactions().is_empty(),
+        "quarantined mail (or a DSN) was sent: {:?}",
+        sink.transactions()
+    );
 
     // The operator releases it; it is delivered (the release skips the check).
     let (ok, text) = node.cli(&["queue", "quarantine", "release", &id]);
@@ -294,12 +325,24 @@ fn mail_from_a_block_that_goes_over_during_the_hold_is_quarantined() {
     }));
     // A second message from a quiet block sails through after the hold.
     let msg = simple_message("carol@sender.test", "bob@example.test", "fine");
-    let r = send_from("127.6.6.6", node.smtp, "carol@sender.test", "bob@example.test", &msg);
+    let r = send_from(
+        "127.6.6.6",
+        node.smtp,
+        "carol@sender.test",
+        "bob@example.test",
+        &msg,
+    );
     assert_eq!(r.code, 250, "{r}");
-    assert!(wait_until(Duration::from_secs(10), || sink.transactions().len() == 2));
+    assert!(wait_until(Duration::from_secs(10), || sink
+        .transactions()
+        .len()
+        == 2));
     // Deleting from quarantine: unknown ids are refused with a clear error.
     let (ok, text) = node.cli(&["queue", "quarantine", "delete", "NOSUCHID"]);
-    assert!(!ok && text.contains("no such quarantined message"), "{text}");
+    assert!(
+        !ok && text.contains("no such quarantined message"),
+        "{text}"
+    );
 }
 
 /// One transaction from a chosen source address.

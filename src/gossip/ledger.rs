@@ -818,7 +818,7 @@ mod tests {
         let d = b.answer_summary(&s, EPOCH_MS).unwrap();
         assert_eq!(d.origins, vec!["n2".to_string()]);
         let diff = a.differing_groups(&d).unwrap();
-        assert_eq!(diff, vec![("n2".to_string(), 11, false, true)]);
+        assert_eq!(diff, vec![("n2".to_string(), 11, true, true)]);
         anti_entropy(&mut a, &mut b, 10, 12);
         assert_eq!(by_name(&a, 10, 12), by_name(&b, 10, 12));
         // In sync: the next exchange finds nothing.

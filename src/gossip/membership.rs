@@ -218,17 +218,18 @@ pub fn packet_source(packet: &[u8]) -> Option<String> {
 }
 
 /// Foca's parameters for a network of about `cluster_size` nodes, tuned so
-/// that a dead node is declared down within about `failure_timeout`: a
-/// probe every quarter of it (each member is probed by some node within a
-/// couple of periods), suspicion for half of it.
+/// that a dead node is declared down within `failure_timeout`: a probe
+/// every sixth of it (a dead member is probed by some node within a couple
+/// of periods, and the probe fails within one), then suspicion for a third
+/// of it: about 3/6 + 2/6 of the timeout in the worst case.
 pub fn foca_config(g: &GossipConfig, cluster_size: usize) -> foca::Config {
     let size = NonZeroU32::new(cluster_size.clamp(1, u32::MAX as usize) as u32).unwrap_or(NonZeroU32::MIN);
     let mut c = foca::Config::new_lan(size);
     let ft = g.failure_timeout.0;
-    let period = (ft / 4).max(Duration::from_millis(25));
+    let period = (ft / 6).max(Duration::from_millis(15));
     c.probe_period = period;
     c.probe_rtt = (period / 3).max(Duration::from_millis(5));
-    c.suspect_to_down_after = (ft / 2).max(period);
+    c.suspect_to_down_after = (ft / 3).max(period);
     c.max_packet_size = NonZeroUsize::new(SWIM_PACKET_MAX).unwrap_or(NonZeroUsize::MIN);
     // Identities renew themselves, so a down one can be forgotten after a
     // while; an hour keeps partitions healing through announces to down members.
@@ -553,7 +554,7 @@ mod tests {
         };
         let c = foca_config(&g, 3);
         assert!(c.probe_rtt < c.probe_period);
-        assert!(c.probe_period * 2 + c.suspect_to_down_after <= g.failure_timeout.0);
+        assert!(c.probe_period * 3 + c.suspect_to_down_after <= g.failure_timeout.0);
     }
 
     /// Three in-memory members join through one seed, then one dies and the

@@ -448,10 +448,25 @@ impl Core {
         self.members_changed.notify_one();
     }
 
-    /// Records what grew in the throttle since the last round.
+    /// Records what grew in the throttle since the last round. Only counts
+    /// of this node and of members travel: a certified peer that is not a
+    /// member (it never joined) influences the nodes it talks to directly,
+    /// capped, and goes no further.
     fn observe_throttle(&self, state: &mut LedgerState, now: u64) {
         state.ledger.prune(self.first_epoch(now));
+        let members: HashSet<String> = self.members().peers.keys().cloned().collect();
+        let mut travels: Vec<Option<bool>> = Vec::new();
         for (origin, block, epoch, counts) in self.throttle.snapshot(now) {
+            let i = origin as usize;
+            if travels.len() <= i {
+                travels.resize(i + 1, None);
+            }
+            let ok = *travels[i].get_or_insert_with(|| {
+                origin == SELF_ORIGIN || self.throttle.origin_name(origin).is_some_and(|n| members.contains(&n))
+            });
+            if !ok {
+                continue;
+            }
             let Some(id) = self.ledger_id(state, origin) else { continue };
             state.ledger.observe(Key { origin: id, epoch, block }, counts);
         }

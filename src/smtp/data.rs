@@ -197,7 +197,12 @@ mod tests {
             } else {
                 (Err(DataError::TooBig), None)
             };
-            assert_eq!(got, whole, "split at {cut} of {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                got,
+                whole,
+                "split at {cut} of {:?}",
+                String::from_utf8_lossy(input)
+            );
         }
         whole
     }
@@ -224,7 +229,13 @@ mod tests {
 
     #[test]
     fn smuggling_sequences_do_not_end_data() {
-        for fake in [&b"\n.\n"[..], b"\r.\r\n", b"\n.\r\n", b"\r\n.\n", b"\r\n.\r\r\n"] {
+        for fake in [
+            &b"\n.\n"[..],
+            b"\r.\r\n",
+            b"\n.\r\n",
+            b"\r\n.\n",
+            b"\r\n.\r\r\n",
+        ] {
             let mut input = b"a".to_vec();
             input.extend_from_slice(fake);
             input.extend_from_slice(b"MAIL FROM:<evil@x>\r\n.\r\n");
@@ -247,12 +258,22 @@ mod tests {
         let mut input = vec![b'x'; 999];
         input.extend_from_slice(b"\r\n.\r\n");
         let mut r = DataReader::new(1000, 1 << 20);
-        assert_eq!(r.feed(&input), Progress::Done { consumed: input.len() });
+        assert_eq!(
+            r.feed(&input),
+            Progress::Done {
+                consumed: input.len()
+            }
+        );
         assert_eq!(r.finish(), Err(DataError::LineTooLong));
         let mut input = vec![b'x'; 998];
         input.extend_from_slice(b"\r\n.\r\n");
         let mut r = DataReader::new(1000, 1 << 20);
-        assert_eq!(r.feed(&input), Progress::Done { consumed: input.len() });
+        assert_eq!(
+            r.feed(&input),
+            Progress::Done {
+                consumed: input.len()
+            }
+        );
         assert_eq!(r.finish().unwrap().len(), 1000);
     }
 

@@ -67,8 +67,12 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     if certs.is_empty() {
         anyhow::bail!("smtp.tls_cert: no certificate in {}", cert.display());
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("smtp.tls_key: cannot read a private key from {}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
+        format!(
+            "smtp.tls_key: cannot read a private key from {}",
+            key.display()
+        )
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -126,7 +130,12 @@ impl Context {
     }
 
     /// Asks the throttle, unless it is disabled; counts and logs refusals.
-    fn throttle(&self, stage: &'static str, peer: IpAddr, ask: impl FnOnce(&Throttle) -> Decision) -> Decision {
+    fn throttle(
+        &self,
+        stage: &'static str,
+        peer: IpAddr,
+        ask: impl FnOnce(&Throttle) -> Decision,
+    ) -> Decision {
         if !self.config.throttle.enabled || self.mode == Mode::Outbound {
             return Decision::Accept;
         }
@@ -164,7 +173,9 @@ impl Context {
         match self.throttle("rcpt", peer, |t| t.on_rcpt(peer, now_ms())) {
             Decision::Accept => Verdict::Accept,
             Decision::Refuse { reply, .. } => Verdict::Refuse(reply),
-            Decision::Drop { reason } => Verdict::Refuse(format!("450 4.7.1 Too much mail from your network ({reason})")),
+            Decision::Drop { reason } => Verdict::Refuse(format!(
+                "450 4.7.1 Too much mail from your network ({reason})"
+            )),
         }
     }
 
@@ -174,7 +185,9 @@ impl Context {
         }
         if self.config.accept.mx_delegation {
             match self.dns.mx(domain).await {
-                Ok(MxAnswer::Hosts(hosts)) if hosts.iter().any(|h| self.config.is_magic_host(&h.host)) => {
+                Ok(MxAnswer::Hosts(hosts))
+                    if hosts.iter().any(|h| self.config.is_magic_host(&h.host)) =>
+                {
                     return Verdict::Accept;
                 }
                 Ok(_) => {}
@@ -186,12 +199,16 @@ impl Context {
                 }
             }
         }
-        Verdict::Refuse(format!("550 5.7.1 <{address}>: Relay access denied: relaying denied"))
+        Verdict::Refuse(format!(
+            "550 5.7.1 <{address}>: Relay access denied: relaying denied"
+        ))
     }
 
     /// Stores an accepted message with its `Received:` header; returns the queue id.
     pub async fn store(&self, m: Message) -> Result<String, String> {
-        if let Decision::Refuse { reply, .. } = self.throttle("data", m.peer, |t| t.on_message(m.peer, now_ms())) {
+        if let Decision::Refuse { reply, .. } =
+            self.throttle("data", m.peer, |t| t.on_message(m.peer, now_ms()))
+        {
             return Err(reply);
         }
         let now = unix_now();
@@ -264,7 +281,11 @@ pub fn received_header(hostname: &str, m: &Message, now: u64) -> String {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("IPv6:{v6}"),
     };
-    let helo = if m.helo.is_empty() { "unknown" } else { m.helo.as_str() };
+    let helo = if m.helo.is_empty() {
+        "unknown"
+    } else {
+        m.helo.as_str()
+    };
     let mut h = format!("Received: from {helo} ([{ip}])\r\n\tby {hostname} (magicmx) with {proto}");
     if let [one] = m.recipients.as_slice() {
         h.push_str(&format!("\r\n\tfor <{one}>"));
@@ -294,7 +315,12 @@ pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<Context>, shutdown: Can
     let permits = Arc::new(Semaphore::new(ctx.config.smtp.max_connections));
     let tracker = TaskTracker::new();
     for listener in listeners {
-        let (ctx, permits, shutdown, sessions) = (ctx.clone(), permits.clone(), shutdown.clone(), tracker.clone());
+        let (ctx, permits, shutdown, sessions) = (
+            ctx.clone(),
+            permits.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        );
         tracker.spawn(async move {
             loop {
                 let (stream, peer) = tokio::select! {
@@ -314,7 +340,9 @@ pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<Context>, shutdown: Can
                     let mut stream = stream;
                     sessions.spawn(async move {
                         let line = b"421 4.3.2 Too many connections, try again later\r\n";
-                        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line)).await;
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(5), stream.write_all(line))
+                                .await;
                     });
                     continue;
                 };
@@ -333,11 +361,16 @@ pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<Context>, shutdown: Can
 /// How a driven stream ended.
 enum Ended {
     Closed,
-    StartTls(Session),
+    StartTls(Box<Session>),
 }
 
 #[tracing::instrument(name = "smtp", skip_all, fields(client = %peer))]
-async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, shutdown: CancellationToken) {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) {
     let _ = stream.set_nodelay(true);
     let ip = canonical_ip(peer.ip());
     let mut stream = stream;
@@ -345,7 +378,8 @@ async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, shut
         Decision::Accept => {}
         Decision::Refuse { reply, .. } => {
             let line = format!("{reply}\r\n");
-            let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes())).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes()))
+                .await;
             let _ = stream.shutdown().await;
             return;
         }
@@ -356,9 +390,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Context>, shut
     debug!("connected");
     let session = match drive(&mut stream, ip, session, &ctx, &shutdown).await {
         Ended::Closed => return,
-        Ended::StartTls(s) => s,
+        Ended::StartTls(s) => *s,
     };
-    let Some(acceptor) = ctx.tls.clone() else { return };
+    let Some(acceptor) = ctx.tls.clone() else {
+        return;
+    };
     let timeout = ctx.config.smtp.command_timeout.0;
     let mut tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
@@ -387,7 +423,11 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-async fn write_out<S: AsyncWrite + Unpin>(stream: &mut S, session: &mut Session, timeout: Duration) -> bool {
+async fn write_out<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    session: &mut Session,
+    timeout: Duration,
+) -> bool {
     if !session.has_output() {
         return true;
     }
@@ -418,7 +458,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 if !write_out(stream, &mut session, cfg.command_timeout.0).await {
                     return Ended::Closed;
                 }
-                let timeout = if session.in_data() { cfg.data_timeout.0 } else { cfg.command_timeout.0 };
+                let timeout = if session.in_data() {
+                    cfg.data_timeout.0
+                } else {
+                    cfg.command_timeout.0
+                };
                 let read = tokio::select! {
                     r = tokio::time::timeout(timeout, stream.read(&mut buf)) => r,
                     _ = shutdown.cancelled() => {
@@ -440,7 +484,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     Err(_) => {
                         info!(in_data = session.in_data(), "timeout");
                         let line = format!("421 4.4.2 {hostname} Error: timeout exceeded\r\n");
-                        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes())).await;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            stream.write_all(line.as_bytes()),
+                        )
+                        .await;
                         return Ended::Closed;
                     }
                 }
@@ -454,7 +502,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 if !write_out(stream, &mut session, cfg.command_timeout.0).await {
                     return Ended::Closed;
                 }
-                return Ended::StartTls(session);
+                return Ended::StartTls(Box::new(session));
             }
             Event::Recipient { address, domain } => {
                 let verdict = ctx.check_recipient(peer, &address, &domain).await;

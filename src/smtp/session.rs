@@ -181,7 +181,11 @@ impl Session {
 
     /// Runs the state machine until the caller has something to do.
     pub fn next_event(&mut self) -> Event {
-        assert_eq!(self.pending, Pending::None, "answer the previous event first");
+        assert_eq!(
+            self.pending,
+            Pending::None,
+            "answer the previous event first"
+        );
         loop {
             if self.closed {
                 return Event::Close;
@@ -331,9 +335,8 @@ impl Session {
                 self.reply("221 2.0.0 Bye");
                 self.closed = true;
             }
-            Request::Vrfy { .. } => {
-                self.reply("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
-            }
+            Request::Vrfy { .. } => self
+                .reply("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"),
             Request::Help { .. } => self.reply(
                 "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
             ),
@@ -364,7 +367,11 @@ impl Session {
             E::SyntaxError { syntax } => format!("501 5.5.4 Syntax: {syntax}"),
             E::InvalidParameter { param } => format!("501 5.5.4 Bad {param} parameter"),
             E::UnsupportedParameter { param } => {
-                let param: String = param.chars().filter(|c| c.is_ascii_graphic()).take(40).collect();
+                let param: String = param
+                    .chars()
+                    .filter(|c| c.is_ascii_graphic())
+                    .take(40)
+                    .collect();
                 format!("555 5.5.4 Unsupported option: {param}")
             }
             E::ResponseTooLong | E::InvalidResponse { .. } => {
@@ -408,7 +415,8 @@ impl Session {
         let last = lines.len() - 1;
         for (i, l) in lines.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };
-            self.output.extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
+            self.output
+                .extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
         }
     }
 
@@ -519,9 +527,9 @@ fn valid_mailbox(address: &str) -> bool {
         && !domain.is_empty()
         && !domain.starts_with('.')
         && !domain.contains("..")
-        && domain
-            .chars()
-            .all(|c| c.is_alphanumeric() || c == '.' || c == '-' || c == '[' || c == ']' || c == ':')
+        && domain.chars().all(|c| {
+            c.is_alphanumeric() || c == '.' || c == '-' || c == '[' || c == ']' || c == ':'
+        })
 }
 
 /// Number of `Received:` header fields in the header section of `body`.
@@ -586,7 +594,10 @@ mod tests {
         assert!(o.contains("250-PIPELINING\r\n250-SIZE 1000\r\n"), "{o}");
         assert!(o.contains("250 STARTTLS\r\n"), "{o}");
         assert!(o.contains("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 "), "{o}");
-        assert!(o.ends_with("250 2.0.0 Ok: queued as Q1\r\n221 2.0.0 Bye\r\n"), "{o}");
+        assert!(
+            o.ends_with("250 2.0.0 Ok: queued as Q1\r\n221 2.0.0 Bye\r\n"),
+            "{o}"
+        );
         assert_eq!(msgs.len(), 1);
         assert_eq!(msgs[0].body, b"hi\r\n.dot\r\n");
         assert_eq!(msgs[0].sender, "a@b.test");
@@ -611,13 +622,22 @@ mod tests {
     fn order_of_commands_is_enforced() {
         let mut s = new();
         let (o, _, _) = drive(&mut s, b"MAIL FROM:<a@b.test>\r\n");
-        assert!(o.ends_with("503 5.5.1 Error: send HELO/EHLO first\r\n"), "{o}");
+        assert!(
+            o.ends_with("503 5.5.1 Error: send HELO/EHLO first\r\n"),
+            "{o}"
+        );
         let (o, _, _) = drive(&mut s, b"EHLO c\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
         assert!(o.contains("503 5.5.1 Error: need MAIL command"), "{o}");
         assert!(o.ends_with("503 5.5.1 Error: need RCPT command\r\n"), "{o}");
-        let (o, _, _) = drive(&mut s, b"MAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\nDATA\r\n");
+        let (o, _, _) = drive(
+            &mut s,
+            b"MAIL FROM:<a@b.test>\r\nMAIL FROM:<a@b.test>\r\nDATA\r\n",
+        );
         assert!(o.contains("503 5.5.1 Error: nested MAIL command"), "{o}");
-        assert!(o.ends_with("554 5.5.1 Error: no valid recipients\r\n"), "{o}");
+        assert!(
+            o.ends_with("554 5.5.1 Error: no valid recipients\r\n"),
+            "{o}"
+        );
     }
 
     #[test]
@@ -628,12 +648,18 @@ mod tests {
             b"EHLO c\r\nMAIL FROM:<a@b.test> SIZE=5000\r\nMAIL FROM:<a@b.test> SIZE=500\r\nRCPT TO:<1@e.test>\r\nRCPT TO:<2@e.test>\r\nRCPT TO:<3@e.test>\r\n",
         );
         assert!(o.contains("552 5.3.4"), "{o}");
-        assert!(o.ends_with("250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n452 4.5.3 Error: too many recipients\r\n"), "{o}");
+        assert!(
+            o.ends_with("250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n452 4.5.3 Error: too many recipients\r\n"),
+            "{o}"
+        );
         let mut long = b"NOOP ".to_vec();
         long.extend(std::iter::repeat_n(b'x', 2000));
         long.extend_from_slice(b"\r\nNOOP\r\n");
         let (o, _, _) = drive(&mut s, &long);
-        assert!(o.ends_with("500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"), "{o}");
+        assert!(
+            o.ends_with("500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"),
+            "{o}"
+        );
     }
 
     #[test]
@@ -655,7 +681,10 @@ mod tests {
             b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@e.test>\r\nDATA\r\nReceived: a\r\nreceived: b\r\nRECEIVED: c\r\nReceived: d\r\n\r\nbody\r\n.\r\n",
         );
         assert!(msgs.is_empty());
-        assert!(o.ends_with("554 5.4.6 Error: too many hops (mail loop?)\r\n"), "{o}");
+        assert!(
+            o.ends_with("554 5.4.6 Error: too many hops (mail loop?)\r\n"),
+            "{o}"
+        );
     }
 
     #[test]
@@ -663,7 +692,10 @@ mod tests {
         let mut s = new();
         let (o, _, e) = drive(&mut s, b"EHLO c\r\nSTARTTLS\r\nNOOP\r\n");
         assert_eq!(e, Event::Close);
-        assert!(o.ends_with("554 5.5.1 Error: commands pipelined after STARTTLS\r\n"), "{o}");
+        assert!(
+            o.ends_with("554 5.5.1 Error: commands pipelined after STARTTLS\r\n"),
+            "{o}"
+        );
         assert!(!o.contains("250 2.0.0 Ok"), "{o}");
         let mut s = new();
         let (o, _, e) = drive(&mut s, b"EHLO c\r\nSTARTTLS\r\n");
@@ -671,7 +703,10 @@ mod tests {
         assert!(o.ends_with("220 2.0.0 Ready to start TLS\r\n"), "{o}");
         s.tls_started();
         let (o, _, _) = drive(&mut s, b"MAIL FROM:<a@b.test>\r\nEHLO c\r\n");
-        assert!(o.starts_with("503 5.5.1 Error: send HELO/EHLO first"), "{o}");
+        assert!(
+            o.starts_with("503 5.5.1 Error: send HELO/EHLO first"),
+            "{o}"
+        );
         assert!(!o.contains("STARTTLS"), "{o}");
     }
 
@@ -687,21 +722,34 @@ mod tests {
         };
         assert_eq!(
             e,
-            Event::Recipient { address: "u@elsewhere.test".into(), domain: "elsewhere.test".into() }
+            Event::Recipient {
+                address: "u@elsewhere.test".into(),
+                domain: "elsewhere.test".into()
+            }
         );
-        s.recipient_verdict(Verdict::Refuse("550 5.7.1 <u@elsewhere.test>: relaying denied".into()));
+        s.recipient_verdict(Verdict::Refuse(
+            "550 5.7.1 <u@elsewhere.test>: relaying denied".into(),
+        ));
         assert_eq!(s.next_event(), Event::NeedInput);
         let o = out(&mut s);
-        assert!(o.contains("550 5.7.1 <u@elsewhere.test>: relaying denied\r\n252 "), "{o}");
+        assert!(
+            o.contains("550 5.7.1 <u@elsewhere.test>: relaying denied\r\n252 "),
+            "{o}"
+        );
         assert!(o.contains("214 2.0.0"), "{o}");
         assert!(o.contains("502 5.5.1"), "{o}");
-        assert!(o.ends_with("500 5.5.2 Error: command not recognized\r\n"), "{o}");
+        assert!(
+            o.ends_with("500 5.5.2 Error: command not recognized\r\n"),
+            "{o}"
+        );
     }
 
     #[test]
     fn too_many_errors_closes() {
         let mut s = new();
-        let (o, _, e) = drive(&mut s, b"A
+        let (o, _, e) = drive(
+            &mut s,
+            b"A
 B
 C
 D
@@ -712,14 +760,21 @@ H
 I
 J
 K
-");
+",
+        );
         assert_eq!(e, Event::Close);
-        assert!(o.ends_with("421 4.7.0 mx.magic.test Error: too many errors\r\n"), "{o}");
+        assert!(
+            o.ends_with("421 4.7.0 mx.magic.test Error: too many errors\r\n"),
+            "{o}"
+        );
     }
 
     #[test]
     fn counts_received_in_header_only() {
-        assert_eq!(count_received(b"Received: a\r\nX: y\r\nreceived: b\r\n\r\nReceived: body\r\n"), 2);
+        assert_eq!(
+            count_received(b"Received: a\r\nX: y\r\nreceived: b\r\n\r\nReceived: body\r\n"),
+            2
+        );
         assert_eq!(count_received(b""), 0);
     }
 }

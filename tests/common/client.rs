@@ -164,7 +164,10 @@ impl Client {
             if lines.is_empty() {
                 code = this_code;
             } else {
-                assert_eq!(this_code, code, "code changed inside a multi-line reply: {text:?}");
+                assert_eq!(
+                    this_code, code,
+                    "code changed inside a multi-line reply: {text:?}"
+                );
             }
             let sep = text.as_bytes().get(3).copied();
             lines.push(text.get(4..).unwrap_or("").to_string());
@@ -256,7 +259,10 @@ pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
 
 /// The bytes of a DATA transfer for a message that ends with CRLF.
 pub fn data_transfer(message: &[u8]) -> Vec<u8> {
-    assert!(message.ends_with(b"\r\n"), "test message must end with CRLF");
+    assert!(
+        message.ends_with(b"\r\n"),
+        "test message must end with CRLF"
+    );
     let mut out = dot_stuff(message);
     out.extend_from_slice(b".\r\n");
     out

@@ -148,7 +148,10 @@ struct Logs {
 
 impl Logs {
     fn push(&self, line: String) {
-        self.lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(line);
         self.changed.notify_all();
     }
 
@@ -269,7 +272,8 @@ impl Node {
             .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
         self.run_start = {
             let n = self.logs.snapshot().len();
-            self.logs.push(format!("=== magicmx run (pid {}) ===", child.id()));
+            self.logs
+                .push(format!("=== magicmx run (pid {}) ===", child.id()));
             n + 1
         };
         pump(child.stderr.take().unwrap(), self.logs.clone(), "");
@@ -279,7 +283,10 @@ impl Node {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             let lines = self.logs.snapshot();
-            if let Some(addr) = lines[self.run_start..].iter().find_map(|l| listening_addr(l)) {
+            if let Some(addr) = lines[self.run_start..]
+                .iter()
+                .find_map(|l| listening_addr(l))
+            {
                 self.smtp_addr = addr;
                 return;
             }
@@ -382,6 +389,24 @@ impl Node {
         );
         stdout
     }
+}
+
+/// The message rows of a `queue list` output (without its header line
+/// `id sender ...` and its footer `N message(s)`).
+pub fn queue_rows(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter(|l| {
+            let words: Vec<&str> = l.split_whitespace().take(2).collect();
+            let header = words == ["id", "sender"];
+            let footer = words.len() == 2
+                && words[0].bytes().all(|b| b.is_ascii_digit())
+                && words[1].starts_with("message");
+            !header && !footer
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// The value of `queue_id=` in a log line, if any.

@@ -78,7 +78,10 @@ pub struct SinkBuilder {
 impl SinkBuilder {
     /// `rule(address)` returns `Some(reply line)` to refuse a recipient
     /// (e.g. `"550 5.1.1 no such user"`), `None` to accept it.
-    pub fn rcpt_rule(mut self, rule: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
+    pub fn rcpt_rule(
+        mut self,
+        rule: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
         self.rcpt_rule = Some(Arc::new(rule));
         self
     }
@@ -202,7 +205,10 @@ impl Sink {
 
     /// Transactions the sink accepted (2xx after DATA).
     pub fn messages(&self) -> Vec<Txn> {
-        self.transactions().into_iter().filter(|t| t.accepted()).collect()
+        self.transactions()
+            .into_iter()
+            .filter(|t| t.accepted())
+            .collect()
     }
 
     /// Peers of every connection accepted so far.
@@ -227,7 +233,12 @@ impl Sink {
 
     /// Waits until `pred` holds on the recorded transactions, or panics
     /// after `timeout` showing what was recorded.
-    pub fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&[Txn]) -> bool) -> Vec<Txn> {
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&[Txn]) -> bool,
+    ) -> Vec<Txn> {
         let deadline = Instant::now() + timeout;
         let mut state = self.shared.lock();
         loop {
@@ -337,7 +348,9 @@ fn session(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         let ok = match verb.as_str() {
             "EHLO" => {
                 helo = line[4..].trim().to_string();
-                let mut r = String::from("250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 100000000\r\n");
+                let mut r = String::from(
+                    "250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 100000000\r\n",
+                );
                 if shared.tls.is_some() && !conn.is_tls() {
                     r.push_str("250-STARTTLS\r\n");
                 }
@@ -385,7 +398,10 @@ fn session(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
                         .as_ref()
                         .and_then(|rule| rule(&addr))
                         .unwrap_or_else(|| "250 2.1.5 ok".to_string());
-                    shared.lock().rcpt_attempts.push((addr.clone(), answer.clone()));
+                    shared
+                        .lock()
+                        .rcpt_attempts
+                        .push((addr.clone(), answer.clone()));
                     if answer.starts_with('2') {
                         rcpts.push(addr);
                     } else {
@@ -406,7 +422,11 @@ fn session(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
                         match conn.read_line(b"\r\n") {
                             ReadLine::Line(l) if l == b".\r\n" => break,
                             ReadLine::Line(l) => {
-                                let l = if l.first() == Some(&b'.') { &l[1..] } else { &l[..] };
+                                let l = if l.first() == Some(&b'.') {
+                                    &l[1..]
+                                } else {
+                                    &l[..]
+                                };
                                 data.extend_from_slice(l);
                             }
                             ReadLine::Closed | ReadLine::Timeout => return,

@@ -1,0 +1,69 @@
+//! The command line: `magicmx check-config` accepts a good config and, for a
+//! bad one, exits non-zero naming the offending key on stderr.
+
+mod common;
+
+use std::process::Command;
+
+use common::node::{NodeConf, BIN};
+
+fn check(toml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn good() -> String {
+    let dir = std::env::temp_dir().join("magicmx-cli-test-data");
+    NodeConf::new("127.0.0.1:53".parse().unwrap(), 2525).to_toml(&dir)
+}
+
+#[test]
+fn check_config_accepts_the_tests_config() {
+    let (ok, stderr) = check(&good());
+    assert!(ok, "the config the tests use is refused:\n{stderr}");
+}
+
+#[test]
+fn check_config_names_the_bad_key() {
+    let cases = [
+        // (what to change, key that must be named)
+        (
+            good().replace("[smtp]\n", "[smtp]\nmax_lines = 3\n"),
+            "max_lines",
+        ),
+        (good().replace("port = 2525", "port = 0"), "relay.port"),
+        (
+            good().replace("retry_initial = \"1s\"", "retry_initial = \"1 second\""),
+            "retry_initial",
+        ),
+        (
+            good()
+                .replace("magic_suffixes = [\".magic.test\"]", "magic_suffixes = []")
+                .replace("mx_delegation = false", "mx_delegation = true"),
+            "accept.mx_delegation",
+        ),
+        (
+            good().replace("[smtp]\n", "[smtp]\ntls_cert = \"/nonexistent/cert.pem\"\n"),
+            "smtp.tls",
+        ),
+    ];
+    for (toml, key) in cases {
+        let (ok, stderr) = check(&toml);
+        assert!(!ok, "a config with a bad {key} was accepted:\n{toml}");
+        assert!(
+            stderr.contains(key),
+            "the error does not name {key}:\n{stderr}"
+        );
+    }
+}

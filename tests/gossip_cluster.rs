@@ -1,0 +1,838 @@
+//! Gossip between real `magicmx` processes on loopback.
+//!
+//! Every node runs in its own temporary directory with its own config and a
+//! certificate issued by `magicmx ca issue` (falling back to the library's
+//! `gossip::ca` if the subcommand is missing). Ports are never fixed: the
+//! first node's gossip address is read from its `gossip listening addr=`
+//! log line and given to the others as their seed. Source blocks are made
+//! by binding clients to `127.a.b.c`. Intervals and timeouts are short so
+//! that the whole file runs in well under a minute.
+//!
+//! 1. a flood spread over three nodes is admitted at most `limit` plus what
+//!    arrives in about two gossip intervals;
+//! 2. membership: a node learns a peer it was not seeded with; a killed
+//!    node is declared down within the failure timeout; restarted, it
+//!    rejoins and relearns the network-wide counts (its own included);
+//! 3. a partition (transport-level test hook) makes counts diverge, and
+//!    they converge once it heals;
+//! 4. a peer without a certificate or with one from another CA cannot
+//!    join or push counts, a sender name must match the certificate, and a
+//!    certified peer's inflated count is capped at its share.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_magicmx");
+const LIMIT: u32 = 20;
+const INTERVAL_MS: u64 = 200;
+const FAILURE_TIMEOUT_MS: u64 = 3000;
+const NETWORK: &str = "test-net";
+
+/// Serialises the tests: each one runs a few nodes with short timers, and
+/// the flood bound depends on timing.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ---------------------------------------------------------------- CA
+
+/// Runs `magicmx ca ...`; if the subcommand does not exist, uses the library.
+fn ca_init(dir: &Path) {
+    let out = Command::new(BIN)
+        .args(["ca", "init", "--dir"])
+        .arg(dir)
+        .output()
+        .expect("run magicmx");
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("unrecognized") || err.contains("unexpected"),
+            "ca init failed: {err}"
+        );
+        magicmx::gossip::ca::init(dir).expect("ca init");
+    }
+    assert!(dir.join("ca.pem").is_file() && dir.join("ca.key").is_file());
+}
+
+fn ca_issue(name: &str, dir: &Path) {
+    let out = Command::new(BIN)
+        .args(["ca", "issue", name, "--dir"])
+        .arg(dir)
+        .output()
+        .expect("run magicmx");
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("unrecognized") || err.contains("unexpected"),
+            "ca issue failed: {err}"
+        );
+        magicmx::gossip::ca::issue(name, dir).expect("ca issue");
+    }
+    assert!(dir.join(format!("{name}.pem")).is_file());
+}
+
+/// A CA directory with certificates for `names`.
+fn network_ca(names: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("magicmx-ca-")
+        .tempdir()
+        .unwrap();
+    ca_init(dir.path());
+    for n in names {
+        ca_issue(n, dir.path());
+    }
+    dir
+}
+
+// ---------------------------------------------------------------- nodes
+
+struct Spec {
+    name: String,
+    ca_dir: PathBuf,
+    seeds: Vec<SocketAddr>,
+    /// Test hook file (`MAGICMX_GOSSIP_BLOCK_FILE`).
+    block_file: Option<PathBuf>,
+}
+
+struct Node {
+    name: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    logs: Arc<Mutex<Vec<String>>>,
+    run_start: usize,
+    smtp: SocketAddr,
+    admin: SocketAddr,
+    gossip: SocketAddr,
+    block_file: Option<PathBuf>,
+}
+
+fn config(spec: &Spec, data_dir: &Path) -> String {
+    let seeds: Vec<String> = spec.seeds.iter().map(|s| format!("\"{s}\"")).collect();
+    let ca = spec.ca_dir.display();
+    let n = &spec.name;
+    format!(
+        r#"[node]
+name = "{n}"
+hostname = "{n}.magic.test"
+data_dir = "{data}"
+magic_suffixes = [".magic.test"]
+
+[smtp]
+listen = ["127.0.0.1:0"]
+
+[accept]
+domains = ["example.test"]
+
+[dns]
+nameservers = ["127.0.0.1:9"]
+timeout = "1s"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[throttle]
+max_connections = {LIMIT}
+max_messages = 1000
+max_recipients = 1000
+window = "60s"
+epoch = "1s"
+penalty = "30s"
+max_penalty = "30s"
+polite_refusals = 1000
+
+[gossip]
+enabled = true
+listen = "127.0.0.1:0"
+network = "{NETWORK}"
+seeds = [{seeds}]
+ca = "{ca}/ca.pem"
+cert = "{ca}/{n}.pem"
+key = "{ca}/{n}.key"
+interval = "{INTERVAL_MS}ms"
+fanout = 3
+anti_entropy_interval = "1s"
+failure_timeout = "{FAILURE_TIMEOUT_MS}ms"
+max_origin_share = 0.5
+"#,
+        data = data_dir.display(),
+        seeds = seeds.join(", "),
+    )
+}
+
+/// The address after `addr=` in the first line containing `what`.
+fn logged_addr(lines: &[String], what: &str) -> Option<SocketAddr> {
+    lines.iter().find_map(|l| {
+        let at = l.find(what)?;
+        let rest = &l[at..];
+        let a = rest.find("addr=")? + "addr=".len();
+        let v: String = rest[a..]
+            .trim_start_matches('"')
+            .chars()
+            .take_while(|c| !c.is_whitespace() && *c != '"' && *c != ',')
+            .collect();
+        v.parse().ok()
+    })
+}
+
+impl Node {
+    fn start(spec: Spec) -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix("magicmx-gossip-")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, config(&spec, &dir.path().join("data"))).unwrap();
+        let mut node = Node {
+            name: spec.name.clone(),
+            dir,
+            child: None,
+            logs: Arc::new(Mutex::new(Vec::new())),
+            run_start: 0,
+            smtp: "0.0.0.0:0".parse().unwrap(),
+            admin: "0.0.0.0:0".parse().unwrap(),
+            gossip: "0.0.0.0:0".parse().unwrap(),
+            block_file: spec.block_file,
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(self.dir.path().join("node.toml"))
+            .env(
+                "MAGICMX_LOG",
+                std::env::var("MAGICMX_LOG").unwrap_or_else(|_| "info,magicmx=debug".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(f) = &self.block_file {
+            cmd.env("MAGICMX_GOSSIP_BLOCK_FILE", f);
+        }
+        let mut child = cmd.spawn().expect("start magicmx");
+        {
+            let mut l = self.logs.lock().unwrap();
+            l.push(format!("=== {} run (pid {}) ===", self.name, child.id()));
+            self.run_start = l.len();
+        }
+        let logs = self.logs.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                logs.lock().unwrap().push(line);
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let lines: Vec<String> = self.logs.lock().unwrap()[self.run_start..].to_vec();
+            if let (Some(s), Some(a), Some(g)) = (
+                logged_addr(&lines, "smtp listening"),
+                logged_addr(&lines, "admin listening"),
+                logged_addr(&lines, "gossip listening"),
+            ) {
+                self.smtp = s;
+                self.admin = a;
+                self.gossip = g;
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(200));
+                panic!(
+                    "{} exited with {st}:\n{}",
+                    self.name,
+                    self.logs.lock().unwrap().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start:\n{}",
+                self.name,
+                lines.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            self.logs
+                .lock()
+                .unwrap()
+                .push(format!("=== {} killed (SIGKILL) ===", self.name));
+        }
+    }
+
+    fn logs_with(&self, words: &[&str]) -> Vec<String> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| words.iter().all(|w| l.contains(w)))
+            .cloned()
+            .collect()
+    }
+
+    fn get(&self, path: &str) -> Value {
+        http_get(self.admin, path).unwrap_or_else(|e| panic!("{}: GET {path}: {e}", self.name))
+    }
+
+    /// (name, state) of every peer in `/status`.
+    fn peers(&self) -> Vec<(String, String)> {
+        let s = self.get("/status");
+        s["peers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|p| {
+                        (
+                            p["name"].as_str().unwrap_or("").to_string(),
+                            p["state"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn alive_peers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .peers()
+            .into_iter()
+            .filter(|(_, s)| s == "alive" || s == "suspect")
+            .map(|(n, _)| n)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Network-wide connections of the block of `ip`, as this node sees them.
+    fn connections(&self, ip: &str) -> u64 {
+        self.get(&format!("/explain?ip={ip}"))["counts"]["connections"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- logs of {} -----\n{}",
+                self.name,
+                self.logs.lock().unwrap().join("\n")
+            );
+        }
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Result<Value, String> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .ok_or("no body")?;
+    serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))
+}
+
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts `names[0]` with no seed, then the others seeded with it.
+fn cluster(ca: &Path, names: &[&str], block_files: bool) -> Vec<Node> {
+    let spec = |name: &str, seeds: Vec<SocketAddr>| Spec {
+        name: name.to_string(),
+        ca_dir: ca.to_path_buf(),
+        seeds,
+        block_file: block_files.then(|| {
+            let f = ca.join(format!("{name}.blocked"));
+            std::fs::write(&f, "").unwrap();
+            f
+        }),
+    };
+    let first = Node::start(spec(names[0], vec![]));
+    let seed = first.gossip;
+    let mut nodes = vec![first];
+    for n in &names[1..] {
+        nodes.push(Node::start(spec(n, vec![seed])));
+    }
+    let everyone = |nodes: &[Node]| {
+        nodes.iter().all(|n| {
+            let mut want: Vec<String> = names
+                .iter()
+                .filter(|m| **m != n.name)
+                .map(|m| m.to_string())
+                .collect();
+            want.sort();
+            n.alive_peers() == want
+        })
+    };
+    let t = wait_until(Duration::from_secs(15), || everyone(&nodes)).unwrap_or_else(|| {
+        let views: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("{}: {:?}", n.name, n.peers()))
+            .collect();
+        panic!("the cluster did not form: {views:?}");
+    });
+    eprintln!("cluster {names:?} formed in {t:?}");
+    nodes
+}
+
+// ---------------------------------------------------------------- SMTP
+
+/// Opens one SMTP connection from `src`; true if the banner is `220`.
+async fn attempt(src: IpAddr, to: SocketAddr) -> bool {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let sock = match tokio::net::TcpSocket::new_v4() {
+        Ok(s) => s,
+        Err(_) => return false,
+    };
+    if sock.bind(SocketAddr::new(src, 0)).is_err() {
+        return false;
+    }
+    let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(3), sock.connect(to)).await
+    else {
+        return false;
+    };
+    let mut r = tokio::io::BufReader::new(stream);
+    let mut line = String::new();
+    let ok = matches!(
+        tokio::time::timeout(Duration::from_secs(3), r.read_line(&mut line)).await,
+        Ok(Ok(n)) if n > 0
+    ) && line.starts_with("220");
+    let _ = r.get_mut().write_all(b"QUIT\r\n").await;
+    ok
+}
+
+/// Connections from the block `127.a.b.0/24`, `per_sec` per second,
+/// round-robin over `targets`. Returns how many got a `220` banner.
+fn flood(block: [u8; 3], targets: &[SocketAddr], total: usize, per_sec: u64) -> usize {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_sec));
+        let mut handles = Vec::new();
+        for i in 0..total {
+            tick.tick().await;
+            let src = IpAddr::V4(Ipv4Addr::new(
+                block[0],
+                block[1],
+                block[2],
+                1 + (i % 250) as u8,
+            ));
+            let to = targets[i % targets.len()];
+            handles.push(tokio::spawn(attempt(src, to)));
+        }
+        let mut admitted = 0;
+        for h in handles {
+            if h.await.unwrap_or(false) {
+                admitted += 1;
+            }
+        }
+        admitted
+    })
+}
+
+// ---------------------------------------------------------------- tests
+
+#[test]
+fn flood_over_three_nodes_is_admitted_about_once() {
+    let _g = serial();
+    let ca = network_ca(&["a", "b", "c"]);
+    let nodes = cluster(ca.path(), &["a", "b", "c"], false);
+    let targets: Vec<SocketAddr> = nodes.iter().map(|n| n.smtp).collect();
+    let (rate, total) = (50u64, 150usize);
+    let admitted = flood([127, 1, 1], &targets, total, rate);
+    // What arrives in two gossip intervals at the flood's rate.
+    let slack = (rate * 2 * INTERVAL_MS).div_ceil(1000) as usize;
+    let bound = LIMIT as usize + slack;
+    let excess = admitted.saturating_sub(LIMIT as usize);
+    eprintln!(
+        "flood: {total} connections at {rate}/s over 3 nodes, limit {LIMIT}: admitted {admitted} \
+         (excess {excess}); bound checked: limit + rate x 2 intervals = {LIMIT} + {slack} = {bound}"
+    );
+    assert!(
+        admitted >= LIMIT as usize,
+        "a flood under the limit must not be refused: {admitted}"
+    );
+    assert!(admitted <= bound, "admitted {admitted} > bound {bound}");
+    // Every node ends up with the same network-wide view, over the limit.
+    let views = || {
+        nodes
+            .iter()
+            .map(|n| n.connections("127.1.1.1"))
+            .collect::<Vec<_>>()
+    };
+    let t = wait_until(Duration::from_secs(5), || {
+        let v = views();
+        v.iter().all(|c| *c == v[0]) && v[0] > LIMIT as u64
+    });
+    assert!(t.is_some(), "views did not converge: {:?}", views());
+    for n in &nodes {
+        let e = n.get("/explain?ip=127.1.1.1");
+        assert!(
+            e["verdict"].as_str().unwrap_or("").starts_with("refused"),
+            "{}: {e}",
+            n.name
+        );
+    }
+}
+
+#[test]
+fn membership_learns_detects_and_rejoins() {
+    let _g = serial();
+    let ca = network_ca(&["a", "b", "c"]);
+    // c is seeded with a only, and still learns b.
+    let mut nodes = cluster(ca.path(), &["a", "b", "c"], false);
+    assert_eq!(
+        nodes[2].alive_peers(),
+        vec!["a".to_string(), "b".to_string()]
+    );
+
+    // Some counts everywhere, b's included (under the limit).
+    let targets: Vec<SocketAddr> = nodes.iter().map(|n| n.smtp).collect();
+    assert_eq!(flood([127, 2, 2], &targets, 9, 100), 9);
+    let all_see = |nodes: &[Node], n: u64| nodes.iter().all(|x| x.connections("127.2.2.1") == n);
+    assert!(wait_until(Duration::from_secs(5), || all_see(&nodes, 9)).is_some());
+
+    // b dies: a and c declare it down within the failure timeout.
+    nodes[1].kill();
+    let killed = Instant::now();
+    let gone = |n: &Node| !n.alive_peers().contains(&"b".to_string());
+    let t = wait_until(Duration::from_secs(10), || {
+        gone(&nodes[0]) && gone(&nodes[2])
+    })
+    .expect("b was never declared down");
+    eprintln!(
+        "b declared down by a and c {:?} after SIGKILL (failure timeout {FAILURE_TIMEOUT_MS} ms)",
+        killed.elapsed()
+    );
+    assert!(
+        t <= Duration::from_millis(FAILURE_TIMEOUT_MS + 500),
+        "b declared down after {t:?}, failure timeout {FAILURE_TIMEOUT_MS} ms"
+    );
+    assert_eq!(nodes[0].alive_peers(), vec!["c".to_string()]);
+
+    // b restarts (same name and data, new process): it rejoins, and
+    // relearns every count, its own previous ones included.
+    nodes[1].spawn();
+    let restarted = Instant::now();
+    let t = wait_until(Duration::from_secs(10), || {
+        nodes[0].alive_peers() == ["b", "c"]
+            && nodes[2].alive_peers() == ["a", "b"]
+            && nodes[1].alive_peers() == ["a", "c"]
+    })
+    .expect("b did not rejoin");
+    eprintln!("b rejoined in {t:?}");
+    let t = wait_until(Duration::from_secs(10), || all_see(&nodes, 9)).unwrap_or_else(|| {
+        let v: Vec<u64> = nodes.iter().map(|n| n.connections("127.2.2.1")).collect();
+        panic!("counts did not converge after the restart: {v:?}")
+    });
+    eprintln!(
+        "restarted b has the network-wide counts {:?} after its start",
+        restarted.elapsed().max(t)
+    );
+    // Its own counts went back to its own origin: new connections to b add to them.
+    assert_eq!(flood([127, 2, 2], &[nodes[1].smtp], 1, 100), 1);
+    assert!(wait_until(Duration::from_secs(5), || all_see(&nodes, 10)).is_some());
+}
+
+#[test]
+fn partition_heals_and_counts_converge() {
+    let _g = serial();
+    let ca = network_ca(&["a", "b", "c"]);
+    let nodes = cluster(ca.path(), &["a", "b", "c"], true);
+    let cut = |n: &Node, others: &[&Node]| {
+        let list: Vec<String> = others.iter().map(|o| o.gossip.to_string()).collect();
+        std::fs::write(n.block_file.as_ref().unwrap(), list.join("\n")).unwrap();
+    };
+    // {a} | {b, c}
+    cut(&nodes[0], &[&nodes[1], &nodes[2]]);
+    cut(&nodes[1], &[&nodes[0]]);
+    cut(&nodes[2], &[&nodes[0]]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(flood([127, 3, 3], &[nodes[0].smtp], 6, 100), 6);
+    assert_eq!(
+        flood([127, 3, 3], &[nodes[1].smtp, nodes[2].smtp], 4, 100),
+        4
+    );
+    // Long enough for each side to declare the other down.
+    let t = wait_until(Duration::from_secs(10), || {
+        nodes[0].alive_peers().is_empty() && nodes[1].alive_peers() == ["c"]
+    })
+    .expect("the sides did not see the partition");
+    eprintln!("partition seen by membership after {t:?}");
+    let views = || {
+        nodes
+            .iter()
+            .map(|n| n.connections("127.3.3.1"))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(3), || views() == [6, 4, 4]).is_some(),
+        "diverged views: {:?}",
+        views()
+    );
+    eprintln!("during the partition: {:?}", views());
+
+    for n in &nodes {
+        cut(n, &[]);
+    }
+    let healed = Instant::now();
+    let t = wait_until(Duration::from_secs(15), || views() == [10, 10, 10])
+        .unwrap_or_else(|| panic!("no convergence: {:?}", views()));
+    eprintln!(
+        "healed: views {:?} converged {t:?} after the partition healed",
+        views()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || nodes
+            .iter()
+            .all(|n| n.alive_peers().len() == 2))
+        .is_some(),
+        "membership did not heal"
+    );
+    eprintln!(
+        "membership healed {:?} after the partition healed",
+        healed.elapsed()
+    );
+}
+
+// A minimal gossip client for the adversarial cases, built on the library's wire format.
+mod peer {
+    use super::*;
+    use magicmx::gossip::wire::{self, proto, Body};
+    use prost::Message as _;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    pub fn client_config(ca: &Path, identity: Option<(&Path, &Path)>) -> quinn::ClientConfig {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(ca).unwrap())
+            .unwrap();
+        let b = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut tls = match identity {
+            Some((cert, key)) => b
+                .with_client_auth_cert(
+                    vec![CertificateDer::from_pem_file(cert).unwrap()],
+                    PrivateKeyDer::from_pem_file(key).unwrap(),
+                )
+                .unwrap(),
+            None => b.with_no_client_auth(),
+        };
+        tls.alpn_protocols = vec![b"magicmx-gossip/1".to_vec()];
+        quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap(),
+        ))
+    }
+
+    /// A delta from `sender` with one count per (origin, block) for the current epoch.
+    pub fn delta(sender: &str, counts: &[(&str, [u8; 4], u32)]) -> Vec<u8> {
+        let epoch = magicmx::throttle::now_ms() / 1000;
+        let mut origins: Vec<String> = Vec::new();
+        let mut entries = Vec::new();
+        for (origin, block, n) in counts {
+            let i = origins.iter().position(|o| o == origin).unwrap_or_else(|| {
+                origins.push(origin.to_string());
+                origins.len() - 1
+            });
+            entries.push(proto::CountEntry {
+                origin: i as u32,
+                block: block.to_vec(),
+                prefix_len: 24,
+                epoch_offset: 0,
+                connections: *n,
+                messages: 0,
+                recipients: 0,
+            });
+        }
+        let batch = proto::CountBatch {
+            epoch_ms: 1000,
+            base_epoch: epoch,
+            origins,
+            entries,
+        };
+        wire::seal(NETWORK, sender, Body::Delta(batch)).encode_to_vec()
+    }
+
+    /// Connects to `to` and pushes `messages` on uni streams. Returns an
+    /// error if the connection or a stream fails.
+    pub fn push(
+        config: quinn::ClientConfig,
+        to: SocketAddr,
+        messages: Vec<Vec<u8>>,
+    ) -> Result<(), String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap())
+                .map_err(|e| e.to_string())?;
+            ep.set_default_client_config(config);
+            let conn = tokio::time::timeout(
+                Duration::from_secs(3),
+                ep.connect(to, "magicmx-node").map_err(|e| e.to_string())?,
+            )
+            .await
+            .map_err(|_| "timeout".to_string())?
+            .map_err(|e| e.to_string())?;
+            for m in messages {
+                let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+                s.write_all(&m).await.map_err(|e| e.to_string())?;
+                s.finish().map_err(|e| e.to_string())?;
+            }
+            // Give the server time to read (or to close on us).
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let r = match conn.close_reason() {
+                Some(e) => Err(e.to_string()),
+                None => Ok(()),
+            };
+            conn.close(0u32.into(), b"bye");
+            ep.wait_idle().await;
+            r
+        })
+    }
+}
+
+#[test]
+fn only_certified_peers_count_and_each_is_capped() {
+    let _g = serial();
+    let ca = network_ca(&["a", "b", "evil"]);
+    let nodes = cluster(ca.path(), &["a", "b"], false);
+    let a = &nodes[0];
+
+    // A real node whose certificate comes from another CA, seeded with a:
+    // it never joins, and its counts never reach a or b.
+    let other_ca = network_ca(&["rogue"]);
+    let rogue = Node::start(Spec {
+        name: "rogue".into(),
+        ca_dir: other_ca.path().to_path_buf(),
+        seeds: vec![a.gossip],
+        block_file: None,
+    });
+    assert_eq!(flood([127, 4, 4], &[rogue.smtp], 15, 100), 15);
+
+    // A client without a certificate pushing a delta as "b".
+    let no_cert = peer::push(
+        peer::client_config(&ca.path().join("ca.pem"), None),
+        a.gossip,
+        vec![peer::delta("b", &[("b", [127, 5, 5, 0], 19)])],
+    );
+    eprintln!("client without a certificate: {no_cert:?}");
+    assert!(
+        no_cert.is_err(),
+        "a client without a certificate stayed connected"
+    );
+
+    // A certified peer "evil": an inflated count for itself (capped at
+    // max_origin_share x limit = 10), one for an origin that is not a
+    // member (dropped), and a message claiming to come from "b" (dropped).
+    let evil = peer::client_config(
+        &ca.path().join("ca.pem"),
+        Some((&ca.path().join("evil.pem"), &ca.path().join("evil.key"))),
+    );
+    peer::push(
+        evil,
+        a.gossip,
+        vec![
+            peer::delta(
+                "evil",
+                &[
+                    ("evil", [127, 6, 6, 0], 1_000_000),
+                    ("ghost", [127, 6, 6, 0], 1_000_000),
+                ],
+            ),
+            peer::delta("b", &[("b", [127, 7, 7, 0], 1_000)]),
+        ],
+    )
+    .expect("a certified peer connects");
+
+    std::thread::sleep(Duration::from_millis(4 * INTERVAL_MS + 1000));
+    for n in &nodes {
+        assert!(
+            !n.peers().iter().any(|(name, _)| name == "rogue"),
+            "{} lists the rogue: {:?}",
+            n.name,
+            n.peers()
+        );
+        assert_eq!(
+            n.connections("127.4.4.1"),
+            0,
+            "{}: the rogue's counts arrived",
+            n.name
+        );
+        assert_eq!(
+            n.connections("127.5.5.1"),
+            0,
+            "{}: counts without a certificate arrived",
+            n.name
+        );
+        assert_eq!(
+            n.connections("127.7.7.1"),
+            0,
+            "{}: counts from a forged sender arrived",
+            n.name
+        );
+    }
+    // The inflated count is capped at evil's share; evil is not a member,
+    // so its counts stay on the node it talked to.
+    assert_eq!(a.connections("127.6.6.1"), (LIMIT / 2) as u64);
+    let e = a.get("/explain?ip=127.6.6.1");
+    assert!(
+        e["verdict"].as_str().unwrap_or("").starts_with("accepted"),
+        "{e}"
+    );
+    assert_eq!(nodes[1].connections("127.6.6.1"), 0);
+    assert!(
+        !a.logs_with(&["gossip handshake failed"]).is_empty(),
+        "handshake failures are logged"
+    );
+    assert!(!a
+        .logs_with(&["gossip message dropped", "sender does not match"])
+        .is_empty());
+    eprintln!(
+        "rejected: {:?}",
+        a.logs_with(&["gossip handshake failed"]).first()
+    );
+    drop(rogue);
+}
