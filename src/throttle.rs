@@ -600,25 +600,32 @@ fn window_sum(slots: &[Slot], first: u64, current: u64) -> Counts {
 /// Like [`window_sum`], but each origin other than this node contributes at
 /// most `cap`.
 fn capped_window_sum(slots: &[Slot], first: u64, current: u64, cap: Counts) -> Counts {
-    let own: Vec<Slot> = slots
+    // Per-peer sums without allocating in the common case (few origins).
+    let mut total = Counts::default();
+    let mut peers = [(SELF_ORIGIN, Counts::default()); 8];
+    let mut n = 0;
+    let mut more: Vec<(Origin, Counts)> = Vec::new();
+    for s in slots
         .iter()
-        .filter(|s| s.origin == SELF_ORIGIN)
-        .copied()
-        .collect();
-    let mut total = window_sum(&own, first, current);
-    let mut origins: Vec<Origin> = slots
-        .iter()
-        .map(|s| s.origin)
-        .filter(|o| *o != SELF_ORIGIN)
-        .collect();
-    if origins.is_empty() {
-        return total;
+        .filter(|s| s.epoch >= first && s.epoch <= current + 1)
+    {
+        if s.origin == SELF_ORIGIN {
+            total = total.saturating_add(s.counts);
+            continue;
+        }
+        if let Some(p) = peers[..n].iter_mut().find(|p| p.0 == s.origin) {
+            p.1 = p.1.saturating_add(s.counts);
+        } else if n < peers.len() {
+            peers[n] = (s.origin, s.counts);
+            n += 1;
+        } else if let Some(p) = more.iter_mut().find(|p| p.0 == s.origin) {
+            p.1 = p.1.saturating_add(s.counts);
+        } else {
+            more.push((s.origin, s.counts));
+        }
     }
-    origins.sort_unstable();
-    origins.dedup();
-    for o in origins {
-        let theirs: Vec<Slot> = slots.iter().filter(|s| s.origin == o).copied().collect();
-        total = total.saturating_add(window_sum(&theirs, first, current).min(cap));
+    for (_, c) in peers[..n].iter().chain(more.iter()) {
+        total = total.saturating_add(c.min(cap));
     }
     total
 }

@@ -325,6 +325,8 @@ struct PostfixConf {
     master: Vec<String>,
     /// Start in a mount namespace whose resolv.conf names this server.
     resolver: Option<IpAddr>,
+    /// Deliver this domain into `mail/mbox` (virtual mailbox).
+    mailbox_domain: Option<String>,
 }
 
 impl PostfixConf {
@@ -335,6 +337,7 @@ impl PostfixConf {
             main: Vec::new(),
             master: Vec::new(),
             resolver: None,
+            mailbox_domain: None,
         }
     }
 
@@ -438,11 +441,19 @@ impl Postfix {
             "queue_run_delay = 2s".into(),
             "minimal_backoff_time = 2s".into(),
             "maximal_backoff_time = 4s".into(),
-            format!("virtual_mailbox_base = {}", d.join("mail").display()),
-            "virtual_mailbox_maps = static:mbox".into(),
-            format!("virtual_uid_maps = static:{uid}"),
-            format!("virtual_gid_maps = static:{gid}"),
         ];
+        if conf.mailbox_domain.is_some() {
+            // Every recipient of the domain lands in mail/mbox.
+            main.extend([
+                format!("virtual_mailbox_base = {}", d.join("mail").display()),
+                "virtual_mailbox_maps = static:mbox".into(),
+                format!("virtual_uid_maps = static:{uid}"),
+                format!("virtual_gid_maps = static:{gid}"),
+            ]);
+        }
+        if let Some(domain) = &conf.mailbox_domain {
+            main.push(format!("virtual_mailbox_domains = {domain}"));
+        }
         main.extend(conf.main.iter().cloned());
         std::fs::write(d.join("etc/main.cf"), main.join("\n") + "\n").unwrap();
         let mut master = format!(
@@ -607,15 +618,15 @@ polite_period = "1h"
 /// Postfix as the real MX of example.test, asking `policy` at RCPT.
 /// `mynetworks` is unrelated, so only the policy service lets anyone in.
 fn real_mx(policy: SocketAddr) -> Postfix {
-    Postfix::start(
-        PostfixConf::new("mail.example.test")
+    Postfix::start(PostfixConf {
+        mailbox_domain: Some("example.test".into()),
+        ..PostfixConf::new("mail.example.test")
             .main("mynetworks = 192.0.2.1/32")
-            .main("virtual_mailbox_domains = example.test")
             .main(format!(
                 "smtpd_recipient_restrictions = check_policy_service inet:{policy}, \
                  reject_unauth_destination"
-            )),
-    )
+            ))
+    })
 }
 
 /// A node config: `listen` for SMTP, relaying on `relay_port`, resolving

@@ -429,32 +429,38 @@ async fn settle(inner: &Inner, entry: QueueEntry, body: &[u8], results: Vec<Opti
     let queue_id = entry.id.as_str();
 
     if let Err(e) = inner.spool.update(&entry).await {
-        error!(queue_id, error = %e, "cannot record delivery results; the message will be tried again");
+        error!(queue_id = %queue_id, error = %e, "cannot record delivery results; the message will be tried again");
         return;
     }
     for ev in &s.events {
         let mx = ev.mx.as_deref().unwrap_or("");
         let (rcpt, reply) = (ev.rcpt.as_str(), ev.reply.as_str());
         match ev.kind {
-            EventKind::Delivered => info!(queue_id, rcpt, mx, reply, "delivered"),
-            EventKind::Bounced => info!(queue_id, rcpt, mx, reply, "bounced"),
+            EventKind::Delivered => {
+                info!(queue_id = %queue_id, rcpt = %rcpt, mx = %mx, reply = %reply, "delivered")
+            }
+            EventKind::Bounced => {
+                info!(queue_id = %queue_id, rcpt = %rcpt, mx = %mx, reply = %reply, "bounced")
+            }
             EventKind::Deferred => info!(
-                queue_id,
-                rcpt,
-                mx,
-                reply,
+                queue_id = %queue_id,
+                rcpt = %rcpt,
+                mx = %mx,
+                reply = %reply,
                 attempts = entry.attempts,
                 next_attempt = entry.next_attempt,
                 "deferred"
             ),
-            EventKind::Expired => warn!(queue_id, rcpt, mx, reply, "expired"),
+            EventKind::Expired => {
+                warn!(queue_id = %queue_id, rcpt = %rcpt, mx = %mx, reply = %reply, "expired")
+            }
         }
     }
 
     if !s.newly_failed.is_empty() {
         if entry.envelope.sender.is_empty() {
             info!(
-                queue_id,
+                queue_id = %queue_id,
                 failed = s.newly_failed.len(),
                 "no DSN: null sender"
             );
@@ -513,8 +519,8 @@ async fn queue_dsn(
 
 async fn remove(inner: &Inner, queue_id: &str) {
     match inner.spool.remove(queue_id).await {
-        Ok(()) => info!(queue_id, "removed"),
-        Err(e) => error!(queue_id, error = %e, "cannot remove a finished message"),
+        Ok(()) => info!(queue_id = %queue_id, "removed"),
+        Err(e) => error!(queue_id = %queue_id, error = %e, "cannot remove a finished message"),
     }
 }
 
