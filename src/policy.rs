@@ -342,12 +342,18 @@ impl PolicyServer {
     pub fn is_allowed(&self, ip: IpAddr) -> bool {
         let ip = crate::smtp::canonical_ip(ip);
         let s = &self.settings;
-        if s.trusted.iter().chain(&s.magic_nodes).any(|n| n.contains(&ip)) {
+        if s.trusted
+            .iter()
+            .chain(&s.magic_nodes)
+            .any(|n| n.contains(&ip))
+        {
             return true;
         }
-        self.peers
-            .as_ref()
-            .is_some_and(|peers| peers().into_iter().any(|p| crate::smtp::canonical_ip(p) == ip))
+        self.peers.as_ref().is_some_and(|peers| {
+            peers()
+                .into_iter()
+                .any(|p| crate::smtp::canonical_ip(p) == ip)
+        })
     }
 
     /// The action for one request at `now` (counts a refusal when it refuses).
@@ -437,7 +443,12 @@ impl PolicyServer {
     }
 
     #[tracing::instrument(name = "policy", skip_all, fields(peer = %peer))]
-    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+    async fn connection(
+        &self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) {
         let _ = stream.set_nodelay(true);
         debug!("policy connection");
         let mut decoder = Decoder::new();
@@ -476,7 +487,10 @@ impl PolicyServer {
                 }
                 Ok(Ok(0)) | Ok(Err(_)) => {
                     if decoder.pending() > 0 {
-                        debug!(pending = decoder.pending(), "policy connection closed mid-request");
+                        debug!(
+                            pending = decoder.pending(),
+                            "policy connection closed mid-request"
+                        );
                     }
                     return;
                 }
@@ -493,18 +507,33 @@ impl PolicyServer {
         let client = request.get("client_address").unwrap_or("");
         let block = client
             .parse::<IpAddr>()
-            .map(|ip| block_of(ip, self.settings.ipv4_prefix, self.settings.ipv6_prefix).to_string())
+            .map(|ip| {
+                block_of(ip, self.settings.ipv4_prefix, self.settings.ipv6_prefix).to_string()
+            })
             .unwrap_or_default();
         let state = request.get("protocol_state").unwrap_or("");
         let rcpt = request.get("recipient").unwrap_or("");
         match &action {
             Action::Dunno => {
-                debug!(client, block, state, action = action.label(), "policy decision")
+                debug!(
+                    client,
+                    block,
+                    state,
+                    action = action.label(),
+                    "policy decision"
+                )
             }
             Action::Malformed(why) => {
                 warn!(client, block, state, action = action.label(), reason = %why, "malformed policy request")
             }
-            _ => info!(client, block, state, recipient = rcpt, action = action.label(), "policy decision"),
+            _ => info!(
+                client,
+                block,
+                state,
+                recipient = rcpt,
+                action = action.label(),
+                "policy decision"
+            ),
         }
         action
     }
@@ -559,7 +588,9 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 /// `magicmx policy`: the policy service alone, until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let addr = config.policy.listen.ok_or_else(|| {
-        anyhow::anyhow!("policy.listen: not set; it is the address for Postfix's check_policy_service")
+        anyhow::anyhow!(
+            "policy.listen: not set; it is the address for Postfix's check_policy_service"
+        )
     })?;
     crate::admin::prometheus();
     let listener = bind(addr).await?;
@@ -577,7 +608,10 @@ mod tests {
     fn settings() -> PolicySettings {
         PolicySettings {
             trusted: vec!["10.1.0.0/16".parse().unwrap()],
-            magic_nodes: vec!["192.0.2.10/32".parse().unwrap(), "2001:db8::10/128".parse().unwrap()],
+            magic_nodes: vec![
+                "192.0.2.10/32".parse().unwrap(),
+                "2001:db8::10/128".parse().unwrap(),
+            ],
             polite_refusals: 3,
             polite_period: Duration::from_secs(3_600),
             ipv4_prefix: 24,
@@ -610,16 +644,28 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..3 {
             let a = p.decide(&rcpt(&format!("198.51.100.{}", i + 1)), t0);
-            assert!(matches!(&a, Action::DeferIfPermit(t) if t.starts_with("4.7.1 ")), "{a:?}");
+            assert!(
+                matches!(&a, Action::DeferIfPermit(t) if t.starts_with("4.7.1 ")),
+                "{a:?}"
+            );
             assert!(a.value().contains("MX"), "{a:?}");
         }
         let a = p.decide(&rcpt("198.51.100.200"), t0);
-        assert!(matches!(&a, Action::Reject(t) if t.starts_with("5.7.1 ")), "{a:?}");
+        assert!(
+            matches!(&a, Action::Reject(t) if t.starts_with("5.7.1 ")),
+            "{a:?}"
+        );
         // Another block starts polite.
-        assert_eq!(p.decide(&rcpt("198.51.101.1"), t0).label(), "defer_if_permit");
+        assert_eq!(
+            p.decide(&rcpt("198.51.101.1"), t0).label(),
+            "defer_if_permit"
+        );
         // After the period the block is polite again.
         let later = t0 + Duration::from_secs(3_600);
-        assert_eq!(p.decide(&rcpt("198.51.100.1"), later).label(), "defer_if_permit");
+        assert_eq!(
+            p.decide(&rcpt("198.51.100.1"), later).label(),
+            "defer_if_permit"
+        );
     }
 
     #[test]
@@ -627,13 +673,25 @@ mod tests {
         let peers: PeerAddrs = Arc::new(|| vec!["203.0.113.5".parse().unwrap()]);
         let p = PolicyServer::new(settings(), Some(peers));
         let now = Instant::now();
-        for ip in ["10.1.2.3", "192.0.2.10", "::ffff:192.0.2.10", "2001:db8::10", "203.0.113.5"] {
+        for ip in [
+            "10.1.2.3",
+            "192.0.2.10",
+            "::ffff:192.0.2.10",
+            "2001:db8::10",
+            "203.0.113.5",
+        ] {
             for _ in 0..10 {
                 assert_eq!(p.decide(&rcpt(ip), now), Action::Dunno, "{ip}");
             }
         }
-        assert_eq!(p.decide(&rcpt("192.0.2.11"), now).label(), "defer_if_permit");
-        assert_eq!(p.decide(&rcpt("203.0.113.6"), now).label(), "defer_if_permit");
+        assert_eq!(
+            p.decide(&rcpt("192.0.2.11"), now).label(),
+            "defer_if_permit"
+        );
+        assert_eq!(
+            p.decide(&rcpt("203.0.113.6"), now).label(),
+            "defer_if_permit"
+        );
         assert_eq!(p.tracked(), 2);
     }
 
@@ -657,7 +715,10 @@ mod tests {
         let mut s = settings();
         s.polite_refusals = 0;
         let p = PolicyServer::new(s, None);
-        assert_eq!(p.decide(&rcpt("198.51.100.1"), Instant::now()).label(), "reject");
+        assert_eq!(
+            p.decide(&rcpt("198.51.100.1"), Instant::now()).label(),
+            "reject"
+        );
     }
 
     #[test]
@@ -669,7 +730,10 @@ mod tests {
             assert_eq!(a.label(), "defer_if_permit");
         }
         assert_eq!(p.decide(&rcpt("2001:db8:1:ffff::9"), now).label(), "reject");
-        assert_eq!(p.decide(&rcpt("2001:db8:2::1"), now).label(), "defer_if_permit");
+        assert_eq!(
+            p.decide(&rcpt("2001:db8:2::1"), now).label(),
+            "defer_if_permit"
+        );
     }
 
     #[test]
@@ -678,14 +742,23 @@ mod tests {
         let now = Instant::now();
         let mut r = rcpt("198.51.100.1");
         r.attrs.remove("request");
-        assert!(p.decide(&r, now).value().starts_with("DEFER_IF_PERMIT 4.3.5 "));
+        assert!(p
+            .decide(&r, now)
+            .value()
+            .starts_with("DEFER_IF_PERMIT 4.3.5 "));
         let mut r = rcpt("198.51.100.1");
         r.attrs.insert("request".into(), "junk".into());
-        assert!(p.decide(&r, now).value().starts_with("DEFER_IF_PERMIT 4.3.5 "));
+        assert!(p
+            .decide(&r, now)
+            .value()
+            .starts_with("DEFER_IF_PERMIT 4.3.5 "));
         let mut r = rcpt("198.51.100.1");
         r.attrs.remove("client_address");
         assert!(p.decide(&r, now).value().contains("client_address"));
-        assert!(p.decide(&rcpt("unknown"), now).value().contains("client_address"));
+        assert!(p
+            .decide(&rcpt("unknown"), now)
+            .value()
+            .contains("client_address"));
         let mut r = rcpt("198.51.100.1");
         r.attrs.remove("protocol_state");
         assert!(p.decide(&r, now).value().contains("protocol_state"));
@@ -701,13 +774,17 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..10_000u32 {
             let ip = IpAddr::from((0x0a00_0000u32 + (i << 8) + 0x0200_0000).to_be_bytes());
-            p.decide(&rcpt(&ip.to_string()), t0 + Duration::from_millis(u64::from(i)));
+            p.decide(
+                &rcpt(&ip.to_string()),
+                t0 + Duration::from_millis(u64::from(i)),
+            );
             assert!(p.tracked() <= 64);
         }
         // The newest block is still remembered.
         let last = IpAddr::from((0x0a00_0000u32 + (9_999 << 8) + 0x0200_0000).to_be_bytes());
         assert_eq!(
-            p.decide(&rcpt(&last.to_string()), t0 + Duration::from_secs(10)).label(),
+            p.decide(&rcpt(&last.to_string()), t0 + Duration::from_secs(10))
+                .label(),
             "reject"
         );
     }

@@ -281,7 +281,10 @@ pub fn assess(config: &Config, answer: &MxAnswer, report: &mut Report) -> Split 
     for h in &hosts {
         let magic = config.is_magic_host(&h.host);
         let kind = if magic { " (magic)" } else { "" };
-        report.push(Status::Info, format!("MX {} {}{kind}", h.preference, h.host));
+        report.push(
+            Status::Info,
+            format!("MX {} {}{kind}", h.preference, h.host),
+        );
         if magic {
             split.magic.push(h.clone());
         } else {
@@ -295,7 +298,11 @@ pub fn assess(config: &Config, answer: &MxAnswer, report: &mut Report) -> Split 
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let best_magic: Vec<&MxHost> = split.magic.iter().filter(|h| h.preference == best).collect();
+    let best_magic: Vec<&MxHost> = split
+        .magic
+        .iter()
+        .filter(|h| h.preference == best)
+        .collect();
     let best_real: Vec<&MxHost> = split.real.iter().filter(|h| h.preference == best).collect();
     if split.magic.is_empty() {
         report.push(
@@ -329,7 +336,11 @@ pub fn assess(config: &Config, answer: &MxAnswer, report: &mut Report) -> Split 
             format!("a magic host is most preferred: {}", names(&best_magic)),
         );
         let worst_magic = split.magic.iter().map(|h| h.preference).max().unwrap_or(0);
-        let early: Vec<&MxHost> = split.real.iter().filter(|h| h.preference < worst_magic).collect();
+        let early: Vec<&MxHost> = split
+            .real
+            .iter()
+            .filter(|h| h.preference < worst_magic)
+            .collect();
         if !early.is_empty() {
             report.push(
                 Status::Warn,
@@ -381,7 +392,10 @@ pub async fn check_domain(dns: &Dns, config: &Config, domain: &str, probe: bool)
     for h in &split.magic {
         match dns.addresses(&h.host).await {
             Ok(a) if !a.is_empty() => magic_resolved += 1,
-            Ok(_) => report.push(Status::Warn, format!("magic host {} has no address", h.host)),
+            Ok(_) => report.push(
+                Status::Warn,
+                format!("magic host {} has no address", h.host),
+            ),
             Err(e) => report.push(Status::Warn, format!("magic host {}: {e}", h.host)),
         }
     }
@@ -427,7 +441,11 @@ pub async fn check_domain(dns: &Dns, config: &Config, domain: &str, probe: bool)
             command_timeout,
         };
         match probe.run().await {
-            Ok(ProbeOutcome::Refused { local, stage, reply }) => report.push(
+            Ok(ProbeOutcome::Refused {
+                local,
+                stage,
+                reply,
+            }) => report.push(
                 Status::Ok,
                 format!(
                     "real MX {host} [{addr}] refuses a direct transaction from this host \
@@ -493,9 +511,13 @@ impl Probe<'_> {
         if code / 100 != 2 {
             return refused("the greeting", text);
         }
-        let (code, text) = self.command(&mut conn, &format!("EHLO {}", self.helo)).await?;
+        let (code, text) = self
+            .command(&mut conn, &format!("EHLO {}", self.helo))
+            .await?;
         if code / 100 != 2 {
-            let (code, text2) = self.command(&mut conn, &format!("HELO {}", self.helo)).await?;
+            let (code, text2) = self
+                .command(&mut conn, &format!("HELO {}", self.helo))
+                .await?;
             if code / 100 != 2 {
                 return refused("EHLO", format!("{text} / HELO: {text2}"));
             }
@@ -604,7 +626,10 @@ mod tests {
         let out = zone_records(
             "Example.ORG.",
             &[("mail.example.org".into(), 20)],
-            &["mx2.magic.example.net".into(), "mx1.magic.example.net.".into()],
+            &[
+                "mx2.magic.example.net".into(),
+                "mx1.magic.example.net.".into(),
+            ],
             300,
         )
         .unwrap();
@@ -664,14 +689,19 @@ mod tests {
         assert_eq!(r.count(Status::Ok), 2, "{r}");
         assert_eq!(s.real.len(), 1);
         assert_eq!(s.magic.len(), 1);
-        assert!(r.to_string().contains("a magic host is most preferred: mx1.magic.test (10)"));
+        assert!(r
+            .to_string()
+            .contains("a magic host is most preferred: mx1.magic.test (10)"));
     }
 
     #[test]
     fn magic_not_most_preferred() {
         let (r, _) = assessed(hosts(&[(5, "mail.example.test"), (10, "mx1.magic.test")]));
         assert!(!r.ok());
-        assert!(r.with(Status::Fail)[0].contains("most preferred MX is not magic"), "{r}");
+        assert!(
+            r.with(Status::Fail)[0].contains("most preferred MX is not magic"),
+            "{r}"
+        );
     }
 
     #[test]

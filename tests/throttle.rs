@@ -10,102 +10,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::inproc::InProc;
 use common::{simple_message, wait_until, Client, DnsServer, Next, Rec, Sink};
-use magicmx::throttle::{now_ms, Counts, Throttle};
-use tokio_util::sync::CancellationToken;
-
-/// A node running in-process on its own runtime.
-struct InProc {
-    dir: tempfile::TempDir,
-    config_path: PathBuf,
-    throttle: Arc<Throttle>,
-    smtp: SocketAddr,
-    admin: SocketAddr,
-    shutdown: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl InProc {
-    fn start(toml_tail: &str) -> InProc {
-        let dir = tempfile::tempdir().unwrap();
-        let config_path = dir.path().join("node.toml");
-        let text = format!(
-            "[node]\nname = \"t1\"\nhostname = \"node1.magic.test\"\ndata_dir = \"data\"\nmagic_suffixes = [\".magic.test\"]\n\
-             [smtp]\nlisten = [\"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n{toml_tail}"
-        );
-        std::fs::write(&config_path, text).unwrap();
-        let config = magicmx::Config::load(&config_path).unwrap();
-        let shutdown = CancellationToken::new();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stop = shutdown.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async move {
-                let node = magicmx::Node::start(config, stop).await.unwrap();
-                tx.send((
-                    node.throttle.clone(),
-                    node.smtp_addrs[0],
-                    node.admin_addr.unwrap(),
-                ))
-                .unwrap();
-                node.wait().await;
-            });
-        });
-        let (throttle, smtp, admin) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
-        InProc {
-            dir,
-            config_path,
-            throttle,
-            smtp,
-            admin,
-            shutdown,
-            thread: Some(thread),
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_magicmx"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config_path)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    }
-
-    fn http_get(&self, path: &str) -> String {
-        let mut s = TcpStream::connect(self.admin).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-        out
-    }
-}
-
-impl Drop for InProc {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = &self.dir;
-    }
-}
+use magicmx::throttle::{now_ms, Counts};
 
 /// Connects from `ip` and returns what came first: a reply or a close.
 fn connect_from(ip: &str, server: SocketAddr) -> Next {

@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod dns;
+pub mod inproc;
 pub mod io;
 pub mod node;
 pub mod sink;

@@ -1,0 +1,162 @@
+//! Limits and edges of a single node that the other suites do not cover:
+//! the total connection limit, the command timeout, graceful shutdown
+//! (`421` to waiting sessions), a mail loop, the implicit MX and the null MX.
+
+mod common;
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::inproc::InProc;
+use common::{simple_message, wait_until, Client, DnsServer, Rec, Sink};
+
+/// Reads what the server sends until it closes (or 10 s pass).
+fn read_until_close(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn connections_over_the_total_limit_get_421() {
+    let node = InProc::start_with_smtp("max_connections = 2\n", "");
+    let a = Client::connect(node.smtp);
+    let _b = Client::connect(node.smtp);
+    let mut c = TcpStream::connect(node.smtp).unwrap();
+    let text = read_until_close(&mut c);
+    assert!(text.starts_with("421 4.3.2"), "third connection: {text:?}");
+    // A slot frees up when a session ends.
+    drop(a);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let mut s = TcpStream::connect(node.smtp).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 3];
+            s.read_exact(&mut buf).is_ok() && &buf == b"220"
+        }),
+        "no slot after a session ended"
+    );
+}
+
+#[test]
+fn idle_sessions_time_out_with_421() {
+    let node = InProc::start_with_smtp("command_timeout = \"1s\"\n", "");
+    let mut s = TcpStream::connect(node.smtp).unwrap();
+    let start = Instant::now();
+    let text = read_until_close(&mut s);
+    assert!(text.starts_with("220 "), "{text:?}");
+    assert!(text.contains("\r\n421 4.4.2 "), "{text:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn shutdown_answers_421_to_waiting_sessions() {
+    let node = InProc::start_with_smtp("", "");
+    let mut c = Client::connect(node.smtp);
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<a@sender.test>", 250);
+    node.shutdown.cancel();
+    let r = c.reply();
+    assert_eq!(r.code, 421, "{r}");
+    assert!(r.text().starts_with("4.3.2"), "{r}");
+}
+
+fn relay_env() -> (Sink, DnsServer) {
+    let sink = Sink::start("127.0.0.1");
+    let dns = DnsServer::start(&[
+        // implicit.test has no MX, only an address: the implicit MX.
+        Rec::A("implicit.test", "127.0.0.1"),
+        Rec::NullMx("null.test"),
+        Rec::Mx("sender.test", 10, "mail.sender.test"),
+        Rec::A("mail.sender.test", "127.0.0.1"),
+    ]);
+    (sink, dns)
+}
+
+fn relay_tail(sink: &Sink, dns: &DnsServer) -> String {
+    format!(
+        "[accept]\ndomains = [\"implicit.test\", \"null.test\"]\n\
+         [throttle]\nhold = \"0s\"\n\
+         [relay]\nport = {}\nretry_initial = \"1s\"\nretry_max = \"2s\"\ntls = \"none\"\n\
+         [dns]\nnameservers = [\"{}\"]\n",
+        sink.addr.port(),
+        dns.addr
+    )
+}
+
+#[test]
+fn implicit_mx_and_null_mx() {
+    let (sink, dns) = relay_env();
+    let node = InProc::start(&relay_tail(&sink, &dns));
+    let msg = simple_message("alice@sender.test", "bob@implicit.test", "implicit");
+    let r = common::send_mail(node.smtp, "alice@sender.test", &["bob@implicit.test"], &msg);
+    assert_eq!(r.code, 250, "{r}");
+    assert!(
+        wait_until(Duration::from_secs(10), || sink
+            .transactions()
+            .iter()
+            .any(|t| t.rcpts == ["bob@implicit.test"])),
+        "implicit MX: not delivered to the domain's address"
+    );
+
+    // Null MX: permanent failure, a DSN to the sender, never a delivery attempt.
+    let msg = simple_message("alice@sender.test", "carol@null.test", "nullmx");
+    let r = common::send_mail(node.smtp, "alice@sender.test", &["carol@null.test"], &msg);
+    assert_eq!(r.code, 250, "{r}");
+    assert!(
+        wait_until(Duration::from_secs(10), || sink
+            .transactions()
+            .iter()
+            .any(|t| t.rcpts == ["alice@sender.test"])),
+        "no DSN for the null MX domain"
+    );
+    let txns = sink.transactions();
+    let dsn = txns
+        .iter()
+        .find(|t| t.rcpts == ["alice@sender.test"])
+        .unwrap();
+    assert_eq!(dsn.mail_from, "", "a DSN has a null sender");
+    let text = dsn.text();
+    assert!(text.contains("report-type=delivery-status"), "{text}");
+    assert!(
+        text.contains("carol@null.test") && text.contains("5.1.10"),
+        "{text}"
+    );
+    assert!(!txns
+        .iter()
+        .any(|t| t.rcpts.iter().any(|r| r.ends_with("@null.test"))));
+}
+
+#[test]
+fn too_many_received_headers_is_a_loop() {
+    let (sink, dns) = relay_env();
+    let node = InProc::start(&relay_tail(&sink, &dns));
+    let mut msg = Vec::new();
+    for i in 0..51 {
+        msg.extend_from_slice(format!("Received: from hop{i} by hop{}\r\n", i + 1).as_bytes());
+    }
+    msg.extend_from_slice(&simple_message("a@sender.test", "b@implicit.test", "loop"));
+    let mut c = Client::connect(node.smtp);
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<a@sender.test>", 250);
+    c.expect("RCPT TO:<b@implicit.test>", 250);
+    c.expect("DATA", 354);
+    c.send(&common::client::data_transfer(&msg));
+    let r = c.reply();
+    assert_eq!(r.code, 554, "{r}");
+    assert!(r.text().starts_with("5.4.6"), "{r}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sink.transactions().is_empty());
+}
