@@ -649,6 +649,9 @@ impl Config {
                 "must be more than 0 and at most 1",
             ));
         }
+        if self.policy.polite_period.0.is_zero() {
+            return Err(invalid("policy.polite_period", "must be more than 0"));
+        }
         if self.dns.timeout.0.is_zero() {
             return Err(invalid("dns.timeout", "must be more than 0"));
         }

@@ -8,10 +8,12 @@
 pub mod admin;
 pub mod config;
 pub mod dns;
+pub mod policy;
 pub mod relay;
 pub mod smtp;
 pub mod spool;
 pub mod throttle;
+pub mod zone;
 
 use std::sync::Arc;
 
@@ -46,6 +48,8 @@ pub struct Node {
     /// Bound outbound (smarthost) addresses.
     pub outbound_addrs: Vec<std::net::SocketAddr>,
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// Bound `[policy] listen` address.
+    pub policy_addr: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
 }
@@ -102,6 +106,11 @@ impl Node {
             // The CLI finds the running node here (the config may say port 0).
             let _ = std::fs::write(config.node.data_dir.join(ADMIN_ADDR_FILE), addr.to_string());
         }
+        let policy_listener = match config.policy.listen {
+            Some(addr) => Some(policy::bind(addr).await?),
+            None => None,
+        };
+        let policy_addr = policy_listener.as_ref().and_then(|l| l.local_addr().ok());
         info!(node = %config.node.name, queued = spool.len().unwrap_or(0), "node started");
 
         let tasks = tokio_util::task::TaskTracker::new();
@@ -123,6 +132,12 @@ impl Node {
             };
             tasks.spawn(admin::serve(l, a, shutdown.clone()));
         }
+        if let Some(l) = policy_listener {
+            let peers: Option<policy::PeerAddrs> = None;
+            let server =
+                policy::PolicyServer::new(policy::PolicySettings::from_config(&config), peers);
+            tasks.spawn(server.serve(l, shutdown.clone()));
+        }
         tasks.spawn(sweep(
             throttle.clone(),
             config.throttle.epoch.0,
@@ -136,6 +151,7 @@ impl Node {
             smtp_addrs,
             outbound_addrs,
             admin_addr,
+            policy_addr,
             shutdown,
             tasks,
         })

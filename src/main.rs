@@ -37,6 +37,39 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Postfix policy service for the real MX, alone, on `[policy] listen`.
+    Policy {
+        #[arg(long, short, default_value = "node.toml")]
+        config: PathBuf,
+    },
+    /// Print the MX records to publish for DOMAIN (zone-file syntax).
+    Zone {
+        domain: String,
+        /// The domain's real MX host (repeatable).
+        #[arg(long = "real-mx", required = true, num_args = 1..)]
+        real_mx: Vec<String>,
+        /// Preference of the real MX; must be greater than the magic hosts' (10).
+        #[arg(long, default_value_t = magicmx::zone::DEFAULT_REAL_PREFERENCE)]
+        real_preference: u16,
+        /// Magic MX hosts (default: node.hostname from --config).
+        #[arg(long, num_args = 1..)]
+        magic: Vec<String>,
+        /// TTL of the records, in seconds.
+        #[arg(long, default_value_t = magicmx::zone::DEFAULT_TTL)]
+        ttl: u32,
+        /// Read only when no --magic host is given.
+        #[arg(long, short, default_value = "node.toml")]
+        config: PathBuf,
+    },
+    /// Check a domain's MX records (and with --probe, that its real MX
+    /// refuses direct mail from this host); exits non-zero on a failure.
+    CheckDomain {
+        domain: String,
+        #[arg(long)]
+        probe: bool,
+        #[arg(long, short, default_value = "node.toml")]
+        config: PathBuf,
+    },
     /// Say why mail from this address would be accepted or refused now
     /// (asks the running node through `[admin] listen`).
     Explain {
@@ -132,6 +165,58 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Queue {
             command: QueueCommand::Quarantine { command },
         } => quarantine(command),
+        Command::Policy { config } => {
+            let config = load(&config)?;
+            init_tracing();
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("shutdown requested");
+                    signal.cancel();
+                });
+                magicmx::policy::run(config, shutdown).await
+            })
+        }
+        Command::Zone {
+            domain,
+            real_mx,
+            real_preference,
+            magic,
+            ttl,
+            config,
+        } => {
+            let magic = if magic.is_empty() {
+                vec![load(&config)?.node.hostname]
+            } else {
+                magic
+            };
+            let real: Vec<(String, u16)> =
+                real_mx.into_iter().map(|h| (h, real_preference)).collect();
+            print!(
+                "{}",
+                magicmx::zone::zone_records(&domain, &real, &magic, ttl)?
+            );
+            Ok(())
+        }
+        Command::CheckDomain {
+            domain,
+            probe,
+            config,
+        } => {
+            let c = load(&config)?;
+            let report = block_on(async {
+                let dns = magicmx::dns::Dns::new(&c.dns)?;
+                anyhow::Ok(magicmx::zone::check_domain(&dns, &c, &domain, probe).await)
+            })?;
+            print!("{report}");
+            if !report.ok() {
+                anyhow::bail!("{domain}: {} check(s) failed", report.failures());
+            }
+            Ok(())
+        }
         Command::Explain { ip, config } => {
             let c = load(&config)?;
             let addr = admin_addr(&c)?;

@@ -21,7 +21,7 @@ fn fqdn(name: &str) -> Name {
 /// (all under `.test`).
 fn catalog(domains: &[&str]) -> Catalog {
     let origin = fqdn("test");
-    let mut zone = InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
+    let mut zone: InMemoryZoneHandler = InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
     let soa = SOA::new(fqdn("ns.test"), fqdn("hostmaster.test"), 1, 3600, 600, 86400, 5);
     assert!(zone.upsert_mut(Record::from_rdata(origin.clone(), 300, RData::SOA(soa)), 1));
     for d in domains {

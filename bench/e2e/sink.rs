@@ -23,6 +23,11 @@ pub const SEQ_HEADER: &str = "X-Bench-Seq: ";
 pub struct SinkState {
     /// seq → arrival time at the sink.
     arrivals: Mutex<HashMap<u64, Instant>>,
+    /// Per message, in arrival order: milliseconds from the `354` reply to
+    /// the final `.` (the DATA phase). A client that writes the end of data
+    /// in a separate small write with Nagle's algorithm on waits here for
+    /// this side's delayed ACK (about 40 ms on Linux).
+    dot_gaps: Mutex<Vec<(Instant, f64)>>,
     /// Every message, labelled or not.
     pub total: AtomicU64,
     /// Messages without a sequence header.
@@ -42,6 +47,17 @@ impl SinkState {
             .iter()
             .filter(|(s, _)| range.contains(s))
             .map(|(s, t)| (*s, *t))
+            .collect()
+    }
+
+    /// Dot gaps of the messages that arrived after `since`.
+    pub fn dot_gaps_since(&self, since: Instant) -> Vec<f64> {
+        self.dot_gaps
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| *t >= since)
+            .map(|(_, g)| *g)
             .collect()
     }
 
@@ -107,6 +123,7 @@ async fn serve(stream: TcpStream, state: Arc<SinkState>) -> std::io::Result<()> 
                 w.flush().await?;
                 let mut seq = None;
                 let mut in_headers = true;
+                let data_start = Instant::now();
                 loop {
                     line.clear();
                     if r.read_until(b'\n', &mut line).await? == 0 {
@@ -126,6 +143,8 @@ async fn serve(stream: TcpStream, state: Arc<SinkState>) -> std::io::Result<()> 
                     }
                 }
                 let now = Instant::now();
+                let gap = now.duration_since(data_start).as_secs_f64() * 1000.0;
+                state.dot_gaps.lock().unwrap().push((now, gap));
                 state.total.fetch_add(1, Ordering::Relaxed);
                 match seq {
                     Some(seq) => {

@@ -12,8 +12,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, DnsName};
@@ -36,7 +36,11 @@ fn ca_params() -> CertificateParams {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, CA_NAME);
     p.distinguished_name = dn;
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     p
 }
 
@@ -52,7 +56,8 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), GossipError> 
     #[cfg(not(unix))]
     let _ = mode;
     let mut f = o.open(path).map_err(|e| ca_err(path, e))?;
-    f.write_all(contents.as_bytes()).map_err(|e| ca_err(path, e))?;
+    f.write_all(contents.as_bytes())
+        .map_err(|e| ca_err(path, e))?;
     f.sync_all().map_err(|e| ca_err(path, e))
 }
 
@@ -71,7 +76,9 @@ pub fn init(dir: &Path) -> Result<(), GossipError> {
     let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
     refuse_existing(&[&cert_path, &key_path])?;
     let key = KeyPair::generate().map_err(|e| ca_err(&key_path, e))?;
-    let cert = ca_params().self_signed(&key).map_err(|e| ca_err(&cert_path, e))?;
+    let cert = ca_params()
+        .self_signed(&key)
+        .map_err(|e| ca_err(&cert_path, e))?;
     write_new(&key_path, &key.serialize_pem(), 0o600)?;
     write_new(&cert_path, &cert.pem(), 0o644)?;
     tracing::info!(dir = %dir.display(), "network CA created");
@@ -85,7 +92,9 @@ pub fn valid_node_name(name: &str) -> bool {
         && !name.eq_ignore_ascii_case(COMMON_NAME)
         && !name.starts_with('.')
         && !name.eq_ignore_ascii_case("ca")
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
 }
 
 /// Issues a node certificate for `name`, signed by the CA in `dir`.
@@ -99,11 +108,15 @@ pub fn issue(name: &str, dir: &Path) -> Result<(), GossipError> {
         });
     }
     let (ca_cert_path, ca_key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
-    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    let (cert_path, key_path) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
     refuse_existing(&[&cert_path, &key_path])?;
     let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(|e| ca_err(&ca_key_path, e))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| ca_err(&ca_key_path, e))?;
-    let ca_cert = CertificateDer::from_pem_file(&ca_cert_path).map_err(|e| ca_err(&ca_cert_path, e))?;
+    let ca_cert =
+        CertificateDer::from_pem_file(&ca_cert_path).map_err(|e| ca_err(&ca_cert_path, e))?;
     let issuer = Issuer::new(ca_params(), ca_key);
 
     let mut params = CertificateParams::new(vec![name.to_string(), COMMON_NAME.to_string()])
@@ -113,10 +126,15 @@ pub fn issue(name: &str, dir: &Path) -> Result<(), GossipError> {
     params.distinguished_name = dn;
     params.is_ca = IsCa::NoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.use_authority_key_identifier_extension = true;
     let key = KeyPair::generate().map_err(|e| ca_err(&key_path, e))?;
-    let cert = params.signed_by(&key, &issuer).map_err(|e| ca_err(&cert_path, e))?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(|e| ca_err(&cert_path, e))?;
     verify_chain(&ca_cert, cert.der(), &[]).map_err(|e| {
         ca_err(
             &ca_cert_path,
@@ -143,7 +161,12 @@ mod tests {
         assert!(issue("node1", dir.path()).is_err(), "never overwrites");
         assert!(issue(COMMON_NAME, dir.path()).is_err());
         assert!(issue("../x", dir.path()).is_err());
-        let m = Material::load(&dir.path().join("ca.pem"), &dir.path().join("node1.pem"), &dir.path().join("node1.key")).unwrap();
+        let m = Material::load(
+            &dir.path().join("ca.pem"),
+            &dir.path().join("node1.pem"),
+            &dir.path().join("node1.key"),
+        )
+        .unwrap();
         m.check("node1").unwrap();
         assert!(m.check("node2").is_err());
         let leaf = &m.chain[0];
@@ -154,14 +177,22 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("node1.key")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join("node1.key"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         // A certificate from another CA does not chain.
         let other = tempfile::tempdir().unwrap();
         init(other.path()).unwrap();
         issue("node1", other.path()).unwrap();
-        let foreign = Material::load(&dir.path().join("ca.pem"), &other.path().join("node1.pem"), &other.path().join("node1.key")).unwrap();
+        let foreign = Material::load(
+            &dir.path().join("ca.pem"),
+            &other.path().join("node1.pem"),
+            &other.path().join("node1.key"),
+        )
+        .unwrap();
         assert!(foreign.check("node1").is_err());
     }
 }

@@ -9,6 +9,10 @@
 //!   one learned from a peer) becomes *hot* for `rounds` push rounds
 //!   (about log2(N) + 1); [`Ledger::take_round`] hands out the hot keys with
 //!   their current value, so forwarding is epidemic and state-based.
+//!   [`Ledger::take_fresh`] hands out only the keys not pushed since they
+//!   last changed (their first round): the live node calls it several times
+//!   per interval, so news crosses each hop in a fraction of an interval
+//!   while the later rounds keep the interval's pace.
 //! * **Digests**: every (origin, epoch) group has an order-independent hash
 //!   (wrapping sum of a 64-bit hash per (block, counts)) and an entry count,
 //!   kept up to date on every change. Anti-entropy compares, over an epoch
@@ -116,7 +120,11 @@ impl BatchError {
 /// Number of push rounds a change stays hot in a network of `members`
 /// nodes: ceil(log2(members)) + 1.
 pub fn rounds_for(members: usize) -> u8 {
-    let log = if members <= 1 { 0 } else { (members - 1).ilog2() + 1 };
+    let log = if members <= 1 {
+        0
+    } else {
+        (members - 1).ilog2() + 1
+    };
     (log + 1).min(u8::MAX as u32) as u8
 }
 
@@ -150,7 +158,9 @@ fn epoch_hash(epoch: u64, g: GroupHash) -> u64 {
 
 const LOWEST_BLOCK: Block = Block(IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0)));
 const HIGHEST_BLOCK: Block = Block(IpNet::V6(Ipv6Net::new_assert(
-    Ipv6Addr::new(0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff),
+    Ipv6Addr::new(
+        0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff,
+    ),
     128,
 )));
 
@@ -163,6 +173,8 @@ pub struct Ledger {
     groups: BTreeMap<(OriginId, u64), GroupHash>,
     /// Keys to push, with the rounds left.
     hot: BTreeMap<Key, u8>,
+    /// Hot keys not pushed since their last change.
+    fresh: BTreeSet<Key>,
     /// Where the previous round stopped when it hit its size cap.
     cursor: Option<Key>,
     rounds: u8,
@@ -207,7 +219,11 @@ impl<'a> BatchBuilder<'a> {
         if let Some(i) = self.index.get(&origin) {
             return *i;
         }
-        let name = self.ledger.origin_name(origin).unwrap_or_default().to_string();
+        let name = self
+            .ledger
+            .origin_name(origin)
+            .unwrap_or_default()
+            .to_string();
         let i = self.origin_index_by_name(&name);
         self.index.insert(origin, i);
         i
@@ -235,7 +251,10 @@ impl<'a> BatchBuilder<'a> {
 /// Decodes the counts of a batch. Entries with a bad block, origin index or
 /// epoch are skipped and counted (second value); a batch with another epoch
 /// length or too many entries is refused as a whole.
-pub fn decode_batch(batch: &proto::CountBatch, epoch_ms: u64) -> Result<(Vec<Update>, usize), BatchError> {
+pub fn decode_batch(
+    batch: &proto::CountBatch,
+    epoch_ms: u64,
+) -> Result<(Vec<Update>, usize), BatchError> {
     if batch.epoch_ms != epoch_ms {
         return Err(BatchError::EpochLength);
     }
@@ -287,6 +306,7 @@ impl Ledger {
             counts: BTreeMap::new(),
             groups: BTreeMap::new(),
             hot: BTreeMap::new(),
+            fresh: BTreeSet::new(),
             cursor: None,
             rounds: rounds.max(1),
             first_epoch: 0,
@@ -338,8 +358,8 @@ impl Ledger {
     }
 
     /// Every count, in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&Key, &Counts)> {
-        self.counts.iter()
+    pub fn iter(&self) -> impl Iterator<Item = (Key, Counts)> + '_ {
+        self.counts.iter().map(|(k, c)| (*k, *c))
     }
 
     /// Merges one observation (field-wise maximum). If the stored value
@@ -362,6 +382,7 @@ impl Ledger {
         g.add(entry_hash(&key.block, &new));
         self.counts.insert(key, new);
         self.hot.insert(key, self.rounds);
+        self.fresh.insert(key);
         Some(old.unwrap_or_default())
     }
 
@@ -374,6 +395,7 @@ impl Ledger {
         self.counts.retain(|k, _| k.epoch >= first_epoch);
         self.groups.retain(|(_, e), _| *e >= first_epoch);
         self.hot.retain(|k, _| k.epoch >= first_epoch);
+        self.fresh.retain(|k| k.epoch >= first_epoch);
         if self.cursor.is_some_and(|c| c.epoch < first_epoch) {
             self.cursor = None;
         }
@@ -393,17 +415,38 @@ impl Ledger {
                 .collect(),
             None => self.hot.keys().take(max).copied().collect(),
         };
-        self.cursor = if keys.len() == max { keys.last().copied() } else { None };
+        self.cursor = if keys.len() == max {
+            keys.last().copied()
+        } else {
+            None
+        };
+        self.hand_out(keys)
+    }
+
+    /// The hot keys not pushed since they last changed (at most `max`),
+    /// with their current value; this is their first round.
+    pub fn take_fresh(&mut self, max: usize) -> Vec<(Key, Counts)> {
+        let keys: Vec<Key> = self.fresh.iter().take(max).copied().collect();
+        self.hand_out(keys)
+    }
+
+    /// Keys still waiting for their first push.
+    pub fn fresh_len(&self) -> usize {
+        self.fresh.len()
+    }
+
+    fn hand_out(&mut self, keys: Vec<Key>) -> Vec<(Key, Counts)> {
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
+            self.fresh.remove(&k);
             if let Some(left) = self.hot.get_mut(&k) {
                 *left -= 1;
                 if *left == 0 {
                     self.hot.remove(&k);
                 }
             }
-            if let Some(c) = self.counts.get(&k) {
-                out.push((k, *c));
+            if let Some(c) = self.get(&k) {
+                out.push((k, c));
             }
         }
         out
@@ -421,7 +464,11 @@ impl Ledger {
 
     /// Merges a batch (interning its origins). Returns the number of keys
     /// that grew, or the reason the batch was refused.
-    pub fn merge_batch(&mut self, batch: &proto::CountBatch, epoch_ms: u64) -> Result<usize, BatchError> {
+    pub fn merge_batch(
+        &mut self,
+        batch: &proto::CountBatch,
+        epoch_ms: u64,
+    ) -> Result<usize, BatchError> {
         let (updates, _) = decode_batch(batch, epoch_ms)?;
         let ids: Vec<OriginId> = batch.origins.iter().map(|n| self.intern(n)).collect();
         let mut grown = 0;
@@ -438,7 +485,11 @@ impl Ledger {
         Ok(grown)
     }
 
-    fn group_entries(&self, origin: OriginId, epoch: u64) -> impl Iterator<Item = (&Key, &Counts)> {
+    fn group_entries(
+        &self,
+        origin: OriginId,
+        epoch: u64,
+    ) -> impl Iterator<Item = (Key, Counts)> + '_ {
         let lo = Key {
             origin,
             epoch,
@@ -449,12 +500,20 @@ impl Ledger {
             epoch,
             block: HIGHEST_BLOCK,
         };
-        self.counts.range((Included(lo), Included(hi)))
+        self.counts
+            .range((Included(lo), Included(hi)))
+            .map(|(k, c)| (*k, *c))
     }
 
-    fn groups_of(&self, origin: OriginId, first: u64, last: u64) -> impl Iterator<Item = (u64, GroupHash)> + '_ {
+    fn groups_of(
+        &self,
+        origin: OriginId,
+        first: u64,
+        last: u64,
+    ) -> impl Iterator<Item = (u64, GroupHash)> + '_ {
         self.groups
             .range((Included((origin, first)), Included((origin, last))))
+            .filter(|(_, g)| g.entries > 0)
             .map(|((_, e), g)| (*e, *g))
     }
 
@@ -462,12 +521,13 @@ impl Ledger {
     fn origin_summaries(&self, first: u64, last: u64) -> BTreeMap<OriginId, GroupHash> {
         let mut out: BTreeMap<OriginId, GroupHash> = BTreeMap::new();
         for ((o, e), g) in &self.groups {
+            let g = *g;
             if *e < first || *e > last || g.entries == 0 {
                 continue;
             }
             let s = out.entry(*o).or_default();
             s.entries = s.entries.wrapping_add(g.entries);
-            s.hash = s.hash.wrapping_add(epoch_hash(*e, *g));
+            s.hash = s.hash.wrapping_add(epoch_hash(*e, g));
         }
         out
     }
@@ -482,7 +542,8 @@ impl Ledger {
             hashes: Vec::new(),
         };
         for (o, g) in self.origin_summaries(first, last) {
-            s.origins.push(self.origin_name(o).unwrap_or_default().to_string());
+            s.origins
+                .push(self.origin_name(o).unwrap_or_default().to_string());
             s.hashes.push(g.to_wire());
         }
         s
@@ -490,7 +551,11 @@ impl Ledger {
 
     /// Anti-entropy leg 2: the origins whose summary differs from ours, with
     /// our hash of each of their non-empty epochs in the range.
-    pub fn answer_summary(&self, s: &proto::Summary, epoch_ms: u64) -> Result<proto::EpochDigest, BatchError> {
+    pub fn answer_summary(
+        &self,
+        s: &proto::Summary,
+        epoch_ms: u64,
+    ) -> Result<proto::EpochDigest, BatchError> {
         if s.epoch_ms != epoch_ms {
             return Err(BatchError::EpochLength);
         }
@@ -506,7 +571,10 @@ impl Ledger {
         }
         let mut differing: BTreeSet<&str> = BTreeSet::new();
         for (name, rh) in &remote {
-            let lh = self.origin_id(name).and_then(|id| local.get(&id).copied()).unwrap_or_default();
+            let lh = self
+                .origin_id(name)
+                .and_then(|id| local.get(&id).copied())
+                .unwrap_or_default();
             if lh != *rh {
                 differing.insert(name);
             }
@@ -541,7 +609,10 @@ impl Ledger {
 
     /// The (origin name, epoch) groups where our counts differ from the
     /// peer's epoch digest, each with whether we / the peer have any counts.
-    pub fn differing_groups(&self, d: &proto::EpochDigest) -> Result<Vec<(String, u64, bool, bool)>, BatchError> {
+    pub fn differing_groups(
+        &self,
+        d: &proto::EpochDigest,
+    ) -> Result<Vec<(String, u64, bool, bool)>, BatchError> {
         check_range(d.first_epoch, d.last_epoch)?;
         if d.origins.len() > MAX_DIGEST_ITEMS || d.groups.len() > MAX_DIGEST_ITEMS {
             return Err(BatchError::Malformed);
@@ -553,7 +624,10 @@ impl Ledger {
             if o >= d.origins.len() || g.epoch_offset > last - first {
                 return Err(BatchError::Malformed);
             }
-            remote.insert((o, first + g.epoch_offset), GroupHash::from_wire(g.hash.as_ref()));
+            remote.insert(
+                (o, first + g.epoch_offset),
+                GroupHash::from_wire(g.hash.as_ref()),
+            );
         }
         let mut out = Vec::new();
         for (i, name) in d.origins.iter().enumerate() {
@@ -579,7 +653,11 @@ impl Ledger {
 
     /// Anti-entropy leg 3: our counts for the groups that differ from the
     /// peer's epoch digest, and the groups we want from the peer.
-    pub fn answer_epoch_digest(&self, d: &proto::EpochDigest, epoch_ms: u64) -> Result<proto::Repair, BatchError> {
+    pub fn answer_epoch_digest(
+        &self,
+        d: &proto::EpochDigest,
+        epoch_ms: u64,
+    ) -> Result<proto::Repair, BatchError> {
         let diff = self.differing_groups(d)?;
         let mut b = BatchBuilder::new(self, epoch_ms, d.first_epoch);
         let mut want = Vec::new();
@@ -596,7 +674,7 @@ impl Ledger {
                     if b.full() {
                         break;
                     }
-                    b.push(k, c);
+                    b.push(&k, &c);
                 }
             }
         }
@@ -607,7 +685,11 @@ impl Ledger {
     }
 
     /// Anti-entropy leg 4: our counts for the groups the initiator wants.
-    pub fn answer_repair(&self, r: &proto::Repair, epoch_ms: u64) -> Result<proto::CountBatch, BatchError> {
+    pub fn answer_repair(
+        &self,
+        r: &proto::Repair,
+        epoch_ms: u64,
+    ) -> Result<proto::CountBatch, BatchError> {
         let counts = r.counts.as_ref().ok_or(BatchError::Malformed)?;
         if counts.epoch_ms != epoch_ms {
             return Err(BatchError::EpochLength);
@@ -618,14 +700,21 @@ impl Ledger {
         let base = counts.base_epoch;
         let mut b = BatchBuilder::new(self, epoch_ms, base);
         for w in &r.want {
-            let name = counts.origins.get(w.origin as usize).ok_or(BatchError::Malformed)?;
-            let epoch = base.checked_add(w.epoch_offset).ok_or(BatchError::Malformed)?;
-            let Some(id) = self.origin_id(name) else { continue };
+            let name = counts
+                .origins
+                .get(w.origin as usize)
+                .ok_or(BatchError::Malformed)?;
+            let epoch = base
+                .checked_add(w.epoch_offset)
+                .ok_or(BatchError::Malformed)?;
+            let Some(id) = self.origin_id(name) else {
+                continue;
+            };
             for (k, c) in self.group_entries(id, epoch) {
                 if b.full() {
                     return Ok(b.batch);
                 }
-                b.push(k, c);
+                b.push(&k, &c);
             }
         }
         Ok(b.batch)
@@ -635,8 +724,8 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message as _;
     use proptest::prelude::*;
+    use prost::Message as _;
     use std::net::IpAddr;
 
     const EPOCH_MS: u64 = 60_000;
@@ -657,7 +746,16 @@ mod tests {
     fn by_name(l: &Ledger, first: u64, last: u64) -> BTreeMap<(String, u64, Block), Counts> {
         l.iter()
             .filter(|(k, _)| k.epoch >= first && k.epoch <= last)
-            .map(|(k, c)| ((l.origin_name(k.origin).unwrap().to_string(), k.epoch, k.block), *c))
+            .map(|(k, c)| {
+                (
+                    (
+                        l.origin_name(k.origin).unwrap().to_string(),
+                        k.epoch,
+                        k.block,
+                    ),
+                    c,
+                )
+            })
             .collect()
     }
 
@@ -729,6 +827,28 @@ mod tests {
     }
 
     #[test]
+    fn fresh_keys_are_handed_out_once_then_take_the_normal_rounds() {
+        let mut l = Ledger::new(3);
+        let o = l.intern("a");
+        let k = Key {
+            origin: o,
+            epoch: 1,
+            block: block(1),
+        };
+        l.observe(k, c(1));
+        assert_eq!(l.fresh_len(), 1);
+        assert_eq!(l.take_fresh(10), vec![(k, c(1))]);
+        assert!(l.take_fresh(10).is_empty(), "fresh only once");
+        assert_eq!(l.take_round(10).len(), 1);
+        assert_eq!(l.take_round(10).len(), 1);
+        assert!(l.take_round(10).is_empty(), "three rounds in all");
+        // A round also counts as the first push.
+        l.observe(k, c(2));
+        assert_eq!(l.take_round(10), vec![(k, c(2))]);
+        assert!(l.take_fresh(10).is_empty());
+    }
+
+    #[test]
     fn capped_rounds_rotate_over_every_hot_key() {
         let mut l = Ledger::new(1);
         let o = l.intern("a");
@@ -765,13 +885,20 @@ mod tests {
         };
         assert_eq!(l.observe(old, c(5)), None);
         assert!(l.take_round(100).iter().all(|(k, _)| k.epoch >= 4));
-        assert!(l.summary(0, 10, EPOCH_MS).hashes.iter().map(|h| h.entries).sum::<u32>() == 2);
+        assert!(
+            l.summary(0, 10, EPOCH_MS)
+                .hashes
+                .iter()
+                .map(|h| h.entries)
+                .sum::<u32>()
+                == 2
+        );
     }
 
     #[test]
     fn batch_codec_roundtrip() {
         let a = ledger_from(&[(1, 7, 1, c(4)), (2, 8, 2, c(9)), (1, 9, 3, c(1))]);
-        let entries: Vec<(Key, Counts)> = a.iter().map(|(k, c)| (*k, *c)).collect();
+        let entries: Vec<(Key, Counts)> = a.iter().collect();
         let batch = a.encode_batch(&entries, EPOCH_MS);
         let bytes = batch.encode_to_vec();
         let decoded = proto::CountBatch::decode(bytes.as_slice()).unwrap();
@@ -780,11 +907,25 @@ mod tests {
         assert_eq!(invalid, 0);
         let back: Vec<(String, u64, Block, Counts)> = updates
             .iter()
-            .map(|u| (decoded.origins[u.origin].clone(), u.epoch, u.block, u.counts))
+            .map(|u| {
+                (
+                    decoded.origins[u.origin].clone(),
+                    u.epoch,
+                    u.block,
+                    u.counts,
+                )
+            })
             .collect();
         let orig: Vec<(String, u64, Block, Counts)> = entries
             .iter()
-            .map(|(k, c)| (a.origin_name(k.origin).unwrap().to_string(), k.epoch, k.block, *c))
+            .map(|(k, c)| {
+                (
+                    a.origin_name(k.origin).unwrap().to_string(),
+                    k.epoch,
+                    k.block,
+                    *c,
+                )
+            })
             .collect();
         assert_eq!(back, orig);
         let mut b = Ledger::new(1);
@@ -801,8 +942,9 @@ mod tests {
 
     #[test]
     fn digest_finds_one_changed_count() {
-        let entries: Vec<(u8, u64, u8, Counts)> =
-            (0..50).map(|i| (i % 5, 10 + (i as u64 % 3), i, c(i as u32 + 1))).collect();
+        let entries: Vec<(u8, u64, u8, Counts)> = (0..50)
+            .map(|i| (i % 5, 10 + (i as u64 % 3), i, c(i as u32 + 1)))
+            .collect();
         let mut a = ledger_from(&entries);
         let mut b = ledger_from(&entries);
         let o = b.origin_id("n2").unwrap();
@@ -822,7 +964,9 @@ mod tests {
         anti_entropy(&mut a, &mut b, 10, 12);
         assert_eq!(by_name(&a, 10, 12), by_name(&b, 10, 12));
         // In sync: the next exchange finds nothing.
-        let d = b.answer_summary(&a.summary(10, 12, EPOCH_MS), EPOCH_MS).unwrap();
+        let d = b
+            .answer_summary(&a.summary(10, 12, EPOCH_MS), EPOCH_MS)
+            .unwrap();
         assert!(d.origins.is_empty() && d.groups.is_empty());
     }
 
@@ -867,7 +1011,11 @@ mod tests {
     }
 
     /// The field-wise maximum of every entry, by name: the merge model.
-    fn model(all: &[&[(u8, u64, u8, Counts)]], first: u64, last: u64) -> BTreeMap<(String, u64, Block), Counts> {
+    fn model(
+        all: &[&[(u8, u64, u8, Counts)]],
+        first: u64,
+        last: u64,
+    ) -> BTreeMap<(String, u64, Block), Counts> {
         let mut m: BTreeMap<(String, u64, Block), Counts> = BTreeMap::new();
         for entries in all {
             for (o, e, b, counts) in entries.iter() {
@@ -901,7 +1049,7 @@ mod tests {
         #[test]
         fn batch_merge_is_associative(a in arb_entries(), b in arb_entries(), c in arb_entries()) {
             let (la, lb, lc) = (ledger_from(&a), ledger_from(&b), ledger_from(&c));
-            let all = |l: &Ledger| l.encode_batch(&l.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(), EPOCH_MS);
+            let all = |l: &Ledger| l.encode_batch(&l.iter().collect::<Vec<_>>(), EPOCH_MS);
             let mut left = la.clone();
             left.merge_batch(&all(&lb), EPOCH_MS).unwrap();
             left.merge_batch(&all(&lc), EPOCH_MS).unwrap();
@@ -947,7 +1095,7 @@ mod tests {
             let l0 = ledger_from(&a);
             for (k, v) in l0.iter() {
                 let o = l.intern(l0.origin_name(k.origin).unwrap());
-                l.observe(Key { origin: o, ..*k }, *v);
+                l.observe(Key { origin: o, ..k }, v);
             }
             let mut sent: BTreeMap<Key, usize> = BTreeMap::new();
             for _ in 0..(rounds as usize + 2) {

@@ -14,13 +14,16 @@
 //! timers due) and hands back the packets to send. No I/O here.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::{Duration, Instant};
 
+use foca::{
+    AccumulatingRuntime, Foca, Header, Member, Message, NoCustomBroadcast, OwnedNotification,
+    State, Timer,
+};
 use prost::bytes::{Buf, BufMut};
-use foca::{AccumulatingRuntime, Foca, Header, Member, Message, NoCustomBroadcast, OwnedNotification, State, Timer};
 use prost::Message as _;
 use rand_pcg::rand_core::SeedableRng;
 
@@ -109,10 +112,22 @@ fn header_to_wire(h: &Header<NodeId>) -> proto::SwimHeader {
     let (kind, probe, other) = match &h.message {
         Message::Ping(n) => (K::Ping, *n, None),
         Message::Ack(n) => (K::Ack, *n, None),
-        Message::PingReq { target, probe_number } => (K::PingReq, *probe_number, Some(target)),
-        Message::IndirectPing { origin, probe_number } => (K::IndirectPing, *probe_number, Some(origin)),
-        Message::IndirectAck { target, probe_number } => (K::IndirectAck, *probe_number, Some(target)),
-        Message::ForwardedAck { origin, probe_number } => (K::ForwardedAck, *probe_number, Some(origin)),
+        Message::PingReq {
+            target,
+            probe_number,
+        } => (K::PingReq, *probe_number, Some(target)),
+        Message::IndirectPing {
+            origin,
+            probe_number,
+        } => (K::IndirectPing, *probe_number, Some(origin)),
+        Message::IndirectAck {
+            target,
+            probe_number,
+        } => (K::IndirectAck, *probe_number, Some(target)),
+        Message::ForwardedAck {
+            origin,
+            probe_number,
+        } => (K::ForwardedAck, *probe_number, Some(origin)),
         Message::Announce => (K::Announce, 0, None),
         Message::Feed => (K::Feed, 0, None),
         Message::Gossip => (K::Gossip, 0, None),
@@ -131,7 +146,8 @@ fn header_to_wire(h: &Header<NodeId>) -> proto::SwimHeader {
 
 fn header_from_wire(h: proto::SwimHeader) -> Result<Header<NodeId>, CodecError> {
     use proto::SwimKind as K;
-    let probe_number = u8::try_from(h.probe_number).map_err(|_| CodecError::Invalid("probe number"))?;
+    let probe_number =
+        u8::try_from(h.probe_number).map_err(|_| CodecError::Invalid("probe number"))?;
     let kind = K::try_from(h.kind).map_err(|_| CodecError::Invalid("message kind"))?;
     let other = || id_from_wire(h.other.clone());
     let message = match kind {
@@ -162,7 +178,8 @@ fn header_from_wire(h: proto::SwimHeader) -> Result<Header<NodeId>, CodecError> 
     };
     Ok(Header {
         src: id_from_wire(h.src)?,
-        src_incarnation: u16::try_from(h.src_incarnation).map_err(|_| CodecError::Invalid("incarnation"))?,
+        src_incarnation: u16::try_from(h.src_incarnation)
+            .map_err(|_| CodecError::Invalid("incarnation"))?,
         dst: id_from_wire(h.dst)?,
         message,
     })
@@ -171,7 +188,11 @@ fn header_from_wire(h: proto::SwimHeader) -> Result<Header<NodeId>, CodecError> 
 impl foca::Codec<NodeId> for SwimCodec {
     type Error = CodecError;
 
-    fn encode_header(&mut self, header: &Header<NodeId>, mut buf: impl BufMut) -> Result<(), CodecError> {
+    fn encode_header(
+        &mut self,
+        header: &Header<NodeId>,
+        mut buf: impl BufMut,
+    ) -> Result<(), CodecError> {
         header_to_wire(header)
             .encode_length_delimited(&mut buf)
             .map_err(|_| CodecError::Space)
@@ -181,7 +202,11 @@ impl foca::Codec<NodeId> for SwimCodec {
         header_from_wire(proto::SwimHeader::decode_length_delimited(&mut buf)?)
     }
 
-    fn encode_member(&mut self, member: &Member<NodeId>, mut buf: impl BufMut) -> Result<(), CodecError> {
+    fn encode_member(
+        &mut self,
+        member: &Member<NodeId>,
+        mut buf: impl BufMut,
+    ) -> Result<(), CodecError> {
         let state = match member.state() {
             State::Alive => proto::MemberState::Alive,
             State::Suspect => proto::MemberState::Suspect,
@@ -204,7 +229,8 @@ impl foca::Codec<NodeId> for SwimCodec {
             Ok(proto::MemberState::Down) => State::Down,
             Err(_) => return Err(CodecError::Invalid("member state")),
         };
-        let incarnation = u16::try_from(m.incarnation).map_err(|_| CodecError::Invalid("incarnation"))?;
+        let incarnation =
+            u16::try_from(m.incarnation).map_err(|_| CodecError::Invalid("incarnation"))?;
         Ok(Member::new(id_from_wire(m.id)?, incarnation, state))
     }
 }
@@ -223,7 +249,8 @@ pub fn packet_source(packet: &[u8]) -> Option<String> {
 /// of periods, and the probe fails within one), then suspicion for a third
 /// of it: about 3/6 + 2/6 of the timeout in the worst case.
 pub fn foca_config(g: &GossipConfig, cluster_size: usize) -> foca::Config {
-    let size = NonZeroU32::new(cluster_size.clamp(1, u32::MAX as usize) as u32).unwrap_or(NonZeroU32::MIN);
+    let size =
+        NonZeroU32::new(cluster_size.clamp(1, u32::MAX as usize) as u32).unwrap_or(NonZeroU32::MIN);
     let mut c = foca::Config::new_lan(size);
     let ft = g.failure_timeout.0;
     let period = (ft / 6).max(Duration::from_millis(15));
@@ -320,7 +347,12 @@ impl Members {
     }
 
     /// A SWIM packet from `from` (the verified name of the sender).
-    pub fn handle_packet(&mut self, from: &str, packet: &[u8], now: Instant) -> Result<Output, foca::Error> {
+    pub fn handle_packet(
+        &mut self,
+        from: &str,
+        packet: &[u8],
+        now: Instant,
+    ) -> Result<Output, foca::Error> {
         if let Some(p) = self.peers.get_mut(from) {
             p.last_heard = Some(now);
         }
@@ -409,9 +441,14 @@ impl Members {
                 }
                 OwnedNotification::Idle => tracing::info!("gossip: no live peer"),
                 OwnedNotification::Rejoin(id) => {
-                    tracing::info!(bump = id.bump, "gossip: declared down by the network, rejoined with a new identity");
+                    tracing::info!(
+                        bump = id.bump,
+                        "gossip: declared down by the network, rejoined with a new identity"
+                    );
                 }
-                OwnedNotification::Defunct => tracing::warn!("gossip: declared down and cannot rejoin"),
+                OwnedNotification::Defunct => {
+                    tracing::warn!("gossip: declared down and cannot rejoin")
+                }
             }
         }
         self.refresh(now);
@@ -422,19 +459,22 @@ impl Members {
     /// network size.
     fn refresh(&mut self, now: Instant) {
         let me = self.foca.identity().name.clone();
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         for m in self.foca.iter_membership_state() {
             let id = m.id();
             if id.name == me {
                 continue;
             }
-            seen.push(id.name.clone());
-            let p = self.peers.entry(id.name.clone()).or_insert_with(|| PeerRecord {
-                id: id.clone(),
-                state: m.state(),
-                last_heard: None,
-                down_since: None,
-            });
+            seen.insert(id.name.clone());
+            let p = self
+                .peers
+                .entry(id.name.clone())
+                .or_insert_with(|| PeerRecord {
+                    id: id.clone(),
+                    state: m.state(),
+                    last_heard: None,
+                    down_since: None,
+                });
             if p.id.bump <= id.bump {
                 p.id = id.clone();
                 if p.state != State::Down && m.state() == State::Down {
@@ -565,7 +605,9 @@ mod tests {
             failure_timeout: crate::config::Dur(Duration::from_millis(800)),
             ..GossipConfig::default()
         };
-        let mut nodes: Vec<Members> = (0..3).map(|i| Members::new(id(&format!("n{i}"), 10 + i as u16 * 10, 1), &g, i as u64)).collect();
+        let mut nodes: Vec<Members> = (0..3)
+            .map(|i| Members::new(id(&format!("n{i}"), 10 + i as u16 * 10, 1), &g, i as u64))
+            .collect();
         let mut now = Instant::now();
         let mut inbox: Vec<(usize, String, Vec<u8>)> = Vec::new();
         let route = |out: Output, from: &str, inbox: &mut Vec<(usize, String, Vec<u8>)>| {
@@ -575,8 +617,8 @@ mod tests {
             }
         };
         let seed = id("n0", 10, 0);
-        for i in 1..3 {
-            let out = nodes[i].announce(seed.clone(), now).unwrap();
+        for (i, node) in nodes.iter_mut().enumerate().skip(1) {
+            let out = node.announce(seed.clone(), now).unwrap();
             route(out, &format!("n{i}"), &mut inbox);
         }
         let mut dead = None;
@@ -593,11 +635,11 @@ mod tests {
                     route(out, &format!("n{to}"), &mut inbox);
                 }
             }
-            for i in 0..3 {
+            for (i, node) in nodes.iter_mut().enumerate() {
                 if Some(i) == dead {
                     continue;
                 }
-                let out = nodes[i].handle_timers(now);
+                let out = node.handle_timers(now);
                 route(out, &format!("n{i}"), &mut inbox);
             }
             if step == 99 {

@@ -12,9 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer, ServerName};
-use rustls::client::danger::ServerCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 
 use super::GossipError;
@@ -51,7 +51,10 @@ impl Material {
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
             .map_err(|e| tls_err("gossip.cert", format!("{}: {e}", cert.display())))?;
         if chain.is_empty() {
-            return Err(tls_err("gossip.cert", format!("{}: no certificate in the file", cert.display())));
+            return Err(tls_err(
+                "gossip.cert",
+                format!("{}: no certificate in the file", cert.display()),
+            ));
         }
         let key = PrivateKeyDer::from_pem_file(key)
             .map_err(|e| tls_err("gossip.key", format!("{}: {e}", key.display())))?;
@@ -60,7 +63,9 @@ impl Material {
 
     fn roots(&self) -> Result<Arc<rustls::RootCertStore>, GossipError> {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.clone()).map_err(|e| tls_err("gossip.ca", e))?;
+        roots
+            .add(self.ca.clone())
+            .map_err(|e| tls_err("gossip.ca", e))?;
         Ok(Arc::new(roots))
     }
 
@@ -70,7 +75,10 @@ impl Material {
     pub fn check(&self, node_name: &str) -> Result<(), GossipError> {
         let leaf = &self.chain[0];
         verify_chain(&self.ca, leaf, &self.chain[1..]).map_err(|e| {
-            tls_err("gossip.cert", format!("the certificate does not chain to gossip.ca: {e}"))
+            tls_err(
+                "gossip.cert",
+                format!("the certificate does not chain to gossip.ca: {e}"),
+            )
         })?;
         if !valid_for(leaf, node_name) {
             return Err(tls_err(
@@ -81,7 +89,10 @@ impl Material {
         Ok(())
     }
 
-    pub fn server_config(&self, transport: Arc<quinn::TransportConfig>) -> Result<quinn::ServerConfig, GossipError> {
+    pub fn server_config(
+        &self,
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ServerConfig, GossipError> {
         let provider = provider();
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
             .build()
@@ -93,14 +104,18 @@ impl Material {
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| tls_err("gossip.key", e))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).map_err(|e| tls_err("gossip.cert", e))?;
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
+            .map_err(|e| tls_err("gossip.cert", e))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(transport);
         config.migration(false);
         Ok(config)
     }
 
-    pub fn client_config(&self, transport: Arc<quinn::TransportConfig>) -> Result<quinn::ClientConfig, GossipError> {
+    pub fn client_config(
+        &self,
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ClientConfig, GossipError> {
         let mut tls = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| tls_err("gossip.cert", e))?
@@ -108,7 +123,8 @@ impl Material {
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| tls_err("gossip.key", e))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| tls_err("gossip.cert", e))?;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
+            .map_err(|e| tls_err("gossip.cert", e))?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(transport);
         Ok(config)

@@ -101,7 +101,8 @@ pub enum SendError {
 
 pub fn count_out(kind: &'static str, bytes: usize) {
     metrics::counter!("magicmx_gossip_bytes_total", "direction" => "out").increment(bytes as u64);
-    metrics::counter!("magicmx_gossip_messages_total", "direction" => "out", "kind" => kind).increment(1);
+    metrics::counter!("magicmx_gossip_messages_total", "direction" => "out", "kind" => kind)
+        .increment(1);
 }
 
 pub fn count_in_bytes(bytes: usize) {
@@ -135,7 +136,8 @@ impl Transport {
         });
         t.tasks.spawn(t.clone().accept_loop());
         if let Some(path) = std::env::var_os(BLOCK_FILE_ENV) {
-            t.tasks.spawn(t.clone().watch_block_file(PathBuf::from(path)));
+            t.tasks
+                .spawn(t.clone().watch_block_file(PathBuf::from(path)));
         }
         Ok(t)
     }
@@ -166,7 +168,8 @@ impl Transport {
                 _ = tick.tick() => {}
             }
             let text = tokio::fs::read_to_string(&path).await.unwrap_or_default();
-            let set: HashSet<SocketAddr> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            let set: HashSet<SocketAddr> =
+                text.lines().filter_map(|l| l.trim().parse().ok()).collect();
             let mut b = self.blocked.write().unwrap_or_else(|e| e.into_inner());
             if *b != set {
                 debug!(blocked = ?set, "gossip test block list changed");
@@ -228,9 +231,17 @@ impl Transport {
         if self.is_blocked(addr) {
             return None;
         }
-        let slot = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(addr).cloned()?;
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(addr)
+            .cloned()?;
         let s = slot.try_lock().ok()?;
-        s.peer.as_ref().filter(|p| p.conn.close_reason().is_none()).cloned()
+        s.peer
+            .as_ref()
+            .filter(|p| p.conn.close_reason().is_none())
+            .cloned()
     }
 
     /// Names the connection after its certificate and starts its reader.
@@ -332,10 +343,18 @@ impl Transport {
         self.connections.fetch_sub(1, Ordering::Relaxed);
         debug!(peer = %peer.name, reason = ?conn.close_reason(), "gossip connection closed");
         // Forget the slot's connection if it is this one.
-        let slot = self.slots.lock().unwrap_or_else(|e| e.into_inner()).get(&peer.addr()).cloned();
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer.addr())
+            .cloned();
         if let Some(slot) = slot {
             let mut s = slot.lock().await;
-            if s.peer.as_ref().is_some_and(|p| p.conn.stable_id() == conn.stable_id()) {
+            if s.peer
+                .as_ref()
+                .is_some_and(|p| p.conn.stable_id() == conn.stable_id())
+            {
                 s.peer = None;
             }
         }
@@ -348,7 +367,12 @@ impl Transport {
     }
 
     /// Sends one message as a datagram, or as a stream when too large for one.
-    pub async fn send_datagram(self: &Arc<Self>, addr: SocketAddr, bytes: Vec<u8>, kind: &'static str) -> Result<(), SendError> {
+    pub async fn send_datagram(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        bytes: Vec<u8>,
+        kind: &'static str,
+    ) -> Result<(), SendError> {
         let peer = self.connect(addr).await?;
         let n = bytes.len();
         if peer.conn.max_datagram_size().is_some_and(|max| n <= max) {
@@ -363,25 +387,46 @@ impl Transport {
     }
 
     /// Sends one message on its own unidirectional stream.
-    pub async fn send_uni(self: &Arc<Self>, addr: SocketAddr, bytes: &[u8], kind: &'static str) -> Result<(), SendError> {
+    pub async fn send_uni(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        bytes: &[u8],
+        kind: &'static str,
+    ) -> Result<(), SendError> {
         let peer = self.connect(addr).await?;
         self.send_uni_on(&peer, bytes, kind).await
     }
 
-    async fn send_uni_on(&self, peer: &Peer, bytes: &[u8], kind: &'static str) -> Result<(), SendError> {
+    async fn send_uni_on(
+        &self,
+        peer: &Peer,
+        bytes: &[u8],
+        kind: &'static str,
+    ) -> Result<(), SendError> {
         let fut = async {
-            let mut s = peer.conn.open_uni().await.map_err(|e| SendError::Stream(e.to_string()))?;
-            s.write_all(bytes).await.map_err(|e| SendError::Stream(e.to_string()))?;
+            let mut s = peer
+                .conn
+                .open_uni()
+                .await
+                .map_err(|e| SendError::Stream(e.to_string()))?;
+            s.write_all(bytes)
+                .await
+                .map_err(|e| SendError::Stream(e.to_string()))?;
             s.finish().map_err(|e| SendError::Stream(e.to_string()))?;
             Ok::<(), SendError>(())
         };
-        tokio::time::timeout(STREAM_TIMEOUT, fut).await.map_err(|_| SendError::Timeout)??;
+        tokio::time::timeout(STREAM_TIMEOUT, fut)
+            .await
+            .map_err(|_| SendError::Timeout)??;
         count_out(kind, bytes.len());
         Ok(())
     }
 
     /// Opens a bidirectional stream to `addr` (anti-entropy).
-    pub async fn open_bi(self: &Arc<Self>, addr: SocketAddr) -> Result<(Peer, quinn::SendStream, quinn::RecvStream), SendError> {
+    pub async fn open_bi(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+    ) -> Result<(Peer, quinn::SendStream, quinn::RecvStream), SendError> {
         let peer = self.connect(addr).await?;
         let (s, r) = tokio::time::timeout(STREAM_TIMEOUT, peer.conn.open_bi())
             .await
@@ -398,10 +443,19 @@ impl Transport {
 }
 
 /// Writes one length-prefixed frame (u32 big-endian length, then bytes).
-pub async fn write_frame(s: &mut quinn::SendStream, bytes: &[u8], kind: &'static str) -> Result<(), SendError> {
-    let len = u32::try_from(bytes.len()).map_err(|_| SendError::Stream("frame too large".into()))?;
-    s.write_all(&len.to_be_bytes()).await.map_err(|e| SendError::Stream(e.to_string()))?;
-    s.write_all(bytes).await.map_err(|e| SendError::Stream(e.to_string()))?;
+pub async fn write_frame(
+    s: &mut quinn::SendStream,
+    bytes: &[u8],
+    kind: &'static str,
+) -> Result<(), SendError> {
+    let len =
+        u32::try_from(bytes.len()).map_err(|_| SendError::Stream("frame too large".into()))?;
+    s.write_all(&len.to_be_bytes())
+        .await
+        .map_err(|e| SendError::Stream(e.to_string()))?;
+    s.write_all(bytes)
+        .await
+        .map_err(|e| SendError::Stream(e.to_string()))?;
     count_out(kind, bytes.len() + 4);
     Ok(())
 }
@@ -409,14 +463,20 @@ pub async fn write_frame(s: &mut quinn::SendStream, bytes: &[u8], kind: &'static
 /// Reads one length-prefixed frame of at most [`MAX_MESSAGE`] bytes.
 pub async fn read_frame(r: &mut quinn::RecvStream) -> Result<Vec<u8>, SendError> {
     let mut len = [0u8; 4];
-    r.read_exact(&mut len).await.map_err(|e| SendError::Stream(e.to_string()))?;
+    r.read_exact(&mut len)
+        .await
+        .map_err(|e| SendError::Stream(e.to_string()))?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_MESSAGE {
         dropped("size");
-        return Err(SendError::Stream(format!("frame of {len} bytes is over the limit")));
+        return Err(SendError::Stream(format!(
+            "frame of {len} bytes is over the limit"
+        )));
     }
     let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await.map_err(|e| SendError::Stream(e.to_string()))?;
+    r.read_exact(&mut buf)
+        .await
+        .map_err(|e| SendError::Stream(e.to_string()))?;
     count_in_bytes(len + 4);
     Ok(buf)
 }
