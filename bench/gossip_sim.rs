@@ -595,7 +595,43 @@ fn row(o: &Outcome) -> String {
 
 const HEADER: &str = "| nodes | active blocks | interval | fresh pushes per interval | rounds | seen by a node p50 / p99 (s) | seen by every node p50 / p99 (s) | never seen | KiB/s per node | of which deltas | of which anti-entropy | sim time |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
-fn write_results(table: &str, command: &str) {
+/// How p99 and bandwidth grow with N, from the runs with 10,000 blocks
+/// and the live node's 4 pushes per interval.
+fn summary(outcomes: &[Outcome]) -> String {
+    let find = |n: usize| {
+        outcomes
+            .iter()
+            .find(|o| o.p.nodes == n && o.p.active_blocks == 10_000 && o.p.fresh_ticks == 4)
+    };
+    let mut out = String::new();
+    let mut prev: Option<&Outcome> = None;
+    for n in [10usize, 100, 1000] {
+        let Some(o) = find(n) else { continue };
+        let bw = o.delta_bps + o.ae_bps;
+        let _ = write!(
+            out,
+            "- N = {n}: every node sees a flood over its limit within {} s (p99), {:.1} KiB/s per node",
+            pct(&o.all_nodes, 99),
+            bw / 1024.0
+        );
+        if let Some(p) = prev {
+            let pbw = p.delta_bps + p.ae_bps;
+            let _ = write!(
+                out,
+                "; x{:.2} the bandwidth of N = {} for x{:.2} in log2 N and x{:.2} in rounds",
+                bw / pbw,
+                p.p.nodes,
+                (n as f64).log2() / (p.p.nodes as f64).log2(),
+                rounds_for(n) as f64 / rounds_for(p.p.nodes) as f64
+            );
+        }
+        out.push_str(".\n");
+        prev = Some(o);
+    }
+    out
+}
+
+fn write_results(table: &str, summary: &str, command: &str) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/RESULTS.md");
     let old =
         std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmark results\n".to_string());
@@ -620,6 +656,10 @@ fn write_results(table: &str, command: &str) {
     let _ = writeln!(section, "{HEADER}");
     section.push_str(table);
     section.push('\n');
+    section.push_str(summary);
+    if !summary.is_empty() {
+        section.push('\n');
+    }
     let new = match old.find("## Gossip simulation") {
         Some(start) => {
             let after = &old[start + 1..];
@@ -668,17 +708,21 @@ fn main() {
     }
     println!("{HEADER}");
     let mut table = String::new();
+    let mut outcomes = Vec::new();
     for p in runs {
         let o = simulate(p);
         let r = row(&o);
         println!("{r}");
         table.push_str(&r);
         table.push('\n');
+        outcomes.push(o);
     }
+    let summary = summary(&outcomes);
+    print!("{summary}");
     let command = if quick {
         "cargo bench --bench gossip_sim -- --quick"
     } else {
         "cargo bench --bench gossip_sim"
     };
-    write_results(&table, command);
+    write_results(&table, &summary, command);
 }

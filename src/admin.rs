@@ -43,6 +43,7 @@ pub struct Admin {
     pub throttle: Arc<Throttle>,
     pub spool: Spool,
     pub relay_wake: Arc<tokio::sync::Notify>,
+    pub gossip: Option<Arc<crate::gossip::Gossip>>,
 }
 
 #[derive(Serialize)]
@@ -52,6 +53,7 @@ struct Status {
     tracked_blocks: usize,
     penalised_blocks: usize,
     hottest: Vec<BlockStatus>,
+    peers: Vec<crate::gossip::PeerStatus>,
 }
 
 #[derive(Serialize)]
@@ -144,6 +146,7 @@ impl Admin {
                     tracked_blocks: self.throttle.tracked(),
                     penalised_blocks: self.throttle.penalised(now),
                     hottest: self.throttle.hottest(20, now),
+                    peers: self.gossip.as_ref().map(|g| g.peers()).unwrap_or_default(),
                 };
                 (200, JSON, json(&s))
             }

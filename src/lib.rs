@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod config;
 pub mod dns;
+pub mod gossip;
 pub mod policy;
 pub mod relay;
 pub mod smtp;
@@ -87,7 +88,7 @@ impl Node {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
-        let smtp_addrs = listeners
+        let smtp_addrs: Vec<std::net::SocketAddr> = listeners
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect();
@@ -106,6 +107,16 @@ impl Node {
             // The CLI finds the running node here (the config may say port 0).
             let _ = std::fs::write(config.node.data_dir.join(ADMIN_ADDR_FILE), addr.to_string());
         }
+        let gossip = if config.gossip.enabled {
+            // Announce the bound SMTP addresses (the config may say port 0).
+            let mut c = (*config).clone();
+            c.smtp.listen = smtp_addrs.clone();
+            Some(Arc::new(
+                gossip::Gossip::start(Arc::new(c), throttle.clone(), shutdown.clone()).await?,
+            ))
+        } else {
+            None
+        };
         let policy_listener = match config.policy.listen {
             Some(addr) => Some(policy::bind(addr).await?),
             None => None,
@@ -129,11 +140,15 @@ impl Node {
                 throttle: throttle.clone(),
                 spool: spool.clone(),
                 relay_wake: wake,
+                gossip: gossip.clone(),
             };
             tasks.spawn(admin::serve(l, a, shutdown.clone()));
         }
         if let Some(l) = policy_listener {
-            let peers: Option<policy::PeerAddrs> = None;
+            let peers: Option<policy::PeerAddrs> = gossip.clone().map(|g| {
+                Arc::new(move || g.member_smtp_addrs().into_iter().map(|a| a.ip()).collect())
+                    as policy::PeerAddrs
+            });
             let server =
                 policy::PolicyServer::new(policy::PolicySettings::from_config(&config), peers);
             tasks.spawn(server.serve(l, shutdown.clone()));

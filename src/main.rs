@@ -37,6 +37,11 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// The network CA and node certificates for gossip.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Postfix policy service for the real MX, alone, on `[policy] listen`.
     Policy {
         #[arg(long, short, default_value = "node.toml")]
@@ -76,6 +81,21 @@ enum Command {
         ip: std::net::IpAddr,
         #[arg(long, short, default_value = "node.toml")]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the network CA: DIR/ca.pem and DIR/ca.key.
+    Init {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate: DIR/NAME.pem and DIR/NAME.key.
+    Issue {
+        name: String,
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
     },
 }
 
@@ -165,6 +185,23 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Queue {
             command: QueueCommand::Quarantine { command },
         } => quarantine(command),
+        Command::Ca {
+            command: CaCommand::Init { dir },
+        } => {
+            magicmx::gossip::ca::init(&dir)?;
+            println!("network CA written to {}", dir.join("ca.pem").display());
+            Ok(())
+        }
+        Command::Ca {
+            command: CaCommand::Issue { name, dir },
+        } => {
+            magicmx::gossip::ca::issue(&name, &dir)?;
+            println!(
+                "certificate for {name} written to {}",
+                dir.join(format!("{name}.pem")).display()
+            );
+            Ok(())
+        }
         Command::Policy { config } => {
             let config = load(&config)?;
             init_tracing();

@@ -83,8 +83,12 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Ser
             .x_label_area_size(45)
             .y_label_area_size(70)
             .build_cartesian_2d(x0..x1, 0.0..y1)?;
+        let fx = move |x: &f64| if x1 - x0 >= 20.0 { format!("{x:.0}") } else { format!("{x:.1}") };
+        let fy = move |y: &f64| if y1 >= 20.0 { format!("{y:.0}") } else { format!("{y:.1}") };
         chart
             .configure_mesh()
+            .x_label_formatter(&fx)
+            .y_label_formatter(&fy)
             .x_desc(x_desc)
             .y_desc(y_desc)
             .label_style(("sans-serif", 14))
