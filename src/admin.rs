@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -240,7 +240,7 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: CancellationTo
     }
 }
 
-async fn handle(mut stream: TcpStream, admin: &Admin) {
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, admin: &Admin) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -297,4 +297,151 @@ pub async fn request(
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("admin.listen {addr}: bad HTTP response"))?;
     Ok((code, body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+
+    use crate::config::{ThrottleConfig, TrustConfig};
+
+    /// Runs one request through [`handle`] over an in-memory stream.
+    async fn exchange(admin: &Admin, request: &[u8]) -> Vec<u8> {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let talk = async {
+            // The server may answer (431) and close before reading it all.
+            let _ = client.write_all(request).await;
+            let _ = client.shutdown().await;
+            let mut out = Vec::new();
+            let _ = client.read_to_end(&mut out).await;
+            out
+        };
+        let ((), out) = tokio::join!(handle(server, admin), talk);
+        out
+    }
+
+    /// An HTTP/1.1 response with a known status and a correct
+    /// Content-Length, or nothing (no complete request head arrived).
+    fn check_response(out: &[u8]) -> Option<u16> {
+        if out.is_empty() {
+            return None;
+        }
+        let text = std::str::from_utf8(out).expect("UTF-8 response");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap_or("");
+        let code: u16 = status
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|s| s.get(..3))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {status:?}"));
+        assert!([200, 400, 404, 431, 500].contains(&code), "{status}");
+        if code != 431 {
+            let length = lines
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|l| l.parse::<usize>().ok())
+                .expect("Content-Length");
+            assert_eq!(length, body.len(), "{text}");
+        }
+        Some(code)
+    }
+
+    fn arb_request() -> impl Strategy<Value = Vec<u8>> {
+        let method = proptest::sample::select(vec!["GET", "POST", "get", "PUT", "", "GET GET"]);
+        let path = proptest::sample::select(vec![
+            "/healthz",
+            "/metrics",
+            "/status",
+            "/explain",
+            "/quarantine",
+            "/quarantine/release",
+            "/quarantine/delete",
+            "/",
+            "",
+            "*",
+        ]);
+        let query = prop_oneof![
+            Just(String::new()),
+            proptest::sample::select(vec![
+                "?ip=192.0.2.1",
+                "?ip=::ffff:192.0.2.1",
+                "?ip=2001:db8::1",
+                "?ip=",
+                "?ip",
+                "?id=",
+                "?id=0000000000000001",
+                "?id=../../etc/passwd",
+                "?id=%00&id=x",
+                "?&&==&?",
+            ])
+            .prop_map(str::to_string),
+            "\\?[ -~]{0,40}",
+            "\\?.{0,20}",
+        ];
+        let tail = proptest::sample::select(vec![
+            &b" HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b" HTTP/1.1\r\n\r\n",
+            b"\r\n\r\n",
+            b" HTTP/1.1\n\n",
+            b" HTTP/1.1\r\n",
+            b"",
+        ]);
+        prop_oneof![
+            4 => (method, path, query, tail).prop_map(|(m, p, q, t)| {
+                let mut r = format!("{m} {p}{q}").into_bytes();
+                r.extend_from_slice(t);
+                r
+            }),
+            2 => proptest::collection::vec(any::<u8>(), 0..300),
+            1 => (any::<u8>(), 0usize..20_000, any::<bool>()).prop_map(|(b, n, end)| {
+                let mut r = vec![b; n];
+                if end {
+                    r.extend_from_slice(b"\r\n\r\n");
+                }
+                r
+            }),
+        ]
+    }
+
+    #[test]
+    fn arbitrary_requests_get_well_formed_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = Admin {
+            node: "n1".into(),
+            throttle: Arc::new(Throttle::new(
+                &ThrottleConfig::default(),
+                &TrustConfig::default(),
+                "n1",
+            )),
+            spool: Spool::open(dir.path()).unwrap(),
+            relay_wake: Arc::new(tokio::sync::Notify::new()),
+            gossip: None,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let healthz = rt.block_on(exchange(&admin, b"GET /healthz HTTP/1.1\r\n\r\n"));
+        assert_eq!(check_response(&healthz), Some(200));
+        assert!(healthz.ends_with(b"\r\n\r\nok\n"));
+        let mut runner = TestRunner::new(ProptestConfig::with_cases(256));
+        runner
+            .run(&arb_request(), |request| {
+                let out = rt.block_on(exchange(&admin, &request));
+                let code = check_response(&out);
+                let head_end = request.windows(4).position(|w| w == b"\r\n\r\n");
+                match head_end {
+                    None => prop_assert!(code.is_none() || code == Some(431)),
+                    // The head is read in chunks of up to 1024 octets.
+                    Some(p) if p + 4 + 1024 <= 8192 => {
+                        prop_assert!(code.is_some() && code != Some(431))
+                    }
+                    Some(_) => prop_assert!(code.is_some()),
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
 }

@@ -570,7 +570,8 @@ impl Throttle {
             s.slots.retain(|sl| sl.epoch >= first);
             !s.slots.is_empty() || s.penalty.until > now_ms
         });
-        before - self.blocks.len()
+        // Sessions add blocks while the sweep runs: the map may have grown.
+        before.saturating_sub(self.blocks.len())
     }
 
     /// Every (origin, block, epoch) count inside the window: what gossip sends.

@@ -259,7 +259,7 @@ async fn run_once(sc: Scenario, sink: &Sink, dns: SocketAddr, seq0: u64) -> anyh
         .map(|i| (i as f64 / total_rate, Some(i % b), (i / b) % NODES))
         .collect();
     schedule.extend((0..p2p_n).map(|k| (1.0 + k as f64 * P2P_EVERY, None, k % NODES)));
-    schedule.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+    schedule.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut tasks = Vec::new();
     for (n, (at, block, node)) in schedule.into_iter().enumerate() {
         let when = start + Duration::from_secs_f64(at);
@@ -388,7 +388,7 @@ fn series(r: &RunResult, relayed: bool, until: f64) -> Vec<(f64, f64)> {
         .filter(|m| m.block.is_some() && matches!(m.outcome, Outcome::Acked(_)))
         .filter_map(|m| if relayed { r.arrivals.get(&m.seq).copied() } else { Some(m.at) })
         .collect();
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    times.sort_by(|a, b| a.total_cmp(b));
     let mut out = Vec::new();
     let mut k = 0;
     let mut t = 0.0;

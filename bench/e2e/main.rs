@@ -149,11 +149,11 @@ pub fn replace_section(path: &Path, heading: &str, section: &str) {
 
 /// The p-th percentile (0..=1) of unsorted values.
 pub fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if s.is_empty() {
         return f64::NAN;
     }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s.sort_by(|a, b| a.total_cmp(b));
     let i = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
     s[i]
 }
@@ -710,10 +710,10 @@ fn report_throughput(opts: &Opts, all: &[Measure], postfix: Option<&Postfix>) ->
         let Some(v) = groups.get(&(Tool::Harness, s)) else { continue };
         // The round with the median p50.
         let mut v: Vec<&&Measure> = v.iter().collect();
-        v.sort_by(|a, b| a.lat_p50.partial_cmp(&b.lat_p50).unwrap());
+        v.sort_by(|a, b| a.lat_p50.total_cmp(&b.lat_p50));
         let m = v[v.len() / 2];
         let mut l = m.latencies.clone();
-        l.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        l.sort_by(|a, b| a.total_cmp(b));
         let n = l.len().max(1) as f64;
         let step = (l.len() / 400).max(1);
         let points: Vec<(f64, f64)> = l
@@ -746,7 +746,7 @@ fn report_throughput(opts: &Opts, all: &[Measure], postfix: Option<&Postfix>) ->
     let _ = writeln!(
         md,
         "Clients: `smtp-source {}` (Postfix's load generator, which cannot tell when each message was acknowledged) and the harness's own client (same pattern, a sequence number in each message, so that the time from the relay's `250` to arrival at the sink is known per message). \"magicmx, throttle, 1,000 blocks\": the harness client binding 127.B.C.1 in 1,000 different /24 blocks, untrusted, default limits (never reached: 5 messages per block).\n",
-        smtp_source_args(opts, "127.0.0.1:PORT".parse().unwrap_or_else(|_| "127.0.0.1:2525".parse().unwrap())).join(" ")
+        smtp_source_args(opts, "127.0.0.1:25".parse().unwrap()).join(" ").replace("127.0.0.1:25", "127.0.0.1:PORT")
     );
     let _ = writeln!(md, "Medians over the rounds:\n\n{table}");
     if !ratios.is_empty() {

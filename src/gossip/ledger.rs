@@ -1112,4 +1112,282 @@ mod tests {
             prop_assert!(sent.values().all(|n| *n == rounds as usize));
         }
     }
+
+    use super::super::wire::Body;
+
+    // Hostile peers: arbitrary (and mutated) messages of every anti-entropy
+    // leg, run through the same calls as the live node. Each is refused or
+    // answered, never a panic, and what this node sends back is always a
+    // valid batch.
+
+    fn arb_u64() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            4 => 0u64..8,
+            1 => Just(u64::MAX),
+            1 => Just(u64::MAX - 1),
+            1 => Just(MAX_EPOCH_RANGE),
+            1 => any::<u64>(),
+        ]
+    }
+
+    fn arb_u32() -> impl Strategy<Value = u32> {
+        prop_oneof![4 => 0u32..8, 1 => Just(u32::MAX), 1 => any::<u32>()]
+    }
+
+    /// An origin index or epoch offset: mostly valid, sometimes not.
+    fn arb_index() -> impl Strategy<Value = u32> {
+        prop_oneof![8 => 0u32..3, 1 => Just(u32::MAX), 1 => any::<u32>()]
+    }
+
+    fn arb_offset() -> impl Strategy<Value = u64> {
+        prop_oneof![8 => 0u64..6, 1 => Just(u64::MAX), 1 => any::<u64>()]
+    }
+
+    fn arb_names() -> impl Strategy<Value = Vec<String>> {
+        let name = prop_oneof![
+            8 => (0u8..5).prop_map(|o| format!("n{o}")),
+            1 => Just(String::new()),
+            1 => ".{0,8}",
+        ];
+        proptest::collection::vec(name, 0..6)
+    }
+
+    fn arb_hash() -> impl Strategy<Value = Option<proto::GroupHash>> {
+        proptest::option::of(
+            (arb_u32(), any::<u64>())
+                .prop_map(|(entries, hash)| proto::GroupHash { entries, hash }),
+        )
+    }
+
+    fn arb_batch() -> impl Strategy<Value = proto::CountBatch> {
+        let block = prop_oneof![
+            (0u8..6).prop_map(|b| vec![10, b, 0, 0]),
+            proptest::collection::vec(any::<u8>(), 16),
+            proptest::collection::vec(any::<u8>(), 0..20),
+        ];
+        let prefix = prop_oneof![Just(24u32), Just(48), 0u32..130, any::<u32>()];
+        let entry = (
+            arb_index(),
+            block,
+            prefix,
+            arb_offset(),
+            arb_u32(),
+            arb_u32(),
+            arb_u32(),
+        )
+            .prop_map(|(origin, block, prefix_len, epoch_offset, c, m, r)| {
+                proto::CountEntry {
+                    origin,
+                    block,
+                    prefix_len,
+                    epoch_offset,
+                    connections: c,
+                    messages: m,
+                    recipients: r,
+                }
+            });
+        (
+            prop_oneof![4 => Just(EPOCH_MS), 1 => any::<u64>()],
+            arb_u64(),
+            arb_names(),
+            proptest::collection::vec(entry, 0..20),
+        )
+            .prop_map(
+                |(epoch_ms, base_epoch, origins, entries)| proto::CountBatch {
+                    epoch_ms,
+                    base_epoch,
+                    origins,
+                    entries,
+                },
+            )
+    }
+
+    fn arb_range() -> impl Strategy<Value = (u64, u64)> {
+        let width = prop_oneof![
+            4 => 0u64..8,
+            1 => Just(MAX_EPOCH_RANGE),
+            1 => Just(MAX_EPOCH_RANGE + 1),
+            1 => any::<u64>(),
+        ];
+        (arb_u64(), width).prop_map(|(first, w)| (first, first.wrapping_add(w)))
+    }
+
+    fn arb_body() -> impl Strategy<Value = Body> {
+        let summary = (
+            prop_oneof![4 => Just(EPOCH_MS), 1 => any::<u64>()],
+            arb_range(),
+            arb_names(),
+            proptest::collection::vec(arb_hash(), 0..6),
+        )
+            .prop_map(|(epoch_ms, (first, last), origins, hashes)| {
+                Body::Summary(proto::Summary {
+                    epoch_ms,
+                    first_epoch: first,
+                    last_epoch: last,
+                    origins,
+                    hashes: hashes.into_iter().flatten().collect(),
+                })
+            });
+        let group =
+            (arb_index(), arb_offset(), arb_hash()).prop_map(|(origin, epoch_offset, hash)| {
+                proto::EpochGroup {
+                    origin,
+                    epoch_offset,
+                    hash,
+                }
+            });
+        let digest = (
+            arb_range(),
+            arb_names(),
+            proptest::collection::vec(group, 0..4),
+        )
+            .prop_map(|((first, last), origins, groups)| {
+                Body::EpochDigest(proto::EpochDigest {
+                    first_epoch: first,
+                    last_epoch: last,
+                    origins,
+                    groups,
+                })
+            });
+        let want = (arb_index(), arb_offset()).prop_map(|(origin, epoch_offset)| proto::GroupKey {
+            origin,
+            epoch_offset,
+        });
+        let repair = (
+            proptest::option::of(arb_batch()),
+            proptest::collection::vec(want, 0..4),
+        )
+            .prop_map(|(counts, want)| Body::Repair(proto::Repair { counts, want }));
+        prop_oneof![
+            arb_batch().prop_map(Body::Delta),
+            arb_batch().prop_map(Body::RepairReply),
+            summary,
+            digest,
+            repair,
+        ]
+    }
+
+    /// A batch this node sends: every entry decodes.
+    fn check_sent(batch: &proto::CountBatch) {
+        assert!(batch.entries.len() <= MAX_BATCH_ENTRIES);
+        let (_, invalid) = decode_batch(batch, EPOCH_MS).expect("own batch decodes");
+        assert_eq!(invalid, 0, "own batch has invalid entries: {batch:?}");
+    }
+
+    /// What the live node does with a message from a peer.
+    fn receive(l: &Ledger, body: Body) {
+        let throttle = crate::throttle::Throttle::new(
+            &crate::config::ThrottleConfig::default(),
+            &crate::config::TrustConfig::default(),
+            "me",
+        );
+        let merge = |batch: &proto::CountBatch| {
+            if let Ok((updates, _)) = decode_batch(batch, EPOCH_MS) {
+                for u in updates {
+                    assert!(u.origin < batch.origins.len());
+                    throttle.merge(1, u.block, u.epoch, u.counts, 3 * EPOCH_MS);
+                }
+            }
+            let _ = l.clone().merge_batch(batch, EPOCH_MS);
+        };
+        match body {
+            Body::Delta(b) | Body::RepairReply(b) => merge(&b),
+            Body::Summary(s) => {
+                if let Ok(d) = l.answer_summary(&s, EPOCH_MS) {
+                    // Our digest is one the peer (and we) accept.
+                    l.differing_groups(&d).expect("own digest is valid");
+                }
+            }
+            Body::EpochDigest(d) => {
+                if let Ok(r) = l.answer_epoch_digest(&d, EPOCH_MS) {
+                    check_sent(r.counts.as_ref().expect("repair has counts"));
+                }
+            }
+            Body::Repair(r) => {
+                if let Some(counts) = &r.counts {
+                    merge(counts);
+                }
+                if let Ok(reply) = l.answer_repair(&r, EPOCH_MS) {
+                    check_sent(&reply);
+                }
+            }
+            Body::Swim(packet) => {
+                let _ = crate::gossip::membership::packet_source(&packet);
+            }
+        }
+    }
+
+    /// `body` sealed, then bytes overwritten and the end cut off.
+    fn mutated(
+        body: Body,
+        edits: &[(proptest::sample::Index, u8)],
+        cut: Option<proptest::sample::Index>,
+    ) -> Vec<u8> {
+        use super::super::wire;
+        let mut bytes = wire::encode(&wire::seal("net", "peer", body));
+        for (i, b) in edits {
+            let i = i.index(bytes.len().max(1));
+            if let Some(x) = bytes.get_mut(i) {
+                *x = *b;
+            }
+        }
+        if let Some(c) = cut {
+            bytes.truncate(c.index(bytes.len() + 1));
+        }
+        bytes
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Structurally valid messages with hostile values.
+        #[test]
+        fn hostile_messages_are_refused_or_answered(a in arb_entries(), body in arb_body()) {
+            receive(&ledger_from(&a), body);
+        }
+
+        /// The same, sealed, with bytes overwritten or cut off, through
+        /// [`super::super::wire::open`].
+        #[test]
+        fn mutated_envelopes_are_refused_or_answered(
+            a in arb_entries(),
+            body in arb_body(),
+            edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..6),
+            cut in proptest::option::of(any::<proptest::sample::Index>()),
+        ) {
+            let bytes = mutated(body, &edits, cut);
+            if let Ok((_, body)) = super::super::wire::open(&bytes, "net") {
+                receive(&ledger_from(&a), body);
+            }
+        }
+
+        /// The messages of a genuine exchange, corrupted on the way, each
+        /// received by the side that expects it.
+        #[test]
+        fn corrupted_exchanges_are_refused_or_answered(
+            a in arb_entries(),
+            b in arb_entries(),
+            first in 0u64..3,
+            width in 0u64..6,
+            leg in 0usize..4,
+            edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..4),
+            cut in proptest::option::of(any::<proptest::sample::Index>()),
+        ) {
+            let (la, lb) = (ledger_from(&a), ledger_from(&b));
+            let s = la.summary(first, first + width, EPOCH_MS);
+            let d = lb.answer_summary(&s, EPOCH_MS).unwrap();
+            let r = la.answer_epoch_digest(&d, EPOCH_MS).unwrap();
+            let reply = lb.answer_repair(&r, EPOCH_MS).unwrap();
+            let (body, at) = match leg {
+                0 => (Body::Summary(s), &lb),
+                1 => (Body::EpochDigest(d), &la),
+                2 => (Body::Repair(r), &lb),
+                _ => (Body::RepairReply(reply), &la),
+            };
+            let bytes = mutated(body, &edits, cut);
+            if let Ok((_, body)) = super::super::wire::open(&bytes, "net") {
+                receive(at, body);
+            }
+        }
+    }
 }

@@ -653,4 +653,126 @@ mod tests {
             assert_eq!(n.peers.get("n2").map(|p| p.state), Some(State::Down));
         }
     }
+
+    // Hostile peers: SWIM packets with arbitrary bytes, or a well-formed
+    // header with hostile values followed by hostile members, never panic
+    // the membership, whatever timers fire afterwards.
+
+    use proptest::prelude::*;
+
+    /// Mostly a valid identity of one of four nodes (`n0` is the one under
+    /// test), sometimes a hostile one.
+    fn arb_identity() -> impl Strategy<Value = Option<proto::NodeIdentity>> {
+        let valid = (0u16..4, 0u64..3)
+            .prop_map(|(i, bump)| Some(id_to_wire(&id(&format!("n{i}"), 10 + i * 10, bump))));
+        let addr = (
+            prop_oneof![
+                Just(vec![127, 0, 0, 1]),
+                proptest::collection::vec(any::<u8>(), 16),
+                proptest::collection::vec(any::<u8>(), 0..20),
+            ],
+            prop_oneof![Just(7401u32), any::<u32>()],
+        )
+            .prop_map(|(ip, port)| proto::SocketAddress { ip, port });
+        let name = prop_oneof![
+            3 => (0u8..4).prop_map(|i| format!("n{i}")),
+            1 => Just(String::new()),
+            1 => ".{0,300}",
+        ];
+        let hostile = proptest::option::of(
+            (
+                name,
+                proptest::option::of(addr.clone()),
+                proptest::collection::vec(addr, 0..3),
+                prop_oneof![0u64..3, Just(u64::MAX), any::<u64>()],
+            )
+                .prop_map(|(name, gossip, smtp, bump)| proto::NodeIdentity {
+                    name,
+                    gossip,
+                    smtp,
+                    bump,
+                }),
+        );
+        prop_oneof![8 => valid, 1 => hostile]
+    }
+
+    fn arb_packet() -> impl Strategy<Value = Vec<u8>> {
+        let small = || prop_oneof![12 => 0u32..4, 1 => Just(u32::MAX), 1 => any::<u32>()];
+        let to_me = Just(Some(id_to_wire(&id("n0", 10, 1))));
+        let header = (
+            prop_oneof![8 => (1u16..4).prop_map(|i| Some(id_to_wire(&id(&format!("n{i}"), 10 + i * 10, 0)))), 1 => arb_identity()],
+            small(),
+            prop_oneof![3 => to_me, 1 => arb_identity()],
+            prop_oneof![12 => 1i32..12, 1 => any::<i32>()],
+            small(),
+            arb_identity(),
+        )
+            .prop_map(|(src, src_incarnation, dst, kind, probe_number, other)| {
+                proto::SwimHeader {
+                    src,
+                    src_incarnation,
+                    dst,
+                    kind,
+                    probe_number,
+                    other,
+                }
+            });
+        let member = (
+            arb_identity(),
+            small(),
+            prop_oneof![12 => 1i32..4, 1 => any::<i32>()],
+        )
+            .prop_map(|(id, incarnation, state)| proto::SwimMember {
+                id,
+                incarnation,
+                state,
+            });
+        prop_oneof![
+            1 => proptest::collection::vec(any::<u8>(), 0..300),
+            6 => (
+                header,
+                proptest::collection::vec(member, 0..5),
+                prop_oneof![8 => Just(None), 1 => any::<u16>().prop_map(Some)],
+                proptest::collection::vec(any::<u8>(), 0..4),
+            )
+                .prop_map(|(h, members, count, tail)| {
+                    // Foca's layout: header, u16 number of members, members.
+                    let mut buf = Vec::new();
+                    h.encode_length_delimited(&mut buf).unwrap();
+                    let count = count.unwrap_or(members.len() as u16);
+                    buf.extend_from_slice(&count.to_be_bytes());
+                    for m in members {
+                        m.encode_length_delimited(&mut buf).unwrap();
+                    }
+                    buf.extend(tail);
+                    buf
+                }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn hostile_swim_packets_never_panic(
+            packets in proptest::collection::vec(arb_packet(), 1..6),
+        ) {
+            let g = GossipConfig::default();
+            let mut m = Members::new(id("n0", 10, 1), &g, 7);
+            let mut now = Instant::now();
+            for p in &packets {
+                let _ = packet_source(p);
+                let from = packet_source(p).unwrap_or_default();
+                let _ = m.handle_packet(&from, p, now);
+                now += Duration::from_millis(300);
+                let _ = m.handle_timers(now);
+            }
+            // Let every timer run out (suspicion, removal of down members).
+            for _ in 0..50 {
+                now += Duration::from_secs(120);
+                let _ = m.handle_timers(now);
+            }
+            prop_assert!(m.peers.keys().all(|n| !n.is_empty() && n.len() <= 253));
+        }
+    }
 }

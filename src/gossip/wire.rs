@@ -208,10 +208,27 @@ mod tests {
     }
 
     proptest! {
-        /// Arbitrary bytes never panic the decoder.
+        /// Arbitrary bytes never panic the decoder (structured and mutated
+        /// envelopes of every kind: `ledger` and `membership` tests).
         #[test]
-        fn open_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn open_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = open(&bytes, "net");
+        }
+
+        /// Arbitrary block and address fields give a normalised value or None.
+        #[test]
+        fn wire_values_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..20),
+            prefix in prop_oneof![0u32..130, any::<u32>()],
+            port in any::<u32>(),
+        ) {
+            if let Some(b) = block_from_wire(&bytes, prefix) {
+                prop_assert_eq!(block_from_wire(&block_to_wire(&b).0, prefix), Some(b));
+            }
+            let a = proto::SocketAddress { ip: bytes, port };
+            if let Some(addr) = addr_from_wire(&a) {
+                prop_assert_eq!(addr_from_wire(&addr_to_wire(&addr)), Some(addr));
+            }
         }
     }
 }

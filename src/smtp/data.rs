@@ -287,4 +287,120 @@ mod tests {
         r.feed(b"0123456789\r\n.\r\n");
         assert_eq!(r.finish().unwrap(), b"0123456789\r\n");
     }
+
+    // Property tests against a plain model of RFC 5321 framing.
+
+    use proptest::prelude::*;
+
+    /// Where the model says the data ends: after the first `.CRLF` at the
+    /// very start or the first `CRLF.CRLF`.
+    fn model_end(input: &[u8]) -> Option<usize> {
+        if input.starts_with(b".\r\n") {
+            return Some(3);
+        }
+        input
+            .windows(5)
+            .position(|w| w == b"\r\n.\r\n")
+            .map(|p| p + 5)
+    }
+
+    /// The body the model accepts from the octets before the final `.CRLF`:
+    /// CRLF lines only, one leading dot removed per line, every line within
+    /// `max_line` (CRLF included) and the whole within `max_size`.
+    fn model_body(data: &[u8], max_line: usize, max_size: usize) -> Option<Vec<u8>> {
+        if deliver_bare(data) {
+            return None;
+        }
+        let mut body = Vec::new();
+        let mut rest = data;
+        while let Some(p) = rest.windows(2).position(|w| w == b"\r\n") {
+            let line = &rest[..p];
+            let line = line.strip_prefix(b".").unwrap_or(line);
+            if line.len() + 2 > max_line.max(2) {
+                return None;
+            }
+            body.extend_from_slice(line);
+            body.extend_from_slice(b"\r\n");
+            rest = &rest[p + 2..];
+        }
+        (rest.is_empty() && body.len() <= max_size).then_some(body)
+    }
+
+    fn deliver_bare(b: &[u8]) -> bool {
+        crate::relay::deliver::has_bare_cr_or_lf(b)
+    }
+
+    fn arb_input() -> impl Strategy<Value = Vec<u8>> {
+        let framing = proptest::sample::select(vec![b'\r', b'\n', b'.', b'x', 0, 0xff]);
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..300),
+            proptest::collection::vec(framing, 0..300),
+            proptest::collection::vec(
+                proptest::sample::select(vec![
+                    &b"\r\n"[..],
+                    b".",
+                    b"..",
+                    b"line",
+                    b"\r\n.\r\n",
+                    b"\n",
+                    b"\r",
+                    b"\n.\n",
+                    b"\r.\r\n",
+                    b".\r\r\n",
+                    b"\0",
+                    b"\xe9\xff",
+                ]),
+                0..60
+            )
+            .prop_map(|parts| parts.concat()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// For any input split anywhere: the end is exactly the model's, the
+        /// body is exactly the model's (so never a bare CR or LF, never over
+        /// the limits), and an error is reported where the model refuses.
+        #[test]
+        fn reader_matches_the_model(
+            input in arb_input(),
+            cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..6),
+            max_line in prop_oneof![Just(1000usize), 0usize..40],
+            max_size in prop_oneof![Just(1usize << 20), 0usize..200],
+        ) {
+            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(input.len() + 1)).collect();
+            at.push(0);
+            at.push(input.len());
+            at.sort_unstable();
+            let mut r = DataReader::new(max_line, max_size);
+            let mut end = None;
+            for w in at.windows(2) {
+                if let Progress::Done { consumed } = r.feed(&input[w[0]..w[1]]) {
+                    prop_assert!(consumed <= w[1] - w[0]);
+                    end = Some(w[0] + consumed);
+                    break;
+                }
+            }
+            prop_assert_eq!(end, model_end(&input));
+            match end {
+                None => prop_assert_eq!(r.seen(), input.len() as u64),
+                Some(end) => {
+                    let consumed = &input[..end];
+                    prop_assert!(consumed == b".\r\n" || consumed.ends_with(b"\r\n.\r\n"));
+                    prop_assert_eq!(r.seen(), end as u64);
+                    let data = &consumed[..end - 3];
+                    let expected = model_body(data, max_line, max_size);
+                    match r.finish() {
+                        Ok(body) => {
+                            prop_assert!(!deliver_bare(&body));
+                            prop_assert!(body.len() <= max_size);
+                            prop_assert_eq!(Some(body), expected);
+                        }
+                        Err(_) => prop_assert_eq!(expected, None),
+                    }
+                }
+            }
+        }
+    }
 }

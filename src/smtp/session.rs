@@ -154,6 +154,12 @@ impl Session {
         !self.input.is_empty()
     }
 
+    /// Octets received and not processed yet. After [`Event::NeedInput`] it
+    /// is below `max_line_length` (a partial command line; DATA keeps none).
+    pub fn buffered_input_len(&self) -> usize {
+        self.input.len()
+    }
+
     pub fn tls_active(&self) -> bool {
         self.tls
     }
@@ -203,6 +209,8 @@ impl Session {
                     if !self.discarding {
                         self.discarding = true;
                         self.error("500 5.5.2 Error: line too long");
+                        // That error may have been one too many (421 sent).
+                        continue;
                     }
                 }
                 return Event::NeedInput;
@@ -518,12 +526,15 @@ impl Session {
 }
 
 /// `local@domain` with a non-empty local part and a plausible domain
-/// (smtp-proto has already checked the path syntax).
+/// (smtp-proto has already checked the path syntax, but lets control
+/// characters through in a quoted local part; RFC 5321 allows none, and the
+/// address goes into replies, the `Received:` header and the logs).
 fn valid_mailbox(address: &str) -> bool {
     let Some((local, domain)) = address.rsplit_once('@') else {
         return false;
     };
     !local.is_empty()
+        && !address.chars().any(char::is_control)
         && !domain.is_empty()
         && !domain.starts_with('.')
         && !domain.contains("..")
@@ -776,5 +787,318 @@ K
             2
         );
         assert_eq!(count_received(b""), 0);
+    }
+
+    #[test]
+    fn a_long_line_that_is_one_error_too_many_closes() {
+        let mut s = Session::new(
+            SessionConfig {
+                max_errors: 1,
+                ..cfg()
+            },
+            "192.0.2.1".parse().unwrap(),
+            false,
+        );
+        let (o, _, e) = drive(&mut s, &[b'x'; 1500]);
+        assert_eq!(e, Event::Close);
+        assert!(
+            o.ends_with("500 5.5.2 Error: line too long\r\n421 4.7.0 mx.magic.test Error: too many errors\r\n"),
+            "{o}"
+        );
+    }
+
+    #[test]
+    fn control_characters_in_addresses_are_refused() {
+        let mut s = new();
+        let (o, _, e) = drive(
+            &mut s,
+            b"EHLO c\r\nMAIL FROM:<\"a\x1b[2J\"@b.test>\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<\"u\0\tx\"@e.test>\r\nRCPT TO:<\"u v\"@e.test>\r\n",
+        );
+        assert_eq!(e, Event::NeedInput);
+        assert!(
+            o.contains("501 5.1.7 Bad sender address syntax\r\n250 2.1.0 Ok\r\n"),
+            "{o}"
+        );
+        assert!(
+            o.ends_with("501 5.1.3 Bad recipient address syntax\r\n250 2.1.5 Ok\r\n"),
+            "{o}"
+        );
+    }
+
+    // Property tests: whatever a client sends, the session neither panics nor
+    // loops, answers only with well-formed reply lines, keeps its input
+    // buffer bounded and hands out only clean addresses and bodies.
+
+    use proptest::prelude::*;
+
+    const PIECES: &[&[u8]] = &[
+        b"EHLO client.test\r\n",
+        b"HELO c\r\n",
+        b"EHLO\r\n",
+        b"HELO \t \r\n",
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@e.test>\r\nDATA\r\n",
+        b"MAIL FROM:<a@b.test>\r\n",
+        b"MAIL FROM:<>\r\n",
+        b"MAIL FROM:<a@b.test> BODY=8BITMIME SMTPUTF8\r\n",
+        b"MAIL FROM:<a@b.test> SIZE=999999999999999999999999999\r\n",
+        b"MAIL FROM:<a@b.test> SIZE=-1\r\n",
+        b"MAIL FROM:<a@b.test> HOLDFOR=18446744073709551616 MT-PRIORITY=-99999999999999\r\n",
+        b"MAIL FROM:<a@b.test> HOLDUNTIL=4294967295-99-99T99:99:99+99:99 BY=-9999999999999999999;R\r\n",
+        b"MAIL FROM:<a@b.test> RET=HDRS ENVID=x+2Bq MTRK=x:1 REQUIRETLS X=\xff\r\n",
+        b"MAIL FROM:<\xc3\xa9@\xc3\xa9.test> SMTPUTF8\r\n",
+        b"RCPT TO:<u@example.test>\r\n",
+        b"RCPT TO:<\"a\\\"b\\\\\"@e.test>\r\n",
+        b"RCPT TO:<\"\0\x1b\t\"@e.test>\r\n",
+        b"RCPT TO:<@r1,@r2:u@e.test>\r\n",
+        b"RCPT TO:<postmaster>\r\n",
+        b"RCPT TO:<u@[192.0.2.1]>\r\n",
+        b"RCPT TO:<u@e.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;u@e.test\r\n",
+        b"DATA\r\n",
+        b".\r\n",
+        b"..\r\n",
+        b"x\r\n.\r\n",
+        b"\r\n.\r\n",
+        b"\n.\n",
+        b"\r.\r\n",
+        b".\r\r\n",
+        b"Received: x\r\n",
+        b"RSET\r\n",
+        b"NOOP\r\n",
+        b"QUIT\r\n",
+        b"STARTTLS\r\n",
+        b"VRFY u\r\n",
+        b"EXPN u\r\n",
+        b"HELP\r\n",
+        b"AUTH PLAIN AGF1AHA=\r\n",
+        b"BDAT 10 LAST\r\n",
+        b"BDAT 99999999999999999999999\r\n",
+        b"ETRN x\r\n",
+        b"ATRN a,b\r\n",
+        b"BURL imap://x LAST\r\n",
+        b"LHLO x\r\n",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b"\0\0\r\n",
+        b"\xff\xfe\x80\r\n",
+    ];
+
+    /// Commands, near-misses, garbage (NULs and 8-bit bytes included) and
+    /// over-long lines.
+    fn arb_piece() -> impl Strategy<Value = Vec<u8>> {
+        let specials = vec![
+            b'\r', b'\n', b'.', b' ', b':', b'<', b'>', b'@', b'"', b'\\', b'=', b'a', 0, 0xff,
+        ];
+        let transaction = (
+            proptest::sample::select(vec![&b"EHLO c\r\n"[..], b"HELO c\r\n", b"RSET\r\n", b""]),
+            proptest::sample::select(vec![
+                &b"MAIL FROM:<a@b.test>\r\n"[..],
+                b"MAIL FROM:<> BODY=8BITMIME\r\n",
+                b"MAIL FROM:<\xc3\xa9@b.test> SMTPUTF8\r\n",
+            ]),
+            1usize..4,
+            proptest::sample::select(vec![
+                &b"x\r\n.\r\n"[..],
+                b".\r\n",
+                b"Received: a\r\nReceived: b\r\n\r\n..dot\r\n.\r\n",
+                b"\xff\0\r\n\r\n.\r\n",
+                b"a\nb\r\n.\r\n",
+                b"",
+            ]),
+        )
+            .prop_map(|(hello, mail, rcpts, data)| {
+                let mut t = [hello, mail].concat();
+                for i in 0..rcpts {
+                    t.extend_from_slice(format!("RCPT TO:<u{i}@e.test>\r\n").as_bytes());
+                }
+                t.extend_from_slice(b"DATA\r\n");
+                t.extend_from_slice(data);
+                t
+            });
+        prop_oneof![
+            2 => transaction,
+            5 => proptest::sample::select(PIECES).prop_map(<[u8]>::to_vec),
+            2 => proptest::collection::vec(any::<u8>(), 0..40),
+            2 => proptest::collection::vec(proptest::sample::select(specials), 0..40),
+            1 => (any::<u8>(), 0usize..2500).prop_map(|(b, n)| vec![b; n]),
+        ]
+    }
+
+    fn arb_cfg() -> impl Strategy<Value = SessionConfig> {
+        (
+            prop_oneof![Just(1000usize), 1usize..1200],
+            prop_oneof![Just(1000usize), 0usize..3000],
+            prop_oneof![Just(100usize), 0usize..4],
+            prop_oneof![Just(1000usize), 0usize..20],
+            0usize..4,
+            any::<bool>(),
+        )
+            .prop_map(|(line, size, rcpts, errors, received, tls)| SessionConfig {
+                hostname: "mx.magic.test".into(),
+                max_line_length: line,
+                max_message_size: size,
+                max_recipients: rcpts,
+                max_errors: errors,
+                max_received_headers: received,
+                tls_available: tls,
+            })
+    }
+
+    /// Reply lines only: `ddd` then ` ` or `-`, CRLF-terminated, no stray CR
+    /// or LF; a `-` line is followed by a line of the same code.
+    fn check_replies(out: &[u8]) {
+        let text = std::str::from_utf8(out).expect("replies are UTF-8");
+        if text.is_empty() {
+            return;
+        }
+        assert!(text.ends_with("\r\n"), "unterminated reply: {text:?}");
+        let lines: Vec<&str> = text[..text.len() - 2].split("\r\n").collect();
+        for (i, line) in lines.iter().enumerate() {
+            let b = line.as_bytes();
+            assert!(
+                b.len() >= 4
+                    && (b'2'..=b'5').contains(&b[0])
+                    && b[1..3].iter().all(u8::is_ascii_digit)
+                    && (b[3] == b' ' || b[3] == b'-'),
+                "bad reply line {line:?} in {text:?}"
+            );
+            assert!(!line.contains(['\r', '\n']), "stray CR/LF in {line:?}");
+            if b[3] == b'-' {
+                let next = lines.get(i + 1).map(|l| l.as_bytes());
+                assert_eq!(
+                    next.and_then(|n| n.get(..3)),
+                    Some(&b[..3]),
+                    "unfinished multi-line reply in {text:?}"
+                );
+            }
+        }
+    }
+
+    /// What a run of the session produced.
+    #[derive(Debug, PartialEq)]
+    struct Outcome {
+        output: Vec<u8>,
+        messages: Vec<Message>,
+        ended: bool,
+    }
+
+    /// Feeds `pieces` one `receive` each and answers events like the server
+    /// does, taking its answers from `choices` (Accept or Refuse, stored or
+    /// failed, TLS handshake done or failed).
+    fn run(cfg: &SessionConfig, pieces: &[&[u8]], choices: &[bool]) -> Outcome {
+        let mut s = Session::new(cfg.clone(), "192.0.2.1".parse().unwrap(), false);
+        s.greeting();
+        let mut choice = choices.iter().copied().cycle();
+        let mut o = Outcome {
+            output: Vec::new(),
+            messages: Vec::new(),
+            ended: false,
+        };
+        'input: for piece in pieces {
+            s.receive(piece);
+            for step in 0.. {
+                assert!(step < 100_000, "the session does not stop");
+                match s.next_event() {
+                    Event::NeedInput => {
+                        assert!(
+                            s.buffered_input_len() < cfg.max_line_length,
+                            "{} octets buffered",
+                            s.buffered_input_len()
+                        );
+                        break;
+                    }
+                    Event::Close => {
+                        o.ended = true;
+                        break 'input;
+                    }
+                    Event::StartTls => {
+                        assert!(cfg.tls_available && !s.has_buffered_input());
+                        o.output.extend(s.take_output());
+                        if choice.next().unwrap_or(true) {
+                            s.tls_started();
+                        } else {
+                            o.ended = true;
+                            break 'input;
+                        }
+                    }
+                    Event::Recipient { address, domain } => {
+                        assert!(!address.chars().any(char::is_control), "{address:?}");
+                        assert!(!domain.is_empty() && !domain.contains(['<', '>', ' ']));
+                        if choice.next().unwrap_or(true) {
+                            s.recipient_verdict(Verdict::Accept);
+                        } else {
+                            // As the server words it: the address goes in the reply.
+                            s.recipient_verdict(Verdict::Refuse(format!(
+                                "550 5.7.1 <{address}>: Relay access denied: relaying denied"
+                            )));
+                        }
+                    }
+                    Event::Message(m) => {
+                        assert!(!m.recipients.is_empty());
+                        assert!(m.recipients.len() <= cfg.max_recipients);
+                        assert!(m.body.len() <= cfg.max_message_size);
+                        assert!(!crate::relay::deliver::has_bare_cr_or_lf(&m.body));
+                        assert!(!m.sender.chars().any(char::is_control));
+                        let ok = choice.next().unwrap_or(true);
+                        o.messages.push(*m);
+                        if ok {
+                            s.message_stored(Ok("Q1"));
+                        } else {
+                            s.message_stored(Err("451 4.3.0 Error: queue file write error"));
+                        }
+                    }
+                }
+            }
+            o.output.extend(s.take_output());
+        }
+        o.output.extend(s.take_output());
+        check_replies(&o.output);
+        o
+    }
+
+    /// `stream` cut at the given positions.
+    fn cut<'a>(stream: &'a [u8], cuts: &[proptest::sample::Index]) -> Vec<&'a [u8]> {
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+        at.push(0);
+        at.push(stream.len());
+        at.sort_unstable();
+        at.windows(2).map(|w| &stream[w[0]..w[1]]).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Arbitrary bytes, arbitrarily split.
+        #[test]
+        fn arbitrary_bytes_never_break_the_session(
+            cfg in arb_cfg(),
+            stream in proptest::collection::vec(any::<u8>(), 0..4000),
+            cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..12),
+            choices in proptest::collection::vec(any::<bool>(), 1..8),
+        ) {
+            run(&cfg, &cut(&stream, &cuts), &choices);
+        }
+
+        /// Valid commands mixed with garbage, NULs, 8-bit bytes and huge
+        /// lines. Without STARTTLS (whose refusal of pipelined commands
+        /// depends on what arrived together) the replies do not depend on
+        /// how the input is split.
+        #[test]
+        fn mixed_input_never_breaks_the_session(
+            cfg in arb_cfg(),
+            pieces in proptest::collection::vec(arb_piece(), 0..24),
+            cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..12),
+            choices in proptest::collection::vec(any::<bool>(), 1..8),
+        ) {
+            let stream = pieces.concat();
+            let as_sent: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+            let sent = run(&cfg, &as_sent, &choices);
+            let whole = run(&cfg, &[&stream], &choices);
+            let split = run(&cfg, &cut(&stream, &cuts), &choices);
+            if !cfg.tls_available {
+                prop_assert_eq!(&sent, &whole);
+                prop_assert_eq!(&split, &whole);
+            }
+        }
     }
 }
