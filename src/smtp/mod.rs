@@ -183,7 +183,8 @@ impl Context {
         if self.config.is_accepted_domain(domain) {
             return Verdict::Accept;
         }
-        if self.config.accept.mx_delegation {
+        // An address literal has no MX to delegate with.
+        if self.config.accept.mx_delegation && !domain.starts_with('[') {
             match self.dns.mx(domain).await {
                 Ok(MxAnswer::Hosts(hosts))
                     if hosts.iter().any(|h| self.config.is_magic_host(&h.host)) =>

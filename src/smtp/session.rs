@@ -88,6 +88,8 @@ pub struct Session {
     cfg: SessionConfig,
     peer: IpAddr,
     input: Vec<u8>,
+    /// Start of the unprocessed part of `input`.
+    start: usize,
     output: Vec<u8>,
     helo: Option<String>,
     esmtp: bool,
@@ -109,6 +111,7 @@ impl Session {
             cfg,
             peer,
             input: Vec::new(),
+            start: 0,
             output: Vec::new(),
             helo: None,
             esmtp: false,
@@ -131,7 +134,22 @@ impl Session {
 
     /// Adds received bytes to the input buffer.
     pub fn receive(&mut self, bytes: &[u8]) {
+        // Compact once per read, not once per line (pipelined commands).
+        if self.start > 0 {
+            self.input.drain(..self.start);
+            self.start = 0;
+        }
         self.input.extend_from_slice(bytes);
+    }
+
+    /// Drops all buffered input.
+    fn clear_input(&mut self) {
+        self.input.clear();
+        self.start = 0;
+    }
+
+    fn pending_input(&self) -> &[u8] {
+        &self.input[self.start..]
     }
 
     /// Replies waiting to be written.
@@ -151,13 +169,13 @@ impl Session {
 
     /// True if input arrived that has not been processed yet.
     pub fn has_buffered_input(&self) -> bool {
-        !self.input.is_empty()
+        !self.pending_input().is_empty()
     }
 
     /// Octets received and not processed yet. After [`Event::NeedInput`] it
     /// is below `max_line_length` (a partial command line; DATA keeps none).
     pub fn buffered_input_len(&self) -> usize {
-        self.input.len()
+        self.pending_input().len()
     }
 
     pub fn tls_active(&self) -> bool {
@@ -203,9 +221,9 @@ impl Session {
                 }
             }
             // Command mode: take one line.
-            let Some(lf) = self.input.iter().position(|&b| b == b'\n') else {
-                if self.input.len() >= self.cfg.max_line_length {
-                    self.input.clear();
+            let Some(lf) = self.pending_input().iter().position(|&b| b == b'\n') else {
+                if self.pending_input().len() >= self.cfg.max_line_length {
+                    self.clear_input();
                     if !self.discarding {
                         self.discarding = true;
                         self.error("500 5.5.2 Error: line too long");
@@ -215,7 +233,8 @@ impl Session {
                 }
                 return Event::NeedInput;
             };
-            let line: Vec<u8> = self.input.drain(..=lf).collect();
+            let line: Vec<u8> = self.pending_input()[..=lf].to_vec();
+            self.start += lf + 1;
             if self.discarding {
                 // The tail of an over-long line, already answered.
                 self.discarding = false;
@@ -233,13 +252,13 @@ impl Session {
 
     fn data_step(&mut self) -> Option<Event> {
         let reader = self.data.as_mut().expect("in data");
-        match reader.feed(&self.input) {
+        match reader.feed(&self.input[self.start..]) {
             Progress::More => {
-                self.input.clear();
+                self.clear_input();
                 Some(Event::NeedInput)
             }
             Progress::Done { consumed } => {
-                self.input.drain(..consumed);
+                self.start += consumed;
                 let reader = self.data.take().expect("in data");
                 let tx = self.tx.take().unwrap_or_default();
                 match reader.finish() {
@@ -512,11 +531,11 @@ impl Session {
             self.error("502 5.5.1 Error: command not implemented");
             return None;
         }
-        if !self.input.is_empty() {
+        if !self.pending_input().is_empty() {
             // Plain-text commands pipelined behind STARTTLS would be taken as
             // if they came through TLS (CVE-2011-0411). Refuse and end.
             self.reply("554 5.5.1 Error: commands pipelined after STARTTLS");
-            self.input.clear();
+            self.clear_input();
             self.closed = true;
             return Some(Event::Close);
         }
