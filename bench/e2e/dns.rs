@@ -21,8 +21,17 @@ fn fqdn(name: &str) -> Name {
 /// (all under `.test`).
 fn catalog(domains: &[&str]) -> Catalog {
     let origin = fqdn("test");
-    let mut zone: InMemoryZoneHandler = InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
-    let soa = SOA::new(fqdn("ns.test"), fqdn("hostmaster.test"), 1, 3600, 600, 86400, 5);
+    let mut zone: InMemoryZoneHandler =
+        InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
+    let soa = SOA::new(
+        fqdn("ns.test"),
+        fqdn("hostmaster.test"),
+        1,
+        3600,
+        600,
+        86400,
+        5,
+    );
     assert!(zone.upsert_mut(Record::from_rdata(origin.clone(), 300, RData::SOA(soa)), 1));
     for d in domains {
         let mx = format!("mx.{d}");
@@ -64,7 +73,9 @@ impl DnsServer {
                     let mut server = Server::new(catalog(&names));
                     let mut bound = None;
                     for _ in 0..50 {
-                        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind DNS UDP");
+                        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                            .await
+                            .expect("bind DNS UDP");
                         let addr = udp.local_addr().expect("UDP addr");
                         if let Ok(tcp) = tokio::net::TcpListener::bind(addr).await {
                             bound = Some((udp, tcp, addr));
@@ -80,7 +91,9 @@ impl DnsServer {
                 });
             })
             .expect("spawn DNS thread");
-        let addr = ready_rx.recv_timeout(Duration::from_secs(10)).expect("DNS server did not start");
+        let addr = ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("DNS server did not start");
         DnsServer {
             addr,
             shutdown: Some(shutdown_tx),

@@ -58,12 +58,18 @@ impl Conn {
             self.line.clear();
             let n = tokio::time::timeout(IO_TIMEOUT, self.r.read_line(&mut self.line))
                 .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "reply timeout"))??;
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "reply timeout")
+                })??;
             if n == 0 {
                 return Ok(0);
             }
             if self.line.len() < 4 || self.line.as_bytes()[3] != b'-' {
-                return Ok(self.line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(999));
+                return Ok(self
+                    .line
+                    .get(..3)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(999));
             }
         }
     }
@@ -91,14 +97,24 @@ pub async fn connect(target: SocketAddr, source: Option<IpAddr>) -> std::io::Res
 }
 
 /// One message in one session.
-pub async fn send_one(target: SocketAddr, source: Option<IpAddr>, rcpt: &str, body: &[u8]) -> Outcome {
+pub async fn send_one(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    rcpt: &str,
+    body: &[u8],
+) -> Outcome {
     match session(target, source, rcpt, body).await {
         Ok(o) => o,
         Err(e) => Outcome::Failed(e.to_string()),
     }
 }
 
-async fn session(target: SocketAddr, source: Option<IpAddr>, rcpt: &str, body: &[u8]) -> std::io::Result<Outcome> {
+async fn session(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    rcpt: &str,
+    body: &[u8],
+) -> std::io::Result<Outcome> {
     let stream = connect(target, source).await?;
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
@@ -172,7 +188,13 @@ pub async fn closed_loop(spec: Spec) -> Run {
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..spec.concurrency {
-        let (spec, next, acks, refused, failed) = (spec.clone(), next.clone(), acks.clone(), refused.clone(), failed.clone());
+        let (spec, next, acks, refused, failed) = (
+            spec.clone(),
+            next.clone(),
+            acks.clone(),
+            refused.clone(),
+            failed.clone(),
+        );
         workers.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -180,12 +202,17 @@ pub async fn closed_loop(spec: Spec) -> Run {
                     return;
                 }
                 let seq = spec.first_seq + i as u64;
-                let source = (!spec.sources.is_empty()).then(|| spec.sources[i % spec.sources.len()]);
+                let source =
+                    (!spec.sources.is_empty()).then(|| spec.sources[i % spec.sources.len()]);
                 let body = message(seq, &spec.rcpt, spec.size);
                 match send_one(spec.target, source, &spec.rcpt, &body).await {
                     Outcome::Acked(t) => acks.lock().unwrap().push((seq, t)),
                     Outcome::Refused(stage, code) => {
-                        *refused.lock().unwrap().entry(format!("{stage} {code}")).or_insert(0) += 1
+                        *refused
+                            .lock()
+                            .unwrap()
+                            .entry(format!("{stage} {code}"))
+                            .or_insert(0) += 1
                     }
                     Outcome::Failed(e) => {
                         let mut f = failed.lock().unwrap();
@@ -219,4 +246,63 @@ pub fn blocks(first_octet: u8, count: usize) -> Vec<IpAddr> {
     (0..count)
         .map(|i| IpAddr::from([127, first_octet + (i / 250) as u8, (i % 250) as u8 + 1, 1]))
         .collect()
+}
+
+/// An open-loop run: `messages` sessions started at `rate` per second
+/// (whatever the server's pace, up to `max_open` at once), from 127.0.0.1.
+pub async fn open_loop(
+    target: SocketAddr,
+    rate: f64,
+    messages: usize,
+    first_seq: u64,
+    size: usize,
+    rcpt: &str,
+) -> Run {
+    let acks = Arc::new(Mutex::new(Vec::with_capacity(messages)));
+    let refused = Arc::new(Mutex::new(BTreeMap::new()));
+    let failed = Arc::new(Mutex::new((0usize, None::<String>)));
+    let sem = Arc::new(tokio::sync::Semaphore::new(200));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(messages);
+    for i in 0..messages {
+        tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let (acks, refused, failed) = (acks.clone(), refused.clone(), failed.clone());
+        let rcpt = rcpt.to_string();
+        let seq = first_seq + i as u64;
+        tasks.push(tokio::spawn(async move {
+            let _p = permit;
+            let body = message(seq, &rcpt, size);
+            match send_one(target, None, &rcpt, &body).await {
+                Outcome::Acked(t) => acks.lock().unwrap().push((seq, t)),
+                Outcome::Refused(stage, code) => {
+                    *refused
+                        .lock()
+                        .unwrap()
+                        .entry(format!("{stage} {code}"))
+                        .or_insert(0) += 1
+                }
+                Outcome::Failed(e) => {
+                    let mut f = failed.lock().unwrap();
+                    f.0 += 1;
+                    f.1.get_or_insert(e);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let finished = Instant::now();
+    let acks = std::mem::take(&mut *acks.lock().unwrap());
+    let refused = std::mem::take(&mut *refused.lock().unwrap());
+    let (failed, first_failure) = std::mem::take(&mut *failed.lock().unwrap());
+    Run {
+        started,
+        finished,
+        acks,
+        refused,
+        failed,
+        first_failure,
+    }
 }

@@ -57,7 +57,12 @@ pub struct Opts {
 
 impl Opts {
     fn from_env() -> Opts {
-        let n = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+        let n = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
         Opts {
             messages: n("E2E_MESSAGES", 5000),
             rounds: n("E2E_ROUNDS", 3),
@@ -124,11 +129,7 @@ async fn async_main(opts: Opts) -> anyhow::Result<()> {
 /// (up to the next `## `), leaving every other section alone.
 pub fn replace_section(path: &Path, heading: &str, section: &str) {
     let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmark results\n\n".into());
-    let section = if section.ends_with('\n') {
-        section.to_string()
-    } else {
-        format!("{section}\n")
-    };
+    let section = format!("{}\n", section.trim_end());
     let new = match old.find(&format!("{heading}\n")) {
         Some(start) => {
             let rest = &old[start + heading.len()..];
@@ -172,7 +173,9 @@ pub fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let pf = std::process::Command::new("postconf")
         .arg("-d")
         .arg("mail_version")
@@ -213,7 +216,9 @@ enum System {
 
 fn label_b() -> &'static str {
     static L: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    L.get_or_init(|| std::env::var("E2E_MAGICMX_LABEL_B").unwrap_or_else(|_| "magicmx (build B)".into()))
+    L.get_or_init(|| {
+        std::env::var("E2E_MAGICMX_LABEL_B").unwrap_or_else(|_| "magicmx (build B)".into())
+    })
 }
 
 impl System {
@@ -226,20 +231,32 @@ impl System {
         }
     }
 
-    const ALL: [System; 4] = [System::Magicmx, System::MagicmxB, System::Postfix, System::MagicmxBlocks];
+    const ALL: [System; 4] = [
+        System::Magicmx,
+        System::MagicmxB,
+        System::Postfix,
+        System::MagicmxBlocks,
+    ];
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Tool {
     SmtpSource,
     Harness,
+    /// The harness client at a fixed rate, below every relay's capacity.
+    Paced,
 }
+
+/// Messages per second of the paced runs, and how many.
+const PACED_RATE: f64 = 200.0;
+const PACED_MESSAGES: usize = 1000;
 
 impl Tool {
     fn label(self) -> &'static str {
         match self {
             Tool::SmtpSource => "smtp-source",
             Tool::Harness => "harness client",
+            Tool::Paced => "harness client, 200 msgs/s",
         }
     }
 }
@@ -294,7 +311,10 @@ struct Bed {
 impl Bed {
     fn relay_cpu(&self, system: System) -> f64 {
         match system {
-            System::Postfix => self.postfix.as_ref().map_or(0.0, |p| procs::tree_cpu_secs(p.master_pid)),
+            System::Postfix => self
+                .postfix
+                .as_ref()
+                .map_or(0.0, |p| procs::tree_cpu_secs(p.master_pid)),
             System::MagicmxB => self.node_b.as_ref().map_or(0.0, |n| procs::cpu_secs(n.pid)),
             _ => procs::cpu_secs(self.node.pid),
         }
@@ -309,7 +329,11 @@ impl Bed {
     }
 }
 
-pub fn throughput_node_toml(sink_port: u16, dns: std::net::SocketAddr, max_connections: usize) -> String {
+pub fn throughput_node_toml(
+    sink_port: u16,
+    dns: std::net::SocketAddr,
+    max_connections: usize,
+) -> String {
     format!(
         r#"
 [node]
@@ -352,9 +376,16 @@ async fn throughput(opts: &Opts) -> anyhow::Result<()> {
     }
     let sink = Sink::start().await;
     let dns = dns::DnsServer::start(&[DOMAIN]);
-    let node = MagicNode::start("throughput", &throughput_node_toml(sink.addr.port(), dns.addr, 2000))?;
+    let node = MagicNode::start(
+        "throughput",
+        &throughput_node_toml(sink.addr.port(), dns.addr, 2000),
+    )?;
     let node_b = match std::env::var("E2E_MAGICMX_BIN_B") {
-        Ok(b) => Some(MagicNode::start_bin(&b, "throughput-b", &throughput_node_toml(sink.addr.port(), dns.addr, 2000))?),
+        Ok(b) => Some(MagicNode::start_bin(
+            &b,
+            "throughput-b",
+            &throughput_node_toml(sink.addr.port(), dns.addr, 2000),
+        )?),
         Err(_) => None,
     };
     let postfix = match postfix_ok {
@@ -389,7 +420,16 @@ async fn throughput(opts: &Opts) -> anyhow::Result<()> {
         systems.push(System::Postfix);
     }
     for &s in &systems {
-        run_harness(&mut bed, s, 0, 300.min(opts.messages), opts, Vec::new()).await?;
+        run_harness(
+            &mut bed,
+            s,
+            0,
+            300.min(opts.messages),
+            opts,
+            Vec::new(),
+            None,
+        )
+        .await?;
     }
 
     let mut all: Vec<Measure> = Vec::new();
@@ -401,17 +441,41 @@ async fn throughput(opts: &Opts) -> anyhow::Result<()> {
             if round % 2 == 0 {
                 order.reverse();
             }
-            for tool in [Tool::SmtpSource, Tool::Harness] {
+            for tool in [Tool::SmtpSource, Tool::Harness, Tool::Paced] {
                 for &s in &order {
                     let m = match tool {
                         Tool::SmtpSource => run_smtp_source(&mut bed, s, round, opts).await?,
-                        Tool::Harness => run_harness(&mut bed, s, round, opts.messages, opts, Vec::new()).await?,
+                        Tool::Harness => {
+                            run_harness(&mut bed, s, round, opts.messages, opts, Vec::new(), None)
+                                .await?
+                        }
+                        Tool::Paced => {
+                            run_harness(
+                                &mut bed,
+                                s,
+                                round,
+                                PACED_MESSAGES,
+                                opts,
+                                Vec::new(),
+                                Some(PACED_RATE),
+                            )
+                            .await?
+                        }
                     };
                     print_measure(&m);
                     all.push(m);
                 }
             }
-            let mut m = run_harness(&mut bed, System::MagicmxBlocks, round, opts.messages, opts, blocks.clone()).await?;
+            let mut m = run_harness(
+                &mut bed,
+                System::MagicmxBlocks,
+                round,
+                opts.messages,
+                opts,
+                blocks.clone(),
+                None,
+            )
+            .await?;
             m.system = System::MagicmxBlocks;
             print_measure(&m);
             all.push(m);
@@ -445,7 +509,11 @@ fn print_measure(m: &Measure) {
 
 /// Waits until `count()` reaches `want` or stops moving for `stall`;
 /// returns when it last moved.
-async fn wait_count(mut count: impl FnMut() -> usize, want: usize, stall: Duration) -> (usize, Instant) {
+async fn wait_count(
+    mut count: impl FnMut() -> usize,
+    want: usize,
+    stall: Duration,
+) -> (usize, Instant) {
     let mut last = count();
     let mut moved = Instant::now();
     loop {
@@ -470,29 +538,49 @@ async fn run_harness(
     messages: usize,
     opts: &Opts,
     sources: Vec<std::net::IpAddr>,
+    paced: Option<f64>,
 ) -> anyhow::Result<Measure> {
     let first = bed.seq;
     bed.seq += messages as u64 + 1000;
     let target = bed.target(system);
     let (cpu0, mcpu0) = (bed.relay_cpu(system), procs::machine_busy_secs());
-    let run = load::closed_loop(load::Spec {
-        target,
-        messages,
-        concurrency: opts.concurrency,
-        sources,
-        size: opts.size,
-        first_seq: first,
-        rcpt: RCPT.into(),
-    })
-    .await;
+    let run = match paced {
+        Some(rate) => load::open_loop(target, rate, messages, first, opts.size, RCPT).await,
+        None => {
+            load::closed_loop(load::Spec {
+                target,
+                messages,
+                concurrency: opts.concurrency,
+                sources,
+                size: opts.size,
+                first_seq: first,
+                rcpt: RCPT.into(),
+            })
+            .await
+        }
+    };
     let acked = run.acks.len();
     let state = bed.sink.state.clone();
     let range = first..first + messages as u64;
-    let (arrived, _) = wait_count(|| state.count_in(range.clone()), acked, Duration::from_secs(30)).await;
+    let (arrived, _) = wait_count(
+        || state.count_in(range.clone()),
+        acked,
+        Duration::from_secs(30),
+    )
+    .await;
     let (cpu1, mcpu1) = (bed.relay_cpu(system), procs::machine_busy_secs());
     let arrivals = state.arrivals_in(range);
-    let last_arrival = arrivals.iter().map(|(_, t)| *t).max().unwrap_or(run.finished);
-    let last_ack = run.acks.iter().map(|(_, t)| *t).max().unwrap_or(run.finished);
+    let last_arrival = arrivals
+        .iter()
+        .map(|(_, t)| *t)
+        .max()
+        .unwrap_or(run.finished);
+    let last_ack = run
+        .acks
+        .iter()
+        .map(|(_, t)| *t)
+        .max()
+        .unwrap_or(run.finished);
     let latencies: Vec<f64> = run
         .acks
         .iter()
@@ -518,7 +606,11 @@ async fn run_harness(
     }
     Ok(Measure {
         system,
-        tool: Tool::Harness,
+        tool: if paced.is_some() {
+            Tool::Paced
+        } else {
+            Tool::Harness
+        },
         round,
         sent: messages,
         acked,
@@ -554,7 +646,12 @@ pub fn smtp_source_args(opts: &Opts, target: std::net::SocketAddr) -> Vec<String
     ]
 }
 
-async fn run_smtp_source(bed: &mut Bed, system: System, round: usize, opts: &Opts) -> anyhow::Result<Measure> {
+async fn run_smtp_source(
+    bed: &mut Bed,
+    system: System,
+    round: usize,
+    opts: &Opts,
+) -> anyhow::Result<Measure> {
     let target = bed.target(system);
     let state = bed.sink.state.clone();
     let before = state.unlabelled.load(std::sync::atomic::Ordering::Relaxed) as usize;
@@ -601,13 +698,19 @@ async fn run_smtp_source(bed: &mut Bed, system: System, round: usize, opts: &Opt
     })
 }
 
-fn report_throughput(opts: &Opts, all: &[Measure], postfix: Option<&Postfix>) -> anyhow::Result<()> {
+fn report_throughput(
+    opts: &Opts,
+    all: &[Measure],
+    postfix: Option<&Postfix>,
+) -> anyhow::Result<()> {
     // Medians per (system, tool).
     let mut groups: BTreeMap<(Tool, System), Vec<&Measure>> = BTreeMap::new();
     for m in all {
         groups.entry((m.tool, m.system)).or_default().push(m);
     }
-    let med = |v: &[&Measure], f: &dyn Fn(&Measure) -> f64| median(&v.iter().map(|m| f(m)).collect::<Vec<_>>());
+    let med = |v: &[&Measure], f: &dyn Fn(&Measure) -> f64| {
+        median(&v.iter().map(|m| f(m)).collect::<Vec<_>>())
+    };
     let mut table = String::new();
     let _ = writeln!(
         table,
@@ -633,21 +736,32 @@ fn report_throughput(opts: &Opts, all: &[Measure], postfix: Option<&Postfix>) ->
     let mut ratios = String::new();
     for (sys, tool) in [System::Magicmx, System::MagicmxB]
         .into_iter()
-        .flat_map(|s| [(s, Tool::SmtpSource), (s, Tool::Harness)])
+        .flat_map(|s| [(s, Tool::SmtpSource), (s, Tool::Harness), (s, Tool::Paced)])
     {
-        let (Some(m), Some(p)) = (groups.get(&(tool, sys)), groups.get(&(tool, System::Postfix))) else {
+        let (Some(m), Some(p)) = (
+            groups.get(&(tool, sys)),
+            groups.get(&(tool, System::Postfix)),
+        ) else {
             continue;
         };
         let r = |f: &dyn Fn(&Measure) -> f64| med(m, f) / med(p, f);
-        let _ = write!(
+        let _ = writeln!(
             ratios,
-            "| {} | {} | {:.2} | {:.2} | {} | {} | {:.2} |\n",
+            "| {} | {} | {:.2} | {:.2} | {} | {} | {:.2} |",
             sys.label(),
             tool.label(),
             r(&|m| m.ack_rate()),
             r(&|m| m.arrive_rate()),
-            if tool == Tool::Harness { format!("{:.2}", r(&|m| m.lat_p50)) } else { "—".into() },
-            if tool == Tool::Harness { format!("{:.2}", r(&|m| m.lat_p99)) } else { "—".into() },
+            if tool != Tool::SmtpSource {
+                format!("{:.2}", r(&|m| m.lat_p50))
+            } else {
+                "—".into()
+            },
+            if tool != Tool::SmtpSource {
+                format!("{:.2}", r(&|m| m.lat_p99))
+            } else {
+                "—".into()
+            },
             r(&|m| m.cpu_ms_per_msg()),
         );
     }
@@ -687,7 +801,10 @@ fn report_throughput(opts: &Opts, all: &[Measure], postfix: Option<&Postfix>) ->
     let series_names: Vec<&str> = present.iter().map(|s| s.label()).collect();
     let mut bar_groups: Vec<(String, Vec<f64>)> = Vec::new();
     for tool in [Tool::SmtpSource, Tool::Harness] {
-        for (what, f) in [("acked", Measure::ack_rate as fn(&Measure) -> f64), ("arrived", Measure::arrive_rate)] {
+        for (what, f) in [
+            ("acked", Measure::ack_rate as fn(&Measure) -> f64),
+            ("arrived", Measure::arrive_rate),
+        ] {
             let vals: Vec<f64> = present
                 .iter()
                 .map(|s| groups.get(&(tool, *s)).map_or(0.0, |v| med(v, &|m| f(m))))
@@ -699,42 +816,68 @@ fn report_throughput(opts: &Opts, all: &[Measure], postfix: Option<&Postfix>) ->
     }
     plot::bars(
         &png_rates,
-        &format!("Relay throughput, {} x 1 KB, {} sessions (median of {} rounds)", opts.messages, opts.concurrency, opts.rounds),
+        &format!(
+            "Relay throughput, {} x 1 KB, {} sessions (median of {} rounds)",
+            opts.messages, opts.concurrency, opts.rounds
+        ),
         "messages per second",
         &series_names,
         &bar_groups,
     )?;
     let png_lat = opts.bench_dir.join("latency.png");
-    let mut lat_series = Vec::new();
-    for s in present.iter().copied() {
-        let Some(v) = groups.get(&(Tool::Harness, s)) else { continue };
-        // The round with the median p50.
-        let mut v: Vec<&&Measure> = v.iter().collect();
-        v.sort_by(|a, b| a.lat_p50.total_cmp(&b.lat_p50));
-        let m = v[v.len() / 2];
-        let mut l = m.latencies.clone();
-        l.sort_by(|a, b| a.total_cmp(b));
-        let n = l.len().max(1) as f64;
-        let step = (l.len() / 400).max(1);
-        let points: Vec<(f64, f64)> = l
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % step == 0 || *i == l.len() - 1)
-            .map(|(i, x)| (x.max(0.0), 100.0 * (i + 1) as f64 / n))
-            .collect();
-        lat_series.push(plot::Series {
-            name: format!("{} (round {})", s.label(), m.round),
-            points,
-            thin: false,
-        });
+    let png_lat_sat = opts.bench_dir.join("latency-saturated.png");
+    for (tool, png, title) in [
+        (
+            Tool::Paced,
+            &png_lat,
+            format!(
+                "From the relay's 250 to arrival at the real MX, {PACED_RATE:.0} msgs/s offered"
+            ),
+        ),
+        (
+            Tool::Harness,
+            &png_lat_sat,
+            format!(
+                "From the relay's 250 to arrival at the real MX, {} sessions flat out",
+                opts.concurrency
+            ),
+        ),
+    ] {
+        let mut lat_series = Vec::new();
+        for s in present.iter().copied() {
+            let Some(v) = groups.get(&(tool, s)) else {
+                continue;
+            };
+            // The round with the median p50.
+            let mut v: Vec<&&Measure> = v.iter().collect();
+            v.sort_by(|a, b| a.lat_p50.total_cmp(&b.lat_p50));
+            let m = v[v.len() / 2];
+            let mut l = m.latencies.clone();
+            l.sort_by(|a, b| a.total_cmp(b));
+            let n = l.len().max(1) as f64;
+            let step = (l.len() / 400).max(1);
+            let points: Vec<(f64, f64)> = l
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % step == 0 || *i == l.len() - 1)
+                .map(|(i, x)| (x.max(0.0), 100.0 * (i + 1) as f64 / n))
+                .collect();
+            lat_series.push(plot::Series {
+                name: format!("{} (round {})", s.label(), m.round),
+                points,
+                thin: false,
+            });
+        }
+        if !lat_series.is_empty() {
+            plot::lines(
+                png,
+                &title,
+                "milliseconds",
+                "% of messages (cumulative)",
+                &lat_series,
+            )?;
+        }
     }
-    plot::lines(
-        &png_lat,
-        "From the relay's 250 to arrival at the real MX (harness client)",
-        "milliseconds",
-        "% of messages (cumulative)",
-        &lat_series,
-    )?;
 
     let mut md = String::new();
     let _ = writeln!(md, "## End-to-end throughput: magicmx vs Postfix\n");
@@ -745,7 +888,7 @@ fn report_throughput(opts: &Opts, all: &[Measure], postfix: Option<&Postfix>) ->
     );
     let _ = writeln!(
         md,
-        "Clients: `smtp-source {}` (Postfix's load generator, which cannot tell when each message was acknowledged) and the harness's own client (same pattern, a sequence number in each message, so that the time from the relay's `250` to arrival at the sink is known per message). \"magicmx, throttle, 1,000 blocks\": the harness client binding 127.B.C.1 in 1,000 different /24 blocks, untrusted, default limits (never reached: 5 messages per block).\n",
+        "Clients: `smtp-source {}` (Postfix's load generator, which cannot tell when each message was acknowledged) and the harness's own client (same pattern, a sequence number in each message, so that the time from the relay's `250` to arrival at the sink is known per message). \"magicmx, throttle, 1,000 blocks\": the harness client binding 127.B.C.1 in 1,000 different /24 blocks, untrusted, default limits (never reached: 5 messages per block). \"harness client, {PACED_RATE:.0} msgs/s\": the same client starting {PACED_MESSAGES} sessions at a fixed {PACED_RATE:.0} per second, below every relay's capacity, so that the latency is the relay's own; flat out, a message also waits behind the backlog of those acknowledged before it.\n",
         smtp_source_args(opts, "127.0.0.1:25".parse().unwrap()).join(" ").replace("127.0.0.1:25", "127.0.0.1:PORT")
     );
     let _ = writeln!(md, "Medians over the rounds:\n\n{table}");
@@ -755,13 +898,66 @@ fn report_throughput(opts: &Opts, all: &[Measure], postfix: Option<&Postfix>) ->
             "**Ratio magicmx / Postfix** (medians, same run; > 1 means magicmx is higher — for latency and CPU lower is better):\n\n| relay | client | msgs/s acked | msgs/s arrived | 250 → sink p50 | p99 | CPU per message |\n|---|---|---|---|---|---|---|\n{ratios}"
         );
     }
+    // The paced runs: what the latency is made of.
+    let paced = |sys: System, f: fn(&Measure) -> f64| {
+        groups.get(&(Tool::Paced, sys)).map(|v| med(v, &|m| f(m)))
+    };
+    if let (Some(pf), Some(mm)) = (
+        paced(System::Postfix, |m| m.lat_p50),
+        paced(System::Magicmx, |m| m.lat_p50),
+    ) {
+        let gap = paced(System::Magicmx, |m| m.dot_gap).unwrap_or(f64::NAN);
+        let best = paced(System::MagicmxB, |m| m.lat_p50)
+            .filter(|_| paced(System::MagicmxB, |m| m.dot_gap).unwrap_or(99.0) < 5.0)
+            .map(|b| {
+                (
+                    b,
+                    paced(System::MagicmxB, |m| m.lat_p99).unwrap_or(f64::NAN),
+                )
+            });
+        let _ = write!(
+            md,
+            "At {PACED_RATE:.0} msgs/s (no backlog), Postfix relays a message {} ms after its `250` (median); magicmx takes {} ms",
+            fmt_ms(pf),
+            fmt_ms(mm)
+        );
+        if gap > 20.0 {
+            let _ = write!(
+                md,
+                ", {} ms of which are the Nagle stall of the DATA phase (see the profile section)",
+                fmt_ms(gap)
+            );
+        }
+        match best {
+            Some((b, b99)) if b > 5.0 => {
+                let _ = write!(
+                    md,
+                    "; {} takes {} ms (p99 {} ms): that is mostly the relay runner waiting for its next look at the spool — woken by each stored message, it rescans the whole queue at most every 20 ms (`SCAN_MIN` in src/relay/mod.rs), about 10 ms of waiting on average. Handing each stored message's id to the runner (a channel) instead of rescanning the spool would bring it near Postfix's",
+                    System::MagicmxB.label(),
+                    fmt_ms(b),
+                    fmt_ms(b99)
+                );
+            }
+            Some((b, b99)) => {
+                let _ = write!(
+                    md,
+                    "; {} takes {} ms (p99 {} ms)",
+                    System::MagicmxB.label(),
+                    fmt_ms(b),
+                    fmt_ms(b99)
+                );
+            }
+            None => {}
+        }
+        let _ = writeln!(md, ".\n");
+    }
     let _ = writeln!(
         md,
         "CPU is utime + stime from /proc of the relay's processes (magicmx: its one process; Postfix: master, its live daemons and its reaped ones), divided by the messages that arrived; it leaves out the kernel's journal thread (fsync) and the clients and sink, which share the 2 cores (the machine CPU column in the per-run table shows all of it).\n"
     );
     let _ = writeln!(
         md,
-        "![throughput](throughput.png)\n\n![latency](latency.png)\n\n<details><summary>Every run</summary>\n\n{runs}\n</details>\n"
+        "![throughput](throughput.png)\n\n![latency at {PACED_RATE:.0} msgs/s](latency.png)\n\n![latency flat out](latency-saturated.png)\n\n<details><summary>Every run</summary>\n\n{runs}\n</details>\n"
     );
     let _ = writeln!(
         md,
@@ -776,12 +972,124 @@ fn report_throughput(opts: &Opts, all: &[Measure], postfix: Option<&Postfix>) ->
             pf.main_cf.join("\n")
         );
     }
-    replace_section(&opts.results(), "## End-to-end throughput: magicmx vs Postfix", &md);
-    println!("wrote {}, {}, {}", opts.results().display(), png_rates.display(), png_lat.display());
+    replace_section(
+        &opts.results(),
+        "## End-to-end throughput: magicmx vs Postfix",
+        &md,
+    );
+    println!(
+        "wrote {}, {}, {}, {}",
+        opts.results().display(),
+        png_rates.display(),
+        png_lat.display(),
+        png_lat_sat.display()
+    );
     Ok(())
 }
 
 // ------------------------------------------------------------ profile
+
+/// One closed-loop run of `system` under `perf trace -s` (fsync-family
+/// calls only, cheap): per thread, calls and milliseconds inside them; and
+/// the spool writer's CPU.
+struct Traced {
+    m: Measure,
+    /// (thread, syscall) → (calls, total ms).
+    calls: BTreeMap<(String, String), (f64, f64)>,
+    writer_cpu: f64,
+}
+
+impl Traced {
+    fn sum(&self, thread: &str, calls: &[&str]) -> (f64, f64) {
+        self.calls
+            .iter()
+            .filter(|((t, c), _)| t.starts_with(thread) && calls.contains(&c.as_str()))
+            .fold((0.0, 0.0), |a, (_, v)| (a.0 + v.0, a.1 + v.1))
+    }
+
+    /// Share of the run's wall time the spool writer was busy: in
+    /// fdatasync/fsync/pwrite or on the CPU.
+    fn writer_busy(&self) -> f64 {
+        let (_, ms) = self.sum("spool-writer", &["fdatasync", "fsync", "pwrite64"]);
+        (ms / 1000.0 + self.writer_cpu) / self.m.arrive_secs
+    }
+
+    fn paragraph(&self, who: &str) -> String {
+        let m = &self.m;
+        let n = m.arrived.max(1) as f64;
+        let (fs, fs_ms) = self.sum("spool-writer", &["fdatasync", "fsync"]);
+        format!(
+            "{who}: {:.0} acked / {:.0} relayed msgs/s; {:.2} fsync calls per message ({:.1} messages per fsync, {:.0}/s, {:.2} ms each on average); the spool writer was busy {:.0} % of the time ({:.0} % in fdatasync, {:.0} % on the CPU); the process used {:.2} ms of CPU per message; the DATA phase at the sink took {:.1} ms (median).",
+            m.ack_rate(),
+            m.arrive_rate(),
+            fs / n,
+            n / fs.max(1.0),
+            fs / m.arrive_secs,
+            fs_ms / fs.max(1.0),
+            100.0 * self.writer_busy(),
+            100.0 * fs_ms / 1000.0 / m.arrive_secs,
+            100.0 * self.writer_cpu / m.arrive_secs,
+            m.cpu_ms_per_msg(),
+            m.dot_gap,
+        )
+    }
+}
+
+async fn traced_run(bed: &mut Bed, system: System, opts: &Opts) -> anyhow::Result<Traced> {
+    let pid = match system {
+        System::MagicmxB => bed.node_b.as_ref().map(|n| n.pid).unwrap_or(0),
+        _ => bed.node.pid,
+    };
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("trace.txt");
+    let mut trace = tokio::process::Command::new("perf")
+        .args([
+            "trace",
+            "-s",
+            "-e",
+            "fdatasync,fsync,pwrite64",
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let w0 = procs::thread_cpu_secs(pid, "spool-writer");
+    let m = run_harness(bed, system, 0, opts.messages, opts, Vec::new(), None).await?;
+    let writer_cpu = procs::thread_cpu_secs(pid, "spool-writer") - w0;
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &trace.id().unwrap_or(0).to_string()])
+        .status();
+    let _ = trace.wait().await;
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let mut calls = BTreeMap::new();
+    let mut thread = String::new();
+    for l in text.lines() {
+        let t = l.trim();
+        if t.contains(" events,") {
+            thread = t.split(" (").next().unwrap_or("").to_string();
+            continue;
+        }
+        let f: Vec<&str> = t.split_whitespace().collect();
+        if f.len() >= 4 && matches!(f[0], "fdatasync" | "fsync" | "pwrite64") {
+            if let (Ok(c), Ok(ms)) = (f[1].parse::<f64>(), f[3].parse::<f64>()) {
+                let e = calls
+                    .entry((thread.clone(), f[0].to_string()))
+                    .or_insert((0.0, 0.0));
+                e.0 += c;
+                e.1 += ms;
+            }
+        }
+    }
+    Ok(Traced {
+        m,
+        calls,
+        writer_cpu,
+    })
+}
 
 /// perf on magicmx while the harness client loads it; fsyncs and other
 /// system calls counted with tracepoints; and what the numbers say.
@@ -812,8 +1120,10 @@ async fn profile(bed: &mut Bed, opts: &Opts, all: &[Measure]) -> anyhow::Result<
         .arg(&stat_out)
         .spawn()?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let m = run_harness(bed, System::Magicmx, 0, messages, opts, Vec::new()).await?;
-    let _ = std::process::Command::new("kill").args(["-INT", &stat.id().unwrap_or(0).to_string()]).status();
+    let m = run_harness(bed, System::Magicmx, 0, messages, opts, Vec::new(), None).await?;
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &stat.id().unwrap_or(0).to_string()])
+        .status();
     let _ = stat.wait().await;
     let stat_text = std::fs::read_to_string(&stat_out).unwrap_or_default();
     let count = |ev: &str| -> f64 {
@@ -836,12 +1146,23 @@ async fn profile(bed: &mut Bed, opts: &Opts, all: &[Measure]) -> anyhow::Result<
         .stderr(std::process::Stdio::null())
         .spawn()?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let m2 = run_harness(bed, System::Magicmx, 0, messages, opts, Vec::new()).await?;
-    let _ = std::process::Command::new("kill").args(["-INT", &rec.id().unwrap_or(0).to_string()]).status();
+    let m2 = run_harness(bed, System::Magicmx, 0, messages, opts, Vec::new(), None).await?;
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &rec.id().unwrap_or(0).to_string()])
+        .status();
     let _ = rec.wait().await;
     let report = |sort: &str, limit: &str| -> String {
         let out = std::process::Command::new("perf")
-            .args(["report", "--stdio", "--no-children", "--sort", sort, "--percent-limit", limit, "-i"])
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                sort,
+                "--percent-limit",
+                limit,
+                "-i",
+            ])
             .arg(&data)
             .output();
         out.map(|o| {
@@ -857,9 +1178,20 @@ async fn profile(bed: &mut Bed, opts: &Opts, all: &[Measure]) -> anyhow::Result<
     let by_thread = report("comm,dso", "1");
     let by_symbol = report("comm,dso,symbol", "0.7");
 
-    // 3. What limits it.
+    // 3. Time inside fsync, per thread; the same for build B if any.
+    let traced = traced_run(bed, System::Magicmx, opts).await?;
+    let traced_b = match bed.node_b.is_some() {
+        true => Some(traced_run(bed, System::MagicmxB, opts).await?),
+        false => None,
+    };
+
+    // 4. What limits it.
     let med_of = |sys: System, f: fn(&Measure) -> f64| -> Option<f64> {
-        let v: Vec<f64> = all.iter().filter(|x| x.system == sys && x.tool == Tool::Harness).map(f).collect();
+        let v: Vec<f64> = all
+            .iter()
+            .filter(|x| x.system == sys && x.tool == Tool::Harness)
+            .map(f)
+            .collect();
         (!v.is_empty()).then(|| median(&v))
     };
     let pf_gap = med_of(System::Postfix, |x| x.dot_gap);
@@ -869,15 +1201,15 @@ async fn profile(bed: &mut Bed, opts: &Opts, all: &[Measure]) -> anyhow::Result<
     if m.dot_gap > 20.0 {
         let _ = writeln!(
             why,
-            "**What limits magicmx: the outbound SMTP session, not the spool or the CPU.** magicmx acknowledges {:.0} msgs/s but relays {:.0} msgs/s. At the real MX, the DATA phase of each message relayed by magicmx (from the `354` reply to the final `.`, 1 KB on loopback) takes **{:.0} ms** (median){}. That is Nagle's algorithm meeting delayed ACKs: lettre's `message()` writes the body and then `\\r\\n.\\r\\n` in a second `write()`; the relay's socket does not set `TCP_NODELAY`, so the kernel holds those 5 bytes until the real MX acknowledges the body, and the real MX delays that ACK (about 40 ms on Linux) because it has nothing to send yet. With `[relay] concurrency = {slots}` delivery slots, {slots} / ({:.0} ms + the rest of the session) ≈ {:.0} msgs/s, whatever the CPU or the disk. The spool is not the limit: {:.1} fsync calls per message ({:.0}/s; redb commits in two phases, two `fdatasync` per commit), far below the ~700 fsyncs/s that 20 concurrent writers get here, and the CPU is mostly idle ({:.2} ms per message).\n",
+            "**What limits magicmx: the outbound SMTP session, not the spool or the CPU.** magicmx acknowledges {:.0} msgs/s but relays {:.0} msgs/s. At the real MX, the DATA phase of each message relayed by magicmx (from the `354` reply to the final `.`, 1 KB on loopback) takes **{:.0} ms** (median){}. That is Nagle's algorithm meeting delayed ACKs: lettre's `message()` writes the body and then `\\r\\n.\\r\\n` in a second `write()`; the relay's socket does not set `TCP_NODELAY`, so the kernel holds those 5 bytes until the real MX acknowledges the body, and the real MX delays that ACK (about 40 ms on Linux) because it has nothing to send yet. With `[relay] concurrency = {slots}` delivery slots, {slots} / ({:.0} ms + the rest of the session) ≈ {:.0} msgs/s, whatever the CPU or the disk. The spool is not what holds it back: with the fix, the same spool takes several times more (below); its writer thread (one redb transaction per batch, two `fdatasync` per commit) is busy {:.0} % of the time here only because, with deliveries trickling in, each commit carries just a few operations. The process used {:.2} CPU cores ({:.2} ms per message).\n",
             m.ack_rate(),
             m.arrive_rate(),
             m.dot_gap,
             pf_gap.map(|g| format!(" (Postfix: {g:.1} ms — it sends the end of data in the same write)")).unwrap_or_default(),
             m.dot_gap,
             slots * 1000.0 / (m.dot_gap + 10.0),
-            fsyncs / n,
-            fsyncs / m.arrive_secs,
+            100.0 * traced.writer_busy(),
+            count("task-clock") / 1000.0 / m.arrive_secs.max(1e-9),
             count("task-clock") / n,
         );
         let _ = writeln!(
@@ -902,11 +1234,41 @@ async fn profile(bed: &mut Bed, opts: &Opts, all: &[Measure]) -> anyhow::Result<
         );
     }
 
+    let _ = writeln!(
+        why,
+        "Measured with `perf trace -s` (fsync-family calls) and /proc:\n\n- {}",
+        traced.paragraph("magicmx")
+    );
+    if let Some(tb) = &traced_b {
+        let _ = writeln!(why, "- {}", tb.paragraph(System::MagicmxB.label()));
+        let busy = tb.writer_busy();
+        let cores = tb.m.cpu / tb.m.arrive_secs.max(1e-9);
+        let next = if busy > 0.8 {
+            {
+                let (fs, fs_ms) = tb.sum("spool-writer", &["fdatasync", "fsync"]);
+                let secs = tb.m.arrive_secs.max(1e-9);
+                format!(
+                    "the spool writer, busy {:.0} % of the time: one redb write transaction at a time, {:.0} % of the time in `fdatasync` (two per commit: redb's SingleWriter mode always commits in two phases) and {:.0} % in redb's own CPU work per commit; {:.1} messages per fsync. Next gains: fewer write transactions per message (each message costs three — store, update after delivery, remove; the relay's update and remove could be one, or be batched across deliveries) and cheaper commits",
+                    100.0 * busy,
+                    100.0 * fs_ms / 1000.0 / secs,
+                    100.0 * tb.writer_cpu / secs,
+                    tb.m.arrived as f64 / fs.max(1.0)
+                )
+            }
+        } else if cores > 0.8 {
+            format!("CPU: the node used {cores:.2} cores of the 2 it shares with the load generator and the sink")
+        } else {
+            format!("neither the spool writer (busy {:.0} %) nor the CPU ({cores:.2} cores): the per-delivery round trips (a new connection, EHLO, MAIL, RCPT, DATA, QUIT per message) times the 20 delivery slots, and the machine's load", 100.0 * busy)
+        };
+        let _ = writeln!(why, "\nWith the fix, what limits magicmx next is {next}.");
+    }
+
     let mut md = String::new();
     let _ = writeln!(md, "## Where magicmx's time goes (profile)\n");
     let _ = writeln!(
         md,
-        "Command: `bench/run.sh` (section `profile`, after the throughput rounds, same node): the harness client sends {messages} messages to magicmx as in the throughput section, once under `perf stat` (syscall tracepoints) and once under `perf record -F 999` (cpu-clock sampling: this VM has no hardware counters; flat profile: the release build has no frame pointers). Rates: {:.0} acked / {:.0} relayed msgs/s under perf stat, {:.0} / {:.0} under perf record.\n",
+        "Command: `bench/run.sh` (section `profile`, after the throughput rounds, same node): the harness client sends {messages} messages to magicmx as in the throughput section, once under `perf stat` (syscall tracepoints), once under `perf record -F 999` (cpu-clock sampling: this VM has no hardware counters; flat profile: the release build has no frame pointers), once under `perf trace -s` (time inside fdatasync, per thread){}. Rates: {:.0} acked / {:.0} relayed msgs/s under perf stat, {:.0} / {:.0} under perf record.\n",
+        if bed.node_b.is_some() { format!(", and the last once more on {}", System::MagicmxB.label()) } else { String::new() },
         m.ack_rate(),
         m.arrive_rate(),
         m2.ack_rate(),
@@ -931,7 +1293,11 @@ async fn profile(bed: &mut Bed, opts: &Opts, all: &[Measure]) -> anyhow::Result<
         "CPU samples by thread and library (kernel = system calls, TCP, fsync):\n\n```\n{by_thread}\n```\n\n<details><summary>Hottest symbols (≥ 0.7 % of samples)</summary>\n\n```\n{by_symbol}\n```\n</details>\n"
     );
     println!("{md}");
-    replace_section(&opts.results(), "## Where magicmx's time goes (profile)", &md);
+    replace_section(
+        &opts.results(),
+        "## Where magicmx's time goes (profile)",
+        &md,
+    );
     Ok(())
 }
 
@@ -941,14 +1307,20 @@ async fn connections(opts: &Opts) -> anyhow::Result<()> {
     let n = opts.connections;
     let limit = open_files_limit();
     let n = if limit > 0 && n + 500 > limit as usize {
-        println!("open-file limit {limit}: holding {} connections instead of {n} (raise `ulimit -n`)", limit as usize - 500);
+        println!(
+            "open-file limit {limit}: holding {} connections instead of {n} (raise `ulimit -n`)",
+            limit as usize - 500
+        );
         limit as usize - 500
     } else {
         n
     };
     let sink = Sink::start().await;
     let dns = dns::DnsServer::start(&[DOMAIN]);
-    let node = MagicNode::start("connections", &throughput_node_toml(sink.addr.port(), dns.addr, n + 1000))?;
+    let node = MagicNode::start(
+        "connections",
+        &throughput_node_toml(sink.addr.port(), dns.addr, n + 1000),
+    )?;
     let pid = node.pid;
     let mut seq = 5_000_000u64;
     // Warm up, then baseline.
@@ -1085,10 +1457,25 @@ async fn connections(opts: &Opts) -> anyhow::Result<()> {
     );
     let _ = writeln!(md, "| measure | value |\n|---|---|");
     let _ = writeln!(md, "| sessions held | {held_n} of {n} ({refused} failed to open; {:.1} s to open them all, 200 at a time) |", open_secs);
-    let _ = writeln!(md, "| RSS before / holding / after closing | {:.1} MiB / **{:.1} MiB** / {:.1} MiB |", rss0 as f64 / 1024.0, rss1 as f64 / 1024.0, rss3 as f64 / 1024.0);
-    let _ = writeln!(md, "| memory per idle session | **{:.1} KiB** (RSS growth / sessions) |", per_conn / 1024.0);
+    let _ = writeln!(
+        md,
+        "| RSS before / holding / after closing | {:.1} MiB / **{:.1} MiB** / {:.1} MiB |",
+        rss0 as f64 / 1024.0,
+        rss1 as f64 / 1024.0,
+        rss3 as f64 / 1024.0
+    );
+    let _ = writeln!(
+        md,
+        "| memory per idle session | **{:.1} KiB** (RSS growth / sessions) |",
+        per_conn / 1024.0
+    );
     let _ = writeln!(md, "| threads before / holding | {threads0} / {threads1} |");
-    let _ = writeln!(md, "| CPU while {held_n} sessions idle | {:.3} s per 10 s ({:.2} % of one core) |", idle_cpu, idle_cpu * 10.0);
+    let _ = writeln!(
+        md,
+        "| CPU while {held_n} sessions idle | {:.3} s per 10 s ({:.2} % of one core) |",
+        idle_cpu,
+        idle_cpu * 10.0
+    );
     let _ = writeln!(
         md,
         "| CPU while each session drips a NOOP every 10 s, one byte per 50 ms ({:.0} commands/s) | {:.2} s in {:.1} s ({:.1} % of one core); RSS {:.1} MiB; {alive} sessions still answered |",
@@ -1098,12 +1485,32 @@ async fn connections(opts: &Opts) -> anyhow::Result<()> {
         100.0 * slow_cpu / slow_elapsed,
         rss2 as f64 / 1024.0
     );
-    let _ = writeln!(md, "| normal session, node otherwise idle | p50 {} ms, p99 {} ms |", fmt_ms(n0), fmt_ms(n0p));
-    let _ = writeln!(md, "| normal session while {held_n} sessions idle | p50 {} ms, p99 {} ms |", fmt_ms(n1), fmt_ms(n1p));
-    let _ = writeln!(md, "| normal session while {held_n} sessions drip | p50 {} ms, p99 {} ms |", fmt_ms(n2), fmt_ms(n2p));
+    let _ = writeln!(
+        md,
+        "| normal session, node otherwise idle | p50 {} ms, p99 {} ms |",
+        fmt_ms(n0),
+        fmt_ms(n0p)
+    );
+    let _ = writeln!(
+        md,
+        "| normal session while {held_n} sessions idle | p50 {} ms, p99 {} ms |",
+        fmt_ms(n1),
+        fmt_ms(n1p)
+    );
+    let _ = writeln!(
+        md,
+        "| normal session while {held_n} sessions drip | p50 {} ms, p99 {} ms |",
+        fmt_ms(n2),
+        fmt_ms(n2p)
+    );
     let _ = writeln!(md, "\n{pf_line}\n");
     let _ = writeln!(md, "![memory](connections.png)\n");
-    let _ = writeln!(md, "Machine: {}; load average {:.1} at the end (other engineers' builds share the cores).\n", machine(), procs::loadavg());
+    let _ = writeln!(
+        md,
+        "Machine: {}; load average {:.1} at the end (other engineers' builds share the cores).\n",
+        machine(),
+        procs::loadavg()
+    );
     let png = opts.bench_dir.join("connections.png");
     plot::lines(
         &png,
@@ -1147,7 +1554,10 @@ async fn read_reply(s: &mut tokio::net::TcpStream) -> std::io::Result<String> {
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timeout"))??;
         if k == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed",
+            ));
         }
         got.extend_from_slice(&buf[..k]);
         // Complete when the last line has a space after the code.
@@ -1162,7 +1572,10 @@ async fn read_reply(s: &mut tokio::net::TcpStream) -> std::io::Result<String> {
 }
 
 /// Connect, banner, EHLO; the stream stays open.
-async fn idle_session(target: std::net::SocketAddr, src: std::net::IpAddr) -> std::io::Result<tokio::net::TcpStream> {
+async fn idle_session(
+    target: std::net::SocketAddr,
+    src: std::net::IpAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
     use tokio::io::AsyncWriteExt;
     let mut s = load::connect(target, Some(src)).await?;
     let code = read_reply(&mut s).await?;
@@ -1198,7 +1611,8 @@ async fn postfix_sessions(sink: std::net::SocketAddr) -> anyhow::Result<String> 
         procs::children(pf.master_pid)
             .into_iter()
             .filter(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "smtpd")
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "smtpd")
             })
             .collect()
     };

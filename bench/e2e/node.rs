@@ -29,7 +29,9 @@ impl MagicNode {
 
     /// Runs `bin` (another build of magicmx) instead of the default one.
     pub fn start_bin(bin: &str, name: &str, toml: &str) -> anyhow::Result<MagicNode> {
-        let tmp = tempfile::Builder::new().prefix(&format!("magicmx-bench-{name}-")).tempdir()?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("magicmx-bench-{name}-"))
+            .tempdir()?;
         let mut node = MagicNode::start_in_with(bin, tmp.path(), toml)?;
         node._tmp = Some(tmp);
         Ok(node)
@@ -44,7 +46,8 @@ impl MagicNode {
         let data = dir.join("data");
         std::fs::write(
             &config,
-            toml.replace("@DATA@", data.to_str().unwrap()).replace("@DIR@", dir.to_str().unwrap()),
+            toml.replace("@DATA@", data.to_str().unwrap())
+                .replace("@DIR@", dir.to_str().unwrap()),
         )?;
         let log = dir.join("magicmx.log");
         let out = std::fs::File::create(&log)?;
@@ -96,7 +99,6 @@ impl MagicNode {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-
 }
 
 impl Drop for MagicNode {

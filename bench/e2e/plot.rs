@@ -29,7 +29,9 @@ fn fonts() -> anyhow::Result<()> {
     let mut err = None;
     ONCE.call_once(|| {
         let Some(bytes) = FONTS.iter().find_map(|p| std::fs::read(p).ok()) else {
-            err = Some(anyhow::anyhow!("no font found ({FONTS:?}); install fonts-dejavu-core"));
+            err = Some(anyhow::anyhow!(
+                "no font found ({FONTS:?}); install fonts-dejavu-core"
+            ));
             return;
         };
         let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
@@ -59,7 +61,13 @@ pub struct Series {
 }
 
 /// Line chart of several series.
-pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> anyhow::Result<()> {
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Series],
+) -> anyhow::Result<()> {
     fonts()?;
     let all = series.iter().flat_map(|s| s.points.iter());
     let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0.0f64);
@@ -83,8 +91,20 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Ser
             .x_label_area_size(45)
             .y_label_area_size(70)
             .build_cartesian_2d(x0..x1, 0.0..y1)?;
-        let fx = move |x: &f64| if x1 - x0 >= 20.0 { format!("{x:.0}") } else { format!("{x:.1}") };
-        let fy = move |y: &f64| if y1 >= 20.0 { format!("{y:.0}") } else { format!("{y:.1}") };
+        let fx = move |x: &f64| {
+            if x1 - x0 >= 20.0 {
+                format!("{x:.0}")
+            } else {
+                format!("{x:.1}")
+            }
+        };
+        let fy = move |y: &f64| {
+            if y1 >= 20.0 {
+                format!("{y:.0}")
+            } else {
+                format!("{y:.1}")
+            }
+        };
         chart
             .configure_mesh()
             .x_label_formatter(&fx)
@@ -97,9 +117,14 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Ser
             let color = COLORS[i % COLORS.len()];
             let width = if s.thin { 1 } else { 2 };
             chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(width)))?
+                .draw_series(LineSeries::new(
+                    s.points.iter().copied(),
+                    color.stroke_width(width),
+                ))?
                 .label(s.name.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -114,7 +139,13 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Ser
 }
 
 /// Grouped bar chart: `groups[g] = (label, values per series)`.
-pub fn bars(path: &Path, title: &str, y_desc: &str, series_names: &[&str], groups: &[(String, Vec<f64>)]) -> anyhow::Result<()> {
+pub fn bars(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    series_names: &[&str],
+    groups: &[(String, Vec<f64>)],
+) -> anyhow::Result<()> {
     fonts()?;
     let y1 = groups
         .iter()
@@ -156,18 +187,36 @@ pub fn bars(path: &Path, title: &str, y_desc: &str, series_names: &[&str], group
         for (s, name) in series_names.iter().enumerate() {
             let color = COLORS[s % COLORS.len()];
             chart
-                .draw_series(groups.iter().enumerate().filter(|(_, (_, v))| v.get(s).is_some_and(|y| *y > 0.0)).map(|(g, (_, v))| {
-                    let x = g as f64 - 0.4 + width * s as f64;
-                    let y = v[s];
-                    Rectangle::new([(x, 0.0), (x + width * 0.95, y)], color.filled())
-                }))?
+                .draw_series(
+                    groups
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (_, v))| v.get(s).is_some_and(|y| *y > 0.0))
+                        .map(|(g, (_, v))| {
+                            let x = g as f64 - 0.4 + width * s as f64;
+                            let y = v[s];
+                            Rectangle::new([(x, 0.0), (x + width * 0.95, y)], color.filled())
+                        }),
+                )?
                 .label(*name)
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
-            chart.draw_series(groups.iter().enumerate().filter(|(_, (_, v))| v.get(s).is_some_and(|y| *y > 0.0)).map(|(g, (_, v))| {
-                let x = g as f64 - 0.4 + width * s as f64;
-                let y = v[s];
-                Text::new(format!("{y:.0}"), (x, y + y1 * 0.035), ("sans-serif", 12).into_font())
-            }))?;
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled())
+                });
+            chart.draw_series(
+                groups
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, v))| v.get(s).is_some_and(|y| *y > 0.0))
+                    .map(|(g, (_, v))| {
+                        let x = g as f64 - 0.4 + width * s as f64;
+                        let y = v[s];
+                        Text::new(
+                            format!("{y:.0}"),
+                            (x, y + y1 * 0.035),
+                            ("sans-serif", 12).into_font(),
+                        )
+                    }),
+            )?;
         }
         chart
             .configure_series_labels()

@@ -47,7 +47,11 @@ pub struct Postfix {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Postfix {
@@ -56,13 +60,18 @@ impl Postfix {
     }
 
     pub fn start(domain: &str, sink: SocketAddr) -> anyhow::Result<Postfix> {
-        let dir = tempfile::Builder::new().prefix("magicmx-bench-postfix-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("magicmx-bench-postfix-")
+            .tempdir()?;
         let d = dir.path();
         Command::new("chmod").arg("755").arg(d).status()?;
         for sub in ["etc", "queue", "data"] {
             std::fs::create_dir(d.join(sub))?;
         }
-        Command::new("chown").arg("postfix:postfix").arg(d.join("data")).status()?;
+        Command::new("chown")
+            .arg("postfix:postfix")
+            .arg(d.join("data"))
+            .status()?;
         let smtpd = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let main_cf = vec![
             "compatibility_level = 3.6".to_string(),
@@ -86,9 +95,17 @@ impl Postfix {
             format!("maillog_file_prefixes = {}", d.display()),
         ];
         std::fs::write(d.join("etc/main.cf"), main_cf.join("\n") + "\n")?;
-        let master = format!("{}:{} inet n - n - - smtpd\n{MASTER_CF}", smtpd.ip(), smtpd.port());
+        let master = format!(
+            "{}:{} inet n - n - - smtpd\n{MASTER_CF}",
+            smtpd.ip(),
+            smtpd.port()
+        );
         std::fs::write(d.join("etc/master.cf"), master)?;
-        let out = Command::new("postfix").arg("-c").arg(d.join("etc")).arg("start").output()?;
+        let out = Command::new("postfix")
+            .arg("-c")
+            .arg(d.join("etc"))
+            .arg("start")
+            .output()?;
         if !out.status.success() {
             anyhow::bail!(
                 "postfix start failed: {}{}\n{}",
@@ -100,7 +117,10 @@ impl Postfix {
         let pid_file = d.join("queue/pid/master.pid");
         let deadline = Instant::now() + Duration::from_secs(15);
         let master_pid = loop {
-            if let Some(p) = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse().ok()) {
+            if let Some(p) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
                 break p;
             }
             if Instant::now() > deadline {
@@ -136,18 +156,25 @@ impl Drop for Postfix {
             .arg("stop")
             .output();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{}", self.master_pid)).exists() && Instant::now() < deadline {
+        while Path::new(&format!("/proc/{}", self.master_pid)).exists() && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(100));
         }
         if Path::new(&format!("/proc/{}", self.master_pid)).exists() {
-            let _ = Command::new("kill").arg("-9").arg(self.master_pid.to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-9")
+                .arg(self.master_pid.to_string())
+                .status();
         }
     }
 }
 
 /// Is a private Postfix possible here (postfix installed, root)?
 pub fn available() -> Result<(), String> {
-    let uid = Command::new("id").arg("-u").output().map_err(|e| e.to_string())?;
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map_err(|e| e.to_string())?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         return Err("a private Postfix instance needs root".into());
     }
@@ -157,7 +184,9 @@ pub fn available() -> Result<(), String> {
             .output()
             .is_ok_and(|o| o.status.success());
         if !ok {
-            return Err(format!("{tool} is not installed (bench/run.sh installs it)"));
+            return Err(format!(
+                "{tool} is not installed (bench/run.sh installs it)"
+            ));
         }
     }
     Ok(())

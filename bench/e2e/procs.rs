@@ -33,7 +33,9 @@ fn stat(pid: u32) -> Option<(u32, u64, u64)> {
 
 /// CPU seconds used by `pid` itself (every thread).
 pub fn cpu_secs(pid: u32) -> f64 {
-    stat(pid).map(|(_, own, _)| own as f64 / clk_tck()).unwrap_or(0.0)
+    stat(pid)
+        .map(|(_, own, _)| own as f64 / clk_tck())
+        .unwrap_or(0.0)
 }
 
 fn pids() -> Vec<u32> {
@@ -56,8 +58,14 @@ pub fn children(ppid: u32) -> Vec<u32> {
 /// CPU seconds of a process tree one level deep, reaped children included
 /// (Postfix's master and its daemons).
 pub fn tree_cpu_secs(master: u32) -> f64 {
-    let Some((_, own, reaped)) = stat(master) else { return 0.0 };
-    let kids: u64 = children(master).into_iter().filter_map(stat).map(|(_, own, _)| own).sum();
+    let Some((_, own, reaped)) = stat(master) else {
+        return 0.0;
+    };
+    let kids: u64 = children(master)
+        .into_iter()
+        .filter_map(stat)
+        .map(|(_, own, _)| own)
+        .sum();
     (own + reaped + kids) as f64 / clk_tck()
 }
 
@@ -94,7 +102,14 @@ pub fn pss_kb(pid: u32) -> u64 {
 pub fn threads(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Threads:"))?.split_whitespace().nth(1)?.parse().ok())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Threads:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
@@ -110,9 +125,44 @@ pub fn loadavg() -> f64 {
 /// see how much else ran during a measurement.
 pub fn machine_busy_secs() -> f64 {
     let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(cpu) = s.lines().next() else { return 0.0 };
-    let v: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let Some(cpu) = s.lines().next() else {
+        return 0.0;
+    };
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal
-    let busy: u64 = v.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, x)| x).take(6).sum();
+    let busy: u64 = v
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, x)| x)
+        .take(6)
+        .sum();
     busy as f64 / clk_tck()
+}
+
+/// CPU seconds of the threads of `pid` named `name` (comm).
+pub fn thread_cpu_secs(pid: u32, name: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let mut ticks = 0u64;
+    for e in dir.filter_map(|e| e.ok()) {
+        let p = e.path();
+        let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        if let Ok(s) = std::fs::read_to_string(p.join("stat")) {
+            if let Some(i) = s.rfind(')') {
+                let f: Vec<&str> = s[i + 2..].split_whitespace().collect();
+                let n = |k: usize| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                ticks += n(11) + n(12);
+            }
+        }
+    }
+    ticks as f64 / clk_tck()
 }

@@ -62,7 +62,12 @@ impl SinkState {
     }
 
     pub fn count_in(&self, range: std::ops::Range<u64>) -> usize {
-        self.arrivals.lock().unwrap().keys().filter(|s| range.contains(s)).count()
+        self.arrivals
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|s| range.contains(s))
+            .count()
     }
 }
 
@@ -79,7 +84,9 @@ impl Sink {
         let s = state.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let s = s.clone();
                 tokio::spawn(async move {
                     let _ = serve(stream, s).await;
@@ -103,7 +110,10 @@ async fn serve(stream: TcpStream, state: Arc<SinkState>) -> std::io::Result<()> 
         if r.read_until(b'\n', &mut line).await? == 0 {
             return Ok(());
         }
-        let verb = line.get(..4).map(|v| v.to_ascii_uppercase()).unwrap_or_default();
+        let verb = line
+            .get(..4)
+            .map(|v| v.to_ascii_uppercase())
+            .unwrap_or_default();
         match &verb[..] {
             b"EHLO" => {
                 w.write_all(b"250-sink.bench.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 104857600\r\n250 ENHANCEDSTATUSCODES\r\n")
