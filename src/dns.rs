@@ -42,6 +42,20 @@ const POSITIVE_MAX_TTL: Duration = Duration::from_secs(300);
 /// Upper bound on how long NXDOMAIN/NODATA is cached.
 const NEGATIVE_MAX_TTL: Duration = Duration::from_secs(30);
 
+/// The address of an IP literal: `192.0.2.1`, `[192.0.2.1]`,
+/// `[IPv6:2001:db8::1]` (RFC 5321 4.1.3), or a bare IPv6 address.
+pub fn ip_literal(host: &str) -> Option<IpAddr> {
+    let inner = match host.strip_prefix('[') {
+        Some(rest) => rest.strip_suffix(']')?,
+        None => host,
+    };
+    let inner = match inner.get(..5) {
+        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => &inner[5..],
+        _ => inner,
+    };
+    inner.parse().ok()
+}
+
 /// A DNS failure. Negative answers that mean something for mail routing
 /// (NXDOMAIN, NODATA, null MX) are not errors of [`Dns::mx`]: see [`MxAnswer`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -156,6 +170,11 @@ impl Dns {
     /// The MX set of `domain`. NXDOMAIN, NODATA and null MX are answers,
     /// not errors; an error is temporary or an unusable name.
     pub async fn mx(&self, domain: &str) -> Result<MxAnswer, DnsError> {
+        if ip_literal(domain).is_some() {
+            // RFC 5321 5.1: an address literal is delivered to that address,
+            // as if it were an implicit MX.
+            return Ok(MxAnswer::NoMx);
+        }
         let name = absolute_name(domain)?;
         let result = tokio::time::timeout(self.deadline, self.resolver.mx_lookup(name)).await;
         let lookup = match result {
@@ -184,8 +203,7 @@ impl Dns {
     /// returned as is. A host that exists but has no address gives an empty
     /// list; NXDOMAIN gives [`DnsError::NoDomain`].
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
-        let literal = host.trim_start_matches('[').trim_end_matches(']');
-        if let Ok(ip) = literal.parse::<IpAddr>() {
+        if let Some(ip) = ip_literal(host) {
             return Ok(vec![ip]);
         }
         let name = absolute_name(host)?;
@@ -586,5 +604,13 @@ mod tests {
             dns.addresses("[2001:db8::1]").await.unwrap(),
             vec!["2001:db8::1".parse::<IpAddr>().unwrap()]
         );
+        assert_eq!(
+            dns.addresses("[IPv6:2001:db8::2]").await.unwrap(),
+            vec!["2001:db8::2".parse::<IpAddr>().unwrap()]
+        );
+        // An address literal domain is its own implicit MX.
+        assert_eq!(dns.mx("[192.0.2.7]").await.unwrap(), MxAnswer::NoMx);
+        assert_eq!(ip_literal("[192.0.2.7"), None);
+        assert_eq!(ip_literal("[mail.example.test]"), None);
     }
 }

@@ -1,8 +1,7 @@
 //! Gossip between real `magicmx` processes on loopback.
 //!
 //! Every node runs in its own temporary directory with its own config and a
-//! certificate issued by `magicmx ca issue` (falling back to the library's
-//! `gossip::ca` if the subcommand is missing). Ports are never fixed: the
+//! certificate issued by `magicmx ca issue`. Ports are never fixed: the
 //! first node's gossip address is read from its `gossip listening addr=`
 //! log line and given to the others as their seed. Source blocks are made
 //! by binding clients to `127.a.b.c`. Intervals and timeouts are short so
@@ -44,38 +43,29 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 // ---------------------------------------------------------------- CA
 
-/// Runs `magicmx ca ...`; if the subcommand does not exist, uses the library.
-fn ca_init(dir: &Path) {
+/// Runs `magicmx ca ARGS` (the CLI an operator uses) and asserts it worked.
+fn ca(args: &[&str], dir: &Path) {
     let out = Command::new(BIN)
-        .args(["ca", "init", "--dir"])
+        .arg("ca")
+        .args(args)
+        .arg("--dir")
         .arg(dir)
         .output()
         .expect("run magicmx");
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains("unrecognized") || err.contains("unexpected"),
-            "ca init failed: {err}"
-        );
-        magicmx::gossip::ca::init(dir).expect("ca init");
-    }
+    assert!(
+        out.status.success(),
+        "magicmx ca {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ca_init(dir: &Path) {
+    ca(&["init"], dir);
     assert!(dir.join("ca.pem").is_file() && dir.join("ca.key").is_file());
 }
 
 fn ca_issue(name: &str, dir: &Path) {
-    let out = Command::new(BIN)
-        .args(["ca", "issue", name, "--dir"])
-        .arg(dir)
-        .output()
-        .expect("run magicmx");
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains("unrecognized") || err.contains("unexpected"),
-            "ca issue failed: {err}"
-        );
-        magicmx::gossip::ca::issue(name, dir).expect("ca issue");
-    }
+    ca(&["issue", name], dir);
     assert!(dir.join(format!("{name}.pem")).is_file());
 }
 

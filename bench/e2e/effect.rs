@@ -602,7 +602,7 @@ pub async fn effectiveness(opts: &Opts) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         md,
-        "Notes. *Relayed* is below *accepted* even within the limit: mail still in its hold when its block goes over the limit or into the penalty box is quarantined at release (by design: the node cannot tell the flood's first messages from its last), so a fast flood is relayed not at all. The person-to-person delay can be below the configured hold because the hold is counted in whole seconds (`next_attempt` is a Unix second): the effective hold is between about hold − 1 s and hold, and a hold under 1 s is no hold at all.\n"
+        "Notes. *Relayed* is below *accepted* even within the limit: mail still in its hold when its block goes over the limit or into the penalty box is quarantined at release (by design: the node cannot tell the flood's first messages from its last), so a fast flood is relayed not at all. The release time is rounded up to the next whole second (`next_attempt` is a Unix second), so the person-to-person delay is between the hold and the hold + 1 s, plus the relay itself.\n"
     );
     let _ = writeln!(md, "Accepted (and relayed) messages per block over time, mean over the flood's blocks (limit {LIMIT}):\n");
     let marks = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0];

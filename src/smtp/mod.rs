@@ -180,6 +180,14 @@ impl Context {
     }
 
     async fn check_domain(&self, address: &str, domain: &str) -> Verdict {
+        if sender_routed(address) {
+            // `user%remote@served.domain` (or `!`, or a quoted `@`) asks the
+            // served domain's MX to route the mail onwards: an open relay by
+            // another name. Postfix refuses it too (allow_untrusted_routing).
+            return Verdict::Refuse(format!(
+                "550 5.7.1 <{address}>: Relay access denied: sender-specified routing"
+            ));
+        }
         if self.config.is_accepted_domain(domain) {
             return Verdict::Accept;
         }
@@ -233,7 +241,7 @@ impl Context {
         };
         let size = body.len();
         let release = match self.mode {
-            Mode::Inbound => now + self.config.throttle.hold.0.as_secs(),
+            Mode::Inbound => release_after(self.config.throttle.hold.0),
             Mode::Outbound => now,
         };
         match self.spool.store(envelope, body, release).await {
@@ -256,6 +264,21 @@ impl Context {
             }
         }
     }
+}
+
+/// The Unix second at which a message held for `hold` from now may leave.
+/// Rounded up: `next_attempt` is in whole seconds and the runner releases a
+/// message once `unix_now() >= next_attempt`, so the hold is never shorter
+/// than configured (at most a second longer).
+fn release_after(hold: Duration) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    if hold.is_zero() {
+        return now.as_secs();
+    }
+    let end = now + hold;
+    end.as_secs() + u64::from(end.subsec_nanos() > 0)
 }
 
 pub fn unix_now() -> u64 {
@@ -416,6 +439,14 @@ async fn connection(
     let _ = tls.shutdown().await;
 }
 
+/// Does the local part carry a route of its own (`user%host`, `host!user`,
+/// a quoted `"user@host"`)? Such mail would be forwarded by the domain's
+/// real MX to wherever the sender chose.
+fn sender_routed(address: &str) -> bool {
+    let local = address.rsplit_once('@').map_or(address, |(l, _)| l);
+    local.contains(['%', '!', '@'])
+}
+
 /// IPv4-mapped IPv6 addresses are IPv4.
 pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
@@ -517,5 +548,19 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 session.message_stored(result.as_deref().map_err(|e| e.as_str()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sender_routed;
+
+    #[test]
+    fn sender_specified_routing_is_recognised() {
+        assert!(sender_routed("victim%elsewhere.test@example.test"));
+        assert!(sender_routed("elsewhere.test!victim@example.test"));
+        assert!(sender_routed("\"victim@elsewhere.test\"@example.test"));
+        assert!(!sender_routed("bob@example.test"));
+        assert!(!sender_routed("bob.smith+tag@example.test"));
     }
 }

@@ -339,7 +339,8 @@ impl Session {
     }
 
     fn command(&mut self, line: &[u8]) -> Option<Event> {
-        let request = match Request::parse(&mut line.iter()) {
+        let (masked, literals) = mask_address_literals(line);
+        let request = match Request::parse(&mut masked.iter()) {
             Ok(r) => r,
             Err(e) => {
                 self.parse_error(line, e);
@@ -350,8 +351,11 @@ impl Session {
             Request::Ehlo { host } => self.hello(host, true),
             Request::Helo { host } => self.hello(host, false),
             Request::Lhlo { .. } => self.error("500 5.5.2 Error: command not recognized"),
-            Request::Mail { from } => self.mail(from),
-            Request::Rcpt { to } => return self.rcpt(to.address),
+            Request::Mail { mut from } => {
+                from.address = unmask(from.address, &literals);
+                self.mail(from)
+            }
+            Request::Rcpt { to } => return self.rcpt(unmask(to.address, &literals)),
             Request::Data => return self.data(),
             Request::Rset => {
                 self.tx = None;
@@ -542,6 +546,62 @@ impl Session {
         self.reply("220 2.0.0 Ready to start TLS");
         Some(Event::StartTls)
     }
+}
+
+/// Stands in for the n-th address literal while smtp-proto parses the line.
+/// Private-use code points: smtp-proto takes them as atext, and no real
+/// address contains them.
+const LITERAL_MARK: char = '\u{E000}';
+
+/// smtp-proto does not parse address literals (`user@[192.0.2.1]`,
+/// `@[192.0.2.1]:user@host`), which RFC 5321 allows and Postfix accepts.
+/// In a MAIL or RCPT line, each `[...]` after an `@` (outside quotes) is
+/// replaced by a marker that parses as a domain; [`unmask`] puts it back.
+fn mask_address_literals(line: &[u8]) -> (Cow<'_, [u8]>, Vec<&[u8]>) {
+    let verb = line.get(..4).map(|v| v.to_ascii_uppercase());
+    if !matches!(verb.as_deref(), Some(b"MAIL" | b"RCPT")) || !line.contains(&b'[') {
+        return (Cow::Borrowed(line), Vec::new());
+    }
+    let mut out = Vec::with_capacity(line.len());
+    let mut literals = Vec::new();
+    let mut in_quote = false;
+    let mut i = 0;
+    while i < line.len() {
+        let b = line[i];
+        if b == b'"' && (i == 0 || line[i - 1] != b'\\') {
+            in_quote = !in_quote;
+        }
+        if b == b'[' && !in_quote && i > 0 && line[i - 1] == b'@' {
+            let body = line[i + 1..].iter().position(|&c| c == b']');
+            let literal = body.map(|n| &line[i..=i + n + 1]);
+            if let Some(lit) = literal.filter(|l| {
+                l[1..l.len() - 1]
+                    .iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b".:-".contains(c))
+            }) {
+                let mark = format!("{LITERAL_MARK}{}", literals.len());
+                out.extend_from_slice(mark.as_bytes());
+                literals.push(lit);
+                i += lit.len();
+                continue;
+            }
+        }
+        out.push(b);
+        i += 1;
+    }
+    (Cow::Owned(out), literals)
+}
+
+fn unmask<'a>(address: Cow<'a, str>, literals: &[&[u8]]) -> Cow<'a, str> {
+    if literals.is_empty() || !address.contains(LITERAL_MARK) {
+        return address;
+    }
+    let mut s = address.into_owned();
+    // Highest first, so that marker 1 is not taken for the start of 10.
+    for (n, lit) in literals.iter().enumerate().rev() {
+        s = s.replace(&format!("{LITERAL_MARK}{n}"), &String::from_utf8_lossy(lit));
+    }
+    Cow::Owned(s)
 }
 
 /// `local@domain` with a non-empty local part and a plausible domain
@@ -738,6 +798,47 @@ mod tests {
             "{o}"
         );
         assert!(!o.contains("STARTTLS"), "{o}");
+    }
+
+    #[test]
+    fn address_literals_parse_as_in_postfix() {
+        let mut s = new();
+        s.receive(b"EHLO c\r\nMAIL FROM:<a@[192.0.2.1]>\r\nRCPT TO:<@[192.0.2.9]:u@[IPv6:2001:db8::1]>\r\n");
+        let e = loop {
+            match s.next_event() {
+                Event::NeedInput => continue,
+                e => break e,
+            }
+        };
+        assert_eq!(
+            e,
+            Event::Recipient {
+                address: "u@[IPv6:2001:db8::1]".into(),
+                domain: "[ipv6:2001:db8::1]".into()
+            }
+        );
+        s.recipient_verdict(Verdict::Accept);
+        let o = out(&mut s);
+        assert!(o.contains("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"), "{o}");
+        assert_eq!(s.tx.as_ref().unwrap().sender, "a@[192.0.2.1]");
+        // A bracket that is not a literal stays a syntax error.
+        s.receive(b"RSET\r\nMAIL FROM:<a@[192.0.2.1>\r\nMAIL FROM:<a@[x y]>\r\n");
+        assert_eq!(s.next_event(), Event::NeedInput);
+        let o = out(&mut s);
+        assert_eq!(o.matches("501 5.1.7").count(), 2, "{o}");
+    }
+
+    #[test]
+    fn literal_masks_do_not_touch_other_lines() {
+        let (m, l) = mask_address_literals(b"EHLO [192.0.2.1]");
+        assert_eq!(&*m, b"EHLO [192.0.2.1]");
+        assert!(l.is_empty());
+        let (m, l) = mask_address_literals(b"RCPT TO:<\"x@[1.2.3.4]\"@example.test>");
+        assert_eq!(&*m, b"RCPT TO:<\"x@[1.2.3.4]\"@example.test>");
+        assert!(l.is_empty());
+        let (m, l) = mask_address_literals(b"mail from:<a@[1.2.3.4]> SIZE=10");
+        assert_eq!(l, [b"[1.2.3.4]".as_slice()]);
+        assert!(!m.contains(&b'['));
     }
 
     #[test]
