@@ -139,6 +139,32 @@ fn implicit_mx_and_null_mx() {
         .any(|t| t.rcpts.iter().any(|r| r.ends_with("@null.test"))));
 }
 
+/// RFC 5321 address literals: `MAIL FROM:<alice@[127.0.0.1]>` is taken,
+/// and the DSN for a refused recipient goes to that address, no DNS asked.
+#[test]
+fn address_literal_sender_gets_its_dsn_at_that_address() {
+    let (sink, dns) = relay_env();
+    let node = InProc::start(&relay_tail(&sink, &dns));
+    let msg = simple_message("alice@[127.0.0.1]", "carol@null.test", "literal");
+    let r = common::send_mail(node.smtp, "alice@[127.0.0.1]", &["carol@null.test"], &msg);
+    assert_eq!(r.code, 250, "{r}");
+    assert!(
+        wait_until(Duration::from_secs(10), || sink
+            .transactions()
+            .iter()
+            .any(|t| t.accepted() && t.rcpts == ["alice@[127.0.0.1]"])),
+        "no DSN delivered to the literal: {:?}",
+        sink.transactions()
+    );
+    // An address literal recipient is no served domain: relaying denied.
+    let mut c = Client::connect(node.smtp);
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<alice@[127.0.0.1]>", 250);
+    let r = c.cmd("RCPT TO:<bob@[127.0.0.1]>");
+    assert_eq!(r.code, 550, "{r}");
+    assert!(r.text().contains("relaying denied"), "{r}");
+}
+
 #[test]
 fn too_many_received_headers_is_a_loop() {
     let (sink, dns) = relay_env();
