@@ -179,22 +179,69 @@ pub struct Run {
     pub first_failure: Option<String>,
 }
 
+/// Outcomes as sessions end, from many tasks at once.
+#[derive(Default)]
+struct Tally {
+    acks: Mutex<Vec<(u64, Instant)>>,
+    refused: Mutex<BTreeMap<String, usize>>,
+    failed: Mutex<(usize, Option<String>)>,
+}
+
+impl Tally {
+    fn record(&self, seq: u64, outcome: Outcome) {
+        match outcome {
+            Outcome::Acked(t) => self.acks.lock().unwrap().push((seq, t)),
+            Outcome::Refused(stage, code) => {
+                *self
+                    .refused
+                    .lock()
+                    .unwrap()
+                    .entry(format!("{stage} {code}"))
+                    .or_insert(0) += 1
+            }
+            Outcome::Failed(e) => {
+                let mut f = self.failed.lock().unwrap();
+                f.0 += 1;
+                f.1.get_or_insert(e);
+            }
+        }
+    }
+
+    fn into_run(self, started: Instant) -> Run {
+        let (failed, first_failure) = self.failed.into_inner().unwrap();
+        Run {
+            started,
+            finished: Instant::now(),
+            acks: self.acks.into_inner().unwrap(),
+            refused: self.refused.into_inner().unwrap(),
+            failed,
+            first_failure,
+        }
+    }
+}
+
+/// Waits for every task, then turns the tally into a [`Run`].
+async fn finish(
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tally: Arc<Tally>,
+    started: Instant,
+) -> Run {
+    for t in tasks {
+        let _ = t.await;
+    }
+    Arc::into_inner(tally)
+        .expect("every task has ended")
+        .into_run(started)
+}
+
 pub async fn closed_loop(spec: Spec) -> Run {
     let spec = Arc::new(spec);
     let next = Arc::new(AtomicUsize::new(0));
-    let acks = Arc::new(Mutex::new(Vec::with_capacity(spec.messages)));
-    let refused = Arc::new(Mutex::new(BTreeMap::new()));
-    let failed = Arc::new(Mutex::new((0usize, None::<String>)));
+    let tally = Arc::new(Tally::default());
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..spec.concurrency {
-        let (spec, next, acks, refused, failed) = (
-            spec.clone(),
-            next.clone(),
-            acks.clone(),
-            refused.clone(),
-            failed.clone(),
-        );
+        let (spec, next, tally) = (spec.clone(), next.clone(), tally.clone());
         workers.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -205,39 +252,11 @@ pub async fn closed_loop(spec: Spec) -> Run {
                 let source =
                     (!spec.sources.is_empty()).then(|| spec.sources[i % spec.sources.len()]);
                 let body = message(seq, &spec.rcpt, spec.size);
-                match send_one(spec.target, source, &spec.rcpt, &body).await {
-                    Outcome::Acked(t) => acks.lock().unwrap().push((seq, t)),
-                    Outcome::Refused(stage, code) => {
-                        *refused
-                            .lock()
-                            .unwrap()
-                            .entry(format!("{stage} {code}"))
-                            .or_insert(0) += 1
-                    }
-                    Outcome::Failed(e) => {
-                        let mut f = failed.lock().unwrap();
-                        f.0 += 1;
-                        f.1.get_or_insert(e);
-                    }
-                }
+                tally.record(seq, send_one(spec.target, source, &spec.rcpt, &body).await);
             }
         }));
     }
-    for w in workers {
-        let _ = w.await;
-    }
-    let finished = Instant::now();
-    let acks = std::mem::take(&mut *acks.lock().unwrap());
-    let refused = std::mem::take(&mut *refused.lock().unwrap());
-    let (failed, first_failure) = std::mem::take(&mut *failed.lock().unwrap());
-    Run {
-        started,
-        finished,
-        acks,
-        refused,
-        failed,
-        first_failure,
-    }
+    finish(workers, tally, started).await
 }
 
 /// Source addresses in `count` different /24 blocks: 127.B.C.1 with B
@@ -258,51 +277,21 @@ pub async fn open_loop(
     size: usize,
     rcpt: &str,
 ) -> Run {
-    let acks = Arc::new(Mutex::new(Vec::with_capacity(messages)));
-    let refused = Arc::new(Mutex::new(BTreeMap::new()));
-    let failed = Arc::new(Mutex::new((0usize, None::<String>)));
+    let tally = Arc::new(Tally::default());
     let sem = Arc::new(tokio::sync::Semaphore::new(200));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(messages);
     for i in 0..messages {
         tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
         let permit = sem.clone().acquire_owned().await.unwrap();
-        let (acks, refused, failed) = (acks.clone(), refused.clone(), failed.clone());
+        let tally = tally.clone();
         let rcpt = rcpt.to_string();
         let seq = first_seq + i as u64;
         tasks.push(tokio::spawn(async move {
             let _p = permit;
             let body = message(seq, &rcpt, size);
-            match send_one(target, None, &rcpt, &body).await {
-                Outcome::Acked(t) => acks.lock().unwrap().push((seq, t)),
-                Outcome::Refused(stage, code) => {
-                    *refused
-                        .lock()
-                        .unwrap()
-                        .entry(format!("{stage} {code}"))
-                        .or_insert(0) += 1
-                }
-                Outcome::Failed(e) => {
-                    let mut f = failed.lock().unwrap();
-                    f.0 += 1;
-                    f.1.get_or_insert(e);
-                }
-            }
+            tally.record(seq, send_one(target, None, &rcpt, &body).await);
         }));
     }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let finished = Instant::now();
-    let acks = std::mem::take(&mut *acks.lock().unwrap());
-    let refused = std::mem::take(&mut *refused.lock().unwrap());
-    let (failed, first_failure) = std::mem::take(&mut *failed.lock().unwrap());
-    Run {
-        started,
-        finished,
-        acks,
-        refused,
-        failed,
-        first_failure,
-    }
+    finish(tasks, tally, started).await
 }

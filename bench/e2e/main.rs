@@ -928,26 +928,14 @@ fn report_throughput(
                 fmt_ms(gap)
             );
         }
-        match best {
-            Some((b, b99)) if b > 5.0 => {
-                let _ = write!(
-                    md,
-                    "; {} takes {} ms (p99 {} ms): that is mostly the relay runner waiting for its next look at the spool — woken by each stored message, it rescans the whole queue at most every 20 ms (`SCAN_MIN` in src/relay/mod.rs), about 10 ms of waiting on average. Handing each stored message's id to the runner (a channel) instead of rescanning the spool would bring it near Postfix's",
-                    System::MagicmxB.label(),
-                    fmt_ms(b),
-                    fmt_ms(b99)
-                );
-            }
-            Some((b, b99)) => {
-                let _ = write!(
-                    md,
-                    "; {} takes {} ms (p99 {} ms)",
-                    System::MagicmxB.label(),
-                    fmt_ms(b),
-                    fmt_ms(b99)
-                );
-            }
-            None => {}
+        if let Some((b, b99)) = best {
+            let _ = write!(
+                md,
+                "; {} takes {} ms (p99 {} ms)",
+                System::MagicmxB.label(),
+                fmt_ms(b),
+                fmt_ms(b99)
+            );
         }
         let _ = writeln!(md, ".\n");
     }

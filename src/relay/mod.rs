@@ -50,8 +50,10 @@ use mx::Plan;
 
 /// The runner looks at the spool at least this often.
 const POLL: Duration = Duration::from_secs(1);
-/// ... and at most this often: a scan reads every entry of the spool.
-const SCAN_MIN: Duration = Duration::from_millis(20);
+/// ... and at most this often: a scan reads every entry of the spool, so
+/// the gap between scans is ten times what the last one took (at most a
+/// tenth of the runner's time goes to scanning), and at least this.
+const SCAN_GAP_MIN: Duration = Duration::from_millis(1);
 /// At shutdown, deliveries in progress get this long to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -127,9 +129,10 @@ impl Relay {
         let mut cooldown: HashMap<QueueId, u64> = HashMap::new();
         // Due messages found by the last scan, not started yet (no free slot).
         let mut ready: VecDeque<QueueId> = VecDeque::new();
-        // The spool may hold something new: scan it (at most every SCAN_MIN).
+        // The spool may hold something new: scan it (at most every scan_gap).
         let mut dirty = true;
         let mut last_scan: Option<Instant> = None;
+        let mut scan_gap = SCAN_GAP_MIN;
         let mut next_scan = Instant::now();
 
         match inner.spool.entries() {
@@ -148,12 +151,17 @@ impl Relay {
             let mut wake_at = next_scan;
             if dirty {
                 let since = last_scan.map(|t| t.elapsed());
-                if since.is_none_or(|s| s >= SCAN_MIN) {
+                if since.is_none_or(|s| s >= scan_gap) {
                     dirty = false;
-                    last_scan = Some(Instant::now());
+                    let started = Instant::now();
+                    last_scan = Some(started);
                     let now = unix_now();
                     cooldown.retain(|_, until| *until > now);
                     let (due, until_next) = scan(&inner).await;
+                    scan_gap = started
+                        .elapsed()
+                        .saturating_mul(10)
+                        .clamp(SCAN_GAP_MIN, POLL);
                     ready = due
                         .into_iter()
                         .filter(|id| !in_flight.contains(id) && !cooldown.contains_key(id))
@@ -161,7 +169,7 @@ impl Relay {
                     next_scan = Instant::now() + until_next.min(POLL);
                     wake_at = next_scan;
                 } else if let Some(since) = since {
-                    wake_at = wake_at.min(Instant::now() + (SCAN_MIN - since));
+                    wake_at = wake_at.min(Instant::now() + scan_gap.saturating_sub(since));
                 }
             }
             while in_flight.len() < concurrency {
