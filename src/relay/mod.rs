@@ -18,10 +18,11 @@
 //! run one SMTP transaction ([`deliver`]). Outcomes are data: delivered and
 //! permanently failed recipients change state, temporarily failed ones stay
 //! pending with exponential backoff until `relay.max_age`, after which they
-//! fail too. The new state is persisted with `Spool::update` before anything
-//! else happens; then a DSN ([`dsn`]) for the recipients that just failed is
-//! stored as a new message (never for a null sender: no bounce loops); then a
-//! message with nothing pending is removed.
+//! fail too. A DSN ([`dsn`]) for the recipients that just failed is stored
+//! as a new message first (never for a null sender: no bounce loops), so that
+//! a crash can duplicate a DSN but never lose one; then the new state is
+//! persisted with `Spool::update`, or, with nothing pending, the message is
+//! removed (one commit).
 
 pub mod deliver;
 pub mod dsn;
@@ -436,9 +437,27 @@ async fn settle(inner: &Inner, entry: QueueEntry, body: &[u8], results: Vec<Opti
     let entry = s.entry;
     let queue_id = entry.id.as_str();
 
-    if let Err(e) = inner.spool.update(&entry).await {
-        error!(queue_id = %queue_id, error = %e, "cannot record delivery results; the message will be tried again");
-        return;
+    // The DSN is stored before the failure is recorded: a crash in between
+    // gives a second DSN after the restart, never none.
+    if !s.newly_failed.is_empty() {
+        if entry.envelope.sender.is_empty() {
+            info!(
+                queue_id = %queue_id,
+                failed = s.newly_failed.len(),
+                "no DSN: null sender"
+            );
+        } else {
+            queue_dsn(inner, &entry, body, &s.newly_failed, now).await;
+        }
+    }
+    // Nothing left to do: removing the entry is the only write (one commit
+    // per delivered message instead of an update and then a removal).
+    let done = !has_pending(&entry);
+    if !done {
+        if let Err(e) = inner.spool.update(&entry).await {
+            error!(queue_id = %queue_id, error = %e, "cannot record delivery results; the message will be tried again");
+            return;
+        }
     }
     for ev in &s.events {
         let mx = ev.mx.as_deref().unwrap_or("");
@@ -464,19 +483,7 @@ async fn settle(inner: &Inner, entry: QueueEntry, body: &[u8], results: Vec<Opti
             }
         }
     }
-
-    if !s.newly_failed.is_empty() {
-        if entry.envelope.sender.is_empty() {
-            info!(
-                queue_id = %queue_id,
-                failed = s.newly_failed.len(),
-                "no DSN: null sender"
-            );
-        } else {
-            queue_dsn(inner, &entry, body, &s.newly_failed, now).await;
-        }
-    }
-    if !has_pending(&entry) {
+    if done {
         remove(inner, queue_id).await;
     }
 }
