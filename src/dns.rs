@@ -42,18 +42,18 @@ const POSITIVE_MAX_TTL: Duration = Duration::from_secs(300);
 /// Upper bound on how long NXDOMAIN/NODATA is cached.
 const NEGATIVE_MAX_TTL: Duration = Duration::from_secs(30);
 
-/// The address of an IP literal: `192.0.2.1`, `[192.0.2.1]`,
-/// `[IPv6:2001:db8::1]` (RFC 5321 4.1.3), or a bare IPv6 address.
+/// The address of an RFC 5321 address literal (4.1.3): `[192.0.2.1]` or
+/// `[IPv6:2001:db8::1]`. Anything else, a bare `192.0.2.1` included, is a
+/// domain name.
 pub fn ip_literal(host: &str) -> Option<IpAddr> {
-    let inner = match host.strip_prefix('[') {
-        Some(rest) => rest.strip_suffix(']')?,
-        None => host,
-    };
-    let inner = match inner.get(..5) {
-        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => &inner[5..],
-        _ => inner,
-    };
-    inner.parse().ok()
+    let inner = host.strip_prefix('[')?.strip_suffix(']')?;
+    match inner.get(..5) {
+        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => inner[5..]
+            .parse::<std::net::Ipv6Addr>()
+            .ok()
+            .map(IpAddr::V6),
+        _ => inner.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4),
+    }
 }
 
 /// A DNS failure. Negative answers that mean something for mail routing
@@ -203,7 +203,8 @@ impl Dns {
     /// returned as is. A host that exists but has no address gives an empty
     /// list; NXDOMAIN gives [`DnsError::NoDomain`].
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
-        if let Some(ip) = ip_literal(host) {
+        // An MX or implicit-MX host that is an address (bare or bracketed).
+        if let Some(ip) = ip_literal(host).or_else(|| host.parse().ok()) {
             return Ok(vec![ip]);
         }
         let name = absolute_name(host)?;
@@ -601,7 +602,7 @@ mod tests {
             vec!["192.0.2.7".parse::<IpAddr>().unwrap()]
         );
         assert_eq!(
-            dns.addresses("[2001:db8::1]").await.unwrap(),
+            dns.addresses("[IPv6:2001:db8::1]").await.unwrap(),
             vec!["2001:db8::1".parse::<IpAddr>().unwrap()]
         );
         assert_eq!(
@@ -612,5 +613,8 @@ mod tests {
         assert_eq!(dns.mx("[192.0.2.7]").await.unwrap(), MxAnswer::NoMx);
         assert_eq!(ip_literal("[192.0.2.7"), None);
         assert_eq!(ip_literal("[mail.example.test]"), None);
+        assert_eq!(ip_literal("192.0.2.7"), None, "a dot-atom is a name");
+        assert_eq!(ip_literal("[IPv6:192.0.2.7]"), None);
+        assert_eq!(ip_literal("[2001:db8::1]"), None, "IPv6 needs its tag");
     }
 }

@@ -383,7 +383,9 @@ async fn session(
 }
 
 async fn starttls(p: &SessionParams, host: &str, conn: &mut Conn) -> Result<(), String> {
-    let tls = TlsParameters::builder(host.to_string())
+    // rustls wants a DNS name or an IP address, not `[192.0.2.1]`.
+    let name = crate::dns::ip_literal(host).map_or_else(|| host.to_string(), |ip| ip.to_string());
+    let tls = TlsParameters::builder(name)
         .dangerous_accept_invalid_certs(true)
         .dangerous_accept_invalid_hostnames(true)
         .build_rustls()

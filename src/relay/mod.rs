@@ -20,7 +20,8 @@
 //! pending with exponential backoff until `relay.max_age`, after which they
 //! fail too. A DSN ([`dsn`]) for the recipients that just failed is stored
 //! as a new message first (never for a null sender: no bounce loops), so that
-//! a crash can duplicate a DSN but never lose one; then the new state is
+//! a crash can duplicate a DSN but never lose one (if the DSN cannot be
+//! stored, the failed recipients stay pending and are retried); then the new state is
 //! persisted with `Spool::update`, or, with nothing pending, the message is
 //! removed (one commit).
 
@@ -169,8 +170,10 @@ impl Relay {
                         .collect();
                     next_scan = Instant::now() + until_next.min(POLL);
                     wake_at = next_scan;
-                } else if let Some(since) = since {
-                    wake_at = wake_at.min(Instant::now() + scan_gap.saturating_sub(since));
+                } else if let Some(last) = last_scan {
+                    // Not before the gap has passed, even if the next due
+                    // message is already late (no spinning until then).
+                    wake_at = last + scan_gap;
                 }
             }
             while in_flight.len() < concurrency {
@@ -286,7 +289,7 @@ async fn process(inner: Arc<Inner>, id: QueueId, abandon: CancellationToken) {
         }
     };
     if !has_pending(&entry) {
-        remove(&inner, &id).await;
+        let _ = remove(&inner, &id).await;
         return;
     }
     if let Some(reason) = release_check(&inner, &entry) {
@@ -433,23 +436,38 @@ async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
 /// Records the results: persist, log, DSN, remove.
 async fn settle(inner: &Inner, entry: QueueEntry, body: &[u8], results: Vec<Option<RcptResult>>) {
     let now = unix_now();
-    let s = apply(entry, &results, now, &inner.config.relay);
-    let entry = s.entry;
-    let queue_id = entry.id.as_str();
+    let Settled {
+        mut entry,
+        mut events,
+        newly_failed,
+    } = apply(entry, &results, now, &inner.config.relay);
 
     // The DSN is stored before the failure is recorded: a crash in between
     // gives a second DSN after the restart, never none.
-    if !s.newly_failed.is_empty() {
+    if !newly_failed.is_empty() {
         if entry.envelope.sender.is_empty() {
             info!(
-                queue_id = %queue_id,
-                failed = s.newly_failed.len(),
+                queue_id = %entry.id,
+                failed = newly_failed.len(),
                 "no DSN: null sender"
             );
-        } else {
-            queue_dsn(inner, &entry, body, &s.newly_failed, now).await;
+        } else if let Err(e) = queue_dsn(inner, &entry, body, &newly_failed, now).await {
+            // Without its DSN a failure is not final: those recipients stay
+            // queued and are tried again (and reported again) later.
+            error!(queue_id = %entry.id, error = %e, "cannot queue the DSN; the failed recipients stay queued");
+            for rcpt in entry.envelope.recipients.iter_mut() {
+                let failed = newly_failed.iter().any(|f| f.address == rcpt.address);
+                if failed && matches!(rcpt.state, RcptState::Failed { .. }) {
+                    rcpt.state = RcptState::Pending;
+                }
+            }
+            events.retain(|ev| !newly_failed.iter().any(|f| f.address == ev.rcpt));
+            entry.last_error = Some(format!("4.3.0 cannot queue the DSN: {e}"));
+            entry.next_attempt =
+                now.saturating_add(retry_delay(&inner.config.relay, entry.attempts));
         }
     }
+    let queue_id = entry.id.as_str();
     // Nothing left to do: removing the entry is the only write (one commit
     // per delivered message instead of an update and then a removal).
     let done = !has_pending(&entry);
@@ -459,7 +477,7 @@ async fn settle(inner: &Inner, entry: QueueEntry, body: &[u8], results: Vec<Opti
             return;
         }
     }
-    for ev in &s.events {
+    for ev in &events {
         let mx = ev.mx.as_deref().unwrap_or("");
         let (rcpt, reply) = (ev.rcpt.as_str(), ev.reply.as_str());
         match ev.kind {
@@ -483,8 +501,12 @@ async fn settle(inner: &Inner, entry: QueueEntry, body: &[u8], results: Vec<Opti
             }
         }
     }
-    if done {
-        remove(inner, queue_id).await;
+    if done && !remove(inner, queue_id).await {
+        // Record the outcome at least, so that the message is not delivered
+        // again; a later attempt finds nothing pending and removes it.
+        if let Err(e) = inner.spool.update(&entry).await {
+            error!(queue_id = %queue_id, error = %e, "cannot record delivery results either");
+        }
     }
 }
 
@@ -494,7 +516,7 @@ async fn queue_dsn(
     body: &[u8],
     failed: &[FailedRcpt],
     now: u64,
-) {
+) -> Result<(), crate::spool::SpoolError> {
     let hostname = inner.config.node.hostname.as_str();
     let message = dsn::build(&dsn::Report {
         hostname,
@@ -527,15 +549,23 @@ async fn queue_dsn(
                 "dsn queued"
             );
             inner.wake.notify_one();
+            Ok(())
         }
-        Err(e) => error!(queue_id = %entry.id, error = %e, "cannot queue the DSN"),
+        Err(e) => Err(e),
     }
 }
 
-async fn remove(inner: &Inner, queue_id: &str) {
+/// Removes a finished message; false if the spool refused.
+async fn remove(inner: &Inner, queue_id: &str) -> bool {
     match inner.spool.remove(queue_id).await {
-        Ok(()) => info!(queue_id = %queue_id, "removed"),
-        Err(e) => error!(queue_id = %queue_id, error = %e, "cannot remove a finished message"),
+        Ok(()) => {
+            info!(queue_id = %queue_id, "removed");
+            true
+        }
+        Err(e) => {
+            error!(queue_id = %queue_id, error = %e, "cannot remove a finished message");
+            false
+        }
     }
 }
 

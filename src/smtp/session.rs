@@ -548,6 +548,10 @@ impl Session {
     }
 }
 
+/// Longest address taken (smtp-proto's limit; RFC 5321 4.5.3.1.3 allows
+/// a 256-octet path, brackets included).
+const MAX_ADDRESS_LEN: usize = 256;
+
 /// Stands in for the n-th address literal while smtp-proto parses the line.
 /// Private-use code points: smtp-proto takes them as atext, and no real
 /// address contains them.
@@ -555,11 +559,18 @@ const LITERAL_MARK: char = '\u{E000}';
 
 /// smtp-proto does not parse address literals (`user@[192.0.2.1]`,
 /// `@[192.0.2.1]:user@host`), which RFC 5321 allows and Postfix accepts.
-/// In a MAIL or RCPT line, each `[...]` after an `@` (outside quotes) is
-/// replaced by a marker that parses as a domain; [`unmask`] puts it back.
+/// In a MAIL or RCPT line, each IP address literal after an `@` (outside
+/// quotes, ending the domain) is replaced by a marker that parses as a
+/// domain; [`unmask`] puts it back. A line that holds the marker itself is
+/// left alone (and fails to parse, as before).
 fn mask_address_literals(line: &[u8]) -> (Cow<'_, [u8]>, Vec<&[u8]>) {
     let verb = line.get(..4).map(|v| v.to_ascii_uppercase());
-    if !matches!(verb.as_deref(), Some(b"MAIL" | b"RCPT")) || !line.contains(&b'[') {
+    let mut mark_bytes = [0u8; 4];
+    let mark_bytes = LITERAL_MARK.encode_utf8(&mut mark_bytes).as_bytes();
+    if !matches!(verb.as_deref(), Some(b"MAIL" | b"RCPT"))
+        || !line.contains(&b'[')
+        || line.windows(mark_bytes.len()).any(|w| w == mark_bytes)
+    {
         return (Cow::Borrowed(line), Vec::new());
     }
     let mut out = Vec::with_capacity(line.len());
@@ -568,17 +579,17 @@ fn mask_address_literals(line: &[u8]) -> (Cow<'_, [u8]>, Vec<&[u8]>) {
     let mut i = 0;
     while i < line.len() {
         let b = line[i];
-        if b == b'"' && (i == 0 || line[i - 1] != b'\\') {
+        if in_quote && b == b'\\' {
+            // A quoted pair: the next byte is taken as is.
+            out.extend_from_slice(&line[i..(i + 2).min(line.len())]);
+            i += 2;
+            continue;
+        }
+        if b == b'"' {
             in_quote = !in_quote;
         }
         if b == b'[' && !in_quote && i > 0 && line[i - 1] == b'@' {
-            let body = line[i + 1..].iter().position(|&c| c == b']');
-            let literal = body.map(|n| &line[i..=i + n + 1]);
-            if let Some(lit) = literal.filter(|l| {
-                l[1..l.len() - 1]
-                    .iter()
-                    .all(|c| c.is_ascii_alphanumeric() || b".:-".contains(c))
-            }) {
+            if let Some(lit) = address_literal_at(&line[i..]) {
                 let mark = format!("{LITERAL_MARK}{}", literals.len());
                 out.extend_from_slice(mark.as_bytes());
                 literals.push(lit);
@@ -590,6 +601,16 @@ fn mask_address_literals(line: &[u8]) -> (Cow<'_, [u8]>, Vec<&[u8]>) {
         i += 1;
     }
     (Cow::Owned(out), literals)
+}
+
+/// The IP address literal at the start of `rest` (`[...]`), if it is one
+/// and it ends the domain (`>`, or `:` / `,` in a source route).
+fn address_literal_at(rest: &[u8]) -> Option<&[u8]> {
+    let end = rest.iter().position(|&c| c == b']')?;
+    let lit = &rest[..=end];
+    let text = std::str::from_utf8(lit).ok()?;
+    crate::dns::ip_literal(text)?;
+    matches!(rest.get(end + 1), Some(b'>' | b':' | b',')).then_some(lit)
 }
 
 fn unmask<'a>(address: Cow<'a, str>, literals: &[&[u8]]) -> Cow<'a, str> {
@@ -613,6 +634,7 @@ fn valid_mailbox(address: &str) -> bool {
         return false;
     };
     !local.is_empty()
+        && address.len() <= MAX_ADDRESS_LEN
         && !address.chars().any(char::is_control)
         && !domain.is_empty()
         && !domain.starts_with('.')
@@ -821,11 +843,28 @@ mod tests {
         let o = out(&mut s);
         assert!(o.contains("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"), "{o}");
         assert_eq!(s.tx.as_ref().unwrap().sender, "a@[192.0.2.1]");
-        // A bracket that is not a literal stays a syntax error.
-        s.receive(b"RSET\r\nMAIL FROM:<a@[192.0.2.1>\r\nMAIL FROM:<a@[x y]>\r\n");
+        // A bracket that is not an IP literal ending the domain stays a
+        // syntax error, and so does a line with the marker in it.
+        s.receive(b"RSET\r\n");
+        let bad: [&[u8]; 8] = [
+            b"MAIL FROM:<a@[192.0.2.1>",
+            b"MAIL FROM:<a@[x y]>",
+            b"MAIL FROM:<a@[192.0.2.1]x>",
+            b"MAIL FROM:<a@[192.0.2.1].example>",
+            b"MAIL FROM:<a@[]>",
+            b"MAIL FROM:<a@[foo]>",
+            b"MAIL FROM:<a@[2001:db8::1]>",
+            "MAIL FROM:<\u{E000}0@[192.0.2.1]>".as_bytes(),
+        ];
+        for line in bad {
+            s.receive(line);
+            s.receive(b"\r\n");
+        }
+        let long = format!("MAIL FROM:<{}@[192.0.2.1]>\r\n", "a".repeat(250));
+        s.receive(long.as_bytes());
         assert_eq!(s.next_event(), Event::NeedInput);
         let o = out(&mut s);
-        assert_eq!(o.matches("501 5.1.7").count(), 2, "{o}");
+        assert_eq!(o.matches("501 5.1.7").count(), 9, "{o}");
     }
 
     #[test]
@@ -836,6 +875,10 @@ mod tests {
         let (m, l) = mask_address_literals(b"RCPT TO:<\"x@[1.2.3.4]\"@example.test>");
         assert_eq!(&*m, b"RCPT TO:<\"x@[1.2.3.4]\"@example.test>");
         assert!(l.is_empty());
+        // An escaped backslash does not end the quoted string early.
+        let (m, l) = mask_address_literals(b"MAIL FROM:<\"a\\\\\"@[1.2.3.4]>");
+        assert_eq!(l, [b"[1.2.3.4]".as_slice()]);
+        assert!(!m.contains(&b'['));
         let (m, l) = mask_address_literals(b"mail from:<a@[1.2.3.4]> SIZE=10");
         assert_eq!(l, [b"[1.2.3.4]".as_slice()]);
         assert!(!m.contains(&b'['));
