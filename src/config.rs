@@ -8,7 +8,7 @@
 //! the shipped `node.toml` runs from anywhere.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -222,6 +222,39 @@ pub struct RelayConfig {
     /// A message with more `Received:` headers than this is refused as a loop.
     pub max_received_headers: usize,
     pub tls: RelayTls,
+    /// Never connect to an address in these networks, whatever DNS says:
+    /// with `mx_delegation`, anyone can publish a domain whose "real MX"
+    /// is this host's loopback or the operator's internal network.
+    pub deny_networks: Vec<ipnet::IpNet>,
+}
+
+/// Loopback, "this network", private (RFC 1918, RFC 6598, ULA),
+/// link-local and multicast addresses.
+pub const DEFAULT_DENY_NETWORKS: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "224.0.0.0/3",
+    "::/128",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+impl RelayConfig {
+    /// Is `ip` (IPv4-mapped IPv6 as IPv4) in `deny_networks`?
+    pub fn is_denied(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.deny_networks.iter().any(|n| n.contains(&ip))
+    }
 }
 
 impl Default for RelayConfig {
@@ -236,6 +269,10 @@ impl Default for RelayConfig {
             command_timeout: Dur::secs(300),
             max_received_headers: 50,
             tls: RelayTls::Opportunistic,
+            deny_networks: DEFAULT_DENY_NETWORKS
+                .iter()
+                .map(|n| n.parse().expect("a valid default network"))
+                .collect(),
         }
     }
 }
@@ -745,6 +782,22 @@ mod tests {
         assert_eq!(c.relay.port, 25);
         assert_eq!(c.relay.max_age, Dur::secs(5 * 86_400));
         assert_eq!(c.smtp.max_line_length, 1000);
+        // The relay never connects to loopback or private addresses by default.
+        for denied in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.1",
+            "::1",
+            "::ffff:127.0.0.1",
+            "fe80::1",
+        ] {
+            assert!(c.relay.is_denied(denied.parse().unwrap()), "{denied}");
+        }
+        for allowed in ["192.0.2.1", "8.8.8.8", "2001:db8::1"] {
+            assert!(!c.relay.is_denied(allowed.parse().unwrap()), "{allowed}");
+        }
+        let open = Config::parse(&format!("{MINIMAL}[relay]\ndeny_networks = []\n")).unwrap();
+        assert!(!open.relay.is_denied("127.0.0.1".parse().unwrap()));
     }
 
     #[test]

@@ -647,6 +647,8 @@ domains = ["example.test"]
 
 [relay]
 port = {relay_port}
+# Everything here is on loopback.
+deny_networks = []
 retry_initial = "1s"
 retry_max = "2s"
 tls = "none"

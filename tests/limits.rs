@@ -89,7 +89,7 @@ fn relay_tail(sink: &Sink, dns: &DnsServer) -> String {
     format!(
         "[accept]\ndomains = [\"implicit.test\", \"null.test\"]\n\
          [throttle]\nhold = \"0s\"\n\
-         [relay]\nport = {}\nretry_initial = \"1s\"\nretry_max = \"2s\"\ntls = \"none\"\n\
+         [relay]\nport = {}\ndeny_networks = []\nretry_initial = \"1s\"\nretry_max = \"2s\"\ntls = \"none\"\n\
          [dns]\nnameservers = [\"{}\"]\n",
         sink.addr.port(),
         dns.addr
@@ -163,6 +163,33 @@ fn address_literal_sender_gets_its_dsn_at_that_address() {
     let r = c.cmd("RCPT TO:<bob@[127.0.0.1]>");
     assert_eq!(r.code, 550, "{r}");
     assert!(r.text().contains("relaying denied"), "{r}");
+}
+
+/// With the default `relay.deny_networks`, a domain whose MX resolves to
+/// loopback (or any private network) is never contacted: anyone could
+/// publish such a domain and, with `mx_delegation`, reach the node's own
+/// host or the operator's internal network through it.
+#[test]
+fn mx_addresses_in_denied_networks_are_never_contacted() {
+    let (sink, dns) = relay_env();
+    let tail = relay_tail(&sink, &dns).replace("deny_networks = []\n", "");
+    let node = InProc::start(&tail);
+    let msg = simple_message("alice@sender.test", "bob@implicit.test", "denied");
+    let r = common::send_mail(node.smtp, "alice@sender.test", &["bob@implicit.test"], &msg);
+    assert_eq!(r.code, 250, "{r}");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let (_, text) = node.cli(&["queue", "list"]);
+            text.contains("in relay.deny_networks")
+        }),
+        "queue list does not say why: {}",
+        node.cli(&["queue", "list"]).1
+    );
+    assert!(
+        sink.connections().is_empty(),
+        "a denied address was contacted: {:?}",
+        sink.connections()
+    );
 }
 
 #[test]

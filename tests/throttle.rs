@@ -167,7 +167,7 @@ fn mail_from_a_block_that_goes_over_during_the_hold_is_quarantined() {
     let tail = format!(
         "[accept]\ndomains = [\"example.test\"]\n\
          [throttle]\nmax_connections = 10\nmax_messages = 10\nmax_recipients = 10\nwindow = \"60s\"\nepoch = \"1s\"\nhold = \"2s\"\n\
-         [relay]\nport = {}\nretry_initial = \"1s\"\nretry_max = \"2s\"\ntls = \"none\"\n\
+         [relay]\nport = {}\ndeny_networks = []\nretry_initial = \"1s\"\nretry_max = \"2s\"\ntls = \"none\"\n\
          [dns]\nnameservers = [\"{}\"]\n",
         sink.addr.port(),
         dns.addr

@@ -135,6 +135,8 @@ domains = ["{DOMAIN}"]
 
 [relay]
 port = {sink}
+# The real MX is on loopback.
+deny_networks = []
 concurrency = 20
 retry_initial = "1s"
 retry_max = "5s"

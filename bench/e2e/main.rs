@@ -351,6 +351,8 @@ domains = ["{DOMAIN}"]
 
 [relay]
 port = {sink_port}
+# The real MX is on loopback.
+deny_networks = []
 concurrency = 20
 retry_initial = "1s"
 retry_max = "5s"

@@ -158,6 +158,12 @@ pub async fn deliver(
             if connections >= MAX_CONNECTIONS || pending.is_empty() {
                 break 'hosts;
             }
+            if config.relay.is_denied(ip) {
+                warn!(mx = %host, %ip, "MX address is in relay.deny_networks; not contacted");
+                last_error =
+                    format!("4.4.4 MX host {host} has address {ip}, in relay.deny_networks");
+                continue;
+            }
             connections += 1;
             let rcpts = std::mem::take(&mut pending);
             let task = tokio::spawn(
@@ -577,7 +583,7 @@ mod tests {
 
     fn config_tls(port: u16, tls: &str) -> Config {
         let c = Config::parse(&format!(
-            "[node]\nname = \"n1\"\nhostname = \"mx1.magic.test\"\n[relay]\nport = {port}\nconnect_timeout = \"2s\"\ncommand_timeout = \"5s\"\ntls = \"{tls}\"\n[dns]\nnameservers = [\"127.0.0.1:9\"]\ntimeout = \"1s\"\n"
+            "[node]\nname = \"n1\"\nhostname = \"mx1.magic.test\"\n[relay]\nport = {port}\ndeny_networks = []\nconnect_timeout = \"2s\"\ncommand_timeout = \"5s\"\ntls = \"{tls}\"\n[dns]\nnameservers = [\"127.0.0.1:9\"]\ntimeout = \"1s\"\n"
         ))
         .unwrap();
         c.validate().unwrap();

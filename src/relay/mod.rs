@@ -983,7 +983,7 @@ mod tests {
     fn node_config(port: u16, dns: std::net::SocketAddr) -> Config {
         let c = Config::parse(&format!(
             "[node]\nname = \"n1\"\nhostname = \"mx1.magic.test\"\nmagic_suffixes = [\".magic.test\"]\n\
-             [relay]\nport = {port}\ntls = \"none\"\nconcurrency = 2\nmax_received_headers = 2\n\
+             [relay]\nport = {port}\ntls = \"none\"\nconcurrency = 2\nmax_received_headers = 2\ndeny_networks = []\n\
              connect_timeout = \"2s\"\ncommand_timeout = \"5s\"\n\
              [dns]\nnameservers = [\"{dns}\"]\ntimeout = \"1s\"\n"
         ))

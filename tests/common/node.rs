@@ -124,6 +124,10 @@ impl NodeConf {
         t += &format!("retry_initial = {:?}\n", self.retry_initial);
         t += &format!("retry_max = {:?}\n", self.retry_max);
         t += &format!("tls = {:?}\n", self.relay_tls);
+        // The sinks standing in for real MX hosts are on loopback.
+        if !self.relay_extra.iter().any(|(k, _)| k == "deny_networks") {
+            t += "deny_networks = []\n";
+        }
         for (k, v) in &self.relay_extra {
             t += &format!("{k} = {v}\n");
         }
