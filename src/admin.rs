@@ -120,7 +120,10 @@ impl Admin {
         }
     }
 
-    async fn route(&self, method: &str, path: &str) -> (u16, &'static str, String) {
+    /// `client` is the peer's address: the quarantine (senders, recipients,
+    /// and the power to release or delete mail) is for local operators only,
+    /// even when the listener is open to a metrics scraper.
+    async fn route(&self, client: IpAddr, method: &str, path: &str) -> (u16, &'static str, String) {
         let (path, query) = path.split_once('?').unwrap_or((path, ""));
         let param = |name: &str| {
             query
@@ -131,6 +134,13 @@ impl Admin {
         };
         const JSON: &str = "application/json";
         const TEXT: &str = "text/plain; charset=utf-8";
+        if path.starts_with("/quarantine") && !crate::smtp::canonical_ip(client).is_loopback() {
+            return (
+                403,
+                TEXT,
+                "the quarantine is served to loopback clients only\n".into(),
+            );
+        }
         match (method, path) {
             ("GET", "/healthz") => (200, TEXT, "ok\n".into()),
             ("GET", "/metrics") => {
@@ -232,7 +242,8 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: CancellationTo
         let admin = admin.clone();
         tokio::spawn(async move {
             if let Err(e) =
-                tokio::time::timeout(Duration::from_secs(10), handle(stream, &admin)).await
+                tokio::time::timeout(Duration::from_secs(10), handle(stream, peer.ip(), &admin))
+                    .await
             {
                 debug!(%peer, error = %e, "admin request timed out");
             }
@@ -240,7 +251,7 @@ pub async fn serve(listener: TcpListener, admin: Admin, shutdown: CancellationTo
     }
 }
 
-async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, admin: &Admin) {
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, client: IpAddr, admin: &Admin) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -260,10 +271,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, admin: &Admin)
     let head = String::from_utf8_lossy(&buf);
     let mut parts = head.lines().next().unwrap_or("").split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (code, ctype, body) = admin.route(method, path).await;
+    let (code, ctype, body) = admin.route(client, method, path).await;
     let reason = match code {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         _ => "Internal Server Error",
     };
@@ -307,6 +319,8 @@ mod tests {
 
     use crate::config::{ThrottleConfig, TrustConfig};
 
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     /// Runs one request through [`handle`] over an in-memory stream.
     async fn exchange(admin: &Admin, request: &[u8]) -> Vec<u8> {
         let (mut client, server) = tokio::io::duplex(4096);
@@ -318,7 +332,7 @@ mod tests {
             let _ = client.read_to_end(&mut out).await;
             out
         };
-        let ((), out) = tokio::join!(handle(server, admin), talk);
+        let ((), out) = tokio::join!(handle(server, LOCAL, admin), talk);
         out
     }
 
@@ -426,6 +440,20 @@ mod tests {
         let healthz = rt.block_on(exchange(&admin, b"GET /healthz HTTP/1.1\r\n\r\n"));
         assert_eq!(check_response(&healthz), Some(200));
         assert!(healthz.ends_with(b"\r\n\r\nok\n"));
+        // The quarantine is for local operators; metrics are for anyone let in.
+        let remote: IpAddr = "192.0.2.9".parse().unwrap();
+        for (method, path, want) in [
+            ("GET", "/quarantine", 403),
+            ("POST", "/quarantine/release?id=X", 403),
+            ("POST", "/quarantine/delete?id=X", 403),
+            ("GET", "/metrics", 200),
+        ] {
+            let (code, _, _) = rt.block_on(admin.route(remote, method, path));
+            assert_eq!(code, want, "{method} {path} from {remote}");
+        }
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let (code, _, _) = rt.block_on(admin.route(mapped, "GET", "/quarantine"));
+        assert_eq!(code, 200);
         let mut runner = TestRunner::new(ProptestConfig::with_cases(256));
         runner
             .run(&arb_request(), |request| {
