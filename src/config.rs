@@ -160,11 +160,17 @@ pub struct SmtpConfig {
     pub max_recipients: usize,
     /// Simultaneous inbound connections, all sources together.
     pub max_connections: usize,
+    /// Simultaneous connections from one source block (trusted networks and
+    /// outbound clients excepted), so that a few networks holding sessions
+    /// open cannot take every slot.
+    pub max_connections_per_block: usize,
     /// Wait for a command (RFC 5321 4.5.3.2: at least 5 minutes).
     pub command_timeout: Dur,
     /// Wait for each chunk of DATA (RFC 5321: 3 minutes per data block).
     pub data_timeout: Dur,
-    /// Reject the session after this many bad commands in a row.
+    /// End the session after this many errors (bad commands, refused
+    /// recipients), counted since the last accepted message; Postfix's
+    /// `smtpd_hard_error_limit`.
     pub max_errors: usize,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -178,9 +184,10 @@ impl Default for SmtpConfig {
             max_message_size: 10 * 1024 * 1024,
             max_recipients: 100,
             max_connections: 500,
+            max_connections_per_block: 20,
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(180),
-            max_errors: 10,
+            max_errors: 20,
             tls_cert: None,
             tls_key: None,
         }
@@ -542,6 +549,12 @@ impl Config {
         }
         if s.max_connections == 0 {
             return Err(invalid("smtp.max_connections", "must be at least 1"));
+        }
+        if s.max_connections_per_block == 0 {
+            return Err(invalid(
+                "smtp.max_connections_per_block",
+                "must be at least 1",
+            ));
         }
         if s.command_timeout.0 < Duration::from_secs(1) {
             return Err(invalid("smtp.command_timeout", "must be at least 1s"));

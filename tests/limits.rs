@@ -1,5 +1,5 @@
 //! Limits and edges of a single node that the other suites do not cover:
-//! the total connection limit, the command timeout, graceful shutdown
+//! the total and per-block connection limits, the command timeout, graceful shutdown
 //! (`421` to waiting sessions), a mail loop, the implicit MX and the null MX.
 
 mod common;
@@ -43,6 +43,73 @@ fn connections_over_the_total_limit_get_421() {
             s.read_exact(&mut buf).is_ok() && &buf == b"220"
         }),
         "no slot after a session ended"
+    );
+}
+
+/// The first line a connection from `ip` gets (the banner or a refusal).
+fn first_line_from(ip: &str, server: std::net::SocketAddr) -> (TcpStream, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+    let stream = rt.block_on(sock.connect(server)).unwrap();
+    let mut s = stream.into_std().unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        match s.read(&mut b) {
+            Ok(1) => line.push(b[0]),
+            _ => break,
+        }
+    }
+    (s, String::from_utf8_lossy(&line).into_owned())
+}
+
+#[test]
+fn connections_over_the_per_block_limit_get_421() {
+    let node = InProc::start_with_smtp(
+        "max_connections_per_block = 2\n",
+        "[trust]\nnetworks = [\"127.9.0.0/16\"]\n",
+    );
+    // Two sessions from 127.1.1.0/24 stay open...
+    let (a, first) = first_line_from("127.1.1.1", node.smtp);
+    assert!(first.starts_with("220 "), "{first}");
+    let (_b, second) = first_line_from("127.1.1.2", node.smtp);
+    assert!(second.starts_with("220 "), "{second}");
+    // ...the third from the same block is refused...
+    let (_c, third) = first_line_from("127.1.1.3", node.smtp);
+    assert!(
+        third.starts_with("421 4.7.0"),
+        "third from the block: {third}"
+    );
+    // ...while another block and a trusted network are not affected.
+    let (_d, other) = first_line_from("127.2.2.1", node.smtp);
+    assert!(other.starts_with("220 "), "{other}");
+    let trusted: Vec<_> = (1..=4)
+        .map(|i| first_line_from(&format!("127.9.0.{i}"), node.smtp))
+        .collect();
+    for (_, line) in &trusted {
+        assert!(line.starts_with("220 "), "trusted: {line}");
+    }
+    // A slot of the block frees up when one of its sessions ends.
+    drop(a);
+    assert!(
+        wait_until(Duration::from_secs(5), || first_line_from(
+            "127.1.1.4",
+            node.smtp
+        )
+        .1
+        .starts_with("220 ")),
+        "no slot for the block after one of its sessions ended"
+    );
+    let metrics = node.http_get("/metrics");
+    assert!(
+        metrics.contains(r#"magicmx_smtp_refusals_total{reason="connections_per_block"}"#),
+        "{metrics}"
     );
 }
 

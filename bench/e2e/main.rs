@@ -334,6 +334,7 @@ pub fn throughput_node_toml(
     dns: std::net::SocketAddr,
     max_connections: usize,
 ) -> String {
+    let per_block = max_connections.div_ceil(500).max(20);
     format!(
         r#"
 [node]
@@ -345,6 +346,9 @@ magic_suffixes = [".magic.bench.test"]
 [smtp]
 listen = ["127.0.0.1:0"]
 max_connections = {max_connections}
+# Sessions from one block at once: the default, or more if E2E_CONNECTIONS
+# asks for more than 20 sessions in each of the 500 blocks.
+max_connections_per_block = {per_block}
 
 [accept]
 domains = ["{DOMAIN}"]
@@ -1330,9 +1334,10 @@ async fn connections(opts: &Opts) -> anyhow::Result<()> {
     let threads0 = procs::threads(pid);
     let normal0 = normal_sessions(node.smtp, 30, &mut seq).await;
 
-    // Open n idle sessions from 200 untrusted blocks (50 each, under the
-    // default 120 connections per block and window).
-    let sources = load::blocks(60, 200);
+    // Open n idle sessions from 500 untrusted blocks (20 each: the default
+    // smtp.max_connections_per_block, and under the throttle's 120
+    // connections per block and window).
+    let sources = load::blocks(60, 500);
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(200));
     let mut samples = vec![(0.0, rss0 as f64 / 1024.0)];
     let mut held: Vec<tokio::net::TcpStream> = Vec::with_capacity(n);
@@ -1442,7 +1447,7 @@ async fn connections(opts: &Opts) -> anyhow::Result<()> {
     let _ = writeln!(md, "## Holding 10,000 sessions\n");
     let _ = writeln!(
         md,
-        "Command: `bench/run.sh` (section `connections`). One magicmx node (`[smtp] max_connections = {}`); the harness opens {n} sessions from 200 untrusted /24 blocks (127.60–.x.1, 50 per block, under the throttle's 120 connections per block and window), each reads the banner, says EHLO and then stays idle. A \"normal session\" is one full message from 127.0.0.1 (connect, EHLO, MAIL, RCPT, DATA, 250, QUIT), 30 in a row.\n",
+        "Command: `bench/run.sh` (section `connections`). One magicmx node (`[smtp] max_connections = {}`); the harness opens {n} sessions from 500 untrusted /24 blocks (127.60–61.x.1, 20 per block: the default `max_connections_per_block`, and under the throttle's 120 connections per block and window), each reads the banner, says EHLO and then stays idle. A \"normal session\" is one full message from 127.0.0.1 (connect, EHLO, MAIL, RCPT, DATA, 250, QUIT), 30 in a row.\n",
         n + 1000
     );
     let _ = writeln!(md, "| measure | value |\n|---|---|");

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::dns::{Dns, MxAnswer};
 use crate::spool::{Envelope, RcptState, Recipient, Spool};
-use crate::throttle::{now_ms, Decision, Throttle};
+use crate::throttle::{now_ms, Block, Decision, Throttle};
 use session::{Event, Message, Session, SessionConfig, Verdict};
 
 /// Which door a connection came through.
@@ -334,14 +334,55 @@ pub async fn bind(addrs: &[SocketAddr], key: &'static str) -> anyhow::Result<Vec
     Ok(listeners)
 }
 
+/// Open sessions per source block; a [`BlockSlot`] holds one.
+struct BlockSlots {
+    open: dashmap::DashMap<Block, usize>,
+    max: usize,
+}
+
+/// One open session of a block: released on drop.
+struct BlockSlot {
+    slots: Arc<BlockSlots>,
+    block: Block,
+}
+
+impl BlockSlots {
+    fn try_take(self: &Arc<Self>, block: Block) -> Option<BlockSlot> {
+        let mut n = self.open.entry(block).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(BlockSlot {
+            slots: self.clone(),
+            block,
+        })
+    }
+}
+
+impl Drop for BlockSlot {
+    fn drop(&mut self) {
+        // Forget the block with its last session: the map holds open blocks only.
+        self.slots.open.remove_if_mut(&self.block, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
+}
+
 /// Accepts connections until shutdown; returns when every session has ended.
 pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<Context>, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(ctx.config.smtp.max_connections));
+    let per_block = Arc::new(BlockSlots {
+        open: dashmap::DashMap::new(),
+        max: ctx.config.smtp.max_connections_per_block,
+    });
     let tracker = TaskTracker::new();
     for listener in listeners {
-        let (ctx, permits, shutdown, sessions) = (
+        let (ctx, permits, per_block, shutdown, sessions) = (
             ctx.clone(),
             permits.clone(),
+            per_block.clone(),
             shutdown.clone(),
             tracker.clone(),
         );
@@ -370,9 +411,38 @@ pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<Context>, shutdown: Can
                     });
                     continue;
                 };
+                let ip = canonical_ip(peer.ip());
+                let exempt = match ctx.mode {
+                    Mode::Inbound => ctx.throttle.is_trusted(ip),
+                    Mode::Outbound => ctx.config.is_outbound_client(ip),
+                };
+                let slot = match exempt {
+                    true => None,
+                    false => {
+                        let block = ctx.throttle.block_of(ip);
+                        match per_block.try_take(block) {
+                            Some(slot) => Some(slot),
+                            None => {
+                                metrics::counter!("magicmx_smtp_refusals_total", "reason" => "connections_per_block").increment(1);
+                                info!(client = %peer, %block, "too many connections from the block");
+                                let mut stream = stream;
+                                sessions.spawn(async move {
+                                    let line = b"421 4.7.0 Too many connections from your network, try again later\r\n";
+                                    let _ = tokio::time::timeout(
+                                        Duration::from_secs(5),
+                                        stream.write_all(line),
+                                    )
+                                    .await;
+                                });
+                                continue;
+                            }
+                        }
+                    }
+                };
                 let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
                 sessions.spawn(async move {
                     connection(stream, peer, ctx, shutdown).await;
+                    drop(slot);
                     drop(permit);
                 });
             }

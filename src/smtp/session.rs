@@ -309,7 +309,11 @@ impl Session {
         assert_eq!(self.pending, Pending::Message);
         self.pending = Pending::None;
         match result {
-            Ok(id) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
+            Ok(id) => {
+                // A delivered message forgives earlier errors (as Postfix).
+                self.errors = 0;
+                self.reply(&format!("250 2.0.0 Ok: queued as {id}"));
+            }
             Err(line) => self.reply(line),
         }
     }
@@ -326,7 +330,10 @@ impl Session {
                 }
                 self.reply("250 2.1.5 Ok");
             }
-            Verdict::Refuse(line) => self.reply(&line),
+            // A refused recipient is an error, as in Postfix: a client
+            // probing for relaying (or making the node look up the MX of
+            // domain after domain) is cut off after `max_errors`.
+            Verdict::Refuse(line) => self.error(&line),
         }
     }
 
