@@ -112,6 +112,8 @@ impl Counts {
 /// Index of an origin node; 0 is this node.
 pub type Origin = u16;
 pub const SELF_ORIGIN: Origin = 0;
+/// Shared by every origin name past the table's capacity.
+pub const OVERFLOW_ORIGIN: Origin = Origin::MAX;
 
 /// One origin's counts for one epoch of a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,6 +254,11 @@ impl Throttle {
         }
     }
 
+    /// The most one peer origin adds to a block's count.
+    pub fn peer_cap(&self) -> Counts {
+        self.peer_cap
+    }
+
     pub fn block_of(&self, ip: IpAddr) -> Block {
         block_of(ip, self.cfg.ipv4_prefix, self.cfg.ipv6_prefix)
     }
@@ -289,8 +296,13 @@ impl Throttle {
         if let Some(i) = w.iter().position(|n| n == name) {
             return i as Origin;
         }
+        if w.len() >= OVERFLOW_ORIGIN as usize {
+            // Never wrap into another origin (least of all this node's own):
+            // every further name shares one capped origin.
+            return OVERFLOW_ORIGIN;
+        }
         w.push(name.to_string());
-        (w.len() - 1).min(Origin::MAX as usize) as Origin
+        (w.len() - 1) as Origin
     }
 
     pub fn origin_name(&self, origin: Origin) -> Option<String> {

@@ -86,6 +86,12 @@ fn id_from_wire(id: Option<proto::NodeIdentity>) -> Result<NodeId, CodecError> {
     if id.name.is_empty() || id.name.len() > 253 {
         return Err(CodecError::Invalid("node name"));
     }
+    // A bump is a start time in milliseconds plus a few renewals. One from
+    // the far future would win every conflict against the real node's
+    // identity (a forged "down" would keep it out).
+    if id.bump > max_bump() {
+        return Err(CodecError::Invalid("bump in the future"));
+    }
     let gossip = id
         .gossip
         .as_ref()
@@ -102,6 +108,14 @@ fn id_from_wire(id: Option<proto::NodeIdentity>) -> Result<NodeId, CodecError> {
         smtp,
         bump: id.bump,
     })
+}
+
+/// The largest believable bump: now plus a day (clock skew, renewals).
+fn max_bump() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now.saturating_add(86_400_000)
 }
 
 /// Foca's codec: protobuf, each item length-delimited.
@@ -238,9 +252,17 @@ impl foca::Codec<NodeId> for SwimCodec {
 /// The sender's name claimed inside a SWIM packet (checked against the
 /// connection's certificate before foca sees the packet).
 pub fn packet_source(packet: &[u8]) -> Option<String> {
+    packet_identity(packet).map(|id| id.name)
+}
+
+/// The sender's whole identity from a SWIM packet's header.
+fn packet_identity(packet: &[u8]) -> Option<NodeId> {
+    if packet.len() > SWIM_PACKET_MAX {
+        return None;
+    }
     let mut buf = packet;
     let h = proto::SwimHeader::decode_length_delimited(&mut buf).ok()?;
-    h.src.map(|s| s.name)
+    id_from_wire(h.src).ok()
 }
 
 /// Foca's parameters for a network of about `cluster_size` nodes, tuned so
@@ -312,6 +334,13 @@ pub struct Members {
     last_size: usize,
     /// Peers by name.
     pub peers: HashMap<String, PeerRecord>,
+    /// Each peer's identity as it announced it itself, in the header of a
+    /// packet it sent on a connection that carries its certificate. SWIM
+    /// spreads identities second-hand, and any certified peer could forge
+    /// one (a member that does not exist, another member's SMTP
+    /// addresses); only vouched identities are trusted with counts and
+    /// with the real-MX policy's allowlist.
+    vouched: HashMap<String, NodeId>,
 }
 
 impl Members {
@@ -328,6 +357,7 @@ impl Members {
             timers: BinaryHeap::new(),
             timer_events: HashMap::new(),
             next_timer: 0,
+            vouched: HashMap::new(),
             config: config.clone(),
             last_size: 1,
             peers: HashMap::new(),
@@ -355,6 +385,16 @@ impl Members {
     ) -> Result<Output, foca::Error> {
         if let Some(p) = self.peers.get_mut(from) {
             p.last_heard = Some(now);
+        }
+        // The caller has checked that the packet's source is `from`.
+        if let Some(src) = packet_identity(packet).filter(|id| id.name == from) {
+            let newer = self
+                .vouched
+                .get(from)
+                .is_none_or(|known| src.bump >= known.bump);
+            if newer {
+                self.vouched.insert(from.to_string(), src);
+            }
         }
         let r = self.foca.handle_data(packet, &mut self.runtime);
         let out = self.drain(now);
@@ -404,6 +444,19 @@ impl Members {
     /// Active members other than this node.
     pub fn live(&self) -> impl Iterator<Item = &NodeId> {
         self.foca.iter_members().map(|m| m.id())
+    }
+
+    /// Live members whose identity they vouched for themselves (see
+    /// `vouched`), as they announced it.
+    pub fn vouched_live(&self) -> impl Iterator<Item = &NodeId> {
+        self.foca
+            .iter_members()
+            .filter_map(|m| self.vouched.get(&m.id().name))
+    }
+
+    /// Is `name` a member (in the peer table) that has vouched for itself?
+    pub fn is_vouched_member(&self, name: &str) -> bool {
+        self.peers.contains_key(name) && self.vouched.contains_key(name)
     }
 
     pub fn live_count(&self) -> usize {
@@ -565,6 +618,83 @@ mod tests {
             assert!(r.is_empty());
             assert_eq!(packet_source(&buf).as_deref(), Some("a"));
         }
+    }
+
+    /// A packet from `src` to `dst` carrying `members` as SWIM updates.
+    fn packet(
+        src: &NodeId,
+        dst: &NodeId,
+        message: Message<NodeId>,
+        members: &[Member<NodeId>],
+    ) -> Vec<u8> {
+        let h = Header {
+            src: src.clone(),
+            src_incarnation: 0,
+            dst: dst.clone(),
+            message,
+        };
+        let mut buf = Vec::new();
+        SwimCodec.encode_header(&h, &mut buf).unwrap();
+        // Foca's layout: the header, a u16 count of updates, the updates.
+        buf.put_u16(members.len() as u16);
+        for m in members {
+            SwimCodec.encode_member(m, &mut buf).unwrap();
+        }
+        buf
+    }
+
+    /// A certified peer can tell others about members that do not exist or
+    /// give a real member other SMTP addresses: foca believes it, but only
+    /// identities a node announced itself are vouched for.
+    #[test]
+    fn second_hand_identities_are_not_vouched() {
+        let g = GossipConfig::default();
+        let a = id("a", 10, 1);
+        let mut members = Members::new(a.clone(), &g, 1);
+        let now = Instant::now();
+        let (evil, b) = (id("evil", 20, 1), id("b", 30, 1));
+        let ghost = id("ghost", 40, 1);
+        let mut forged_b = id("b", 30, 2);
+        forged_b.smtp = vec![SocketAddr::from(([192, 0, 2, 66], 25))];
+        let p = packet(
+            &evil,
+            &a,
+            Message::Gossip,
+            &[
+                Member::alive(ghost.clone()),
+                Member::alive(forged_b.clone()),
+            ],
+        );
+        members.handle_packet("evil", &p, now).unwrap();
+        assert!(
+            members.live().any(|m| m.name == "ghost"),
+            "foca took the update"
+        );
+        assert!(members.is_vouched_member("evil"));
+        assert!(!members.is_vouched_member("ghost"));
+        assert!(!members.is_vouched_member("b"));
+        // b speaks for itself (an older bump than the forgery: still b's word).
+        let p = packet(&b, &a, Message::Ping(1), &[]);
+        let _ = members.handle_packet("b", &p, now);
+        assert!(members.is_vouched_member("b"));
+        let smtp: Vec<SocketAddr> = members
+            .vouched_live()
+            .flat_map(|m| m.smtp.clone())
+            .collect();
+        assert!(smtp.contains(&b.smtp[0]), "{smtp:?}");
+        assert!(
+            !smtp.contains(&forged_b.smtp[0]),
+            "forged address allowed: {smtp:?}"
+        );
+        assert!(!smtp.contains(&ghost.smtp[0]), "ghost allowed: {smtp:?}");
+        // An identity from the far future (to win every conflict) is refused.
+        let mut future = id("b", 30, u64::MAX);
+        future.smtp.clear();
+        let mut buf = Vec::new();
+        SwimCodec
+            .encode_member(&Member::down(future), &mut buf)
+            .unwrap();
+        assert!(SwimCodec.decode_member(&mut buf.as_slice()).is_err());
     }
 
     #[test]

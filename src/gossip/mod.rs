@@ -270,7 +270,7 @@ impl Gossip {
     pub fn member_smtp_addrs(&self) -> Vec<SocketAddr> {
         let m = self.core.members.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<SocketAddr> = self.core.smtp.clone();
-        for id in m.live() {
+        for id in m.vouched_live() {
             out.extend(id.smtp.iter().copied());
         }
         out.sort();
@@ -627,13 +627,24 @@ impl Core {
                 .increment(invalid as u64);
         }
         let relearn = Instant::now() < self.relearn_until;
-        let known: HashSet<String> = self.members().peers.keys().cloned().collect();
+        let (known, from_member): (HashSet<String>, bool) = {
+            let m = self.members();
+            let known = m
+                .peers
+                .keys()
+                .filter(|n| m.is_vouched_member(n))
+                .cloned()
+                .collect();
+            (known, m.is_vouched_member(&from.name))
+        };
         let origins: Vec<Option<Origin>> = batch
             .origins
             .iter()
             .map(|name| {
                 if *name == self.name {
-                    relearn.then_some(SELF_ORIGIN)
+                    // Our own counts from before a restart, only from a
+                    // member (never from a peer that did not join).
+                    (relearn && from_member).then_some(SELF_ORIGIN)
                 } else if *name == from.name || known.contains(name) {
                     Some(self.throttle.origin(name))
                 } else {
@@ -653,7 +664,12 @@ impl Core {
                 dropped("prefix");
                 continue;
             }
-            self.throttle.merge(origin, u.block, u.epoch, u.counts, now);
+            // Relearned own counts come second-hand: capped like a peer's.
+            let counts = match origin {
+                SELF_ORIGIN => u.counts.min(self.throttle.peer_cap()),
+                _ => u.counts,
+            };
+            self.throttle.merge(origin, u.block, u.epoch, counts, now);
             merged += 1;
         }
         merged

@@ -80,7 +80,7 @@ impl Material {
                 format!("the certificate does not chain to gossip.ca: {e}"),
             )
         })?;
-        if !valid_for(leaf, node_name) {
+        if node_name_of(leaf).as_deref() != Some(node_name) {
             return Err(tls_err(
                 "gossip.cert",
                 format!("the certificate is not valid for node.name {node_name:?} (issue one with `magicmx ca issue {node_name}`)"),
