@@ -331,7 +331,7 @@ impl Core {
             };
             match event {
                 Event::Datagram(peer, bytes) => self.on_message(peer, &bytes),
-                Event::Uni(peer, bytes) => self.on_message(peer, &bytes),
+                Event::Uni(peer, bytes, _queued) => self.on_message(peer, &bytes),
                 Event::Bi(peer, send, recv) => {
                     if self.transport.drop_from(&peer.addr()) {
                         continue;

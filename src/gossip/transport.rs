@@ -6,8 +6,11 @@
 //! unidirectional streams (count deltas, at most [`MAX_MESSAGE`] bytes) and
 //! bidirectional streams (anti-entropy) to the gossip core as [`Event`]s on
 //! a bounded channel; when the channel is full the event is dropped and
-//! counted, never queued without bound. Handshake failures (no certificate,
-//! another CA) are logged and counted.
+//! counted, never queued without bound. Memory is bounded too: at most
+//! [`MAX_STREAM_READS`] streams are read at once, queued stream messages
+//! hold at most [`MAX_QUEUED_BYTES`], and one certificate (node name) has at
+//! most [`MAX_CONNECTIONS_PER_NAME`] connections. Handshake failures (no
+//! certificate, another CA) are logged and counted.
 //!
 //! Test hook: if the environment variable `MAGICMX_GOSSIP_BLOCK_FILE` names
 //! a file, every socket address listed in it (one per line) is cut off at
@@ -32,6 +35,13 @@ use super::wire::MAX_MESSAGE;
 
 /// Most simultaneous connections (both directions).
 const MAX_CONNECTIONS: usize = 1024;
+/// Most simultaneous connections of one node name (one certificate).
+const MAX_CONNECTIONS_PER_NAME: usize = 8;
+/// Streams read at once, over all connections: each buffers up to
+/// [`MAX_MESSAGE`]; the others wait (QUIC flow control holds the senders).
+const MAX_STREAM_READS: usize = 16;
+/// Bytes of stream messages waiting for the gossip core, over all peers.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
 /// A dial that failed is not retried for this long.
 const REDIAL_AFTER: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,7 +71,9 @@ impl Peer {
 /// What arrives from peers.
 pub enum Event {
     Datagram(Peer, Bytes),
-    Uni(Peer, Vec<u8>),
+    /// A whole stream message; the [`Queued`] guard keeps its bytes in the
+    /// transport's budget until the event is dropped.
+    Uni(Peer, Vec<u8>, Queued),
     Bi(Peer, quinn::SendStream, quinn::RecvStream),
 }
 
@@ -78,8 +90,24 @@ pub struct Transport {
     events: mpsc::Sender<Event>,
     blocked: RwLock<HashSet<SocketAddr>>,
     connections: AtomicUsize,
+    per_name: Mutex<HashMap<String, usize>>,
+    reads: Arc<tokio::sync::Semaphore>,
+    queued: Arc<AtomicUsize>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+}
+
+/// The bytes of one queued stream message, counted in the transport's
+/// budget until the gossip core has handled (dropped) the event.
+pub struct Queued {
+    bytes: usize,
+    total: Arc<AtomicUsize>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +158,9 @@ impl Transport {
             events,
             blocked: RwLock::new(HashSet::new()),
             connections: AtomicUsize::new(0),
+            per_name: Mutex::new(HashMap::new()),
+            reads: Arc::new(tokio::sync::Semaphore::new(MAX_STREAM_READS)),
+            queued: Arc::new(AtomicUsize::new(0)),
             shutdown,
             tasks,
         });
@@ -252,6 +283,17 @@ impl Transport {
             dropped("certificate");
             return None;
         };
+        {
+            let mut per_name = self.per_name.lock().unwrap_or_else(|e| e.into_inner());
+            let n = per_name.entry(name.clone()).or_insert(0);
+            if *n >= MAX_CONNECTIONS_PER_NAME {
+                warn!(peer = %conn.remote_address(), name = %name, reason = "too many connections for one node", "gossip connection refused");
+                conn.close(2u32.into(), b"too many connections");
+                dropped("connections_per_name");
+                return None;
+            }
+            *n += 1;
+        }
         let peer = Peer { conn, name };
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.tasks.spawn(self.clone().read_loop(peer.clone()));
@@ -318,10 +360,13 @@ impl Transport {
                         let me = self.clone();
                         let peer = peer.clone();
                         self.tasks.spawn(async move {
+                            let Ok(_reading) = me.reads.clone().acquire_owned().await else {
+                                return;
+                            };
                             match tokio::time::timeout(STREAM_TIMEOUT, recv.read_to_end(MAX_MESSAGE)).await {
                                 Ok(Ok(bytes)) => {
                                     count_in_bytes(bytes.len());
-                                    me.deliver(Event::Uni(peer, bytes));
+                                    me.deliver_uni(peer, bytes);
                                 }
                                 Ok(Err(e)) => {
                                     debug!(peer = %peer.name, reason = %e, "gossip stream dropped");
@@ -340,6 +385,15 @@ impl Transport {
             }
         }
         self.connections.fetch_sub(1, Ordering::Relaxed);
+        {
+            let mut per_name = self.per_name.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = per_name.get_mut(&peer.name) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per_name.remove(&peer.name);
+                }
+            }
+        }
         debug!(peer = %peer.name, reason = ?conn.close_reason(), "gossip connection closed");
         // Forget the slot's connection if it is this one.
         let slot = self
@@ -363,6 +417,22 @@ impl Transport {
         if self.events.try_send(event).is_err() {
             dropped("overload");
         }
+    }
+
+    /// Queues a stream message within the byte budget (else drops it:
+    /// anti-entropy repairs what is lost).
+    fn deliver_uni(&self, peer: Peer, bytes: Vec<u8>) {
+        let n = bytes.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > MAX_QUEUED_BYTES {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            dropped("overload");
+            return;
+        }
+        let queued = Queued {
+            bytes: n,
+            total: self.queued.clone(),
+        };
+        self.deliver(Event::Uni(peer, bytes, queued));
     }
 
     /// Sends one message as a datagram, or as a stream when too large for one.
