@@ -357,10 +357,10 @@ impl Session {
         match request {
             Request::Ehlo { host } => self.hello(host, true),
             Request::Helo { host } => self.hello(host, false),
-            Request::Lhlo { .. } => self.error("500 5.5.2 Error: command not recognized"),
+            Request::Lhlo { .. } => self.error("502 5.5.2 Error: command not recognized"),
             Request::Mail { mut from } => {
                 from.address = unmask(from.address, &literals);
-                self.mail(from)
+                self.mail(from, declared_size(line))
             }
             Request::Rcpt { to } => return self.rcpt(unmask(to.address, &literals)),
             Request::Data => return self.data(),
@@ -398,7 +398,7 @@ impl Session {
             .collect::<Vec<u8>>();
         let reply = match e {
             E::UnknownCommand | E::NeedsMoreData { .. } => {
-                "500 5.5.2 Error: command not recognized".to_string()
+                "502 5.5.2 Error: command not recognized".to_string()
             }
             E::InvalidSenderAddress => "501 5.1.7 Bad sender address syntax".to_string(),
             E::InvalidRecipientAddress => "501 5.1.3 Bad recipient address syntax".to_string(),
@@ -413,11 +413,18 @@ impl Session {
                 format!("555 5.5.4 Unsupported option: {param}")
             }
             E::ResponseTooLong | E::InvalidResponse { .. } => {
-                "500 5.5.2 Error: command not recognized".to_string()
+                "502 5.5.2 Error: command not recognized".to_string()
             }
         };
+        // smtp-proto refuses a SIZE too large for a usize: still a size.
+        if verb == b"MAIL"
+            && declared_size(line).is_some_and(|n| n > self.cfg.max_message_size as u128)
+        {
+            self.reply("552 5.3.4 Message size exceeds fixed limit");
+            return;
+        }
         // A bare verb that needs arguments reads better with its syntax.
-        let reply = match (verb.as_slice(), reply.starts_with("500")) {
+        let reply = match (verb.as_slice(), reply.starts_with("502")) {
             (b"HELO", true) => "501 5.5.4 Syntax: HELO hostname".to_string(),
             (b"EHLO", true) => "501 5.5.4 Syntax: EHLO hostname".to_string(),
             _ => reply,
@@ -458,7 +465,8 @@ impl Session {
         }
     }
 
-    fn mail(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>) {
+    /// `declared` is the `SIZE=` value as written (smtp-proto wraps huge ones).
+    fn mail(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>, declared: Option<u128>) {
         if self.helo.is_none() {
             self.error("503 5.5.1 Error: send HELO/EHLO first");
             return;
@@ -467,7 +475,11 @@ impl Session {
             self.error("503 5.5.1 Error: nested MAIL command");
             return;
         }
-        if from.size > self.cfg.max_message_size && from.size != usize::MAX {
+        let parsed = match from.size {
+            usize::MAX => 0,
+            n => n as u128,
+        };
+        if declared.unwrap_or(0).max(parsed) > self.cfg.max_message_size as u128 {
             self.reply("552 5.3.4 Message size exceeds fixed limit");
             return;
         }
@@ -553,6 +565,27 @@ impl Session {
         self.reply("220 2.0.0 Ready to start TLS");
         Some(Event::StartTls)
     }
+}
+
+/// The `SIZE=` parameter of a MAIL line, as written, saturating (smtp-proto
+/// wraps values past `usize::MAX` around).
+fn declared_size(line: &[u8]) -> Option<u128> {
+    let end = line.iter().position(|&b| b == b'>')?;
+    let params = &line[end + 1..];
+    let at = params
+        .windows(6)
+        .position(|w| w.eq_ignore_ascii_case(b" SIZE="))?;
+    let digits: Vec<u8> = params[at + 6..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .copied()
+        .collect();
+    if digits.is_empty() {
+        return None;
+    }
+    Some(digits.iter().fold(0u128, |n, d| {
+        n.saturating_mul(10).saturating_add(u128::from(d - b'0'))
+    }))
 }
 
 /// Longest address taken (smtp-proto's limit; RFC 5321 4.5.3.1.3 allows
@@ -875,6 +908,18 @@ mod tests {
     }
 
     #[test]
+    fn huge_sizes_are_over_the_limit() {
+        let mut s = new();
+        s.receive(b"EHLO c\r\nMAIL FROM:<a@b.test> SIZE=18446744073709551615\r\nMAIL FROM:<a@b.test> SIZE=184467440737095516150\r\nMAIL FROM:<a@b.test> SIZE=100 BODY=8BITMIME\r\n");
+        assert_eq!(s.next_event(), Event::NeedInput);
+        let o = out(&mut s);
+        assert_eq!(o.matches("552 5.3.4").count(), 2, "{o}");
+        assert!(o.ends_with("250 2.1.0 Ok\r\n"), "{o}");
+        assert_eq!(declared_size(b"MAIL FROM:<a@b> size=7"), Some(7));
+        assert_eq!(declared_size(b"MAIL FROM:<a@b>"), None);
+    }
+
+    #[test]
     fn literal_masks_do_not_touch_other_lines() {
         let (m, l) = mask_address_literals(b"EHLO [192.0.2.1]");
         assert_eq!(&*m, b"EHLO [192.0.2.1]");
@@ -920,7 +965,7 @@ mod tests {
         assert!(o.contains("214 2.0.0"), "{o}");
         assert!(o.contains("502 5.5.1"), "{o}");
         assert!(
-            o.ends_with("500 5.5.2 Error: command not recognized\r\n"),
+            o.ends_with("502 5.5.2 Error: command not recognized\r\n"),
             "{o}"
         );
     }
