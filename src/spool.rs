@@ -198,7 +198,6 @@ impl Spool {
     pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
         create_dir_durably(dir)?;
         let path = dir.join(SPOOL_FILE);
-        let existed = path.exists();
         let db = catch_unwind(AssertUnwindSafe(|| builder().create(&path)))
             .map_err(|_| {
                 SpoolError::Database(format!(
@@ -207,9 +206,10 @@ impl Spool {
                 ))
             })?
             .map_err(|err| open_error(&path, err))?;
-        if !existed {
-            sync_dir(dir)?;
-        }
+        // Every time, not only when the file is new: a node killed between
+        // creating the file and this fsync would otherwise never make its
+        // directory entry durable. One fsync per start.
+        sync_dir(dir)?;
         // Create the tables, so that readers never find them missing.
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
