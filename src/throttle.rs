@@ -20,7 +20,9 @@
 //! window, no penalty) are swept every epoch; when the map is still full, a
 //! block not yet tracked is let through uncounted (fail open, so legitimate
 //! mail is never refused because of memory pressure) and
-//! `magicmx_throttle_untracked_total` is incremented.
+//! `magicmx_throttle_untracked_total` is incremented. Peers' counts may
+//! create blocks only up to 90 % of the bound, so that the blocks this node
+//! sees itself always find room even if a peer floods the table.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -354,11 +356,23 @@ impl Throttle {
     /// Applies `f` to the block's state, creating it if there is room.
     /// Returns None when the map is full and the block is new (fail open).
     fn with_block<R>(&self, block: Block, f: impl FnOnce(&mut BlockState) -> R) -> Option<R> {
+        self.with_block_within(block, self.cfg.max_tracked_blocks, "local", f)
+    }
+
+    /// [`Self::with_block`], creating a block only while fewer than `room`
+    /// are tracked.
+    fn with_block_within<R>(
+        &self,
+        block: Block,
+        room: usize,
+        source: &'static str,
+        f: impl FnOnce(&mut BlockState) -> R,
+    ) -> Option<R> {
         if let Some(mut s) = self.blocks.get_mut(&block) {
             return Some(f(&mut s));
         }
-        if self.blocks.len() >= self.cfg.max_tracked_blocks {
-            metrics::counter!("magicmx_throttle_untracked_total").increment(1);
+        if self.blocks.len() >= room {
+            metrics::counter!("magicmx_throttle_untracked_total", "source" => source).increment(1);
             return None;
         }
         let mut s = self.blocks.entry(block).or_default();
@@ -498,7 +512,11 @@ impl Throttle {
         if epoch < self.window_start(now_ms) || epoch > current + 1 {
             return;
         }
-        self.with_block(block, |state| {
+        // Peers may fill at most 90 % of the table: the rest stays for the
+        // blocks this node sees itself, so that a peer flooding the table
+        // with blocks cannot switch this node's own throttling off.
+        let room = self.cfg.max_tracked_blocks - self.cfg.max_tracked_blocks / 10;
+        self.with_block_within(block, room, "peer", |state| {
             match state
                 .slots
                 .iter_mut()
@@ -866,6 +884,34 @@ mod tests {
         assert_eq!(t.tracked(), 2);
         assert_eq!(t.sweep(T0 + 61_000), 2);
         assert_eq!(t.tracked(), 0);
+    }
+
+    #[test]
+    fn peers_cannot_fill_the_whole_table() {
+        let c = ThrottleConfig {
+            max_tracked_blocks: 10,
+            ..cfg()
+        };
+        let t = Throttle::new(&c, &TrustConfig::default(), "n").with_peer_share(0.5);
+        let peer = t.origin("peer");
+        let epoch = t.epoch_of(T0);
+        let counts = Counts {
+            connections: 1,
+            messages: 1,
+            recipients: 1,
+        };
+        for b in 0..50u8 {
+            let block = block_of(IpAddr::from([10, b, 0, 1]), 24, 48);
+            t.merge(peer, block, epoch, counts, T0);
+        }
+        assert_eq!(t.tracked(), 9, "peers stop at 90 % of the table");
+        // This node's own blocks still find room, and are counted.
+        t.on_connect(ip("192.0.2.1"), T0);
+        assert_eq!(t.tracked(), 10);
+        assert_eq!(
+            t.status(t.block_of(ip("192.0.2.1")), T0).counts.connections,
+            1
+        );
     }
 
     fn arb_state() -> impl Strategy<Value = CounterState> {
