@@ -862,16 +862,21 @@ mod tests {
         assert!(!o.contains("STARTTLS"), "{o}");
     }
 
+    /// The first event that is not a request for more input.
+    fn first_event(s: &mut Session) -> Event {
+        loop {
+            match s.next_event() {
+                Event::NeedInput => continue,
+                e => return e,
+            }
+        }
+    }
+
     #[test]
     fn address_literals_parse_as_in_postfix() {
         let mut s = new();
         s.receive(b"EHLO c\r\nMAIL FROM:<a@[192.0.2.1]>\r\nRCPT TO:<@[192.0.2.9]:u@[IPv6:2001:db8::1]>\r\n");
-        let e = loop {
-            match s.next_event() {
-                Event::NeedInput => continue,
-                e => break e,
-            }
-        };
+        let e = first_event(&mut s);
         assert_eq!(
             e,
             Event::Recipient {
@@ -940,12 +945,7 @@ mod tests {
     fn refused_recipient_and_other_commands() {
         let mut s = new();
         s.receive(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@elsewhere.test>\r\nVRFY x\r\nHELP\r\nEXPN x\r\nFOO\r\n");
-        let e = loop {
-            match s.next_event() {
-                Event::NeedInput => continue,
-                e => break e,
-            }
-        };
+        let e = first_event(&mut s);
         assert_eq!(
             e,
             Event::Recipient {
