@@ -128,6 +128,38 @@ fn idle_sessions_time_out_with_421() {
     );
 }
 
+/// A command line dripped one byte at a time, each well within the
+/// timeout, still has to be complete within `command_timeout`.
+#[test]
+fn a_dripped_command_line_times_out() {
+    use std::io::Write;
+    let node = InProc::start_with_smtp("command_timeout = \"1s\"\n", "");
+    let mut s = TcpStream::connect(node.smtp).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    // One byte every 100 ms for up to 4 s: never idle for the timeout.
+    let refused_after = loop {
+        if start.elapsed() > Duration::from_secs(4) {
+            break None;
+        }
+        let _ = s.write_all(b"N");
+        match s.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if String::from_utf8_lossy(&got).contains("421 4.4.2 ") {
+            break Some(start.elapsed());
+        }
+    };
+    let text = String::from_utf8_lossy(&got);
+    let after = refused_after.unwrap_or_else(|| panic!("no 421 while dripping: {text:?}"));
+    assert!(after < Duration::from_millis(2500), "421 after {after:?}");
+}
+
 #[test]
 fn shutdown_answers_421_to_waiting_sessions() {
     let node = InProc::start_with_smtp("", "");

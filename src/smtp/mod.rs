@@ -554,14 +554,26 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let cfg = &ctx.config.smtp;
     let hostname = &ctx.config.node.hostname;
     let mut buf = vec![0u8; 64 * 1024];
+    // When the partial command line now buffered began: a whole command
+    // line must arrive within `command_timeout`, not each of its bytes
+    // (a client dripping one byte per timeout would hold its slot forever).
+    let mut line_started: Option<tokio::time::Instant> = None;
     loop {
         match session.next_event() {
             Event::NeedInput => {
                 if !write_out(stream, &mut session, cfg.command_timeout.0).await {
                     return Ended::Closed;
                 }
+                let partial = !session.in_data() && session.has_buffered_input();
+                if !partial {
+                    line_started = None;
+                }
                 let timeout = if session.in_data() {
                     cfg.data_timeout.0
+                } else if let Some(t) =
+                    partial.then(|| *line_started.get_or_insert_with(tokio::time::Instant::now))
+                {
+                    cfg.command_timeout.0.saturating_sub(t.elapsed())
                 } else {
                     cfg.command_timeout.0
                 };
