@@ -176,7 +176,7 @@ fn write_results(one: f64, busy: f64) {
          | decision | threads | distinct blocks | ns per decision (median) | million decisions/s |\n\
          |---|---|---|---|---|\n{rows}\n\
          Memory per tracked block (live heap bytes, counting allocator, 100,000 blocks): \
-         **{one:.0} bytes** with one origin and one epoch, **{busy:.0} bytes** with 3 origins × 5 epochs.\n"
+         **{one:.0} bytes** with one origin and one epoch, **{busy:.0} bytes** with 3 origins × 5 epochs.\n\n"
     );
     replace_section(
         &format!("{root}/bench/RESULTS.md"),
