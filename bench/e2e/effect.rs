@@ -467,7 +467,7 @@ fn series(r: &RunResult, relayed: bool, until: f64) -> Vec<(f64, f64)> {
 
 pub async fn effectiveness(opts: &Opts) -> anyhow::Result<()> {
     let sink = Sink::start().await;
-    let dns = crate::dns::DnsServer::start(&[DOMAIN]);
+    let dns = crate::domain_dns();
     let mut results: Vec<RunResult> = Vec::new();
     let mut not_run = None;
     for (k, sc) in SCENARIOS.into_iter().enumerate() {

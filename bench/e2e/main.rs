@@ -24,6 +24,9 @@
 //! `E2E_CONNECTIONS` (10000); `E2E_OUT=DIR` writes RESULTS.md and the plots
 //! there instead (for trial runs).
 
+/// The test suite's in-process DNS server (hickory-server), shared as is.
+#[allow(dead_code)]
+#[path = "../../tests/common/dns.rs"]
 mod dns;
 mod effect;
 mod load;
@@ -43,6 +46,16 @@ use postfix::Postfix;
 use sink::Sink;
 
 pub const DOMAIN: &str = "bench.test";
+/// The domain's MX host, at 127.0.0.1 (the sink's port comes from config).
+const MX_HOST: &str = "mx.bench.test";
+
+/// The domain's DNS: `DOMAIN MX 10 MX_HOST`, `MX_HOST A 127.0.0.1`.
+pub fn domain_dns() -> dns::DnsServer {
+    dns::DnsServer::start(&[
+        dns::Rec::Mx(DOMAIN, 10, MX_HOST),
+        dns::Rec::A(MX_HOST, "127.0.0.1"),
+    ])
+}
 pub const RCPT: &str = "rcpt@bench.test";
 
 pub struct Opts {
@@ -381,7 +394,7 @@ async fn throughput(opts: &Opts) -> anyhow::Result<()> {
         println!("Postfix comparison skipped: {e}");
     }
     let sink = Sink::start().await;
-    let dns = dns::DnsServer::start(&[DOMAIN]);
+    let dns = domain_dns();
     let node = MagicNode::start(
         "throughput",
         &throughput_node_toml(sink.addr.port(), dns.addr, 2000),
@@ -1310,7 +1323,7 @@ async fn connections(opts: &Opts) -> anyhow::Result<()> {
         n
     };
     let sink = Sink::start().await;
-    let dns = dns::DnsServer::start(&[DOMAIN]);
+    let dns = domain_dns();
     let node = MagicNode::start(
         "connections",
         &throughput_node_toml(sink.addr.port(), dns.addr, n + 1000),

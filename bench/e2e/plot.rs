@@ -186,37 +186,30 @@ pub fn bars(
         let width = 0.8 / k;
         for (s, name) in series_names.iter().enumerate() {
             let color = COLORS[s % COLORS.len()];
+            // (left edge, height) of this series' bar in each group that has one.
+            let bars: Vec<(f64, f64)> = groups
+                .iter()
+                .enumerate()
+                .filter_map(|(g, (_, v))| {
+                    let y = *v.get(s)?;
+                    (y > 0.0).then_some((g as f64 - 0.4 + width * s as f64, y))
+                })
+                .collect();
             chart
-                .draw_series(
-                    groups
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, (_, v))| v.get(s).is_some_and(|y| *y > 0.0))
-                        .map(|(g, (_, v))| {
-                            let x = g as f64 - 0.4 + width * s as f64;
-                            let y = v[s];
-                            Rectangle::new([(x, 0.0), (x + width * 0.95, y)], color.filled())
-                        }),
-                )?
+                .draw_series(bars.iter().map(|&(x, y)| {
+                    Rectangle::new([(x, 0.0), (x + width * 0.95, y)], color.filled())
+                }))?
                 .label(*name)
                 .legend(move |(x, y)| {
                     Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled())
                 });
-            chart.draw_series(
-                groups
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, (_, v))| v.get(s).is_some_and(|y| *y > 0.0))
-                    .map(|(g, (_, v))| {
-                        let x = g as f64 - 0.4 + width * s as f64;
-                        let y = v[s];
-                        Text::new(
-                            format!("{y:.0}"),
-                            (x, y + y1 * 0.035),
-                            ("sans-serif", 12).into_font(),
-                        )
-                    }),
-            )?;
+            chart.draw_series(bars.iter().map(|&(x, y)| {
+                Text::new(
+                    format!("{y:.0}"),
+                    (x, y + y1 * 0.035),
+                    ("sans-serif", 12).into_font(),
+                )
+            }))?;
         }
         chart
             .configure_series_labels()
