@@ -256,10 +256,7 @@ pub const DEFAULT_DENY_NETWORKS: &[&str] = &[
 impl RelayConfig {
     /// Is `ip` (IPv4-mapped IPv6 as IPv4) in `deny_networks`?
     pub fn is_denied(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = crate::smtp::canonical_ip(ip);
         self.deny_networks.iter().any(|n| n.contains(&ip))
     }
 }

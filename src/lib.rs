@@ -11,6 +11,7 @@ pub mod dns;
 pub mod gossip;
 pub mod policy;
 pub mod relay;
+pub mod slots;
 pub mod smtp;
 pub mod spool;
 pub mod throttle;

@@ -773,6 +773,9 @@ fn only_certified_peers_count_and_each_is_capped() {
                 ],
             ),
             peer::delta("b", &[("b", [127, 7, 7, 0], 1_000)]),
+            // Its own counts, sent under the certificate's name in other
+            // letters: webpki name matching would take it, exact names do not.
+            peer::delta("EVIL", &[("evil", [127, 8, 8, 0], 1_000)]),
         ],
     )
     .expect("a certified peer connects");
@@ -801,6 +804,12 @@ fn only_certified_peers_count_and_each_is_capped() {
             n.connections("127.7.7.1"),
             0,
             "{}: counts from a forged sender arrived",
+            n.name
+        );
+        assert_eq!(
+            n.connections("127.8.8.1"),
+            0,
+            "{}: counts under a case variant of the certificate's name arrived",
             n.name
         );
     }

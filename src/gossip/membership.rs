@@ -249,14 +249,9 @@ impl foca::Codec<NodeId> for SwimCodec {
     }
 }
 
-/// The sender's name claimed inside a SWIM packet (checked against the
-/// connection's certificate before foca sees the packet).
-pub fn packet_source(packet: &[u8]) -> Option<String> {
-    packet_identity(packet).map(|id| id.name)
-}
-
-/// The sender's whole identity from a SWIM packet's header.
-fn packet_identity(packet: &[u8]) -> Option<NodeId> {
+/// The sender's identity claimed in a SWIM packet's header (its name is
+/// checked against the connection's certificate before foca sees the packet).
+pub fn packet_source(packet: &[u8]) -> Option<NodeId> {
     if packet.len() > SWIM_PACKET_MAX {
         return None;
     }
@@ -376,29 +371,29 @@ impl Members {
         r.map(|_| out)
     }
 
-    /// A SWIM packet from `from` (the verified name of the sender).
+    /// A SWIM packet whose source identity `src` ([`packet_source`]) the
+    /// caller has checked against the connection's certificate: that
+    /// identity is vouched for by its own node.
     pub fn handle_packet(
         &mut self,
-        from: &str,
+        src: NodeId,
         packet: &[u8],
         now: Instant,
     ) -> Result<Output, foca::Error> {
-        if let Some(p) = self.peers.get_mut(from) {
+        let from = src.name.clone();
+        if let Some(p) = self.peers.get_mut(&from) {
             p.last_heard = Some(now);
         }
-        // The caller has checked that the packet's source is `from`.
-        if let Some(src) = packet_identity(packet).filter(|id| id.name == from) {
-            let newer = self
-                .vouched
-                .get(from)
-                .is_none_or(|known| src.bump >= known.bump);
-            if newer {
-                self.vouched.insert(from.to_string(), src);
-            }
+        if self
+            .vouched
+            .get(&from)
+            .is_none_or(|known| src.bump >= known.bump)
+        {
+            self.vouched.insert(src.name.clone(), src);
         }
         let r = self.foca.handle_data(packet, &mut self.runtime);
         let out = self.drain(now);
-        if let Some(p) = self.peers.get_mut(from) {
+        if let Some(p) = self.peers.get_mut(&from) {
             p.last_heard = Some(now);
         }
         r.map(|_| out)
@@ -616,7 +611,7 @@ mod tests {
             assert_eq!(SwimCodec.decode_header(&mut r).unwrap(), h);
             assert_eq!(SwimCodec.decode_member(&mut r).unwrap(), m);
             assert!(r.is_empty());
-            assert_eq!(packet_source(&buf).as_deref(), Some("a"));
+            assert_eq!(packet_source(&buf).map(|s| s.name).as_deref(), Some("a"));
         }
     }
 
@@ -665,7 +660,7 @@ mod tests {
                 Member::alive(forged_b.clone()),
             ],
         );
-        members.handle_packet("evil", &p, now).unwrap();
+        members.handle_packet(evil.clone(), &p, now).unwrap();
         assert!(
             members.live().any(|m| m.name == "ghost"),
             "foca took the update"
@@ -675,7 +670,7 @@ mod tests {
         assert!(!members.is_vouched_member("b"));
         // b speaks for itself (an older bump than the forgery: still b's word).
         let p = packet(&b, &a, Message::Ping(1), &[]);
-        let _ = members.handle_packet("b", &p, now);
+        let _ = members.handle_packet(b.clone(), &p, now);
         assert!(members.is_vouched_member("b"));
         let smtp: Vec<SocketAddr> = members
             .vouched_live()
@@ -761,7 +756,10 @@ mod tests {
                 if Some(to) == dead || dead.is_some_and(|d| from == format!("n{d}")) {
                     continue;
                 }
-                if let Ok(out) = nodes[to].handle_packet(&from, &data, now) {
+                let Some(src) = packet_source(&data).filter(|s| s.name == from) else {
+                    panic!("{from} sent a packet naming another source");
+                };
+                if let Ok(out) = nodes[to].handle_packet(src, &data, now) {
                     route(out, &format!("n{to}"), &mut inbox);
                 }
             }
@@ -891,9 +889,11 @@ mod tests {
             let mut m = Members::new(id("n0", 10, 1), &g, 7);
             let mut now = Instant::now();
             for p in &packets {
-                let _ = packet_source(p);
-                let from = packet_source(p).unwrap_or_default();
-                let _ = m.handle_packet(&from, p, now);
+                // As the gossip core does: only a packet with a readable
+                // source reaches foca.
+                if let Some(src) = packet_source(p) {
+                    let _ = m.handle_packet(src, p, now);
+                }
                 now += Duration::from_millis(300);
                 let _ = m.handle_timers(now);
             }

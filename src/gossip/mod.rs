@@ -375,17 +375,15 @@ impl Core {
     }
 
     fn on_swim(self: &Arc<Self>, peer: &Peer, packet: &[u8]) {
-        match membership::packet_source(packet) {
-            Some(src) if peer.accepts(&src) => {}
+        let src = match membership::packet_source(packet) {
+            Some(src) if peer.accepts(&src.name) => src,
             claimed => {
                 dropped("sender");
-                warn!(peer = %peer.name, claimed = ?claimed, reason = "SWIM source does not match the certificate", "gossip message dropped");
+                warn!(peer = %peer.name, claimed = ?claimed.map(|s| s.name), reason = "SWIM source does not match the certificate", "gossip message dropped");
                 return;
             }
-        }
-        let out = self
-            .members()
-            .handle_packet(&peer.name, packet, Instant::now());
+        };
+        let out = self.members().handle_packet(src, packet, Instant::now());
         match out {
             Ok(out) => self.after_members(out),
             Err(e) => {
@@ -627,16 +625,10 @@ impl Core {
                 .increment(invalid as u64);
         }
         let relearn = Instant::now() < self.relearn_until;
-        let (known, from_member): (HashSet<String>, bool) = {
-            let m = self.members();
-            let known = m
-                .peers
-                .keys()
-                .filter(|n| m.is_vouched_member(n))
-                .cloned()
-                .collect();
-            (known, m.is_vouched_member(&from.name))
-        };
+        // One look at the members for the batch's few origin names (not a
+        // copy of every member's name per message).
+        let members = self.members();
+        let from_member = members.is_vouched_member(&from.name);
         let origins: Vec<Option<Origin>> = batch
             .origins
             .iter()
@@ -645,7 +637,7 @@ impl Core {
                     // Our own counts from before a restart, only from a
                     // member (never from a peer that did not join).
                     (relearn && from_member).then_some(SELF_ORIGIN)
-                } else if *name == from.name || known.contains(name) {
+                } else if *name == from.name || members.is_vouched_member(name) {
                     Some(self.throttle.origin(name))
                 } else {
                     dropped("unknown_origin");
@@ -654,6 +646,7 @@ impl Core {
                 }
             })
             .collect();
+        drop(members);
         let now = now_ms();
         let mut merged = 0;
         for u in updates {

@@ -32,6 +32,7 @@ use tracing::{debug, warn};
 
 use super::tls::{self, COMMON_NAME};
 use super::wire::MAX_MESSAGE;
+use crate::slots::{self, KeyedSlots};
 
 /// Most simultaneous connections (both directions).
 const MAX_CONNECTIONS: usize = 1024;
@@ -90,7 +91,7 @@ pub struct Transport {
     events: mpsc::Sender<Event>,
     blocked: RwLock<HashSet<SocketAddr>>,
     connections: AtomicUsize,
-    per_name: Mutex<HashMap<String, usize>>,
+    per_name: Arc<KeyedSlots<String>>,
     reads: Arc<tokio::sync::Semaphore>,
     queued: Arc<AtomicUsize>,
     shutdown: CancellationToken,
@@ -158,7 +159,7 @@ impl Transport {
             events,
             blocked: RwLock::new(HashSet::new()),
             connections: AtomicUsize::new(0),
-            per_name: Mutex::new(HashMap::new()),
+            per_name: KeyedSlots::new(MAX_CONNECTIONS_PER_NAME),
             reads: Arc::new(tokio::sync::Semaphore::new(MAX_STREAM_READS)),
             queued: Arc::new(AtomicUsize::new(0)),
             shutdown,
@@ -283,20 +284,15 @@ impl Transport {
             dropped("certificate");
             return None;
         };
-        {
-            let mut per_name = self.per_name.lock().unwrap_or_else(|e| e.into_inner());
-            let n = per_name.entry(name.clone()).or_insert(0);
-            if *n >= MAX_CONNECTIONS_PER_NAME {
-                warn!(peer = %conn.remote_address(), name = %name, reason = "too many connections for one node", "gossip connection refused");
-                conn.close(2u32.into(), b"too many connections");
-                dropped("connections_per_name");
-                return None;
-            }
-            *n += 1;
-        }
+        let Some(slot) = self.per_name.try_take(name.clone()) else {
+            warn!(peer = %conn.remote_address(), name = %name, reason = "too many connections for one node", "gossip connection refused");
+            conn.close(2u32.into(), b"too many connections");
+            dropped("connections_per_name");
+            return None;
+        };
         let peer = Peer { conn, name };
         self.connections.fetch_add(1, Ordering::Relaxed);
-        self.tasks.spawn(self.clone().read_loop(peer.clone()));
+        self.tasks.spawn(self.clone().read_loop(peer.clone(), slot));
         Some(peer)
     }
 
@@ -343,7 +339,9 @@ impl Transport {
         }
     }
 
-    async fn read_loop(self: Arc<Self>, peer: Peer) {
+    /// Reads the connection until it closes; `_slot` counts it against its
+    /// node name meanwhile.
+    async fn read_loop(self: Arc<Self>, peer: Peer, _slot: slots::Slot<String>) {
         let conn = peer.conn.clone();
         loop {
             tokio::select! {
@@ -385,15 +383,6 @@ impl Transport {
             }
         }
         self.connections.fetch_sub(1, Ordering::Relaxed);
-        {
-            let mut per_name = self.per_name.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = per_name.get_mut(&peer.name) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    per_name.remove(&peer.name);
-                }
-            }
-        }
         debug!(peer = %peer.name, reason = ?conn.close_reason(), "gossip connection closed");
         // Forget the slot's connection if it is this one.
         let slot = self

@@ -28,8 +28,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::dns::{Dns, MxAnswer};
+use crate::slots::KeyedSlots;
 use crate::spool::{Envelope, RcptState, Recipient, Spool};
-use crate::throttle::{now_ms, Block, Decision, Throttle};
+use crate::throttle::{now_ms, Decision, Throttle};
 use session::{Event, Message, Session, SessionConfig, Verdict};
 
 /// Which door a connection came through.
@@ -334,49 +335,17 @@ pub async fn bind(addrs: &[SocketAddr], key: &'static str) -> anyhow::Result<Vec
     Ok(listeners)
 }
 
-/// Open sessions per source block; a [`BlockSlot`] holds one.
-struct BlockSlots {
-    open: dashmap::DashMap<Block, usize>,
-    max: usize,
-}
-
-/// One open session of a block: released on drop.
-struct BlockSlot {
-    slots: Arc<BlockSlots>,
-    block: Block,
-}
-
-impl BlockSlots {
-    fn try_take(self: &Arc<Self>, block: Block) -> Option<BlockSlot> {
-        let mut n = self.open.entry(block).or_insert(0);
-        if *n >= self.max {
-            return None;
-        }
-        *n += 1;
-        Some(BlockSlot {
-            slots: self.clone(),
-            block,
-        })
-    }
-}
-
-impl Drop for BlockSlot {
-    fn drop(&mut self) {
-        // Forget the block with its last session: the map holds open blocks only.
-        self.slots.open.remove_if_mut(&self.block, |_, n| {
-            *n = n.saturating_sub(1);
-            *n == 0
-        });
-    }
+/// Answers `line` and closes, without a session (over a connection limit).
+fn refuse(sessions: &TaskTracker, mut stream: TcpStream, line: &'static [u8]) {
+    sessions.spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line)).await;
+    });
 }
 
 /// Accepts connections until shutdown; returns when every session has ended.
 pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<Context>, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(ctx.config.smtp.max_connections));
-    let per_block = Arc::new(BlockSlots {
-        open: dashmap::DashMap::new(),
-        max: ctx.config.smtp.max_connections_per_block,
-    });
+    let per_block = KeyedSlots::new(ctx.config.smtp.max_connections_per_block);
     let tracker = TaskTracker::new();
     for listener in listeners {
         let (ctx, permits, per_block, shutdown, sessions) = (
@@ -402,43 +371,27 @@ pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<Context>, shutdown: Can
                 };
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
                     debug!(%peer, "too many connections");
-                    let mut stream = stream;
-                    sessions.spawn(async move {
-                        let line = b"421 4.3.2 Too many connections, try again later\r\n";
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(5), stream.write_all(line))
-                                .await;
-                    });
+                    refuse(&sessions, stream, b"421 4.3.2 Too many connections, try again later\r\n");
                     continue;
                 };
+                // Trusted networks and outbound clients are not bounded per block.
                 let ip = canonical_ip(peer.ip());
                 let exempt = match ctx.mode {
                     Mode::Inbound => ctx.throttle.is_trusted(ip),
                     Mode::Outbound => ctx.config.is_outbound_client(ip),
                 };
-                let slot = match exempt {
-                    true => None,
-                    false => {
-                        let block = ctx.throttle.block_of(ip);
-                        match per_block.try_take(block) {
-                            Some(slot) => Some(slot),
-                            None => {
-                                metrics::counter!("magicmx_smtp_refusals_total", "reason" => "connections_per_block").increment(1);
-                                info!(client = %peer, %block, "too many connections from the block");
-                                let mut stream = stream;
-                                sessions.spawn(async move {
-                                    let line = b"421 4.7.0 Too many connections from your network, try again later\r\n";
-                                    let _ = tokio::time::timeout(
-                                        Duration::from_secs(5),
-                                        stream.write_all(line),
-                                    )
-                                    .await;
-                                });
-                                continue;
-                            }
-                        }
-                    }
-                };
+                let block = ctx.throttle.block_of(ip);
+                let slot = (!exempt).then(|| per_block.try_take(block));
+                if matches!(slot, Some(None)) {
+                    metrics::counter!("magicmx_smtp_refusals_total", "reason" => "connections_per_block").increment(1);
+                    info!(client = %peer, %block, "too many connections from the block");
+                    refuse(
+                        &sessions,
+                        stream,
+                        b"421 4.7.0 Too many connections from your network, try again later\r\n",
+                    );
+                    continue;
+                }
                 let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
                 sessions.spawn(async move {
                     connection(stream, peer, ctx, shutdown).await;
@@ -564,18 +517,16 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 if !write_out(stream, &mut session, cfg.command_timeout.0).await {
                     return Ended::Closed;
                 }
-                let partial = !session.in_data() && session.has_buffered_input();
-                if !partial {
+                // A partial command line is buffered: its clock keeps running.
+                if session.in_data() || !session.has_buffered_input() {
                     line_started = None;
-                }
-                let timeout = if session.in_data() {
-                    cfg.data_timeout.0
-                } else if let Some(t) =
-                    partial.then(|| *line_started.get_or_insert_with(tokio::time::Instant::now))
-                {
-                    cfg.command_timeout.0.saturating_sub(t.elapsed())
                 } else {
-                    cfg.command_timeout.0
+                    line_started.get_or_insert_with(tokio::time::Instant::now);
+                }
+                let timeout = match line_started {
+                    _ if session.in_data() => cfg.data_timeout.0,
+                    Some(t) => cfg.command_timeout.0.saturating_sub(t.elapsed()),
+                    None => cfg.command_timeout.0,
                 };
                 let read = tokio::select! {
                     r = tokio::time::timeout(timeout, stream.read(&mut buf)) => r,

@@ -575,17 +575,13 @@ fn declared_size(line: &[u8]) -> Option<u128> {
     let at = params
         .windows(6)
         .position(|w| w.eq_ignore_ascii_case(b" SIZE="))?;
-    let digits: Vec<u8> = params[at + 6..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .copied()
-        .collect();
-    if digits.is_empty() {
-        return None;
-    }
-    Some(digits.iter().fold(0u128, |n, d| {
-        n.saturating_mul(10).saturating_add(u128::from(d - b'0'))
-    }))
+    let digits = &params[at + 6..];
+    let len = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    (len > 0).then(|| {
+        digits[..len].iter().fold(0u128, |n, d| {
+            n.saturating_mul(10).saturating_add(u128::from(d - b'0'))
+        })
+    })
 }
 
 /// Longest address taken (smtp-proto's limit; RFC 5321 4.5.3.1.3 allows
@@ -604,11 +600,14 @@ const LITERAL_MARK: char = '\u{E000}';
 /// domain; [`unmask`] puts it back. A line that holds the marker itself is
 /// left alone (and fails to parse, as before).
 fn mask_address_literals(line: &[u8]) -> (Cow<'_, [u8]>, Vec<&[u8]>) {
-    let verb = line.get(..4).map(|v| v.to_ascii_uppercase());
+    // Cheapest test first: this runs on every command line.
+    if !line.contains(&b'[') {
+        return (Cow::Borrowed(line), Vec::new());
+    }
+    let verb = line.get(..4).unwrap_or_default();
     let mut mark_bytes = [0u8; 4];
     let mark_bytes = LITERAL_MARK.encode_utf8(&mut mark_bytes).as_bytes();
-    if !matches!(verb.as_deref(), Some(b"MAIL" | b"RCPT"))
-        || !line.contains(&b'[')
+    if !(verb.eq_ignore_ascii_case(b"MAIL") || verb.eq_ignore_ascii_case(b"RCPT"))
         || line.windows(mark_bytes.len()).any(|w| w == mark_bytes)
     {
         return (Cow::Borrowed(line), Vec::new());
