@@ -48,15 +48,7 @@ fn connections_over_the_total_limit_get_421() {
 
 /// The first line a connection from `ip` gets (the banner or a refusal).
 fn first_line_from(ip: &str, server: std::net::SocketAddr) -> (TcpStream, String) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
-    let stream = rt.block_on(sock.connect(server)).unwrap();
-    let mut s = stream.into_std().unwrap();
-    s.set_nonblocking(false).unwrap();
+    let mut s = common::client::tcp_from(ip, server);
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut line = Vec::new();
     let mut b = [0u8; 1];

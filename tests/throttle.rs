@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::inproc::InProc;
@@ -18,9 +18,7 @@ use magicmx::throttle::{now_ms, Counts};
 
 /// Connects from `ip` and returns what came first: a reply or a close.
 fn connect_from(ip: &str, server: SocketAddr) -> Next {
-    let local: SocketAddr = format!("{ip}:0").parse().unwrap();
-    let sock = socket2_connect(local, server);
-    let mut conn = sock;
+    let mut conn = common::client::tcp_from(ip, server);
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let mut buf = [0u8; 512];
@@ -36,19 +34,6 @@ fn connect_from(ip: &str, server: SocketAddr) -> Next {
             })
         }
     }
-}
-
-fn socket2_connect(local: SocketAddr, server: SocketAddr) -> TcpStream {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(local).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let stream = rt.block_on(sock.connect(server)).unwrap();
-    let std = stream.into_std().unwrap();
-    std.set_nonblocking(false).unwrap();
-    std
 }
 
 fn code(n: &Next) -> u16 {

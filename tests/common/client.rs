@@ -79,27 +79,7 @@ impl Client {
 
     /// Connects from `local_ip` (any port), e.g. `127.0.3.7`.
     pub fn connect_from(local_ip: &str, server: SocketAddr) -> Client {
-        let local: IpAddr = local_ip.parse().expect("local IP");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .expect("runtime");
-        let stream = rt
-            .block_on(async {
-                let socket = match local {
-                    IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-                    IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-                };
-                socket.bind(SocketAddr::new(local, 0))?;
-                let s = tokio::time::timeout(Duration::from_secs(10), socket.connect(server))
-                    .await
-                    .map_err(std::io::Error::other)??;
-                s.into_std()
-            })
-            .unwrap_or_else(|e| panic!("connect from {local_ip} to {server}: {e}"));
-        stream.set_nonblocking(false).expect("blocking");
-        Client::from_stream(stream, server)
+        Client::from_stream(tcp_from(local_ip, server), server)
     }
 
     fn from_stream(stream: TcpStream, server: SocketAddr) -> Client {
@@ -287,6 +267,32 @@ pub fn send_mail(server: SocketAddr, from: &str, rcpts: &[&str], message: &[u8])
     let r = transaction(&mut c, from, rcpts, message);
     let _ = c.try_send(b"QUIT\r\n");
     r
+}
+
+/// A blocking TCP connection from `local_ip` (any port), e.g. `127.0.3.7`:
+/// a client in another source block.
+pub fn tcp_from(local_ip: &str, server: SocketAddr) -> TcpStream {
+    let local: IpAddr = local_ip.parse().expect("local IP");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let stream = rt
+        .block_on(async {
+            let socket = match local {
+                IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.bind(SocketAddr::new(local, 0))?;
+            let s = tokio::time::timeout(Duration::from_secs(10), socket.connect(server))
+                .await
+                .map_err(std::io::Error::other)??;
+            s.into_std()
+        })
+        .unwrap_or_else(|e| panic!("connect from {local_ip} to {server}: {e}"));
+    stream.set_nonblocking(false).expect("blocking");
+    stream
 }
 
 /// A small well-formed message with a unique subject.
