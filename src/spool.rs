@@ -3,40 +3,68 @@
 //! The SMTP server answers `250` after DATA only once the message and its
 //! envelope are on disk and fsynced; a node killed at any moment loses no
 //! message it acknowledged. Everything lives in one redb file,
-//! `<data dir>/spool.redb`, in two tables keyed by [`QueueId`]: `meta` holds
-//! the JSON of each [`QueueEntry`] and `body` the raw message bytes, so that
-//! an [`Spool::update`] (attempts, recipient states, next attempt) never
-//! rewrites the body.
+//! `<spool dir>/spool.redb`: `meta` holds each [`QueueEntry`] (JSON behind a
+//! CRC-32 of it), `body` the raw message bytes (their CRC-32 is in the
+//! entry), so that an [`Spool::update`] (attempts, recipient states, next
+//! attempt) never rewrites the body; `damaged` lists the messages found
+//! damaged, with the reason; `info` holds the spool's identity.
 //!
-//! Why one writer thread: an fsync costs about 1.4 ms here, so one commit per
-//! message would cap the node near 700 messages/s. Instead every write
-//! ([`Spool::store`], [`Spool::update`], [`Spool::remove`]) is sent over a
-//! bounded channel to a dedicated thread, which drains what is pending (up to
+//! **Group commit.** An fsync costs about 1.4 ms here, so one commit per
+//! message would cap the node near 700 messages/s. Every write
+//! ([`Spool::store`], [`Spool::update`], [`Spool::remove`]) goes over a
+//! bounded channel to one writer thread, which drains what is pending (up to
 //! [`MAX_BATCH`] operations), applies it all in one write transaction,
 //! commits once with [`Durability::Immediate`] and only then answers each
 //! waiter. While one commit is being fsynced the next batch piles up, so the
-//! batch size grows with the load and one fsync covers many messages
-//! (group commit). Reads ([`Spool::get`], [`Spool::body`], [`Spool::entries`])
-//! use their own read transactions and never wait for the writer.
+//! batch grows with the load. The file is opened in redb's `ExclusiveWriter`
+//! mode with one-phase commits (checksummed commit slots): one fsync per
+//! commit, where the multi-process mode needs two. Another process therefore
+//! cannot open a running node's spool: `magicmx queue list` asks the node
+//! over a Unix socket beside the file ([`serve_control`], [`CONTROL_SOCKET`])
+//! and opens the file itself only when no node runs.
 //!
-//! The database is opened in redb's `SingleWriter` concurrency mode, so that
-//! `magicmx queue list` ([`Spool::list_readonly`]) can open the spool of a
-//! running node read-only from another process. Recovery is redb's: opening
-//! the file after a crash repairs it to the last commit, which contains every
-//! acknowledged message. A metadata record that does not parse is logged and
-//! skipped by [`Spool::entries`], never fatal, and left on disk.
+//! **Work grows with what is due.** At open the spool reads every envelope
+//! once and keeps an index in memory: due times (`next_attempt → id`), the
+//! quarantine by arrival, the held messages, the damaged list, the
+//! destinations of each message. The queue runner asks [`Spool::due`] and
+//! [`Spool::next_due`], the admin gauges ask [`Spool::stats`]; neither reads
+//! the file, so an idle node with 100,000 deferred messages does nothing.
+//! The writer updates the index after each commit, before answering.
+//!
+//! **Damage is visible, never silent.** Every read of an envelope or a body
+//! checks its checksum; a panic inside redb on a garbled page is caught.
+//! A damaged message is never delivered (altered or not) and never dropped:
+//! it leaves the index and goes to the damaged list with the reason
+//! ([`Spool::damaged`], shown by `queue list` and `/status`), its records
+//! stay on disk for `magicmx queue salvage` ([`salvage`]).
+//!
+//! **A missing spool is refused.** Beside the file, [`MARKER_FILE`] names
+//! the spool's identity, also stored inside it. A marker whose spool is gone,
+//! empty or another one means acknowledged mail was lost or moved: the node
+//! refuses to start unless told `--new-spool` ([`OpenOptions::new_spool`]).
+//!
+//! **Faults heal.** After an I/O error (a full disk) redb refuses every
+//! later write until the database is reopened. The writer reopens it before
+//! the next batch (and rebuilds the index from the file), so stores succeed
+//! again as soon as space is back; [`Spool::health`] says whether the last
+//! commit failed, and [`Spool::probe`] checks again (for `/healthz`).
+//!
+//! Older spools (JSON records without a checksum, no identity) are read as
+//! they are and adopted: their records are checked by size only.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write as _;
 use std::net::IpAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{
     Builder, ConcurrencyMode, Database, DatabaseError, Durability, ReadableDatabase, ReadableTable,
-    ReadableTableMetadata, TableDefinition, TableError,
+    ReadableTableMetadata, TableDefinition, TableError, TableHandle,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -47,20 +75,49 @@ use tracing::{debug, error, info, warn};
 /// Ids sort by the time the message was stored.
 pub type QueueId = String;
 
-/// Name of the spool file inside the data directory.
+/// Name of the spool file inside the spool directory.
 pub const SPOOL_FILE: &str = "spool.redb";
 
+/// The marker beside the spool file: the identity of the spool that must be there.
+pub const MARKER_FILE: &str = "spool.marker";
+
+/// Unix socket beside the spool file, served by a running node for `queue list`.
+pub const CONTROL_SOCKET: &str = "queue.sock";
+
 /// Most operations applied in one write transaction (one fsync).
-pub const MAX_BATCH: usize = 256;
+pub const MAX_BATCH: usize = 512;
 
 /// Capacity of the channel to the writer thread; senders wait beyond it.
-const CHANNEL_CAPACITY: usize = 1024;
+const CHANNEL_CAPACITY: usize = 2048;
 
 /// redb's page cache. The spool is mostly written once and read once.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
+/// What a health probe writes to check that the file system takes writes.
+const PROBE_BYTES: usize = 256 * 1024;
+
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const BODY: TableDefinition<&str, &[u8]> = TableDefinition::new("body");
+const DAMAGED: TableDefinition<&str, &[u8]> = TableDefinition::new("damaged");
+const INFO: TableDefinition<&str, &str> = TableDefinition::new("info");
+const SPOOL_ID_KEY: &str = "spool_id";
+
+/// Prefix of a checksummed `meta` record: magic, then the CRC-32 of the JSON.
+const RECORD_MAGIC: &[u8; 4] = b"MXQ1";
+
+/// How the message came to this node, recorded when it is stored (never
+/// guessed later from its sender or client address).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Accepted on the inbound (MX) listener: held, then checked by the throttle.
+    #[default]
+    Inbound,
+    /// From a trusted client of the outbound (smarthost) listener: never held back.
+    Outbound,
+    /// A delivery status notification made by this node.
+    Dsn,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -75,6 +132,9 @@ pub struct Envelope {
     pub smtputf8: bool,
     /// `BODY=8BITMIME`.
     pub eight_bit: bool,
+    /// How it came (spools written before this field read as `Inbound`).
+    #[serde(default)]
+    pub origin: Origin,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +169,64 @@ pub struct QueueEntry {
     /// Released from quarantine by the operator: relayed without the hold check.
     #[serde(default)]
     pub released: bool,
+    /// CRC-32 of the body, set by the spool (`None` in spools written before it).
+    #[serde(default)]
+    pub body_crc: Option<u32>,
+}
+
+impl QueueEntry {
+    /// The destinations (recipient domains, lower case) still pending.
+    pub fn pending_domains(&self) -> Vec<String> {
+        let mut domains: Vec<String> = self
+            .envelope
+            .recipients
+            .iter()
+            .filter(|r| r.state == RcptState::Pending)
+            .filter_map(|r| r.address.rsplit_once('@'))
+            .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
+            .collect();
+        domains.sort();
+        domains.dedup();
+        domains
+    }
+}
+
+/// A message found damaged: kept on disk, never delivered, listed with why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Damaged {
+    pub id: QueueId,
+    pub reason: String,
+    /// Unix seconds.
+    pub found_at: u64,
+}
+
+/// Everything a listing shows: the readable entries (by next attempt) and the damaged ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listing {
+    pub entries: Vec<QueueEntry>,
+    pub damaged: Vec<Damaged>,
+}
+
+/// The queue's counters, kept up to date by the writer (no scan).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SpoolStats {
+    /// Readable messages in the queue (quarantined included, damaged not).
+    pub messages: usize,
+    pub quarantined: usize,
+    /// Inbound messages in their hold (not yet tried).
+    pub held: usize,
+    /// Deferred: tried at least once, waiting for their next attempt.
+    pub deferred: usize,
+    pub damaged: usize,
+}
+
+/// Whether the spool can take writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Health {
+    Ok,
+    /// The last commit (or reopen) failed: stores are answered with an error.
+    Failing { reason: String, since: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,12 +235,20 @@ pub enum SpoolError {
     Io(#[from] std::io::Error),
     #[error("spool database error: {0}")]
     Database(String),
-    #[error("spool record {id} is corrupt")]
-    Corrupt { id: QueueId },
+    #[error("spool record {id} is damaged: {reason}")]
+    Corrupt { id: QueueId, reason: String },
     #[error("message {0} is not in the spool")]
     NotFound(QueueId),
     #[error("the spool is closed")]
     Closed,
+    #[error("the spool is being reopened after an error: {0}")]
+    Unavailable(String),
+    /// The marker says a spool should be here, and it is missing, empty or another one.
+    #[error("{0}")]
+    Refused(String),
+    /// Another process (a running node) holds the spool file.
+    #[error("{0} is in use by a running node")]
+    Locked(PathBuf),
 }
 
 macro_rules! redb_errors {
@@ -144,19 +270,38 @@ redb_errors!(
     redb::SetDurabilityError
 );
 
+/// How [`Spool::open_with`] treats a spool that should be there and is not.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Start a new, empty spool even though the marker names another one
+    /// (the operator's `--new-spool`). A spool file that is there is kept:
+    /// an empty one is moved aside, one with another identity is adopted.
+    pub new_spool: bool,
+}
+
 /// The durable queue. Cheap to clone; every clone is the same spool.
 #[derive(Clone)]
 pub struct Spool {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+/// What the handles and the writer thread share.
+struct Shared {
+    dir: PathBuf,
     path: PathBuf,
-    /// `None` once closed.
+    /// `None` once closed, or while the writer reopens the file.
     db: RwLock<Option<Arc<Database>>>,
+    closed: AtomicBool,
+    index: Mutex<Index>,
+    health: Mutex<Health>,
+    commits: AtomicU64,
+    writes: AtomicU64,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
     /// `None` once closed; the writer stops when every sender is gone.
     sender: RwLock<Option<mpsc::Sender<Op>>>,
-    commits: Arc<AtomicU64>,
     /// Becomes `true` (or loses its sender) when the writer thread has ended.
     writer_done: watch::Receiver<bool>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -169,7 +314,7 @@ impl Drop for Inner {
         drop(write_lock(&self.sender).take());
         if let Some(handle) = lock(&self.writer).take() {
             if handle.join().is_err() {
-                error!(path = %self.path.display(), "spool writer thread panicked");
+                error!(path = %self.shared.path.display(), "spool writer thread panicked");
             }
         }
     }
@@ -191,55 +336,153 @@ enum Op {
         id: QueueId,
         reply: oneshot::Sender<Result<(), SpoolError>>,
     },
+    /// Records a damaged message (nobody waits).
+    Damage { damaged: Damaged },
+    /// Reopens if needed and checks that writes succeed.
+    Probe { reply: oneshot::Sender<Health> },
+}
+
+/// Per message, what the index needs.
+#[derive(Debug, Clone)]
+struct Slot {
+    next_attempt: u64,
+    received_at: u64,
+    quarantined: bool,
+    held: bool,
+    deferred: bool,
+    /// Pending recipient domains.
+    destinations: Arc<[String]>,
+}
+
+/// The in-memory index of the spool (see the module comment).
+#[derive(Default)]
+struct Index {
+    slots: HashMap<QueueId, Slot>,
+    /// Not quarantined: by next attempt.
+    due: BTreeSet<(u64, QueueId)>,
+    /// Quarantined: by arrival.
+    quarantine: BTreeSet<(u64, QueueId)>,
+    /// Held (inbound, never tried): by next attempt.
+    held: BTreeSet<(u64, QueueId)>,
+    deferred: usize,
+    damaged: BTreeMap<QueueId, Damaged>,
+}
+
+impl Index {
+    fn insert(&mut self, e: &QueueEntry) {
+        self.remove(&e.id);
+        if self.damaged.contains_key(&e.id) {
+            return;
+        }
+        let slot = Slot {
+            next_attempt: e.next_attempt,
+            received_at: e.envelope.received_at,
+            quarantined: e.quarantined,
+            held: !e.quarantined
+                && e.attempts == 0
+                && !e.released
+                && e.envelope.origin == Origin::Inbound,
+            deferred: !e.quarantined && e.attempts > 0,
+            destinations: e.pending_domains().into(),
+        };
+        if slot.quarantined {
+            self.quarantine.insert((slot.received_at, e.id.clone()));
+        } else {
+            self.due.insert((slot.next_attempt, e.id.clone()));
+        }
+        if slot.held {
+            self.held.insert((slot.next_attempt, e.id.clone()));
+        }
+        if slot.deferred {
+            self.deferred += 1;
+        }
+        self.slots.insert(e.id.clone(), slot);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Slot> {
+        let slot = self.slots.remove(id)?;
+        let key = |t: u64| (t, id.to_string());
+        if slot.quarantined {
+            self.quarantine.remove(&key(slot.received_at));
+        } else {
+            self.due.remove(&key(slot.next_attempt));
+        }
+        if slot.held {
+            self.held.remove(&key(slot.next_attempt));
+        }
+        if slot.deferred {
+            self.deferred -= 1;
+        }
+        Some(slot)
+    }
+
+    fn damage(&mut self, d: Damaged) {
+        self.remove(&d.id);
+        self.damaged.entry(d.id.clone()).or_insert(d);
+    }
+
+    fn forget(&mut self, id: &str) {
+        self.remove(id);
+        self.damaged.remove(id);
+    }
+}
+
+/// A change to the index, applied once its commit is durable.
+enum Change {
+    Insert(QueueEntry),
+    Remove(QueueId),
+    Damage(Damaged),
 }
 
 impl Spool {
-    /// Creates `dir` if needed, opens/creates `dir/spool.redb`, starts the writer thread.
+    /// [`Spool::open_with`] with the default options.
     pub fn open(dir: &Path) -> Result<Spool, SpoolError> {
+        Spool::open_with(dir, OpenOptions::default())
+    }
+
+    /// Creates `dir` if needed, opens/creates `dir/spool.redb`, checks it
+    /// against the marker, builds the index, starts the writer thread.
+    pub fn open_with(dir: &Path, options: OpenOptions) -> Result<Spool, SpoolError> {
         create_dir_durably(dir)?;
         let path = dir.join(SPOOL_FILE);
-        let db = catch_unwind(AssertUnwindSafe(|| builder().create(&path)))
-            .map_err(|_| {
-                SpoolError::Database(format!(
-                    "{}: the file is damaged (redb panicked while opening it)",
-                    path.display()
-                ))
-            })?
-            .map_err(|err| open_error(&path, err))?;
-        // Every time, not only when the file is new: a node killed between
-        // creating the file and this fsync would otherwise never make its
-        // directory entry durable. One fsync per start.
-        sync_dir(dir)?;
-        // Create the tables, so that readers never find them missing.
-        let mut txn = db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        txn.open_table(META)?;
-        txn.open_table(BODY)?;
-        txn.commit()?;
-
+        let db = open_checked(dir, &path, options)?;
         let db = Arc::new(db);
-        let count = db
-            .begin_read()
-            .map_err(SpoolError::from)
-            .and_then(|txn| Ok(txn.open_table(META)?.len()?))?;
-        info!(path = %path.display(), messages = count, "spool opened");
+        let index = build_index(&db)?;
+        info!(
+            path = %path.display(),
+            messages = index.slots.len(),
+            damaged = index.damaged.len(),
+            "spool opened"
+        );
+        if !index.damaged.is_empty() {
+            warn!(
+                damaged = index.damaged.len(),
+                "the spool holds damaged messages (see `magicmx queue list`, `magicmx queue salvage`)"
+            );
+        }
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            path,
+            db: RwLock::new(Some(db)),
+            closed: AtomicBool::new(false),
+            index: Mutex::new(index),
+            health: Mutex::new(Health::Ok),
+            commits: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        });
 
         let (sender, receiver) = mpsc::channel(CHANNEL_CAPACITY);
         let (done_tx, done_rx) = watch::channel(false);
-        let commits = Arc::new(AtomicU64::new(0));
         let writer = {
-            let db = db.clone();
-            let commits = commits.clone();
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name("spool-writer".into())
-                .spawn(move || writer_thread(db, receiver, commits, done_tx))?
+                .spawn(move || writer_thread(shared, receiver, done_tx))?
         };
         Ok(Spool {
             inner: Arc::new(Inner {
-                path,
-                db: RwLock::new(Some(db)),
+                shared,
                 sender: RwLock::new(Some(sender)),
-                commits,
                 writer_done: done_rx,
                 writer: Mutex::new(Some(writer)),
             }),
@@ -269,8 +512,9 @@ impl Spool {
     }
 
     /// Durably replaces the entry's metadata (attempts, recipient states,
-    /// next_attempt, last_error, quarantined). The body and its size stay as
-    /// stored. [`SpoolError::NotFound`] if the message is no longer spooled.
+    /// next_attempt, last_error, quarantined). The body, its size and its
+    /// checksum stay as stored. [`SpoolError::NotFound`] if the message is no
+    /// longer spooled, [`SpoolError::Corrupt`] if it was found damaged.
     pub async fn update(&self, entry: &QueueEntry) -> Result<(), SpoolError> {
         let (reply, answer) = oneshot::channel();
         self.send(Op::Update {
@@ -281,7 +525,7 @@ impl Spool {
         answer.await.map_err(|_| writer_lost())?
     }
 
-    /// Durably removes the message (metadata and body).
+    /// Durably removes the message (metadata, body, damage record).
     /// [`SpoolError::NotFound`] if it was not spooled.
     pub async fn remove(&self, id: &str) -> Result<(), SpoolError> {
         let (reply, answer) = oneshot::channel();
@@ -293,38 +537,181 @@ impl Spool {
         answer.await.map_err(|_| writer_lost())?
     }
 
-    /// The stored body bytes.
+    /// The stored body bytes, checked against the checksum in the entry. A
+    /// body that does not match (or cannot be read) is reported damaged and
+    /// [`SpoolError::Corrupt`] returned: it is never handed out altered.
+    /// Reads the file: call it off the async runtime for large bodies.
     pub fn body(&self, id: &str) -> Result<Vec<u8>, SpoolError> {
-        let db = self.db()?;
-        let txn = db.begin_read()?;
-        let table = txn.open_table(BODY)?;
-        let body = table.get(id)?;
-        match body {
-            Some(body) => Ok(body.value().to_vec()),
-            None => Err(SpoolError::NotFound(id.to_string())),
-        }
+        let result = self.guarded(id, |db| {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            let Some(record) = meta.get(id)? else {
+                return Err(SpoolError::NotFound(id.to_string()));
+            };
+            let entry = decode_entry(id, record.value())?;
+            let table = txn.open_table(BODY)?;
+            let Some(body) = table.get(id)? else {
+                return Err(corrupt(id, "the body is missing"));
+            };
+            let body = body.value().to_vec();
+            check_body(&entry, &body)?;
+            Ok(body)
+        });
+        self.note(id, result)
     }
 
     /// The entry, `None` if it is not spooled, [`SpoolError::Corrupt`] if its
-    /// record does not parse.
+    /// record is damaged (it then goes to the damaged list).
     pub fn get(&self, id: &str) -> Result<Option<QueueEntry>, SpoolError> {
+        if let Some(d) = lock(&self.inner.shared.index).damaged.get(id) {
+            return Err(corrupt(id, &d.reason));
+        }
+        let result = self.guarded(id, |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(META)?;
+            let record = table.get(id)?;
+            match record {
+                Some(record) => decode_entry(id, record.value()).map(Some),
+                None => Ok(None),
+            }
+        });
+        self.note(id, result)
+    }
+
+    /// Every readable entry, sorted by next_attempt then id (reads the whole
+    /// file: for listings, not for the runner). Damaged records are skipped
+    /// (they are in [`Spool::damaged`]).
+    pub fn entries(&self) -> Result<Vec<QueueEntry>, SpoolError> {
+        Ok(self.listing()?.entries)
+    }
+
+    /// What `queue list` shows: every readable entry and the damaged list.
+    pub fn listing(&self) -> Result<Listing, SpoolError> {
         let db = self.db()?;
-        let txn = db.begin_read()?;
-        let table = txn.open_table(META)?;
-        let record = table.get(id)?;
-        match record {
-            Some(record) => parse_entry(id, record.value()).map(Some),
-            None => Ok(None),
+        let mut listing = read_listing(&*db)?;
+        // Damage found by reads since the last commit is known to the index first.
+        let known = lock(&self.inner.shared.index).damaged.clone();
+        listing.entries.retain(|e| !known.contains_key(&e.id));
+        for (id, d) in known {
+            if !listing.damaged.iter().any(|x| x.id == id) {
+                listing.damaged.push(d);
+            }
+        }
+        listing.damaged.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(listing)
+    }
+
+    /// Up to `max` due messages (`next_attempt <= now`, not quarantined, not
+    /// damaged), earliest first, for which `accept(id, destinations)` says
+    /// yes. From the index: costs what is due, not what is stored.
+    pub fn due(
+        &self,
+        now: u64,
+        max: usize,
+        mut accept: impl FnMut(&str, &[String]) -> bool,
+    ) -> Vec<QueueId> {
+        let index = lock(&self.inner.shared.index);
+        let mut out = Vec::new();
+        for (_, id) in index.due.range(..(now.saturating_add(1), String::new())) {
+            if out.len() >= max {
+                break;
+            }
+            let Some(slot) = index.slots.get(id) else {
+                continue;
+            };
+            if accept(id, &slot.destinations) {
+                out.push(id.clone());
+            }
+        }
+        out
+    }
+
+    /// The earliest `next_attempt` of a message that is not quarantined.
+    pub fn next_due(&self) -> Option<u64> {
+        let index = lock(&self.inner.shared.index);
+        index.due.first().map(|(t, _)| *t)
+    }
+
+    /// Quarantined messages received at or before `received_before`.
+    pub fn quarantined_before(&self, received_before: u64) -> Vec<QueueId> {
+        let index = lock(&self.inner.shared.index);
+        index
+            .quarantine
+            .range(..(received_before.saturating_add(1), String::new()))
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    /// The queue's counters (no file access). `now` decides which held messages still are.
+    pub fn stats(&self, now: u64) -> SpoolStats {
+        let index = lock(&self.inner.shared.index);
+        SpoolStats {
+            messages: index.slots.len(),
+            quarantined: index.quarantine.len(),
+            held: index
+                .held
+                .range((now.saturating_add(1), String::new())..)
+                .count(),
+            deferred: index.deferred,
+            damaged: index.damaged.len(),
         }
     }
 
-    /// Every entry, sorted by next_attempt then id. Used at start (recovery)
-    /// and by `queue list`. Corrupt records are logged and skipped.
-    pub fn entries(&self) -> Result<Vec<QueueEntry>, SpoolError> {
-        read_entries(&*self.db()?)
+    /// The damaged list, by id.
+    pub fn damaged(&self) -> Vec<Damaged> {
+        lock(&self.inner.shared.index)
+            .damaged
+            .values()
+            .cloned()
+            .collect()
     }
 
-    /// Number of messages in the spool (cheap: no record is read).
+    /// Reports `id` damaged: it leaves the queue and joins the damaged list
+    /// (recorded durably in the background).
+    pub fn mark_damaged(&self, id: &str, reason: &str) {
+        let damaged = Damaged {
+            id: id.to_string(),
+            reason: reason.to_string(),
+            found_at: unix_now(),
+        };
+        {
+            let mut index = lock(&self.inner.shared.index);
+            if index.damaged.contains_key(id) {
+                return;
+            }
+            error!(queue_id = id, reason, "damaged message: kept on disk, not delivered");
+            metrics::counter!("magicmx_spool_damaged_total").increment(1);
+            index.damage(damaged.clone());
+        }
+        if let Some(sender) = read_lock(&self.inner.sender).clone() {
+            if sender.try_send(Op::Damage { damaged }).is_err() {
+                warn!(queue_id = id, "spool busy: damage not recorded on disk (found again at the next read)");
+            }
+        }
+    }
+
+    /// Whether the last commit succeeded (cheap; see [`Spool::probe`]).
+    pub fn health(&self) -> Health {
+        lock(&self.inner.shared.health).clone()
+    }
+
+    /// When failing, asks the writer to reopen the file and check that a
+    /// write succeeds now; returns the health after that.
+    pub async fn probe(&self) -> Health {
+        if self.health() == Health::Ok {
+            return Health::Ok;
+        }
+        let (reply, answer) = oneshot::channel();
+        if self.send(Op::Probe { reply }).await.is_err() {
+            return Health::Failing {
+                reason: "the spool is closed".into(),
+                since: unix_now(),
+            };
+        }
+        answer.await.unwrap_or_else(|_| self.health())
+    }
+
+    /// Number of records in the spool file (cheap: no record is read).
     pub fn len(&self) -> Result<usize, SpoolError> {
         let db = self.db()?;
         let txn = db.begin_read()?;
@@ -337,51 +724,37 @@ impl Spool {
         Ok(self.len()? == 0)
     }
 
-    /// Number of write transactions committed since [`Spool::open`]. With
-    /// group commit this grows much slower than the number of writes.
+    /// Number of write transactions committed since [`Spool::open`], each
+    /// one fsync. With group commit this grows much slower than [`Spool::writes`].
     pub fn commits(&self) -> u64 {
-        self.inner.commits.load(Ordering::Relaxed)
+        self.inner.shared.commits.load(Ordering::Relaxed)
     }
 
-    /// Opens the spool of a (possibly running) node read-only and lists it,
-    /// for the `magicmx queue list` CLI. A running node shares the file
-    /// (redb `SingleWriter` mode). A missing spool lists as empty. When the
-    /// last node that ran crashed and none runs now, the file needs redb's
-    /// repair, which only a writer may do: the spool is then opened for
-    /// writing just long enough to repair and list it, as the node's own
-    /// start would.
-    pub fn list_readonly(dir: &Path) -> Result<Vec<QueueEntry>, SpoolError> {
-        let path = dir.join(SPOOL_FILE);
-        if !path.exists() {
-            return Ok(Vec::new());
-        }
-        let read_only = || {
-            catch_unwind(AssertUnwindSafe(|| builder().open_read_only(&path))).map_err(|_| {
+    /// Number of write operations (stores, updates, removals) committed since open.
+    pub fn writes(&self) -> u64 {
+        self.inner.shared.writes.load(Ordering::Relaxed)
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.shared.dir
+    }
+
+    /// Lists the spool in `dir` for `magicmx queue list`: asks the node
+    /// that runs on it over [`CONTROL_SOCKET`], or, when none does, opens
+    /// the file read-only. A missing spool lists as empty. When the last node
+    /// that ran crashed and none runs now, the file needs redb's repair, which
+    /// only a writer may do: the spool is then opened for writing just long
+    /// enough to repair and list it, as the node's own start would.
+    pub fn list_readonly(dir: &Path) -> Result<Listing, SpoolError> {
+        match list_file(dir) {
+            Err(SpoolError::Locked(path)) => list_from_node(dir).map_err(|e| {
                 SpoolError::Database(format!(
-                    "{}: the file is damaged (redb panicked while opening it)",
+                    "{} is in use by a running node, and asking it failed: {e}",
                     path.display()
                 ))
-            })
-        };
-        match read_only()? {
-            Ok(db) => read_entries(&db),
-            Err(DatabaseError::RepairAborted) => {
-                debug!(path = %path.display(), "spool needs repair; opening it for writing");
-                match catch_unwind(AssertUnwindSafe(|| builder().open(&path))) {
-                    Ok(Ok(db)) => read_entries(&db),
-                    // A node started meanwhile, and repaired the file.
-                    Ok(Err(DatabaseError::DatabaseAlreadyOpen)) => match read_only()? {
-                        Ok(db) => read_entries(&db),
-                        Err(err) => Err(open_error(&path, err)),
-                    },
-                    Ok(Err(err)) => Err(open_error(&path, err)),
-                    Err(_) => Err(SpoolError::Database(format!(
-                        "{}: the file is damaged (redb panicked while repairing it)",
-                        path.display()
-                    ))),
-                }
-            }
-            Err(err) => Err(open_error(&path, err)),
+            }),
+            other => other,
         }
     }
 
@@ -396,11 +769,13 @@ impl Spool {
         if let Some(handle) = handle {
             // The thread has signalled its end: this join returns at once.
             if handle.join().is_err() {
-                error!(path = %self.inner.path.display(), "spool writer thread panicked");
+                error!(path = %self.inner.shared.path.display(), "spool writer thread panicked");
             }
         }
-        if write_lock(&self.inner.db).take().is_some() {
-            info!(path = %self.inner.path.display(), "spool closed");
+        let shared = &self.inner.shared;
+        shared.closed.store(true, Ordering::SeqCst);
+        if write_lock(&shared.db).take().is_some() {
+            info!(path = %shared.path.display(), "spool closed");
         }
     }
 
@@ -412,14 +787,47 @@ impl Spool {
     }
 
     fn db(&self) -> Result<Arc<Database>, SpoolError> {
-        read_lock(&self.inner.db).clone().ok_or(SpoolError::Closed)
+        let shared = &self.inner.shared;
+        match read_lock(&shared.db).clone() {
+            Some(db) => Ok(db),
+            None if shared.closed.load(Ordering::SeqCst) => Err(SpoolError::Closed),
+            None => Err(SpoolError::Unavailable(match self.health() {
+                Health::Failing { reason, .. } => reason,
+                Health::Ok => "reopening".into(),
+            })),
+        }
+    }
+
+    /// Runs a read of message `id`, turning a panic inside redb (a garbled
+    /// page) into [`SpoolError::Corrupt`].
+    fn guarded<T>(
+        &self,
+        id: &str,
+        read: impl FnOnce(&Database) -> Result<T, SpoolError>,
+    ) -> Result<T, SpoolError> {
+        let db = self.db()?;
+        match catch_unwind(AssertUnwindSafe(|| read(&db))) {
+            Ok(result) => result.map_err(|e| match e {
+                SpoolError::Database(msg) if is_corruption(&msg) => corrupt(id, &msg),
+                e => e,
+            }),
+            Err(_) => Err(corrupt(id, "the store panicked reading it (damaged page)")),
+        }
+    }
+
+    /// Sends what a read found damaged to the damaged list.
+    fn note<T>(&self, id: &str, result: Result<T, SpoolError>) -> Result<T, SpoolError> {
+        if let Err(SpoolError::Corrupt { reason, .. }) = &result {
+            self.mark_damaged(id, reason);
+        }
+        result
     }
 }
 
 impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Spool")
-            .field("path", &self.inner.path)
+            .field("path", &self.inner.shared.path)
             .finish_non_exhaustive()
     }
 }
@@ -427,17 +835,27 @@ impl std::fmt::Debug for Spool {
 fn builder() -> Builder {
     let mut builder = Builder::new();
     builder
-        .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+        .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
         .set_cache_size(CACHE_BYTES);
     builder
 }
 
+fn corrupt(id: &str, reason: &str) -> SpoolError {
+    SpoolError::Corrupt {
+        id: id.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Does this redb error say that the file's content is damaged?
+fn is_corruption(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("corrupt") || m.contains("checksum") || m.contains("invalid")
+}
+
 fn open_error(path: &Path, err: DatabaseError) -> SpoolError {
     match err {
-        DatabaseError::DatabaseAlreadyOpen => SpoolError::Database(format!(
-            "{} is locked by another process (is another magicmx node running on this data directory?)",
-            path.display()
-        )),
+        DatabaseError::DatabaseAlreadyOpen => SpoolError::Locked(path.to_path_buf()),
         DatabaseError::LockProtocolMismatch => SpoolError::Database(format!(
             "{} is open in a process that uses another redb version",
             path.display()
@@ -446,8 +864,144 @@ fn open_error(path: &Path, err: DatabaseError) -> SpoolError {
             "{} needs a repair after a crash; start the node to repair it",
             path.display()
         )),
-        err => SpoolError::Database(format!("{}: {err}", path.display())),
+        err => SpoolError::Database(format!(
+            "{}: {err} (if the file is damaged, `magicmx queue salvage` copies what it can out of it)",
+            path.display()
+        )),
     }
+}
+
+/// Opens (creating if needed) with redb's panics caught.
+fn create_db(path: &Path) -> Result<Database, SpoolError> {
+    catch_unwind(AssertUnwindSafe(|| builder().create(path)))
+        .map_err(|_| {
+            SpoolError::Database(format!(
+                "{}: the file is damaged (redb panicked while opening it); `magicmx queue salvage` copies what it can out of it",
+                path.display()
+            ))
+        })?
+        .map_err(|err| open_error(path, err))
+}
+
+/// Opens the spool file and checks it against the marker (see the module comment).
+fn open_checked(dir: &Path, path: &Path, options: OpenOptions) -> Result<Database, SpoolError> {
+    let marker_path = dir.join(MARKER_FILE);
+    let marker = match std::fs::read_to_string(&marker_path) {
+        Ok(text) => Some(text.trim().to_string()).filter(|t| !t.is_empty()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e.into()),
+    };
+    let size = match std::fs::metadata(path) {
+        Ok(m) => Some(m.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(expected) = &marker {
+        let problem = match size {
+            None => Some("is missing"),
+            Some(0) => Some("is empty (truncated)"),
+            Some(_) => None,
+        };
+        if let Some(problem) = problem {
+            if !options.new_spool {
+                return Err(SpoolError::Refused(format!(
+                    "{} {problem}, but {} says spool {expected} should be there: acknowledged mail may be lost. \
+                     Restore the file, or start with --new-spool to begin with an empty queue",
+                    path.display(),
+                    marker_path.display()
+                )));
+            }
+            if size == Some(0) {
+                let aside = path.with_extension(format!("redb.empty-{}", unix_now()));
+                std::fs::rename(path, &aside)?;
+                warn!(path = %path.display(), moved_to = %aside.display(), "--new-spool: empty spool file moved aside");
+            }
+            warn!(path = %path.display(), spool = %expected, "--new-spool: starting a new, empty spool");
+        }
+    }
+    let db = create_db(path)?;
+    // Every time, not only when the file is new: a node killed between
+    // creating the file and this fsync would otherwise never make its
+    // directory entry durable. One fsync per start.
+    sync_dir(dir)?;
+    // Create the tables, so that readers never find them missing; read the identity.
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    txn.set_two_phase_commit(false);
+    let found = {
+        txn.open_table(META)?;
+        txn.open_table(BODY)?;
+        txn.open_table(DAMAGED)?;
+        let mut info = txn.open_table(INFO)?;
+        let found = info.get(SPOOL_ID_KEY)?.map(|v| v.value().to_string());
+        match (&marker, &found) {
+            (Some(expected), Some(id)) if expected == id => {}
+            (Some(expected), _) if !options.new_spool => {
+                let what = match &found {
+                    Some(id) => format!("is spool {id}"),
+                    None => "is a new, empty spool".into(),
+                };
+                drop(info);
+                txn.abort()?;
+                return Err(SpoolError::Refused(format!(
+                    "{} {what}, but {} says spool {expected} should be there: acknowledged mail may be lost. \
+                     Restore the file, or start with --new-spool to go on with this one",
+                    path.display(),
+                    marker_path.display()
+                )));
+            }
+            _ => {}
+        }
+        let id = match found {
+            Some(id) => id,
+            None => {
+                let id = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+                info.insert(SPOOL_ID_KEY, id.as_str())?;
+                id
+            }
+        };
+        id
+    };
+    txn.commit()?;
+    if marker.as_deref() != Some(found.as_str()) {
+        write_marker(dir, &found)?;
+        info!(path = %marker_path.display(), spool = %found, "spool marker written");
+    }
+    Ok(db)
+}
+
+/// Writes the marker durably (temporary file, fsync, rename, directory fsync).
+fn write_marker(dir: &Path, id: &str) -> Result<(), SpoolError> {
+    let tmp = dir.join(format!("{MARKER_FILE}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{id}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(MARKER_FILE))?;
+    sync_dir(dir)
+}
+
+/// Reads every envelope once: the index at open (and after a reopen).
+fn build_index(db: &Database) -> Result<Index, SpoolError> {
+    let mut index = Index::default();
+    let listing = match catch_unwind(AssertUnwindSafe(|| read_listing(db))) {
+        Ok(listing) => listing?,
+        Err(_) => {
+            return Err(SpoolError::Database(
+                "the spool's index pages are damaged (redb panicked reading them); \
+                 `magicmx queue salvage` copies what it can out of the file"
+                    .into(),
+            ))
+        }
+    };
+    for d in listing.damaged {
+        index.damaged.insert(d.id.clone(), d);
+    }
+    for e in &listing.entries {
+        index.insert(e);
+    }
+    Ok(index)
 }
 
 fn writer_lost() -> SpoolError {
@@ -508,41 +1062,239 @@ fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     Ok(())
 }
 
-fn parse_entry(id: &str, bytes: &[u8]) -> Result<QueueEntry, SpoolError> {
-    match serde_json::from_slice::<QueueEntry>(bytes) {
+/// CRC-32 (IEEE 802.3, as zlib), table-driven.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut t = [0u32; 256];
+        for (i, slot) in t.iter_mut().enumerate() {
+            let mut c = i as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+            *slot = c;
+        }
+        t
+    });
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc = table[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+/// A `meta` record: magic, CRC-32 of the JSON, the JSON.
+fn encode_entry(entry: &QueueEntry) -> Result<Vec<u8>, SpoolError> {
+    let json = serde_json::to_vec(entry).map_err(|e| SpoolError::Database(e.to_string()))?;
+    let mut out = Vec::with_capacity(8 + json.len());
+    out.extend_from_slice(RECORD_MAGIC);
+    out.extend_from_slice(&crc32(&json).to_le_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Decodes and checks a `meta` record (a checksummed one, or an older spool's bare JSON).
+fn decode_entry(id: &str, bytes: &[u8]) -> Result<QueueEntry, SpoolError> {
+    let json = if let Some(rest) = bytes.strip_prefix(RECORD_MAGIC) {
+        if rest.len() < 4 {
+            return Err(corrupt(id, "the envelope record is truncated"));
+        }
+        let (sum, json) = rest.split_at(4);
+        let sum = u32::from_le_bytes([sum[0], sum[1], sum[2], sum[3]]);
+        if crc32(json) != sum {
+            return Err(corrupt(id, "envelope checksum mismatch"));
+        }
+        json
+    } else {
+        // A spool written before checksums: plain JSON.
+        bytes
+    };
+    match serde_json::from_slice::<QueueEntry>(json) {
         Ok(entry) if entry.id == id => Ok(entry),
-        Ok(entry) => {
-            warn!(queue_id = id, found = %entry.id, "spool record holds another id; skipped");
-            Err(SpoolError::Corrupt { id: id.to_string() })
-        }
-        Err(err) => {
-            warn!(queue_id = id, error = %err, "corrupt spool record; skipped");
-            Err(SpoolError::Corrupt { id: id.to_string() })
-        }
+        Ok(entry) => Err(corrupt(
+            id,
+            &format!("the envelope record names another message ({})", entry.id),
+        )),
+        Err(err) => Err(corrupt(id, &format!("the envelope record does not parse: {err}"))),
     }
 }
 
-fn read_entries(db: &impl ReadableDatabase) -> Result<Vec<QueueEntry>, SpoolError> {
+/// Checks a body against its entry: the checksum, or (older spools) the size.
+fn check_body(entry: &QueueEntry, body: &[u8]) -> Result<(), SpoolError> {
+    if body.len() as u64 != entry.size {
+        return Err(corrupt(
+            &entry.id,
+            &format!("body is {} bytes, {} were stored", body.len(), entry.size),
+        ));
+    }
+    match entry.body_crc {
+        Some(sum) if crc32(body) != sum => Err(corrupt(&entry.id, "body checksum mismatch")),
+        _ => Ok(()),
+    }
+}
+
+fn read_listing(db: &impl ReadableDatabase) -> Result<Listing, SpoolError> {
     let txn = db.begin_read()?;
+    let mut listing = Listing::default();
+    match txn.open_table(DAMAGED) {
+        Ok(table) => {
+            for record in table.iter()? {
+                let (id, bytes) = record?;
+                let d = serde_json::from_slice::<Damaged>(bytes.value()).unwrap_or(Damaged {
+                    id: id.value().to_string(),
+                    reason: "damaged (its damage record does not parse either)".into(),
+                    found_at: 0,
+                });
+                listing.damaged.push(d);
+            }
+        }
+        Err(TableError::TableDoesNotExist(_)) => {}
+        Err(err) => return Err(err.into()),
+    }
     let table = match txn.open_table(META) {
         Ok(table) => table,
         // A spool created by a node that never committed its tables.
-        Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(TableError::TableDoesNotExist(_)) => return Ok(listing),
         Err(err) => return Err(err.into()),
     };
-    let mut entries = Vec::with_capacity(usize::try_from(table.len()?).unwrap_or(0));
+    listing.entries = Vec::with_capacity(usize::try_from(table.len()?).unwrap_or(0));
     for record in table.iter()? {
         let (id, bytes) = record?;
-        if let Ok(entry) = parse_entry(id.value(), bytes.value()) {
-            entries.push(entry);
+        let id = id.value();
+        if listing.damaged.iter().any(|d| d.id == id) {
+            continue;
+        }
+        match decode_entry(id, bytes.value()) {
+            Ok(entry) => listing.entries.push(entry),
+            Err(SpoolError::Corrupt { id, reason }) => {
+                warn!(queue_id = %id, reason = %reason, "damaged spool record; listed as damaged");
+                listing.damaged.push(Damaged {
+                    id,
+                    reason,
+                    found_at: unix_now(),
+                });
+            }
+            Err(e) => return Err(e),
         }
     }
-    entries.sort_by(|a, b| {
+    listing.entries.sort_by(|a, b| {
         a.next_attempt
             .cmp(&b.next_attempt)
             .then_with(|| a.id.cmp(&b.id))
     });
-    Ok(entries)
+    listing.damaged.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(listing)
+}
+
+/// Lists the file directly; [`SpoolError::Locked`] when a node runs on it.
+fn list_file(dir: &Path) -> Result<Listing, SpoolError> {
+    let path = dir.join(SPOOL_FILE);
+    if !path.exists() {
+        return Ok(Listing::default());
+    }
+    let read_only = || {
+        catch_unwind(AssertUnwindSafe(|| builder().open_read_only(&path))).map_err(|_| {
+            SpoolError::Database(format!(
+                "{}: the file is damaged (redb panicked while opening it)",
+                path.display()
+            ))
+        })
+    };
+    let guarded = |f: &dyn Fn() -> Result<Listing, SpoolError>| {
+        catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+            Err(SpoolError::Database(format!(
+                "{}: the file is damaged (redb panicked while reading it); try `magicmx queue salvage`",
+                path.display()
+            )))
+        })
+    };
+    match read_only()? {
+        Ok(db) => guarded(&|| read_listing(&db)),
+        Err(DatabaseError::RepairAborted) => {
+            debug!(path = %path.display(), "spool needs repair; opening it for writing");
+            match catch_unwind(AssertUnwindSafe(|| builder().open(&path))) {
+                Ok(Ok(db)) => guarded(&|| read_listing(&db)),
+                Ok(Err(err)) => Err(open_error(&path, err)),
+                Err(_) => Err(SpoolError::Database(format!(
+                    "{}: the file is damaged (redb panicked while repairing it)",
+                    path.display()
+                ))),
+            }
+        }
+        Err(err) => Err(open_error(&path, err)),
+    }
+}
+
+/// Asks the node running on `dir` for its listing over [`CONTROL_SOCKET`].
+fn list_from_node(dir: &Path) -> Result<Listing, SpoolError> {
+    use std::io::Read as _;
+    let mut stream = std::os::unix::net::UnixStream::connect(dir.join(CONTROL_SOCKET))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.write_all(b"list\n")?;
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out)?;
+    serde_json::from_slice(&out)
+        .map_err(|e| SpoolError::Database(format!("the node's answer does not parse: {e}")))
+}
+
+/// Serves `queue list` to the CLI on `<spool dir>/queue.sock` until
+/// `shutdown`: one connection at a time (a listing is a read-only snapshot),
+/// each bounded in time. The socket's permissions are the directory's.
+pub async fn serve_control(spool: Spool, shutdown: tokio_util::sync::CancellationToken) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = spool.dir().join(CONTROL_SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot serve `queue list` to the CLI");
+            return;
+        }
+    };
+    loop {
+        let mut stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let spool = spool.clone();
+        let served = tokio::time::timeout(Duration::from_secs(60), async move {
+            let mut request = [0u8; 16];
+            let n = stream.read(&mut request).await.unwrap_or(0);
+            if !request[..n].starts_with(b"list") {
+                return;
+            }
+            let listing = tokio::task::spawn_blocking(move || spool.listing()).await;
+            let answer = match listing {
+                Ok(Ok(listing)) => serde_json::to_vec(&listing).unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            let _ = stream.write_all(&answer).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+        if served.is_err() {
+            debug!("control socket request timed out");
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The last id handed out in this process, as a number.
@@ -570,12 +1322,10 @@ fn new_queue_id() -> QueueId {
 }
 
 /// The writer thread: one write transaction and one fsync per batch.
-fn writer_thread(
-    db: Arc<Database>,
-    mut receiver: mpsc::Receiver<Op>,
-    commits: Arc<AtomicU64>,
-    done: watch::Sender<bool>,
-) {
+fn writer_thread(shared: Arc<Shared>, mut receiver: mpsc::Receiver<Op>, done: watch::Sender<bool>) {
+    // Set after a failed commit: redb refuses every write after an I/O
+    // error until the file is reopened.
+    let mut broken = false;
     while let Some(first) = receiver.blocking_recv() {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
@@ -585,16 +1335,111 @@ fn writer_thread(
                 Err(_) => break,
             }
         }
+        if broken {
+            match reopen(&shared) {
+                Ok(()) => broken = false,
+                Err(msg) => {
+                    set_failing(&shared, &msg);
+                    let msg = format!("the spool cannot be reopened: {msg}");
+                    for op in batch {
+                        op.failed(&msg, &shared).send();
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(db) = read_lock(&shared.db).clone() else {
+            for op in batch {
+                op.failed("the spool is closed", &shared).send();
+            }
+            continue;
+        };
         let size = batch.len();
         // A panic inside redb (a damaged file) drops the batch's reply
         // channels, so its waiters get an error; the thread carries on.
-        if catch_unwind(AssertUnwindSafe(|| apply_batch(&db, batch, &commits))).is_err() {
-            error!(batch = size, "spool writer panicked during a batch");
+        match catch_unwind(AssertUnwindSafe(|| apply_batch(&db, batch, &shared))) {
+            Ok(true) => {}
+            Ok(false) => broken = true,
+            Err(_) => {
+                error!(batch = size, "spool writer panicked during a batch");
+                set_failing(&shared, "the store panicked during a commit");
+                broken = true;
+            }
         }
     }
     // Release the file before telling close() that the writer is done.
-    drop(db);
+    drop(write_lock(&shared.db).take());
     done.send_replace(true);
+}
+
+fn set_failing(shared: &Shared, reason: &str) {
+    let mut health = lock(&shared.health);
+    if let Health::Failing { reason: r, .. } = &mut *health {
+        *r = reason.to_string();
+    } else {
+        error!(reason, "spool failing: stores are refused until a commit succeeds");
+        metrics::counter!("magicmx_spool_failures_total").increment(1);
+        *health = Health::Failing {
+            reason: reason.to_string(),
+            since: unix_now(),
+        };
+    }
+}
+
+fn set_ok(shared: &Shared) {
+    let mut health = lock(&shared.health);
+    if *health != Health::Ok {
+        info!("spool recovered: commits succeed again");
+        *health = Health::Ok;
+    }
+}
+
+/// Closes and reopens the file after an I/O error, then rebuilds the index
+/// from it (a failed commit may or may not have reached the disk).
+fn reopen(shared: &Shared) -> Result<(), String> {
+    let old = write_lock(&shared.db).take();
+    if let Some(old) = old {
+        // Readers hold a clone only for the length of one read.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(old);
+    }
+    let db = create_db(&shared.path).map_err(|e| e.to_string())?;
+    let index = build_index(&db).map_err(|e| e.to_string())?;
+    let mut kept = lock(&shared.index);
+    // Damage found by reads and not yet on disk stays known.
+    let mut index = index;
+    for (id, d) in std::mem::take(&mut kept.damaged) {
+        if !index.damaged.contains_key(&id) {
+            index.damage(d);
+        }
+    }
+    *kept = index;
+    drop(kept);
+    *write_lock(&shared.db) = Some(Arc::new(db));
+    info!(path = %shared.path.display(), "spool reopened after an error");
+    Ok(())
+}
+
+/// Checks that the file system takes a write of [`PROBE_BYTES`] and that a
+/// commit succeeds (an empty one still writes and fsyncs the header).
+fn probe(shared: &Shared, db: &Database) -> Result<(), String> {
+    let path = shared.dir.join("probe.tmp");
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&path)?;
+        f.write_all(&vec![0u8; PROBE_BYTES])?;
+        f.sync_all()
+    })();
+    let _ = std::fs::remove_file(&path);
+    written.map_err(|e| format!("the file system refuses writes: {e}"))?;
+    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| e.to_string())?;
+    txn.set_two_phase_commit(false);
+    txn.open_table(META).map_err(|e| e.to_string())?;
+    txn.commit().map_err(|e| e.to_string())
 }
 
 /// What a waiter gets back once the batch's fate is known.
@@ -607,6 +1452,8 @@ enum Answer {
         oneshot::Sender<Result<(), SpoolError>>,
         Result<(), SpoolError>,
     ),
+    Probe(oneshot::Sender<Health>),
+    None,
 }
 
 impl Answer {
@@ -615,6 +1462,7 @@ impl Answer {
         match self {
             Answer::Entry(reply, result) => drop(reply.send(result)),
             Answer::Unit(reply, result) => drop(reply.send(result)),
+            Answer::Probe(_) | Answer::None => {}
         }
     }
 
@@ -633,11 +1481,16 @@ impl Answer {
 }
 
 impl Op {
-    fn failed(self, msg: &str) -> Answer {
+    fn failed(self, msg: &str, shared: &Shared) -> Answer {
         let err = SpoolError::Database(msg.into());
         match self {
             Op::Store { reply, .. } => Answer::Entry(reply, Err(err)),
             Op::Update { reply, .. } | Op::Remove { reply, .. } => Answer::Unit(reply, Err(err)),
+            Op::Probe { reply } => {
+                let _ = reply.send(lock(&shared.health).clone());
+                Answer::None
+            }
+            Op::Damage { .. } => Answer::None,
         }
     }
 }
@@ -655,37 +1508,53 @@ impl From<redb::StorageError> for Failure {
     }
 }
 
-type Tables<'t> = (
-    redb::Table<'t, &'static str, &'static [u8]>,
-    redb::Table<'t, &'static str, &'static [u8]>,
-);
+struct Tables<'t> {
+    meta: redb::Table<'t, &'static str, &'static [u8]>,
+    body: redb::Table<'t, &'static str, &'static [u8]>,
+    damaged: redb::Table<'t, &'static str, &'static [u8]>,
+}
 
-/// Applies the batch in one transaction and answers every waiter.
-/// Counts the commit in `commits` before anyone is answered.
-fn apply_batch(db: &Database, batch: Vec<Op>, commits: &AtomicU64) {
+/// Applies the batch in one transaction, updates the index, answers every
+/// waiter. Returns false if the transaction failed (the file needs a reopen).
+fn apply_batch(db: &Database, batch: Vec<Op>, shared: &Shared) -> bool {
     let mut answers = Vec::with_capacity(batch.len());
+    let mut changes = Vec::with_capacity(batch.len());
+    let mut probes = Vec::new();
     let mut ops = batch.into_iter();
     let outcome = (|| -> Result<bool, String> {
         let mut txn = db.begin_write().map_err(|e| e.to_string())?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| e.to_string())?;
-        // No quick-repair: it saves the allocator state at every commit, a
-        // cost that grows with the file, to save a one-off repair after a
-        // crash (about 1 s per 500 MB of spool here). SingleWriter mode
-        // always commits in two phases, so the last commit is always valid.
+        // One-phase commit: one fsync, and redb's checksummed commit slots
+        // make the last commit valid after a crash. No quick-repair: it
+        // saves the allocator state at every commit, a cost that grows with
+        // the file, to save a one-off repair after a crash (about 1 s per
+        // 500 MB of spool here).
+        txn.set_two_phase_commit(false);
         {
-            let mut tables: Tables<'_> = (
-                txn.open_table(META).map_err(|e| e.to_string())?,
-                txn.open_table(BODY).map_err(|e| e.to_string())?,
-            );
+            let mut tables = Tables {
+                meta: txn.open_table(META).map_err(|e| e.to_string())?,
+                body: txn.open_table(BODY).map_err(|e| e.to_string())?,
+                damaged: txn.open_table(DAMAGED).map_err(|e| e.to_string())?,
+            };
+            let index = lock(&shared.index);
             for op in ops.by_ref() {
-                apply(&mut tables, op, &mut answers)?;
+                if let Op::Probe { reply } = op {
+                    probes.push(reply);
+                    continue;
+                }
+                apply(&mut tables, &index, op, &mut answers, &mut changes)?;
             }
         }
-        if answers.is_empty() {
+        if answers.is_empty() && changes.is_empty() && probes.is_empty() {
             // Every store was abandoned by its waiter: nothing to commit.
             txn.abort().map_err(|e| e.to_string())?;
             return Ok(false);
+        }
+        if !probes.is_empty() && changes.is_empty() {
+            // Nothing else to prove that writes succeed: the probe's own check.
+            txn.abort().map_err(|e| e.to_string())?;
+            return probe(shared, db).map(|()| true);
         }
         txn.commit().map_err(|e| e.to_string())?;
         Ok(true)
@@ -693,26 +1562,56 @@ fn apply_batch(db: &Database, batch: Vec<Op>, commits: &AtomicU64) {
     match outcome {
         Ok(committed) => {
             if committed {
-                commits.fetch_add(1, Ordering::Relaxed);
+                shared.commits.fetch_add(1, Ordering::Relaxed);
+                let writes = changes.len() as u64;
+                shared.writes.fetch_add(writes, Ordering::Relaxed);
+                metrics::counter!("magicmx_spool_commits_total").increment(1);
+                metrics::counter!("magicmx_spool_writes_total").increment(writes);
+                set_ok(shared);
+            }
+            {
+                let mut index = lock(&shared.index);
+                for change in changes {
+                    match change {
+                        Change::Insert(entry) => index.insert(&entry),
+                        Change::Remove(id) => index.forget(&id),
+                        Change::Damage(d) => index.damage(d),
+                    }
+                }
             }
             answers.into_iter().for_each(Answer::send);
+            for probe in probes {
+                let _ = probe.send(lock(&shared.health).clone());
+            }
+            true
         }
         Err(msg) => {
             error!(error = %msg, batch = answers.len() + ops.len(), "spool write transaction failed");
+            set_failing(shared, &msg);
             for answer in answers {
                 answer.fail(&msg).send();
             }
             for op in ops {
-                op.failed(&msg).send();
+                op.failed(&msg, shared).send();
             }
+            for probe in probes {
+                let _ = probe.send(lock(&shared.health).clone());
+            }
+            false
         }
     }
 }
 
-/// Applies one operation and queues its answer. Skips a store whose waiter
-/// is gone. `Err`: the transaction is broken (the answer carries the error).
-fn apply(tables: &mut Tables<'_>, op: Op, answers: &mut Vec<Answer>) -> Result<(), String> {
-    let (meta, body_table) = tables;
+/// Applies one operation and queues its answer and its index change. Skips
+/// a store whose waiter is gone. `Err`: the transaction is broken (the
+/// answer carries the error).
+fn apply(
+    t: &mut Tables<'_>,
+    index: &Index,
+    op: Op,
+    answers: &mut Vec<Answer>,
+    changes: &mut Vec<Change>,
+) -> Result<(), String> {
     match op {
         Op::Store {
             envelope,
@@ -728,7 +1627,7 @@ fn apply(tables: &mut Tables<'_>, op: Op, answers: &mut Vec<Answer>) -> Result<(
             }
             let result = (|| -> Result<QueueEntry, Failure> {
                 let mut id = new_queue_id();
-                while meta.get(id.as_str())?.is_some() || body_table.get(id.as_str())?.is_some() {
+                while t.meta.get(id.as_str())?.is_some() || t.body.get(id.as_str())?.is_some() {
                     id = new_queue_id();
                 }
                 let entry = QueueEntry {
@@ -740,47 +1639,75 @@ fn apply(tables: &mut Tables<'_>, op: Op, answers: &mut Vec<Answer>) -> Result<(
                     last_error: None,
                     quarantined: false,
                     released: false,
+                    body_crc: Some(crc32(&body)),
                 };
-                let json = serde_json::to_vec(&entry)
-                    .map_err(|e| Failure::Op(SpoolError::Database(e.to_string())))?;
-                body_table.insert(entry.id.as_str(), body.as_slice())?;
-                meta.insert(entry.id.as_str(), json.as_slice())?;
-                info!(queue_id = %entry.id, size = entry.size, recipients = entry.envelope.recipients.len(), "message spooled");
+                let record = encode_entry(&entry).map_err(Failure::Op)?;
+                t.body.insert(entry.id.as_str(), body.as_slice())?;
+                t.meta.insert(entry.id.as_str(), record.as_slice())?;
+                debug!(queue_id = %entry.id, size = entry.size, recipients = entry.envelope.recipients.len(), "message spooled");
                 Ok(entry)
             })();
             let (result, broken) = split_failure(result);
+            if let Ok(entry) = &result {
+                changes.push(Change::Insert(entry.clone()));
+            }
             answers.push(Answer::Entry(reply, result));
             broken
         }
         Op::Update { entry, reply } => {
-            let result = (|| -> Result<(), Failure> {
-                if meta.get(entry.id.as_str())?.is_none() {
-                    return Err(Failure::Op(SpoolError::NotFound(entry.id.clone())));
+            let result = (|| -> Result<QueueEntry, Failure> {
+                if let Some(d) = index.damaged.get(&entry.id) {
+                    return Err(Failure::Op(corrupt(&entry.id, &d.reason)));
                 }
-                let json = serde_json::to_vec(&entry)
-                    .map_err(|e| Failure::Op(SpoolError::Database(e.to_string())))?;
-                meta.insert(entry.id.as_str(), json.as_slice())?;
+                let stored = match t.meta.get(entry.id.as_str())? {
+                    None => return Err(Failure::Op(SpoolError::NotFound(entry.id.clone()))),
+                    Some(record) => decode_entry(&entry.id, record.value()).map_err(Failure::Op)?,
+                };
+                // The body is not rewritten: its size and checksum stay.
+                let mut entry = entry;
+                entry.size = stored.size;
+                entry.body_crc = stored.body_crc;
+                let record = encode_entry(&entry).map_err(Failure::Op)?;
+                t.meta.insert(entry.id.as_str(), record.as_slice())?;
                 debug!(queue_id = %entry.id, attempts = entry.attempts, next_attempt = entry.next_attempt, "spool entry updated");
-                Ok(())
+                Ok(entry)
             })();
             let (result, broken) = split_failure(result);
+            let result = result.map(|entry| changes.push(Change::Insert(entry)));
             answers.push(Answer::Unit(reply, result));
             broken
         }
         Op::Remove { id, reply } => {
             let result = (|| -> Result<(), Failure> {
-                let had_meta = meta.remove(id.as_str())?.is_some();
-                let had_body = body_table.remove(id.as_str())?.is_some();
-                if !had_meta && !had_body {
+                let had_meta = t.meta.remove(id.as_str())?.is_some();
+                let had_body = t.body.remove(id.as_str())?.is_some();
+                let had_damage = t.damaged.remove(id.as_str())?.is_some();
+                if !had_meta && !had_body && !had_damage {
                     return Err(Failure::Op(SpoolError::NotFound(id.clone())));
                 }
-                info!(queue_id = %id, "message removed from spool");
+                debug!(queue_id = %id, "message removed from spool");
                 Ok(())
             })();
             let (result, broken) = split_failure(result);
+            if result.is_ok() {
+                changes.push(Change::Remove(id));
+            }
             answers.push(Answer::Unit(reply, result));
             broken
         }
+        Op::Damage { damaged } => {
+            if t.meta.get(damaged.id.as_str()).map_err(|e| e.to_string())?.is_none() {
+                // Removed meanwhile: nothing to keep.
+                return Ok(());
+            }
+            let json = serde_json::to_vec(&damaged).map_err(|e| e.to_string())?;
+            t.damaged
+                .insert(damaged.id.as_str(), json.as_slice())
+                .map_err(|e| e.to_string())?;
+            changes.push(Change::Damage(damaged));
+            Ok(())
+        }
+        Op::Probe { .. } => Ok(()),
     }
 }
 
@@ -791,6 +1718,151 @@ fn split_failure<T>(result: Result<T, Failure>) -> (Result<T, SpoolError>, Resul
         Err(Failure::Op(err)) => (Err(err), Ok(())),
         Err(Failure::Txn(msg)) => (Err(SpoolError::Database(msg.clone())), Err(msg)),
     }
+}
+
+/// What [`salvage`] did.
+#[derive(Debug, Default)]
+pub struct SalvageReport {
+    /// Messages copied intact into the new spool.
+    pub copied: Vec<QueueId>,
+    /// What could not be read: id (or a description) and why.
+    pub lost: Vec<(String, String)>,
+    /// Where the damaged spool was moved.
+    pub moved_to: PathBuf,
+}
+
+/// `magicmx queue salvage`: copies every readable message (envelope and
+/// body checksums intact) out of the spool in `dir` into a fresh spool,
+/// moves the damaged one aside (`<dir>.damaged-<unix time>`) and puts the
+/// fresh one in its place, with a new marker. The node must be stopped.
+pub fn salvage(dir: &Path) -> Result<SalvageReport, SpoolError> {
+    let path = dir.join(SPOOL_FILE);
+    if !path.exists() {
+        return Err(SpoolError::NotFound(path.display().to_string()));
+    }
+    let mut report = SalvageReport::default();
+    let source = match catch_unwind(AssertUnwindSafe(|| builder().open(&path))) {
+        Ok(Ok(db)) => db,
+        Ok(Err(DatabaseError::DatabaseAlreadyOpen)) => return Err(SpoolError::Locked(path)),
+        Ok(Err(e)) => return Err(open_error(&path, e)),
+        Err(_) => {
+            return Err(SpoolError::Database(format!(
+                "{}: redb panicked opening the file: nothing can be read from it",
+                path.display()
+            )))
+        }
+    };
+    let stamp = unix_now();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "spool".into());
+    let fresh_dir = dir.with_file_name(format!("{name}.salvage-{stamp}"));
+    create_dir_durably(&fresh_dir)?;
+    let fresh = create_db(&fresh_dir.join(SPOOL_FILE))?;
+
+    // The ids, as far as the index pages can be walked.
+    let ids = walk_keys(&source, META, &mut report.lost);
+    let body_ids = walk_keys(&source, BODY, &mut report.lost);
+    let mut copy = Vec::new();
+    for id in &ids {
+        let read = catch_unwind(AssertUnwindSafe(|| -> Result<(QueueEntry, Vec<u8>), SpoolError> {
+            let txn = source.begin_read()?;
+            let meta = txn.open_table(META)?;
+            let record = meta
+                .get(id.as_str())?
+                .ok_or_else(|| corrupt(id, "the envelope vanished"))?;
+            let entry = decode_entry(id, record.value())?;
+            let body = txn
+                .open_table(BODY)?
+                .get(id.as_str())?
+                .ok_or_else(|| corrupt(id, "the body is missing"))?
+                .value()
+                .to_vec();
+            check_body(&entry, &body)?;
+            Ok((entry, body))
+        }));
+        match read {
+            Ok(Ok(pair)) => copy.push(pair),
+            Ok(Err(SpoolError::Corrupt { reason, .. })) => report.lost.push((id.clone(), reason)),
+            Ok(Err(e)) => report.lost.push((id.clone(), e.to_string())),
+            Err(_) => report
+                .lost
+                .push((id.clone(), "the store panicked reading it (damaged page)".into())),
+        }
+    }
+    for id in body_ids.iter().filter(|id| !ids.contains(id)) {
+        report
+            .lost
+            .push((id.clone(), "a body without a readable envelope".into()));
+    }
+    let mut txn = fresh.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    txn.set_two_phase_commit(false);
+    let new_id = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+    {
+        let mut meta = txn.open_table(META)?;
+        let mut body = txn.open_table(BODY)?;
+        txn.open_table(DAMAGED)?;
+        txn.open_table(INFO)?.insert(SPOOL_ID_KEY, new_id.as_str())?;
+        for (mut entry, bytes) in copy {
+            entry.body_crc = Some(crc32(&bytes));
+            let record = encode_entry(&entry)?;
+            body.insert(entry.id.as_str(), bytes.as_slice())?;
+            meta.insert(entry.id.as_str(), record.as_slice())?;
+            report.copied.push(entry.id);
+        }
+    }
+    txn.commit()?;
+    drop(fresh);
+    drop(source);
+    write_marker(&fresh_dir, &new_id)?;
+    let aside = dir.with_file_name(format!("{name}.damaged-{stamp}"));
+    std::fs::rename(dir, &aside)?;
+    std::fs::rename(&fresh_dir, dir)?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        })?;
+    }
+    report.moved_to = aside;
+    Ok(report)
+}
+
+/// The keys of `table`, as far as its pages can be read; what stops the
+/// walk goes to `lost`.
+fn walk_keys(
+    db: &Database,
+    table: TableDefinition<&str, &[u8]>,
+    lost: &mut Vec<(String, String)>,
+) -> Vec<String> {
+    let mut keys = Vec::new();
+    let walked = catch_unwind(AssertUnwindSafe(|| -> Result<(), SpoolError> {
+        let txn = db.begin_read()?;
+        let t = match txn.open_table(table) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        for record in t.iter()? {
+            match record {
+                Ok((k, _)) => keys.push(k.value().to_string()),
+                Err(e) => {
+                    return Err(SpoolError::Database(e.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }));
+    let what = format!("the rest of table `{}`", table.name());
+    match walked {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => lost.push((what, e.to_string())),
+        Err(_) => lost.push((what, "the store panicked walking it (damaged page)".into())),
+    }
+    keys
 }
 
 #[cfg(test)]
@@ -820,6 +1892,7 @@ mod tests {
             received_at: 1_700_000_000 + n,
             smtputf8: n % 2 == 1,
             eight_bit: n % 3 == 1,
+            origin: Origin::Inbound,
         }
     }
 
@@ -938,11 +2011,12 @@ mod tests {
             last_error: None,
             quarantined: true,
             released: false,
+            body_crc: None,
         })
         .unwrap();
         json.as_object_mut().unwrap().remove("released");
         let bytes = serde_json::to_vec(&json).unwrap();
-        let entry = parse_entry("0000000000000001", &bytes).unwrap();
+        let entry = decode_entry("0000000000000001", &bytes).unwrap();
         assert!(entry.quarantined && !entry.released);
     }
 
@@ -1100,30 +2174,47 @@ mod tests {
         assert_eq!(spool.len().unwrap(), 5); // still on disk
         assert!(matches!(
             spool.get("00000000DEADBEEF"),
-            Err(SpoolError::Corrupt { id }) if id == "00000000DEADBEEF"
+            Err(SpoolError::Corrupt { id, .. }) if id == "00000000DEADBEEF"
         ));
-        assert_eq!(
-            Spool::list_readonly(dir.path()).unwrap(),
-            stored,
-            "list skips them too"
-        );
+        spool.close().await;
+        let listing = Spool::list_readonly(dir.path()).unwrap();
+        assert_eq!(listing.entries, stored, "list skips them too");
+        // ... and shows them as damaged, with the reason.
+        let damaged: Vec<_> = listing.damaged.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(damaged, ["0000000000000002", "00000000DEADBEEF"]);
+        assert!(listing.damaged[0].reason.contains("another message"), "{:?}", listing.damaged);
+        assert!(listing.damaged[1].reason.contains("does not parse"), "{:?}", listing.damaged);
+    }
+
+    /// `queue list` of a running node: over the control socket.
+    async fn list(dir: &Path) -> Vec<QueueEntry> {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || Spool::list_readonly(&dir))
+            .await
+            .unwrap()
+            .unwrap()
+            .entries
     }
 
     #[tokio::test]
     async fn list_readonly_while_node_is_running() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(Spool::list_readonly(dir.path()).unwrap(), vec![]);
+        assert_eq!(list(dir.path()).await, vec![]);
         let spool = Spool::open(dir.path()).unwrap();
+        let token = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(serve_control(spool.clone(), token.clone()));
         let stored = store_some(&spool, 10).await;
-        assert_eq!(Spool::list_readonly(dir.path()).unwrap(), stored);
+        assert_eq!(list(dir.path()).await, stored);
         // The running spool keeps working, and the next listing sees new commits.
         let more = spool.store(envelope(50), body(50), 50).await.unwrap();
-        let listed = Spool::list_readonly(dir.path()).unwrap();
+        let listed = list(dir.path()).await;
         assert_eq!(listed.len(), 11);
         assert_eq!(listed.last(), Some(&more));
         // After a clean stop too.
+        token.cancel();
+        server.await.unwrap();
         spool.close().await;
-        assert_eq!(Spool::list_readonly(dir.path()).unwrap().len(), 11);
+        assert_eq!(list(dir.path()).await.len(), 11);
     }
 
     #[test]
@@ -1226,6 +2317,7 @@ mod tests {
         // The listing CLI of a stopped, crashed node repairs and sees them all.
         let listed: HashSet<_> = Spool::list_readonly(dir.path())
             .unwrap()
+            .entries
             .into_iter()
             .map(|e| e.id)
             .collect();

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::dns::{Dns, MxAnswer};
 use crate::slots::KeyedSlots;
-use crate::spool::{Envelope, RcptState, Recipient, Spool};
+use crate::spool::{Envelope, Origin, RcptState, Recipient, Spool};
 use crate::throttle::{now_ms, Decision, Throttle};
 use session::{Event, Message, Session, SessionConfig, Verdict};
 
@@ -239,6 +239,10 @@ impl Context {
             received_at: now,
             smtputf8: m.smtputf8,
             eight_bit: m.eight_bit,
+            origin: match self.mode {
+                Mode::Inbound => Origin::Inbound,
+                Mode::Outbound => Origin::Outbound,
+            },
         };
         let size = body.len();
         let release = match self.mode {
