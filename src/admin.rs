@@ -61,6 +61,11 @@ struct QueueStatus {
     messages: usize,
     quarantined: usize,
     held: usize,
+    deferred: usize,
+    /// Messages found damaged (never delivered; see `damaged`).
+    damaged_count: usize,
+    damaged: Vec<crate::spool::Damaged>,
+    health: crate::spool::Health,
 }
 
 #[derive(Serialize)]
@@ -73,23 +78,32 @@ pub struct Explanation {
 }
 
 impl Admin {
-    /// Refreshes the gauges; called per scrape.
+    /// Refreshes the gauges; called per scrape. From the spool's counters:
+    /// a scrape reads nothing from disk, whatever the queue holds.
     fn gauges(&self) -> QueueStatus {
         let now = crate::smtp::unix_now();
-        let entries = self.spool.entries().unwrap_or_default();
-        let quarantined = entries.iter().filter(|e| e.quarantined).count();
-        let held = entries
-            .iter()
-            .filter(|e| !e.quarantined && e.attempts == 0 && !e.released && e.next_attempt > now)
-            .count();
+        let stats = self.spool.stats(now);
+        let health = self.spool.health();
+        metrics::gauge!("magicmx_spool_messages").set(stats.messages as f64);
+        metrics::gauge!("magicmx_spool_quarantined").set(stats.quarantined as f64);
+        metrics::gauge!("magicmx_spool_held").set(stats.held as f64);
+        metrics::gauge!("magicmx_spool_deferred").set(stats.deferred as f64);
+        metrics::gauge!("magicmx_spool_damaged").set(stats.damaged as f64);
+        metrics::gauge!("magicmx_spool_healthy")
+            .set(f64::from(u8::from(health == crate::spool::Health::Ok)));
         let q = QueueStatus {
-            messages: entries.len(),
-            quarantined,
-            held,
+            messages: stats.messages,
+            quarantined: stats.quarantined,
+            held: stats.held,
+            deferred: stats.deferred,
+            damaged_count: stats.damaged,
+            damaged: if stats.damaged > 0 {
+                self.spool.damaged()
+            } else {
+                Vec::new()
+            },
+            health,
         };
-        metrics::gauge!("magicmx_spool_messages").set(q.messages as f64);
-        metrics::gauge!("magicmx_spool_quarantined").set(q.quarantined as f64);
-        metrics::gauge!("magicmx_spool_held").set(q.held as f64);
         metrics::gauge!("magicmx_throttle_tracked_blocks").set(self.throttle.tracked() as f64);
         metrics::gauge!("magicmx_throttle_penalised_blocks")
             .set(self.throttle.penalised(now_ms()) as f64);
@@ -142,7 +156,7 @@ impl Admin {
             );
         }
         match (method, path) {
-            ("GET", "/healthz") => (200, TEXT, "ok\n".into()),
+            ("GET", "/healthz") => self.health().await,
             ("GET", "/metrics") => {
                 self.gauges();
                 (200, "text/plain; version=0.0.4", prometheus().render())
@@ -185,6 +199,24 @@ impl Admin {
                 }
             }
             _ => (404, TEXT, "not found\n".into()),
+        }
+    }
+
+    /// `/healthz`: 200 while the spool takes writes, 503 with the reason
+    /// while it fails (a full disk); a failing spool is probed again first,
+    /// so the answer turns 200 as soon as writes succeed again.
+    async fn health(&self) -> (u16, &'static str, String) {
+        const TEXT: &str = "text/plain; charset=utf-8";
+        let health = tokio::time::timeout(Duration::from_secs(3), self.spool.probe())
+            .await
+            .unwrap_or_else(|_| self.spool.health());
+        match health {
+            crate::spool::Health::Ok => (200, TEXT, "ok\n".into()),
+            crate::spool::Health::Failing { reason, since } => (
+                503,
+                TEXT,
+                format!("spool failing since {since}: {reason}\n"),
+            ),
         }
     }
 
@@ -277,6 +309,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, client: IpAddr
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
+        503 => "Service Unavailable",
         _ => "Internal Server Error",
     };
     let resp = format!(

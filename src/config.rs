@@ -224,6 +224,10 @@ pub struct RelayConfig {
     pub retry_max: Dur,
     /// Simultaneous deliveries.
     pub concurrency: usize,
+    /// Simultaneous deliveries to one recipient domain (Postfix's
+    /// `default_destination_concurrency_limit`): a slow or stalling
+    /// destination holds at most this many of the `concurrency` slots.
+    pub destination_concurrency: usize,
     pub connect_timeout: Dur,
     pub command_timeout: Dur,
     /// A message with more `Received:` headers than this is refused as a loop.
@@ -269,6 +273,7 @@ impl Default for RelayConfig {
             retry_initial: Dur::secs(60),
             retry_max: Dur::secs(3_600),
             concurrency: 20,
+            destination_concurrency: 5,
             connect_timeout: Dur::secs(30),
             command_timeout: Dur::secs(300),
             max_received_headers: 50,
@@ -588,6 +593,12 @@ impl Config {
         }
         if r.concurrency == 0 {
             return Err(invalid("relay.concurrency", "must be at least 1"));
+        }
+        if r.destination_concurrency == 0 {
+            return Err(invalid(
+                "relay.destination_concurrency",
+                "must be at least 1",
+            ));
         }
         if r.retry_initial.0.is_zero() {
             return Err(invalid("relay.retry_initial", "must be more than 0"));

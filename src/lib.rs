@@ -74,21 +74,34 @@ impl Node {
         shutdown: CancellationToken,
         clock: Clock,
     ) -> anyhow::Result<Node> {
+        Node::start_with(config, shutdown, clock, spool::OpenOptions::default()).await
+    }
+
+    /// [`Node::start_with_clock`], opening the spool with `spool_options`
+    /// (`magicmx run --new-spool`).
+    pub async fn start_with(
+        config: Config,
+        shutdown: CancellationToken,
+        clock: Clock,
+        spool_options: spool::OpenOptions,
+    ) -> anyhow::Result<Node> {
         let config = Arc::new(config);
         admin::prometheus();
-        let spool = spool::Spool::open(&config.node.data_dir.join("spool")).with_context(|| {
-            format!(
-                "node.data_dir: cannot open the spool in {}",
-                config.node.data_dir.display()
-            )
-        })?;
+        let spool = spool::Spool::open_with(&config.node.data_dir.join("spool"), spool_options)
+            .with_context(|| {
+                format!(
+                    "node.data_dir: cannot open the spool in {}",
+                    config.node.data_dir.display()
+                )
+            })?;
         let dns = dns::Dns::new(&config.dns).context("dns: cannot create the resolver")?;
         let throttle = Arc::new(
             throttle::Throttle::new(&config.throttle, &config.trust, &config.node.name)
                 .with_peer_share(config.gossip.max_origin_share),
         );
         let relay = relay::Relay::new(config.clone(), spool.clone(), dns.clone())
-            .with_gate(Arc::new(ThrottleGate(throttle.clone(), config.clone())));
+            .with_gate(Arc::new(ThrottleGate(throttle.clone(), config.clone())))
+            .with_clock(clock.clone());
         let wake = relay.wake();
         let ctx = Arc::new(smtp::Context::new(
             config.clone(),
@@ -141,6 +154,7 @@ impl Node {
 
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(relay.run(shutdown.clone()));
+        tasks.spawn(spool::serve_control(spool.clone(), shutdown.clone()));
         if !outbound.is_empty() {
             tasks.spawn(smtp::serve(
                 outbound,
@@ -200,7 +214,19 @@ impl Node {
 
 /// Runs a node until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    Node::start(config, shutdown).await?.wait().await;
+    run_with(config, shutdown, spool::OpenOptions::default()).await
+}
+
+/// [`run`], opening the spool with `spool_options`.
+pub async fn run_with(
+    config: Config,
+    shutdown: CancellationToken,
+    spool_options: spool::OpenOptions,
+) -> anyhow::Result<()> {
+    Node::start_with(config, shutdown, Clock::system(), spool_options)
+        .await?
+        .wait()
+        .await;
     Ok(())
 }
 
@@ -225,13 +251,14 @@ async fn sweep(
 }
 
 /// The release check of held mail: a message whose source block is over a
-/// limit network-wide when its hold ends goes to quarantine.
-/// Mail from outbound (trusted) clients is never held back.
+/// limit network-wide when its hold ends goes to quarantine. The relay asks
+/// only for inbound mail (the spool records each message's origin), so
+/// outbound clients' mail and DSNs are never held back.
 struct ThrottleGate(Arc<throttle::Throttle>, Arc<Config>);
 
 impl relay::ReleaseGate for ThrottleGate {
     fn quarantine_reason(&self, client: std::net::IpAddr) -> Option<String> {
-        if self.1.is_outbound_client(client) || !self.1.throttle.enabled {
+        if !self.1.throttle.enabled {
             return None;
         }
         self.0
@@ -240,8 +267,9 @@ impl relay::ReleaseGate for ThrottleGate {
     }
 }
 
-/// The `queue list` table: one line per message.
-pub fn spool_listing(entries: &[spool::QueueEntry]) -> String {
+/// The `queue list` table: one line per message, then the damaged
+/// messages (never delivered, kept for `queue salvage`) with the reason.
+pub fn spool_listing(entries: &[spool::QueueEntry], damaged: &[spool::Damaged]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
@@ -279,5 +307,15 @@ pub fn spool_listing(entries: &[spool::QueueEntry]) -> String {
         );
     }
     let _ = writeln!(out, "{} message(s)", entries.len());
+    if !damaged.is_empty() {
+        let _ = writeln!(
+            out,
+            "damaged (kept on disk, never delivered; `magicmx queue salvage` copies the readable ones out):"
+        );
+        for d in damaged {
+            let _ = writeln!(out, "{:<18} [damaged] {}", d.id, d.reason);
+        }
+        let _ = writeln!(out, "{} damaged", damaged.len());
+    }
     out
 }

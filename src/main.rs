@@ -26,6 +26,10 @@ enum Command {
     Run {
         #[arg(long, short, default_value = "node.toml")]
         config: PathBuf,
+        /// Start even though the spool that the marker names is missing,
+        /// empty or another one (acknowledged mail in it is given up).
+        #[arg(long)]
+        new_spool: bool,
     },
     /// Check a config file and exit.
     CheckConfig {
@@ -101,8 +105,16 @@ enum CaCommand {
 
 #[derive(Subcommand)]
 enum QueueCommand {
-    /// List queued messages: id, sender, recipients, attempts, next attempt, last error.
+    /// List queued messages: id, sender, recipients, attempts, next attempt,
+    /// last error; then the damaged ones with the reason.
     List {
+        #[arg(long, short, default_value = "node.toml")]
+        config: PathBuf,
+    },
+    /// With the node stopped: copy every readable message out of a damaged
+    /// spool into a fresh one, which takes its place (the damaged one is
+    /// moved aside), and list what could not be read.
+    Salvage {
         #[arg(long, short, default_value = "node.toml")]
         config: PathBuf,
     },
@@ -148,7 +160,7 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config } => {
+        Command::Run { config, new_spool } => {
             let config = load(&config)?;
             init_tracing();
             let rt = tokio::runtime::Runtime::new()?;
@@ -160,7 +172,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     tracing::info!("shutdown requested");
                     signal.cancel();
                 });
-                magicmx::run(config, shutdown).await
+                magicmx::run_with(config, shutdown, magicmx::spool::OpenOptions { new_spool }).await
             })
         }
         Command::CheckConfig { config } => {
@@ -178,8 +190,29 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             command: QueueCommand::List { config },
         } => {
             let c = load(&config)?;
-            let entries = magicmx::spool::Spool::list_readonly(&c.node.data_dir.join("spool"))?;
-            print!("{}", magicmx::spool_listing(&entries));
+            let listing = magicmx::spool::Spool::list_readonly(&c.node.data_dir.join("spool"))?;
+            print!(
+                "{}",
+                magicmx::spool_listing(&listing.entries, &listing.damaged)
+            );
+            Ok(())
+        }
+        Command::Queue {
+            command: QueueCommand::Salvage { config },
+        } => {
+            let c = load(&config)?;
+            let dir = c.node.data_dir.join("spool");
+            let report = magicmx::spool::salvage(&dir)?;
+            println!(
+                "{} message(s) copied into a fresh spool in {}; the damaged spool is in {}",
+                report.copied.len(),
+                dir.display(),
+                report.moved_to.display()
+            );
+            for (what, why) in &report.lost {
+                println!("could not read {what}: {why}");
+            }
+            println!("{} could not be read", report.lost.len());
             Ok(())
         }
         Command::Queue {
@@ -301,9 +334,13 @@ fn quarantine(command: QuarantineCommand) -> anyhow::Result<()> {
     match command {
         QuarantineCommand::List { config } => {
             let c = load(&config)?;
-            let entries = magicmx::spool::Spool::list_readonly(&c.node.data_dir.join("spool"))?;
-            let q: Vec<_> = entries.into_iter().filter(|e| e.quarantined).collect();
-            print!("{}", magicmx::spool_listing(&q));
+            let listing = magicmx::spool::Spool::list_readonly(&c.node.data_dir.join("spool"))?;
+            let q: Vec<_> = listing
+                .entries
+                .into_iter()
+                .filter(|e| e.quarantined)
+                .collect();
+            print!("{}", magicmx::spool_listing(&q, &[]));
             Ok(())
         }
         QuarantineCommand::Release { id, config } => quarantine_action(&config, &id, "release"),

@@ -226,7 +226,10 @@ pub struct SpoolStats {
 pub enum Health {
     Ok,
     /// The last commit (or reopen) failed: stores are answered with an error.
-    Failing { reason: String, since: u64 },
+    Failing {
+        reason: String,
+        since: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -609,7 +612,7 @@ impl Spool {
         now: u64,
         max: usize,
         mut accept: impl FnMut(&str, &[String]) -> bool,
-    ) -> Vec<QueueId> {
+    ) -> Vec<(QueueId, Arc<[String]>)> {
         let index = lock(&self.inner.shared.index);
         let mut out = Vec::new();
         for (_, id) in index.due.range(..(now.saturating_add(1), String::new())) {
@@ -620,7 +623,7 @@ impl Spool {
                 continue;
             };
             if accept(id, &slot.destinations) {
-                out.push(id.clone());
+                out.push((id.clone(), slot.destinations.clone()));
             }
         }
         out
@@ -630,6 +633,23 @@ impl Spool {
     pub fn next_due(&self) -> Option<u64> {
         let index = lock(&self.inner.shared.index);
         index.due.first().map(|(t, _)| *t)
+    }
+
+    /// The earliest `next_attempt` after `now` of a message that is not quarantined.
+    pub fn next_due_after(&self, now: u64) -> Option<u64> {
+        let index = lock(&self.inner.shared.index);
+        let next = index
+            .due
+            .range((now.saturating_add(1), String::new())..)
+            .next()
+            .map(|(t, _)| *t);
+        next
+    }
+
+    /// When the oldest quarantined message arrived.
+    pub fn first_quarantined(&self) -> Option<u64> {
+        let index = lock(&self.inner.shared.index);
+        index.quarantine.first().map(|(t, _)| *t)
     }
 
     /// Quarantined messages received at or before `received_before`.
@@ -679,13 +699,19 @@ impl Spool {
             if index.damaged.contains_key(id) {
                 return;
             }
-            error!(queue_id = id, reason, "damaged message: kept on disk, not delivered");
+            error!(
+                queue_id = id,
+                reason, "damaged message: kept on disk, not delivered"
+            );
             metrics::counter!("magicmx_spool_damaged_total").increment(1);
             index.damage(damaged.clone());
         }
         if let Some(sender) = read_lock(&self.inner.sender).clone() {
             if sender.try_send(Op::Damage { damaged }).is_err() {
-                warn!(queue_id = id, "spool busy: damage not recorded on disk (found again at the next read)");
+                warn!(
+                    queue_id = id,
+                    "spool busy: damage not recorded on disk (found again at the next read)"
+                );
             }
         }
     }
@@ -955,7 +981,11 @@ fn open_checked(dir: &Path, path: &Path, options: OpenOptions) -> Result<Databas
         let id = match found {
             Some(id) => id,
             None => {
-                let id = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+                let id = format!(
+                    "{:016x}{:016x}",
+                    rand::random::<u64>(),
+                    rand::random::<u64>()
+                );
                 info.insert(SPOOL_ID_KEY, id.as_str())?;
                 id
             }
@@ -1119,7 +1149,10 @@ fn decode_entry(id: &str, bytes: &[u8]) -> Result<QueueEntry, SpoolError> {
             id,
             &format!("the envelope record names another message ({})", entry.id),
         )),
-        Err(err) => Err(corrupt(id, &format!("the envelope record does not parse: {err}"))),
+        Err(err) => Err(corrupt(
+            id,
+            &format!("the envelope record does not parse: {err}"),
+        )),
     }
 }
 
@@ -1377,7 +1410,10 @@ fn set_failing(shared: &Shared, reason: &str) {
     if let Health::Failing { reason: r, .. } = &mut *health {
         *r = reason.to_string();
     } else {
-        error!(reason, "spool failing: stores are refused until a commit succeeds");
+        error!(
+            reason,
+            "spool failing: stores are refused until a commit succeeds"
+        );
         metrics::counter!("magicmx_spool_failures_total").increment(1);
         *health = Health::Failing {
             reason: reason.to_string(),
@@ -1452,7 +1488,6 @@ enum Answer {
         oneshot::Sender<Result<(), SpoolError>>,
         Result<(), SpoolError>,
     ),
-    Probe(oneshot::Sender<Health>),
     None,
 }
 
@@ -1462,7 +1497,7 @@ impl Answer {
         match self {
             Answer::Entry(reply, result) => drop(reply.send(result)),
             Answer::Unit(reply, result) => drop(reply.send(result)),
-            Answer::Probe(_) | Answer::None => {}
+            Answer::None => {}
         }
     }
 
@@ -1696,7 +1731,11 @@ fn apply(
             broken
         }
         Op::Damage { damaged } => {
-            if t.meta.get(damaged.id.as_str()).map_err(|e| e.to_string())?.is_none() {
+            if t.meta
+                .get(damaged.id.as_str())
+                .map_err(|e| e.to_string())?
+                .is_none()
+            {
                 // Removed meanwhile: nothing to keep.
                 return Ok(());
             }
@@ -1766,29 +1805,32 @@ pub fn salvage(dir: &Path) -> Result<SalvageReport, SpoolError> {
     let body_ids = walk_keys(&source, BODY, &mut report.lost);
     let mut copy = Vec::new();
     for id in &ids {
-        let read = catch_unwind(AssertUnwindSafe(|| -> Result<(QueueEntry, Vec<u8>), SpoolError> {
-            let txn = source.begin_read()?;
-            let meta = txn.open_table(META)?;
-            let record = meta
-                .get(id.as_str())?
-                .ok_or_else(|| corrupt(id, "the envelope vanished"))?;
-            let entry = decode_entry(id, record.value())?;
-            let body = txn
-                .open_table(BODY)?
-                .get(id.as_str())?
-                .ok_or_else(|| corrupt(id, "the body is missing"))?
-                .value()
-                .to_vec();
-            check_body(&entry, &body)?;
-            Ok((entry, body))
-        }));
+        let read = catch_unwind(AssertUnwindSafe(
+            || -> Result<(QueueEntry, Vec<u8>), SpoolError> {
+                let txn = source.begin_read()?;
+                let meta = txn.open_table(META)?;
+                let record = meta
+                    .get(id.as_str())?
+                    .ok_or_else(|| corrupt(id, "the envelope vanished"))?;
+                let entry = decode_entry(id, record.value())?;
+                let body = txn
+                    .open_table(BODY)?
+                    .get(id.as_str())?
+                    .ok_or_else(|| corrupt(id, "the body is missing"))?
+                    .value()
+                    .to_vec();
+                check_body(&entry, &body)?;
+                Ok((entry, body))
+            },
+        ));
         match read {
             Ok(Ok(pair)) => copy.push(pair),
             Ok(Err(SpoolError::Corrupt { reason, .. })) => report.lost.push((id.clone(), reason)),
             Ok(Err(e)) => report.lost.push((id.clone(), e.to_string())),
-            Err(_) => report
-                .lost
-                .push((id.clone(), "the store panicked reading it (damaged page)".into())),
+            Err(_) => report.lost.push((
+                id.clone(),
+                "the store panicked reading it (damaged page)".into(),
+            )),
         }
     }
     for id in body_ids.iter().filter(|id| !ids.contains(id)) {
@@ -1799,12 +1841,17 @@ pub fn salvage(dir: &Path) -> Result<SalvageReport, SpoolError> {
     let mut txn = fresh.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
     txn.set_two_phase_commit(false);
-    let new_id = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+    let new_id = format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    );
     {
         let mut meta = txn.open_table(META)?;
         let mut body = txn.open_table(BODY)?;
         txn.open_table(DAMAGED)?;
-        txn.open_table(INFO)?.insert(SPOOL_ID_KEY, new_id.as_str())?;
+        txn.open_table(INFO)?
+            .insert(SPOOL_ID_KEY, new_id.as_str())?;
         for (mut entry, bytes) in copy {
             entry.body_crc = Some(crc32(&bytes));
             let record = encode_entry(&entry)?;
@@ -2182,8 +2229,16 @@ mod tests {
         // ... and shows them as damaged, with the reason.
         let damaged: Vec<_> = listing.damaged.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(damaged, ["0000000000000002", "00000000DEADBEEF"]);
-        assert!(listing.damaged[0].reason.contains("another message"), "{:?}", listing.damaged);
-        assert!(listing.damaged[1].reason.contains("does not parse"), "{:?}", listing.damaged);
+        assert!(
+            listing.damaged[0].reason.contains("another message"),
+            "{:?}",
+            listing.damaged
+        );
+        assert!(
+            listing.damaged[1].reason.contains("does not parse"),
+            "{:?}",
+            listing.damaged
+        );
     }
 
     /// `queue list` of a running node: over the control socket.

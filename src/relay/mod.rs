@@ -1,16 +1,29 @@
 //! Outbound relay: the queue runner and everything after the spool.
 //!
 //! Mail enters through the spool: the SMTP side stores a message and calls
-//! `notify_one()` on [`Relay::wake`]. The runner ([`Relay::run`]) lists the
-//! spool at start (recovery after a restart) and again whenever it is woken,
-//! a delivery ends or the earliest `next_attempt` comes (at least every
-//! second). Due, non-quarantined messages are delivered by up to
-//! `relay.concurrency` tasks; a message is never in two tasks at once.
+//! `notify_one()` on [`Relay::wake`]. The [`QueueRunner`] (spawned by
+//! [`Relay::run`]) works in three named steps:
+//! - **scan** ([`QueueRunner::scan`]): asks the spool's in-memory index for
+//!   the due messages and removes expired quarantine. It reads no record:
+//!   its cost grows with what is due, not with what is stored, so an idle
+//!   node with a large deferred queue sleeps until the earliest due time.
+//! - **start ready** ([`QueueRunner::start_ready`]): starts a delivery task
+//!   per due message, up to `relay.concurrency` in all and
+//!   `relay.destination_concurrency` per recipient domain (like Postfix's
+//!   `default_destination_concurrency_limit`), so that a slow or stalling
+//!   destination holds a few slots and never delays the others. A message is
+//!   never in two tasks at once.
+//! - **on done** ([`QueueRunner::on_done`]): frees the slots; a task that
+//!   died leaves its message in a short cooldown.
+//! Time is read from the node's [`Clock`], so tests move holds and retries
+//! forward instead of sleeping.
 //!
 //! When a message's hold ends (its first attempt), the [`ReleaseGate`] (the
 //! throttle) may send it to quarantine instead: kept on disk, never relayed
 //! nor bounced, released by the operator or removed by the runner after
-//! `throttle.quarantine_max_age`.
+//! `throttle.quarantine_max_age`. Only inbound mail is gated: the spool
+//! records each message's [`Origin`] (inbound, outbound client, DSN of this
+//! node) and whether the operator released it, nothing is guessed later.
 //!
 //! One attempt of one message: refuse it as a loop if it carries too many
 //! `Received:` headers, then group the pending recipients by domain and, per
@@ -23,7 +36,8 @@
 //! a crash can duplicate a DSN but never lose one (if the DSN cannot be
 //! stored, the failed recipients stay pending and are retried); then the new state is
 //! persisted with `Spool::update`, or, with nothing pending, the message is
-//! removed (one commit).
+//! removed (one commit). A message whose envelope or body fails its checksum
+//! is never sent: the spool moves it to its damaged list.
 
 pub mod deliver;
 pub mod dsn;
@@ -31,31 +45,30 @@ pub mod mx;
 #[cfg(test)]
 mod testutil;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::clock::Clock;
 use crate::config::{Config, RelayConfig};
 use crate::dns::{Dns, DnsError};
-use crate::spool::{Envelope, QueueEntry, QueueId, RcptState, Recipient, Spool};
+use crate::spool::{
+    Envelope, Origin, QueueEntry, QueueId, RcptState, Recipient, Spool, SpoolError,
+};
 
 use deliver::{RcptOutcome, RcptResult};
 use dsn::FailedRcpt;
 use mx::Plan;
 
-/// The runner looks at the spool at least this often.
-const POLL: Duration = Duration::from_secs(1);
-/// ... and at most this often: a scan reads every entry of the spool, so
-/// the gap between scans is ten times what the last one took (at most a
-/// tenth of the runner's time goes to scanning), and at least this.
-const SCAN_GAP_MIN: Duration = Duration::from_millis(1);
+/// With nothing due, the runner still looks at the index this often (a
+/// safety net: every change that matters wakes it).
+const IDLE_WAKE: Duration = Duration::from_secs(60);
 /// At shutdown, deliveries in progress get this long to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -75,14 +88,7 @@ pub struct Relay {
     dns: Dns,
     wake: Arc<Notify>,
     gate: Option<Arc<dyn ReleaseGate>>,
-}
-
-struct Inner {
-    config: Arc<Config>,
-    spool: Spool,
-    dns: Dns,
-    wake: Arc<Notify>,
-    gate: Option<Arc<dyn ReleaseGate>>,
+    clock: Clock,
 }
 
 impl Relay {
@@ -93,19 +99,26 @@ impl Relay {
             dns,
             wake: Arc::new(Notify::new()),
             gate: None,
+            clock: Clock::system(),
         }
     }
 
-    /// Checks every message with `gate` when its hold ends (first attempt,
-    /// not released by the operator): quarantined messages are kept, never
-    /// relayed nor bounced, and deleted after `throttle.quarantine_max_age`.
+    /// Checks every inbound message with `gate` when its hold ends (first
+    /// attempt, not released by the operator): quarantined messages are kept,
+    /// never relayed nor bounced, and deleted after `throttle.quarantine_max_age`.
     pub fn with_gate(mut self, gate: Arc<dyn ReleaseGate>) -> Relay {
         self.gate = Some(gate);
         self
     }
 
+    /// Reads time (due times, retries, expiry) from `clock`.
+    pub fn with_clock(mut self, clock: Clock) -> Relay {
+        self.clock = clock;
+        self
+    }
+
     /// Call `notify_one()` on this after storing a message: the runner looks
-    /// at the spool at once instead of at its next poll.
+    /// at the spool at once instead of at its next due time.
     pub fn wake(&self) -> Arc<Notify> {
         self.wake.clone()
     }
@@ -115,187 +128,221 @@ impl Relay {
     /// been abandoned before its outcome was recorded (the message then
     /// stays as it was in the spool and is tried again after a restart).
     pub async fn run(self, shutdown: CancellationToken) {
-        let inner = Arc::new(Inner {
-            config: self.config,
-            spool: self.spool,
-            dns: self.dns,
-            wake: self.wake,
-            gate: self.gate,
-        });
-        let concurrency = inner.config.relay.concurrency.max(1);
-        let abandon = CancellationToken::new();
-        let mut tasks: JoinSet<()> = JoinSet::new();
-        let mut running: HashMap<tokio::task::Id, QueueId> = HashMap::new();
-        let mut in_flight: HashSet<QueueId> = HashSet::new();
-        // Messages whose delivery task died: not retried before this time.
-        let mut cooldown: HashMap<QueueId, u64> = HashMap::new();
-        // Due messages found by the last scan, not started yet (no free slot).
-        let mut ready: VecDeque<QueueId> = VecDeque::new();
-        // The spool may hold something new: scan it (at most every scan_gap).
-        let mut dirty = true;
-        let mut last_scan: Option<Instant> = None;
-        let mut scan_gap = SCAN_GAP_MIN;
-        let mut next_scan = Instant::now();
+        QueueRunner::new(Arc::new(self)).run(shutdown).await
+    }
 
-        match inner.spool.entries() {
-            Ok(entries) => info!(
-                queued = entries.len(),
-                quarantined = entries.iter().filter(|e| e.quarantined).count(),
-                "relay queue runner started"
-            ),
-            Err(e) => warn!(error = %e, "relay queue runner started, spool not readable"),
+    fn now(&self) -> u64 {
+        self.clock.now_secs()
+    }
+}
+
+/// A delivery in progress.
+struct Running {
+    id: QueueId,
+    destinations: Arc<[String]>,
+}
+
+/// The queue runner's state (see the module comment for its steps).
+pub struct QueueRunner {
+    relay: Arc<Relay>,
+    tasks: JoinSet<()>,
+    running: HashMap<tokio::task::Id, Running>,
+    in_flight: HashSet<QueueId>,
+    /// Deliveries in progress per recipient domain.
+    per_destination: HashMap<String, usize>,
+    /// Messages whose delivery task died: not retried before this time.
+    cooldown: HashMap<QueueId, u64>,
+    /// Cancelled after the shutdown grace: deliveries stop where they are.
+    abandon: CancellationToken,
+}
+
+impl QueueRunner {
+    fn new(relay: Arc<Relay>) -> QueueRunner {
+        QueueRunner {
+            relay,
+            tasks: JoinSet::new(),
+            running: HashMap::new(),
+            in_flight: HashSet::new(),
+            per_destination: HashMap::new(),
+            cooldown: HashMap::new(),
+            abandon: CancellationToken::new(),
         }
+    }
 
+    async fn run(mut self, shutdown: CancellationToken) {
+        let stats = self.relay.spool.stats(self.relay.now());
+        info!(
+            queued = stats.messages,
+            quarantined = stats.quarantined,
+            deferred = stats.deferred,
+            damaged = stats.damaged,
+            "relay queue runner started"
+        );
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
-            let mut wake_at = next_scan;
-            if dirty {
-                let since = last_scan.map(|t| t.elapsed());
-                if since.is_none_or(|s| s >= scan_gap) {
-                    dirty = false;
-                    let started = Instant::now();
-                    last_scan = Some(started);
-                    let now = unix_now();
-                    cooldown.retain(|_, until| *until > now);
-                    let (due, until_next) = scan(&inner).await;
-                    scan_gap = started
-                        .elapsed()
-                        .saturating_mul(10)
-                        .clamp(SCAN_GAP_MIN, POLL);
-                    ready = due
-                        .into_iter()
-                        .filter(|id| !in_flight.contains(id) && !cooldown.contains_key(id))
-                        .collect();
-                    next_scan = Instant::now() + until_next.min(POLL);
-                    wake_at = next_scan;
-                } else if let Some(last) = last_scan {
-                    // Not before the gap has passed, even if the next due
-                    // message is already late (no spinning until then).
-                    wake_at = last + scan_gap;
-                }
-            }
-            while in_flight.len() < concurrency {
-                let Some(id) = ready.pop_front() else { break };
-                if in_flight.contains(&id) {
-                    continue;
-                }
-                let handle = tasks.spawn(process(inner.clone(), id.clone(), abandon.clone()));
-                running.insert(handle.id(), id.clone());
-                in_flight.insert(id);
-            }
-
+            let wake_at = self.scan().await;
+            self.start_ready();
+            let relay = self.relay.clone();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(done) = tasks.join_next_with_id() => {
-                    let (task, panicked) = match done {
-                        Ok((task, ())) => (task, None),
-                        Err(e) => (e.id(), Some(e.to_string())),
-                    };
-                    if let Some(id) = running.remove(&task) {
-                        in_flight.remove(&id);
-                        if let Some(reason) = panicked {
-                            error!(queue_id = %id, error = %reason, "delivery task died; message kept");
-                            let pause = retry_delay(&inner.config.relay, 1);
-                            cooldown.insert(id, unix_now() + pause);
-                        }
-                    }
-                }
-                _ = inner.wake.notified() => dirty = true,
-                _ = tokio::time::sleep_until(wake_at) => {
-                    if Instant::now() >= next_scan {
-                        dirty = true;
-                    }
-                }
+                Some(done) = self.tasks.join_next_with_id() => self.on_done(done),
+                _ = relay.wake.notified() => {}
+                _ = relay.clock.sleep_until(wake_at.saturating_mul(1000)) => {}
             }
         }
-
-        if !tasks.is_empty() {
-            info!(
-                in_flight = tasks.len(),
-                "relay stopping: waiting for deliveries in progress"
-            );
-            let grace =
-                tokio::time::sleep(SHUTDOWN_GRACE.min(inner.config.relay.command_timeout.0));
-            tokio::pin!(grace);
-            loop {
-                tokio::select! {
-                    done = tasks.join_next() => if done.is_none() { break },
-                    _ = &mut grace => {
-                        info!(in_flight = tasks.len(), "relay stopping: abandoning deliveries in progress");
-                        abandon.cancel();
-                        while tasks.join_next().await.is_some() {}
-                        break;
-                    }
-                }
-            }
-        }
+        self.drain().await;
         info!("relay queue runner stopped");
     }
-}
 
-/// Lists the spool: the due, non-quarantined messages (earliest first) and
-/// the time until the next one becomes due. Removes quarantined messages
-/// older than `throttle.quarantine_max_age`.
-async fn scan(inner: &Inner) -> (Vec<QueueId>, Duration) {
-    let now_ms = unix_ms();
-    let now = now_ms / 1000;
-    let quarantine_max_age = inner.config.throttle.quarantine_max_age.0.as_secs();
-    let entries = match inner.spool.entries() {
-        Ok(entries) => entries,
-        Err(e) => {
-            warn!(error = %e, "cannot list the spool");
-            return (Vec::new(), POLL);
-        }
-    };
-    let mut due = Vec::new();
-    let mut until_next = POLL;
-    for entry in entries {
-        if entry.quarantined {
-            let age = now.saturating_sub(entry.envelope.received_at);
-            if age >= quarantine_max_age {
-                match inner.spool.remove(&entry.id).await {
-                    Ok(()) => info!(queue_id = %entry.id, age, "quarantine expired; removed"),
-                    Err(e) => {
-                        warn!(queue_id = %entry.id, error = %e, "cannot remove an expired quarantined message")
-                    }
+    /// Removes expired quarantine and returns when the runner must look
+    /// again (Unix seconds): the next due time after now, the next
+    /// quarantine expiry, the end of a cooldown, or [`IDLE_WAKE`] from now.
+    /// Due messages that cannot start now (no free slot) start when a
+    /// delivery ends, not on a timer.
+    async fn scan(&mut self) -> u64 {
+        let relay = &self.relay;
+        let now = relay.now();
+        let max_age = relay.config.throttle.quarantine_max_age.0.as_secs();
+        for id in relay.spool.quarantined_before(now.saturating_sub(max_age)) {
+            match relay.spool.remove(&id).await {
+                Ok(()) => info!(queue_id = %id, "quarantine expired; removed"),
+                Err(e) => {
+                    warn!(queue_id = %id, error = %e, "cannot remove an expired quarantined message")
                 }
             }
-        } else if entry.next_attempt <= now {
-            due.push(entry.id);
-        } else {
-            let ms = entry
-                .next_attempt
-                .saturating_mul(1000)
-                .saturating_sub(now_ms);
-            until_next = until_next.min(Duration::from_millis(ms));
+        }
+        self.cooldown.retain(|_, until| *until > now);
+        let mut wake_at = now.saturating_add(IDLE_WAKE.as_secs());
+        if let Some(t) = relay.spool.next_due_after(now) {
+            wake_at = wake_at.min(t);
+        }
+        if let Some(t) = relay.spool.first_quarantined() {
+            wake_at = wake_at.min(t.saturating_add(max_age).saturating_add(1));
+        }
+        if let Some(t) = self.cooldown.values().min() {
+            wake_at = wake_at.min(*t);
+        }
+        wake_at.max(now.saturating_add(1))
+    }
+
+    /// Starts a delivery for each due message that has a free slot, in all
+    /// and for every one of its destinations.
+    fn start_ready(&mut self) {
+        let relay = self.relay.clone();
+        let concurrency = relay.config.relay.concurrency.max(1);
+        let per_destination = relay.config.relay.destination_concurrency.max(1);
+        let free = concurrency.saturating_sub(self.in_flight.len());
+        if free == 0 {
+            return;
+        }
+        let now = relay.now();
+        let mut planned: HashMap<String, usize> = HashMap::new();
+        let (in_flight, cooldown, busy) = (&self.in_flight, &self.cooldown, &self.per_destination);
+        let ready = relay.spool.due(now, free, |id, destinations| {
+            if in_flight.contains(id) || cooldown.contains_key(id) {
+                return false;
+            }
+            let full = destinations.iter().any(|d| {
+                busy.get(d).copied().unwrap_or(0) + planned.get(d).copied().unwrap_or(0)
+                    >= per_destination
+            });
+            if full {
+                return false;
+            }
+            for d in destinations.iter() {
+                *planned.entry(d.clone()).or_default() += 1;
+            }
+            true
+        });
+        for (id, destinations) in ready {
+            for d in destinations.iter() {
+                *self.per_destination.entry(d.clone()).or_default() += 1;
+            }
+            let handle = self
+                .tasks
+                .spawn(process(relay.clone(), id.clone(), self.abandon.clone()));
+            self.in_flight.insert(id.clone());
+            self.running
+                .insert(handle.id(), Running { id, destinations });
         }
     }
-    (due, until_next)
+
+    /// A delivery task ended: free its slots.
+    fn on_done(&mut self, done: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let (task, panicked) = match done {
+            Ok((task, ())) => (task, None),
+            Err(e) => (e.id(), Some(e.to_string())),
+        };
+        let Some(Running { id, destinations }) = self.running.remove(&task) else {
+            return;
+        };
+        self.in_flight.remove(&id);
+        for d in destinations.iter() {
+            if let Some(n) = self.per_destination.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_destination.remove(d);
+                }
+            }
+        }
+        if let Some(reason) = panicked {
+            error!(queue_id = %id, error = %reason, "delivery task died; message kept");
+            let pause = retry_delay(&self.relay.config.relay, 1);
+            self.cooldown.insert(id, self.relay.now() + pause);
+        }
+    }
+
+    /// At shutdown: lets deliveries in progress finish for a short grace, then abandons them.
+    async fn drain(&mut self) {
+        if self.tasks.is_empty() {
+            return;
+        }
+        info!(
+            in_flight = self.tasks.len(),
+            "relay stopping: waiting for deliveries in progress"
+        );
+        let grace =
+            tokio::time::sleep(SHUTDOWN_GRACE.min(self.relay.config.relay.command_timeout.0));
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                done = self.tasks.join_next() => if done.is_none() { break },
+                _ = &mut grace => {
+                    info!(in_flight = self.tasks.len(), "relay stopping: abandoning deliveries in progress");
+                    self.abandon.cancel();
+                    while self.tasks.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// One attempt of one message, from reading its body to removing it.
-async fn process(inner: Arc<Inner>, id: QueueId, abandon: CancellationToken) {
-    // The scan may be a moment old: the operator may have deleted or
+async fn process(relay: Arc<Relay>, id: QueueId, abandon: CancellationToken) {
+    // The index may be a moment old: the operator may have deleted or
     // quarantined the message since.
-    let mut entry = match inner.spool.get(&id) {
-        Ok(Some(entry)) if !entry.quarantined && entry.next_attempt <= unix_now() => entry,
+    let mut entry = match relay.spool.get(&id) {
+        Ok(Some(entry)) if !entry.quarantined && entry.next_attempt <= relay.now() => entry,
         Ok(_) => return,
+        // The spool has put it on its damaged list: never sent.
+        Err(SpoolError::Corrupt { .. }) => return,
         Err(e) => {
             warn!(queue_id = %id, error = %e, "cannot read the queue entry");
             return;
         }
     };
     if !has_pending(&entry) {
-        let _ = remove(&inner, &id).await;
+        let _ = remove(&relay, &id).await;
         return;
     }
-    if let Some(reason) = release_check(&inner, &entry) {
+    if let Some(reason) = release_check(&relay, &entry) {
         entry.quarantined = true;
         entry.last_error = Some(format!("quarantined: {reason}"));
-        match inner.spool.update(&entry).await {
+        match relay.spool.update(&entry).await {
             Ok(()) => warn!(
                 queue_id = %id,
                 client = %entry.envelope.client_ip,
@@ -306,10 +353,12 @@ async fn process(inner: Arc<Inner>, id: QueueId, abandon: CancellationToken) {
         }
         return;
     }
-    let spool = inner.spool.clone();
+    let spool = relay.spool.clone();
     let read_id = id.clone();
     let body = match tokio::task::spawn_blocking(move || spool.body(&read_id)).await {
         Ok(Ok(body)) => Ok(body),
+        // Damaged: on the damaged list now, never delivered altered.
+        Ok(Err(SpoolError::Corrupt { .. })) => return,
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e.to_string()),
     };
@@ -317,7 +366,7 @@ async fn process(inner: Arc<Inner>, id: QueueId, abandon: CancellationToken) {
         Ok(body) => {
             let body: Arc<[u8]> = Arc::from(body);
             let results = tokio::select! {
-                r = attempt(&inner, &entry, body.clone()) => r,
+                r = attempt(&relay, &entry, body.clone()) => r,
                 _ = abandon.cancelled() => {
                     info!(queue_id = %id, "delivery abandoned at shutdown; message kept as it was");
                     return;
@@ -332,32 +381,25 @@ async fn process(inner: Arc<Inner>, id: QueueId, abandon: CancellationToken) {
             (Arc::from(Vec::new()), results)
         }
     };
-    settle(&inner, entry, &body, results).await;
+    settle(&relay, entry, &body, results).await;
 }
 
-/// At the end of the hold (first attempt, not released by the operator, not
-/// a DSN of this node), asks the gate whether the message goes to quarantine.
-fn release_check(inner: &Inner, entry: &QueueEntry) -> Option<String> {
-    let gate = inner.gate.as_ref()?;
-    if entry.attempts > 0 || entry.released || is_own_dsn(entry, &inner.config) {
+/// At the end of the hold (first attempt of an inbound message not released
+/// by the operator), asks the gate whether the message goes to quarantine.
+/// Outbound clients' mail and this node's DSNs are never held back: their
+/// origin is recorded in the spool.
+fn release_check(relay: &Relay, entry: &QueueEntry) -> Option<String> {
+    let gate = relay.gate.as_ref()?;
+    if entry.attempts > 0 || entry.released || entry.envelope.origin != Origin::Inbound {
         return None;
     }
     gate.quarantine_reason(entry.envelope.client_ip)
 }
 
-/// DSNs are stored by [`queue_dsn`] from the null sender, 127.0.0.1 and the
-/// node's own host name.
-fn is_own_dsn(entry: &QueueEntry, config: &Config) -> bool {
-    let e = &entry.envelope;
-    e.sender.is_empty()
-        && e.client_ip == IpAddr::V4(Ipv4Addr::LOCALHOST)
-        && e.helo == config.node.hostname
-}
-
 /// Delivers the pending recipients; one result per envelope recipient,
 /// None for those that were not pending.
-async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Option<RcptResult>> {
-    let config = &inner.config;
+async fn attempt(relay: &Relay, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Option<RcptResult>> {
+    let config = &relay.config;
     let received = count_received(&body);
     if received > config.relay.max_received_headers {
         warn!(queue_id = %entry.id, received, "routing loop: too many Received headers");
@@ -399,7 +441,7 @@ async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
         body,
     };
     for (domain, idx) in by_domain {
-        let plan = match inner.dns.mx(&domain).await {
+        let plan = match relay.dns.mx(&domain).await {
             Ok(answer) => mx::plan(&domain, answer, config),
             Err(e @ (DnsError::InvalidName { .. } | DnsError::NoDomain(_))) => {
                 Plan::PermFail(format!("5.1.2 bad destination domain {domain}: {e}"))
@@ -413,7 +455,7 @@ async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
                     .iter()
                     .map(|&i| entry.envelope.recipients[i].address.clone())
                     .collect();
-                let out = deliver::deliver(config, &inner.dns, &msg, &domain, &hosts, &rcpts).await;
+                let out = deliver::deliver(config, &relay.dns, &msg, &domain, &hosts, &rcpts).await;
                 for (i, r) in idx.into_iter().zip(out) {
                     results[i] = Some(r);
                 }
@@ -434,13 +476,13 @@ async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
 }
 
 /// Records the results: persist, log, DSN, remove.
-async fn settle(inner: &Inner, entry: QueueEntry, body: &[u8], results: Vec<Option<RcptResult>>) {
-    let now = unix_now();
+async fn settle(relay: &Relay, entry: QueueEntry, body: &[u8], results: Vec<Option<RcptResult>>) {
+    let now = relay.now();
     let Settled {
         mut entry,
         mut events,
         newly_failed,
-    } = apply(entry, &results, now, &inner.config.relay);
+    } = apply(entry, &results, now, &relay.config.relay);
 
     // The DSN is stored before the failure is recorded: a crash in between
     // gives a second DSN after the restart, never none.
@@ -451,7 +493,7 @@ async fn settle(inner: &Inner, entry: QueueEntry, body: &[u8], results: Vec<Opti
                 failed = newly_failed.len(),
                 "no DSN: null sender"
             );
-        } else if let Err(e) = queue_dsn(inner, &entry, body, &newly_failed, now).await {
+        } else if let Err(e) = queue_dsn(relay, &entry, body, &newly_failed, now).await {
             // Without its DSN a failure is not final: those recipients stay
             // queued and are tried again (and reported again) later.
             error!(queue_id = %entry.id, error = %e, "cannot queue the DSN; the failed recipients stay queued");
@@ -464,7 +506,7 @@ async fn settle(inner: &Inner, entry: QueueEntry, body: &[u8], results: Vec<Opti
             events.retain(|ev| !newly_failed.iter().any(|f| f.address == ev.rcpt));
             entry.last_error = Some(format!("4.3.0 cannot queue the DSN: {e}"));
             entry.next_attempt =
-                now.saturating_add(retry_delay(&inner.config.relay, entry.attempts));
+                now.saturating_add(retry_delay(&relay.config.relay, entry.attempts));
         }
     }
     let queue_id = entry.id.as_str();
@@ -472,7 +514,7 @@ async fn settle(inner: &Inner, entry: QueueEntry, body: &[u8], results: Vec<Opti
     // per delivered message instead of an update and then a removal).
     let done = !has_pending(&entry);
     if !done {
-        if let Err(e) = inner.spool.update(&entry).await {
+        if let Err(e) = relay.spool.update(&entry).await {
             error!(queue_id = %queue_id, error = %e, "cannot record delivery results; the message will be tried again");
             return;
         }
@@ -501,23 +543,23 @@ async fn settle(inner: &Inner, entry: QueueEntry, body: &[u8], results: Vec<Opti
             }
         }
     }
-    if done && !remove(inner, queue_id).await {
+    if done && !remove(relay, queue_id).await {
         // Record the outcome at least, so that the message is not delivered
         // again; a later attempt finds nothing pending and removes it.
-        if let Err(e) = inner.spool.update(&entry).await {
+        if let Err(e) = relay.spool.update(&entry).await {
             error!(queue_id = %queue_id, error = %e, "cannot record delivery results either");
         }
     }
 }
 
 async fn queue_dsn(
-    inner: &Inner,
+    relay: &Relay,
     entry: &QueueEntry,
     body: &[u8],
     failed: &[FailedRcpt],
     now: u64,
 ) -> Result<(), crate::spool::SpoolError> {
-    let hostname = inner.config.node.hostname.as_str();
+    let hostname = relay.config.node.hostname.as_str();
     let message = dsn::build(&dsn::Report {
         hostname,
         queue_id: &entry.id,
@@ -525,7 +567,8 @@ async fn queue_dsn(
         arrival: entry.envelope.received_at,
         failed,
         original: body,
-        now: chrono::Utc::now(),
+        now: chrono::DateTime::from_timestamp_millis(relay.clock.now_ms() as i64)
+            .unwrap_or_else(chrono::Utc::now),
     });
     let envelope = Envelope {
         sender: String::new(),
@@ -538,8 +581,9 @@ async fn queue_dsn(
         received_at: now,
         smtputf8: !entry.envelope.sender.is_ascii(),
         eight_bit: !message.is_ascii(),
+        origin: Origin::Dsn,
     };
-    match inner.spool.store(envelope, message, now).await {
+    match relay.spool.store(envelope, message, now).await {
         Ok(stored) => {
             info!(
                 queue_id = %entry.id,
@@ -548,7 +592,7 @@ async fn queue_dsn(
                 failed = failed.len(),
                 "dsn queued"
             );
-            inner.wake.notify_one();
+            relay.wake.notify_one();
             Ok(())
         }
         Err(e) => Err(e),
@@ -556,8 +600,8 @@ async fn queue_dsn(
 }
 
 /// Removes a finished message; false if the spool refused.
-async fn remove(inner: &Inner, queue_id: &str) -> bool {
-    match inner.spool.remove(queue_id).await {
+async fn remove(relay: &Relay, queue_id: &str) -> bool {
+    match relay.spool.remove(queue_id).await {
         Ok(()) => {
             info!(queue_id = %queue_id, "removed");
             true
@@ -762,17 +806,6 @@ fn pending_with(
         .collect()
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-fn unix_now() -> u64 {
-    unix_ms() / 1000
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -804,6 +837,7 @@ mod tests {
                 received_at: 1_000_000,
                 smtputf8: false,
                 eight_bit: false,
+                origin: Origin::Inbound,
             },
             size: 10,
             attempts: 0,
@@ -811,6 +845,7 @@ mod tests {
             last_error: None,
             quarantined: false,
             released: false,
+            body_crc: None,
         }
     }
 
@@ -1039,7 +1074,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let dns = Dns::new(&config.dns).unwrap();
-        let now = unix_now();
+        let now = crate::clock::system_ms() / 1000;
         let body = b"Received: from x by y\r\nSubject: hi\r\n\r\nhello\r\n".to_vec();
         let first = spool
             .store(
@@ -1150,7 +1185,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let dns = Dns::new(&config.dns).unwrap();
-        let now = unix_now();
+        let now = crate::clock::system_ms() / 1000;
         let held = spool
             .store(
                 envelope("a@relay.test", &["ok@relay.test"], now),
