@@ -2272,6 +2272,205 @@ mod tests {
         assert_eq!(list(dir.path()).await.len(), 11);
     }
 
+    /// Overwrites every copy of `needle` in the spool file with `X`s.
+    fn garble(dir: &Path, needle: &[u8]) -> usize {
+        let path = dir.join(SPOOL_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut hits = 0;
+        let mut at = 0;
+        while let Some(p) = bytes[at..].windows(needle.len()).position(|w| w == needle) {
+            let start = at + p;
+            bytes[start..start + needle.len()].fill(b'X');
+            hits += 1;
+            at = start + needle.len();
+        }
+        std::fs::write(&path, bytes).unwrap();
+        hits
+    }
+
+    #[tokio::test]
+    async fn damaged_body_is_never_handed_out_and_is_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let stored = store_some(&spool, 3).await;
+        spool.close().await;
+        // 14 bytes of message 1's body.
+        assert!(garble(dir.path(), b"line of messag") > 0);
+        let spool = Spool::open(dir.path()).unwrap();
+        // Every body was garbled by the needle (they all contain it): none is handed out.
+        for e in &stored {
+            assert!(
+                matches!(spool.body(&e.id), Err(SpoolError::Corrupt { ref reason, .. }) if reason.contains("checksum")),
+                "{}",
+                e.id
+            );
+        }
+        let damaged = spool.damaged();
+        assert_eq!(damaged.len(), 3, "{damaged:?}");
+        assert!(spool.due(u64::MAX, 10, |_, _| true).is_empty());
+        assert_eq!(spool.stats(0).damaged, 3);
+        assert_eq!(spool.stats(0).messages, 0);
+        assert!(matches!(
+            spool.get(&stored[0].id),
+            Err(SpoolError::Corrupt { .. })
+        ));
+        // The damage is recorded on disk: still listed after a restart.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        spool.close().await;
+        let listing = Spool::list_readonly(dir.path()).unwrap();
+        assert!(listing.entries.is_empty());
+        assert_eq!(listing.damaged.len(), 3);
+        assert!(listing.damaged[0].reason.contains("body checksum mismatch"));
+        let spool = Spool::open(dir.path()).unwrap();
+        assert_eq!(spool.damaged().len(), 3);
+        assert!(spool.due(u64::MAX, 10, |_, _| true).is_empty());
+    }
+
+    #[tokio::test]
+    async fn damaged_envelope_is_listed_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let stored = store_some(&spool, 3).await;
+        spool.close().await;
+        assert!(garble(dir.path(), b"sender1@example.org") > 0);
+        let spool = Spool::open(dir.path()).unwrap();
+        let damaged = spool.damaged();
+        assert_eq!(damaged.len(), 1, "{damaged:?}");
+        assert_eq!(damaged[0].id, stored[1].id);
+        assert!(
+            damaged[0].reason.contains("envelope checksum"),
+            "{damaged:?}"
+        );
+        let due: Vec<_> = spool
+            .due(u64::MAX, 10, |_, _| true)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(due, [stored[0].id.clone(), stored[2].id.clone()]);
+        assert_eq!(spool.body(&stored[2].id).unwrap(), body(2));
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_emptied_spool_is_refused_unless_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        store_some(&spool, 2).await;
+        spool.close().await;
+        assert!(dir.path().join(MARKER_FILE).is_file());
+        // Truncated to zero bytes.
+        std::fs::write(dir.path().join(SPOOL_FILE), b"").unwrap();
+        let err = Spool::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, SpoolError::Refused(m) if m.contains("--new-spool") && m.contains("empty")),
+            "{err}"
+        );
+        // Deleted.
+        std::fs::remove_file(dir.path().join(SPOOL_FILE)).unwrap();
+        let err = Spool::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, SpoolError::Refused(m) if m.contains("missing")),
+            "{err}"
+        );
+        // Replaced by another spool.
+        let other = tempfile::tempdir().unwrap();
+        Spool::open(other.path()).unwrap().close().await;
+        std::fs::copy(other.path().join(SPOOL_FILE), dir.path().join(SPOOL_FILE)).unwrap();
+        let err = Spool::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(&err, SpoolError::Refused(m) if m.contains("is spool")),
+            "{err}"
+        );
+        std::fs::remove_file(dir.path().join(SPOOL_FILE)).unwrap();
+        // The operator says so: a new, empty spool, and a marker for it.
+        let spool = Spool::open_with(dir.path(), OpenOptions { new_spool: true }).unwrap();
+        assert_eq!(spool.len().unwrap(), 0);
+        spool.close().await;
+        Spool::open(dir.path()).unwrap().close().await;
+    }
+
+    #[tokio::test]
+    async fn index_tracks_due_held_deferred_and_quarantine() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let a = spool.store(envelope(1), body(1), 100).await.unwrap();
+        let mut b = spool.store(envelope(2), body(2), 200).await.unwrap();
+        let mut c = spool.store(envelope(3), body(3), 300).await.unwrap();
+        let s = spool.stats(150);
+        assert_eq!(
+            (s.messages, s.held, s.deferred, s.quarantined),
+            (3, 2, 0, 0)
+        );
+        assert_eq!(spool.next_due(), Some(100));
+        assert_eq!(spool.next_due_after(100), Some(200));
+        let due: Vec<_> = spool
+            .due(200, 10, |_, _| true)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(due, [a.id.clone(), b.id.clone()]);
+        let (_, dest) = &spool.due(100, 1, |_, _| true)[0];
+        assert_eq!(&dest[..], ["example.net".to_string()]);
+        // A filter that refuses the first still gets the next.
+        let due = spool.due(200, 1, |id, _| id != a.id);
+        assert_eq!(due[0].0, b.id);
+        b.attempts = 1;
+        b.next_attempt = 1_000;
+        spool.update(&b).await.unwrap();
+        c.quarantined = true;
+        spool.update(&c).await.unwrap();
+        let s = spool.stats(150);
+        assert_eq!(
+            (s.messages, s.held, s.deferred, s.quarantined),
+            (3, 0, 1, 1)
+        );
+        assert_eq!(spool.next_due_after(100), Some(1_000));
+        assert_eq!(spool.quarantined_before(u64::MAX), [c.id.clone()]);
+        assert_eq!(spool.first_quarantined(), Some(c.envelope.received_at));
+        spool.remove(&a.id).await.unwrap();
+        assert_eq!(spool.next_due(), Some(1_000));
+        assert_eq!(spool.stats(0).messages, 2);
+        // The same index is rebuilt at open.
+        spool.close().await;
+        let spool = Spool::open(dir.path()).unwrap();
+        let s = spool.stats(150);
+        assert_eq!(
+            (s.messages, s.held, s.deferred, s.quarantined),
+            (2, 0, 1, 1)
+        );
+        assert_eq!(spool.next_due(), Some(1_000));
+    }
+
+    #[tokio::test]
+    async fn salvage_copies_the_readable_and_lists_the_rest() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("spool");
+        let spool = Spool::open(&dir).unwrap();
+        let stored = store_some(&spool, 5).await;
+        spool.close().await;
+        // Garble the envelope of message 3.
+        assert!(garble(&dir, b"sender3@example.org") > 0);
+        let report = salvage(&dir).unwrap();
+        let mut copied = report.copied.clone();
+        copied.sort();
+        let want: Vec<_> = stored
+            .iter()
+            .filter(|e| e.next_attempt != 3)
+            .map(|e| e.id.clone())
+            .collect();
+        assert_eq!(copied, want);
+        assert_eq!(report.lost.len(), 1, "{:?}", report.lost);
+        assert_eq!(report.lost[0].0, stored[3].id);
+        assert!(report.moved_to.join(SPOOL_FILE).is_file());
+        // The fresh spool is in place and opens without complaint.
+        let spool = Spool::open(&dir).unwrap();
+        assert_eq!(spool.stats(0).messages, 4);
+        assert!(spool.damaged().is_empty());
+        for e in stored.iter().filter(|e| e.next_attempt != 3) {
+            assert_eq!(spool.body(&e.id).unwrap(), body(e.next_attempt));
+            assert_eq!(spool.get(&e.id).unwrap().unwrap().envelope, e.envelope);
+        }
+    }
+
     #[test]
     fn open_creates_missing_directories() {
         let dir = tempfile::tempdir().unwrap();

@@ -1171,6 +1171,84 @@ mod tests {
             .unwrap();
     }
 
+    /// A destination that accepts TCP and never greets must not hold the
+    /// slots of the others: with two slots and one per destination, mail
+    /// to a healthy domain leaves at once behind three stalled messages.
+    #[tokio::test]
+    async fn a_stalling_destination_does_not_delay_another() {
+        use hickory_resolver::proto::rr::rdata::{A, MX};
+        use hickory_resolver::proto::rr::{Name, RData};
+        use std::str::FromStr;
+        let (port, sessions) = testutil::sink("127.0.0.1:0", testutil::Mode::Plain).await;
+        let stall = tokio::net::TcpListener::bind(("127.0.0.2", port))
+            .await
+            .unwrap();
+        let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = held.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = stall.accept().await {
+                keep.lock().unwrap().push(sock);
+            }
+        });
+        let dns = crate::dns::testutil::server(vec![
+            (
+                "slow.test",
+                RData::MX(MX::new(10, Name::from_str("mx.slow.test.").unwrap())),
+            ),
+            ("mx.slow.test", RData::A(A(Ipv4Addr::new(127, 0, 0, 2)))),
+            (
+                "fast.test",
+                RData::MX(MX::new(10, Name::from_str("mx.fast.test.").unwrap())),
+            ),
+            ("mx.fast.test", RData::A(A(Ipv4Addr::LOCALHOST))),
+        ])
+        .await;
+        let mut config = node_config(port, dns);
+        config.relay.concurrency = 2;
+        config.relay.destination_concurrency = 1;
+        config.relay.command_timeout = crate::config::Dur::secs(30);
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let dns = Dns::new(&config.dns).unwrap();
+        let now = crate::clock::system_ms() / 1000;
+        for n in 0..3 {
+            let rcpt = format!("u{n}@slow.test");
+            spool
+                .store(
+                    envelope("a@fast.test", &[&rcpt], now),
+                    b"S: x\r\n\r\nx\r\n".to_vec(),
+                    now,
+                )
+                .await
+                .unwrap();
+        }
+        spool
+            .store(
+                envelope("a@fast.test", &["ok@fast.test"], now),
+                b"S: y\r\n\r\ny\r\n".to_vec(),
+                now,
+            )
+            .await
+            .unwrap();
+        let relay = Relay::new(Arc::new(config), spool.clone(), dns);
+        let token = CancellationToken::new();
+        let runner = tokio::spawn(relay.run(token.clone()));
+        tokio::time::timeout(Duration::from_secs(3), async {
+            while sessions.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the healthy destination waited behind the stalled one");
+        // The stalled destination holds exactly its one slot.
+        assert_eq!(held.lock().unwrap().len(), 1);
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(10), runner)
+            .await
+            .expect("runner stops")
+            .unwrap();
+    }
+
     struct Quarantine;
     impl ReleaseGate for Quarantine {
         fn quarantine_reason(&self, _client: IpAddr) -> Option<String> {
