@@ -8,12 +8,14 @@
 pub mod admin;
 pub mod config;
 pub mod dns;
+pub mod dnsbl;
 pub mod gossip;
 pub mod policy;
 pub mod relay;
 pub mod slots;
 pub mod smtp;
 pub mod spool;
+pub mod suspect;
 pub mod throttle;
 pub mod zone;
 
