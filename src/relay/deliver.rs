@@ -57,83 +57,37 @@ use tracing::{debug, info, instrument, warn, Instrument};
 use crate::config::{Config, RelayTls};
 use crate::dns::{Dns, DnsError};
 
-use client::{ClientError, Conn};
 pub use client::forbidden_in_data;
+use client::{ClientError, Conn};
 use reply::{Limits, RawReply};
 
-/// An RFC 3463 enhanced status code (`5.1.1`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Status {
-    pub class: u8,
-    pub subject: u16,
-    pub detail: u16,
-}
-
-impl Status {
-    pub const fn new(class: u8, subject: u16, detail: u16) -> Status {
-        Status {
-            class,
-            subject,
-            detail,
-        }
-    }
-
-    /// `2.1.5`, `5.1.10`: class 2, 4 or 5, then one to three digits twice.
-    pub fn parse(word: &str) -> Option<Status> {
-        let mut parts = word.split('.');
-        let (c, s, d) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() {
-            return None;
-        }
-        let class = match c {
-            "2" => 2,
-            "4" => 4,
-            "5" => 5,
-            _ => return None,
-        };
-        let num = |p: &str| {
-            (!p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| p.parse::<u16>().ok())
-                .flatten()
-        };
-        Some(Status::new(class, num(s)?, num(d)?))
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}.{}", self.class, self.subject, self.detail)
-    }
-}
+pub use crate::reply::{Reply, Status};
 
 /// Why a recipient ended as it did: a remote server's reply, or the node's
-/// own reason (no reply code). Shown as `550 5.1.1 text` or `4.4.1 text`.
+/// own reason (an enhanced status and text, no reply code). Shown as
+/// `550 5.1.1 text` or `4.4.1 text`; the DSN takes the status and the kind
+/// from here, never from the text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// The remote reply code; None for the node's own reasons.
-    pub code: Option<u16>,
-    /// The enhanced status the reply carried (always set for the node's own).
-    pub status: Option<Status>,
-    /// One line of text, control characters removed, bounded.
-    pub text: String,
+pub enum Diagnostic {
+    Remote(Reply),
+    Local { status: Status, text: String },
 }
 
 /// Longest reply text kept (stored in the spool, put into a DSN line).
 const MAX_TEXT: usize = 800;
 
-impl Reply {
+impl Diagnostic {
     /// The node's own reason.
-    pub fn local(status: Status, text: impl Into<String>) -> Reply {
-        Reply {
-            code: None,
-            status: Some(status),
+    pub fn local(status: Status, text: impl Into<String>) -> Diagnostic {
+        Diagnostic::Local {
+            status,
             text: bounded(text.into()),
         }
     }
 
     /// A remote reply of one line: `code` and the text after it.
-    pub fn remote_line(code: u16, text: &str) -> Reply {
-        Reply::remote(&RawReply {
+    pub fn remote_line(code: u16, text: &str) -> Diagnostic {
+        Diagnostic::remote(&RawReply {
             code,
             lines: vec![text.to_string()],
         })
@@ -142,7 +96,7 @@ impl Reply {
     /// A remote reply: the enhanced status is taken from the first line if
     /// it has one of the same class as the code (RFC 2034); repeated on the
     /// following lines, it is dropped there.
-    fn remote(raw: &RawReply) -> Reply {
+    fn remote(raw: &RawReply) -> Diagnostic {
         let class = u8::try_from(raw.code / 100).unwrap_or(0);
         let split = |line: &str| -> (Option<Status>, String) {
             let (first, rest) = line.split_once(' ').unwrap_or((line, ""));
@@ -169,56 +123,46 @@ impl Reply {
             .filter(|p| !p.is_empty())
             .collect::<Vec<_>>()
             .join(" ");
-        Reply {
-            code: Some(raw.code),
+        Diagnostic::Remote(Reply {
+            code: raw.code,
             status,
-            text: bounded(text),
-        }
+            text: bounded(text).into(),
+        })
     }
 
     /// The enhanced status, or the reply code's class (`4.0.0`, `5.0.0`,
     /// `2.0.0`) when the reply had none.
     pub fn status(&self) -> Status {
-        self.status.unwrap_or_else(|| {
-            let class = match self.code {
-                Some(c) if (200..300).contains(&c) => 2,
-                Some(c) if (400..500).contains(&c) => 4,
-                _ => 5,
-            };
-            Status::new(class, 0, 0)
-        })
+        match self {
+            Diagnostic::Remote(r) => r.status_or_default(),
+            Diagnostic::Local { status, .. } => *status,
+        }
     }
 
     /// True if a remote server gave this reply.
     pub fn is_remote(&self) -> bool {
-        self.code.is_some()
+        matches!(self, Diagnostic::Remote(_))
     }
 }
 
-impl fmt::Display for Reply {
+impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut words: Vec<String> = Vec::with_capacity(3);
-        if let Some(code) = self.code {
-            words.push(code.to_string());
+        match self {
+            Diagnostic::Remote(r) => write!(f, "{r}"),
+            Diagnostic::Local { status, text } if text.is_empty() => write!(f, "{status}"),
+            Diagnostic::Local { status, text } => write!(f, "{status} {text}"),
         }
-        if let Some(s) = self.status {
-            words.push(s.to_string());
-        }
-        if !self.text.is_empty() {
-            words.push(self.text.clone());
-        }
-        f.write_str(&words.join(" "))
     }
 }
 
-/// Tests write replies as they read: `"550 5.1.1 text"`.
+/// Tests write replies as they read: `"550 5.1.1 text"`, `"4.4.1 text"`.
 #[cfg(test)]
-impl From<&str> for Reply {
-    fn from(s: &str) -> Reply {
+impl From<&str> for Diagnostic {
+    fn from(s: &str) -> Diagnostic {
         let (code, text) = s.split_once(' ').unwrap_or((s, ""));
         match code.parse::<u16>() {
-            Ok(code) => Reply::remote_line(code, text),
-            Err(_) => Reply::local(Status::parse(code).expect("a status"), text),
+            Ok(code) => Diagnostic::remote_line(code, text),
+            Err(_) => Diagnostic::local(Status::parse(code).expect("a status"), text),
         }
     }
 }
@@ -244,15 +188,15 @@ fn bounded(s: String) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RcptOutcome {
     /// The remote server took responsibility (its reply to the end of data).
-    Delivered(Reply),
+    Delivered(Diagnostic),
     /// Try again later (4xx, network error, timeout).
-    TempFail(Reply),
+    TempFail(Diagnostic),
     /// Give up and report (5xx, or an address that cannot be sent).
-    PermFail(Reply),
+    PermFail(Diagnostic),
 }
 
 impl RcptOutcome {
-    pub fn reply(&self) -> &Reply {
+    pub fn reply(&self) -> &Diagnostic {
         match self {
             RcptOutcome::Delivered(r) | RcptOutcome::TempFail(r) | RcptOutcome::PermFail(r) => r,
         }
@@ -260,7 +204,7 @@ impl RcptOutcome {
 
     /// A remote reply to a command, sorted by its code.
     fn of_negative(raw: &RawReply) -> RcptOutcome {
-        let reply = Reply::remote(raw);
+        let reply = Diagnostic::remote(raw);
         if raw.code >= 500 {
             RcptOutcome::PermFail(reply)
         } else {
@@ -320,7 +264,7 @@ pub async fn deliver(
     };
 
     if let Err(e) = check_address(&msg.sender, true) {
-        let reply = Reply::local(
+        let reply = Diagnostic::local(
             st(5, 1, 7),
             format!("bad sender address syntax <{}>: {e}", msg.sender),
         );
@@ -329,7 +273,7 @@ pub async fn deliver(
     if let Some(why) = forbidden_in_data(&msg.body) {
         // The SMTP side never stores such a body; never send one either.
         tracing::error!("{why}: not sent");
-        let reply = Reply::local(st(5, 6, 0), format!("{why} and cannot be sent"));
+        let reply = Diagnostic::local(st(5, 6, 0), format!("{why} and cannot be sent"));
         return vec![local(RcptOutcome::PermFail(reply)); recipients.len()];
     }
     let mut pending: Vec<(usize, String)> = Vec::new();
@@ -337,7 +281,7 @@ pub async fn deliver(
         match check_address(rcpt, false) {
             Ok(()) => pending.push((i, rcpt.clone())),
             Err(e) => {
-                results[i] = Some(local(RcptOutcome::PermFail(Reply::local(
+                results[i] = Some(local(RcptOutcome::PermFail(Diagnostic::local(
                     st(5, 1, 3),
                     format!("bad recipient address syntax <{rcpt}>: {e}"),
                 ))))
@@ -346,7 +290,10 @@ pub async fn deliver(
     }
 
     let params = Arc::new(Params::new(config, msg));
-    let mut last_error = Reply::local(st(4, 4, 4), format!("no MX host of {domain} could be tried"));
+    let mut last_error = Diagnostic::local(
+        st(4, 4, 4),
+        format!("no MX host of {domain} could be tried"),
+    );
     let mut connections = 0;
     'hosts: for host in hosts {
         if pending.is_empty() {
@@ -355,17 +302,19 @@ pub async fn deliver(
         let ips = match dns.addresses(host).await {
             Ok(ips) if !ips.is_empty() => ips,
             Ok(_) => {
-                last_error = Reply::local(st(4, 4, 4), format!("MX host {host} has no address"));
+                last_error =
+                    Diagnostic::local(st(4, 4, 4), format!("MX host {host} has no address"));
                 debug!(mx = %host, "no address");
                 continue;
             }
             Err(DnsError::NoDomain(_)) => {
-                last_error = Reply::local(st(4, 4, 4), format!("MX host {host} does not exist"));
+                last_error =
+                    Diagnostic::local(st(4, 4, 4), format!("MX host {host} does not exist"));
                 debug!(mx = %host, "no such host");
                 continue;
             }
             Err(e) => {
-                last_error = Reply::local(
+                last_error = Diagnostic::local(
                     st(4, 4, 3),
                     format!("address lookup of MX host {host} failed: {e}"),
                 );
@@ -379,7 +328,7 @@ pub async fn deliver(
             }
             if config.relay.is_denied(ip) {
                 warn!(mx = %host, %ip, "MX address is in relay.deny_networks; not contacted");
-                last_error = Reply::local(
+                last_error = Diagnostic::local(
                     st(4, 4, 4),
                     format!("MX host {host} has address {ip}, in relay.deny_networks"),
                 );
@@ -403,7 +352,7 @@ pub async fn deliver(
                     warn!(mx = %host, %ip, error = %e, "SMTP session task failed");
                     SessionEnd::retry(
                         rcpts,
-                        Reply::local(
+                        Diagnostic::local(
                             st(4, 4, 2),
                             format!("SMTP session with {host}[{ip}] failed: {e}"),
                         ),
@@ -450,7 +399,11 @@ pub fn has_bare_cr_or_lf(body: &[u8]) -> bool {
 /// control character, space, `<` or `>` outside quotes.
 fn check_address(addr: &str, null_ok: bool) -> Result<(), &'static str> {
     if addr.is_empty() {
-        return if null_ok { Ok(()) } else { Err("empty address") };
+        return if null_ok {
+            Ok(())
+        } else {
+            Err("empty address")
+        };
     }
     if addr.len() > 254 {
         return Err("address longer than 254 octets");
@@ -470,7 +423,10 @@ fn check_address(addr: &str, null_ok: bool) -> Result<(), &'static str> {
         let atext = |c: char| {
             c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
         };
-        if local.split('.').any(|atom| atom.is_empty() || !atom.chars().all(atext)) {
+        if local
+            .split('.')
+            .any(|atom| atom.is_empty() || !atom.chars().all(atext))
+        {
             return Err("invalid local part");
         }
     }
@@ -488,7 +444,8 @@ fn check_address(addr: &str, null_ok: bool) -> Result<(), &'static str> {
             && l.len() <= 63
             && !l.starts_with('-')
             && !l.ends_with('-')
-            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
     };
     if !domain.split('.').all(label_ok) {
         return Err("invalid domain");
@@ -546,11 +503,11 @@ struct SessionEnd {
     /// Recipients still open: another address may take them.
     unsettled: Vec<(usize, String)>,
     /// Why the session could not settle them.
-    reason: Reply,
+    reason: Diagnostic,
 }
 
 impl SessionEnd {
-    fn retry(rcpts: Vec<(usize, String)>, reason: Reply) -> SessionEnd {
+    fn retry(rcpts: Vec<(usize, String)>, reason: Diagnostic) -> SessionEnd {
         SessionEnd {
             settled: Vec::new(),
             unsettled: rcpts,
@@ -695,8 +652,9 @@ async fn sweep(cache: Weak<CacheShared>) {
         {
             let mut state = c.state.lock().unwrap_or_else(|e| e.into_inner());
             for list in state.idle.values_mut() {
-                let (keep, old): (Vec<_>, Vec<_>) =
-                    list.drain(..).partition(|(_, since)| since.elapsed() < c.idle);
+                let (keep, old): (Vec<_>, Vec<_>) = list
+                    .drain(..)
+                    .partition(|(_, since)| since.elapsed() < c.idle);
                 *list = keep;
                 stale.extend(old.into_iter().map(|(s, _)| s));
             }
@@ -771,7 +729,7 @@ fn finish(sessions: &Sessions, key: Key, mut s: Session, stage: Stage) {
 
 /// Connect, greeting, EHLO, STARTTLS (with one plain-text reconnect if the
 /// TLS handshake fails).
-async fn open(p: &Params, host: &str, addr: SocketAddr, peer: &str) -> Result<Session, Reply> {
+async fn open(p: &Params, host: &str, addr: SocketAddr, peer: &str) -> Result<Session, Diagnostic> {
     let s = greet_and_ehlo(p, addr, peer).await?;
     if p.tls != RelayTls::Opportunistic || !s.ext.starttls {
         return Ok(s);
@@ -783,7 +741,8 @@ async fn open(p: &Params, host: &str, addr: SocketAddr, peer: &str) -> Result<Se
         }
         Err(e) => {
             warn!(mx = %host, %addr, error = %e, "STARTTLS failed, reconnecting without TLS");
-            metrics::counter!("magicmx_relay_session_errors_total", "reason" => "starttls").increment(1);
+            metrics::counter!("magicmx_relay_session_errors_total", "reason" => "starttls")
+                .increment(1);
             let mut s = greet_and_ehlo(p, addr, peer).await?;
             s.ext.starttls = false;
             Ok(s)
@@ -791,12 +750,12 @@ async fn open(p: &Params, host: &str, addr: SocketAddr, peer: &str) -> Result<Se
     }
 }
 
-async fn greet_and_ehlo(p: &Params, addr: SocketAddr, peer: &str) -> Result<Session, Reply> {
+async fn greet_and_ehlo(p: &Params, addr: SocketAddr, peer: &str) -> Result<Session, Diagnostic> {
     let mut conn = Conn::connect(addr, p.connect_timeout, p.limits)
         .await
         .map_err(|e| {
             count_error(&e);
-            Reply::local(st(4, 4, 1), format!("connect to {peer}: {e}"))
+            Diagnostic::local(st(4, 4, 1), format!("connect to {peer}: {e}"))
         })?;
     greeting(p, &mut conn, peer).await?;
     let ext = ehlo(p, &mut conn, peer).await?;
@@ -804,28 +763,38 @@ async fn greet_and_ehlo(p: &Params, addr: SocketAddr, peer: &str) -> Result<Sess
 }
 
 /// The server's `220`; anything else is "try the next address".
-async fn greeting(p: &Params, conn: &mut Conn, peer: &str) -> Result<(), Reply> {
+async fn greeting(p: &Params, conn: &mut Conn, peer: &str) -> Result<(), Diagnostic> {
     match conn.read_reply("the greeting", p.greeting_timeout).await {
         Ok(r) if r.code == 220 => Ok(()),
-        Ok(r) => Err(Reply::local(
+        Ok(r) => Err(Diagnostic::local(
             st(4, 4, 1),
-            format!("{peer} refused to talk: {}", Reply::remote(&r)),
+            format!("{peer} refused to talk: {}", Diagnostic::remote(&r)),
         )),
         Err(e) => {
             count_error(&e);
-            Err(Reply::local(st(4, 4, 1), format!("connect to {peer}: {e}")))
+            Err(Diagnostic::local(
+                st(4, 4, 1),
+                format!("connect to {peer}: {e}"),
+            ))
         }
     }
 }
 
 /// EHLO, or HELO if the server does not know EHLO.
-async fn ehlo(p: &Params, conn: &mut Conn, peer: &str) -> Result<Extensions, Reply> {
+async fn ehlo(p: &Params, conn: &mut Conn, peer: &str) -> Result<Extensions, Diagnostic> {
     let broken = |e: ClientError| {
         count_error(&e);
-        Reply::local(st(4, 4, 2), format!("lost connection with {peer} at EHLO: {e}"))
+        Diagnostic::local(
+            st(4, 4, 2),
+            format!("lost connection with {peer} at EHLO: {e}"),
+        )
     };
     let r = conn
-        .command(format!("EHLO {}", p.hello), "the reply to EHLO", p.greeting_timeout)
+        .command(
+            format!("EHLO {}", p.hello),
+            "the reply to EHLO",
+            p.greeting_timeout,
+        )
         .await
         .map_err(broken)?;
     if r.code == 250 {
@@ -833,7 +802,11 @@ async fn ehlo(p: &Params, conn: &mut Conn, peer: &str) -> Result<Extensions, Rep
     }
     if (500..=504).contains(&r.code) {
         let r = conn
-            .command(format!("HELO {}", p.hello), "the reply to HELO", p.greeting_timeout)
+            .command(
+                format!("HELO {}", p.hello),
+                "the reply to HELO",
+                p.greeting_timeout,
+            )
             .await
             .map_err(broken)?;
         if r.code == 250 {
@@ -841,9 +814,9 @@ async fn ehlo(p: &Params, conn: &mut Conn, peer: &str) -> Result<Extensions, Rep
         }
     }
     conn.poison();
-    Err(Reply::local(
+    Err(Diagnostic::local(
         st(4, 4, 1),
-        format!("{peer} refused to talk: {}", Reply::remote(&r)),
+        format!("{peer} refused to talk: {}", Diagnostic::remote(&r)),
     ))
 }
 
@@ -851,11 +824,15 @@ async fn ehlo(p: &Params, conn: &mut Conn, peer: &str) -> Result<Extensions, Rep
 async fn starttls(p: &Params, host: &str, mut s: Session) -> Result<Session, String> {
     let r = s
         .conn
-        .command("STARTTLS".into(), "the reply to STARTTLS", p.greeting_timeout)
+        .command(
+            "STARTTLS".into(),
+            "the reply to STARTTLS",
+            p.greeting_timeout,
+        )
         .await
         .map_err(|e| e.to_string())?;
     if r.code != 220 {
-        return Err(format!("STARTTLS refused: {}", Reply::remote(&r)));
+        return Err(format!("STARTTLS refused: {}", Diagnostic::remote(&r)));
     }
     // rustls wants a DNS name or an IP address, not `[192.0.2.1]`.
     let name = crate::dns::ip_literal(host).map_or_else(|| host.to_string(), |ip| ip.to_string());
@@ -865,11 +842,18 @@ async fn starttls(p: &Params, host: &str, mut s: Session) -> Result<Session, Str
         .await
         .map_err(|e| e.to_string())?;
     let r = conn
-        .command(format!("EHLO {}", p.hello), "the reply to EHLO", p.greeting_timeout)
+        .command(
+            format!("EHLO {}", p.hello),
+            "the reply to EHLO",
+            p.greeting_timeout,
+        )
         .await
         .map_err(|e| e.to_string())?;
     if r.code != 250 {
-        return Err(format!("EHLO after STARTTLS refused: {}", Reply::remote(&r)));
+        return Err(format!(
+            "EHLO after STARTTLS refused: {}",
+            Diagnostic::remote(&r)
+        ));
     }
     Ok(Session {
         conn,
@@ -914,11 +898,14 @@ async fn transaction(
         if s.ext.smtputf8 {
             mail_params.push("SMTPUTF8");
         } else if needs_utf8 {
-            let reply = Reply::local(
+            let reply = Diagnostic::local(
                 st(5, 6, 7),
                 format!("{peer} does not support SMTPUTF8, needed for this message"),
             );
-            return (settle_all(Vec::new(), rcpts, RcptOutcome::PermFail(reply)), Stage::Clean);
+            return (
+                settle_all(Vec::new(), rcpts, RcptOutcome::PermFail(reply)),
+                Stage::Clean,
+            );
         }
     }
     if p.eight_bit && s.ext.eight_bit_mime {
@@ -938,7 +925,7 @@ async fn transaction(
             } else {
                 Stage::BeforeAnything
             };
-            let reason = Reply::local(
+            let reason = Diagnostic::local(
                 st(4, 4, 2),
                 format!("lost connection with {peer} while sending MAIL FROM and RCPT TO: {e}"),
             );
@@ -946,9 +933,12 @@ async fn transaction(
         }
     };
     if mail_reply.code == 421 {
-        let reason = Reply::local(
+        let reason = Diagnostic::local(
             st(4, 4, 2),
-            format!("{peer} closed the session: {}", Reply::remote(&mail_reply)),
+            format!(
+                "{peer} closed the session: {}",
+                Diagnostic::remote(&mail_reply)
+            ),
         );
         return (SessionEnd::retry(rcpts, reason), Stage::Broken);
     }
@@ -965,9 +955,9 @@ async fn transaction(
             let mut unsettled = accepted;
             unsettled.push((i, addr));
             unsettled.extend(rest.map(|(a, _)| a));
-            let reason = Reply::local(
+            let reason = Diagnostic::local(
                 st(4, 4, 2),
-                format!("{peer} closed the session: {}", Reply::remote(&r)),
+                format!("{peer} closed the session: {}", Diagnostic::remote(&r)),
             );
             return (
                 SessionEnd {
@@ -991,9 +981,9 @@ async fn transaction(
     match data(p, s).await {
         Ok(r) if r.code == 354 => {}
         Ok(r) if r.code == 421 => {
-            let reason = Reply::local(
+            let reason = Diagnostic::local(
                 st(4, 4, 2),
-                format!("{peer} closed the session: {}", Reply::remote(&r)),
+                format!("{peer} closed the session: {}", Diagnostic::remote(&r)),
             );
             return (
                 SessionEnd {
@@ -1008,9 +998,9 @@ async fn transaction(
             let o = if r.is_positive() {
                 // A 2xx to DATA is not the 354 that asks for the data.
                 s.conn.poison();
-                RcptOutcome::TempFail(Reply::local(
+                RcptOutcome::TempFail(Diagnostic::local(
                     st(4, 5, 0),
-                    format!("{peer} answered DATA with {}", Reply::remote(&r)),
+                    format!("{peer} answered DATA with {}", Diagnostic::remote(&r)),
                 ))
             } else {
                 RcptOutcome::of_negative(&r)
@@ -1023,7 +1013,7 @@ async fn transaction(
             return (settle_all(settled, accepted, o), stage);
         }
         Err(e) => {
-            let reason = Reply::local(
+            let reason = Diagnostic::local(
                 st(4, 4, 2),
                 format!("lost connection with {peer} while sending DATA: {e}"),
             );
@@ -1041,11 +1031,11 @@ async fn transaction(
     // From here on the server may have the message: whatever happens, the
     // accepted recipients are settled by this session.
     let (o, stage) = match body(p, s).await {
-        Ok(r) if r.is_positive() => (RcptOutcome::Delivered(Reply::remote(&r)), Stage::Clean),
+        Ok(r) if r.is_positive() => (RcptOutcome::Delivered(Diagnostic::remote(&r)), Stage::Clean),
         Ok(r) if r.code == 421 => (RcptOutcome::of_negative(&r), Stage::Broken),
         Ok(r) => (RcptOutcome::of_negative(&r), Stage::Clean),
         Err(e) => (
-            RcptOutcome::TempFail(Reply::local(
+            RcptOutcome::TempFail(Diagnostic::local(
                 st(4, 4, 2),
                 format!("lost connection with {peer} after sending the message: {e}"),
             )),
@@ -1057,7 +1047,7 @@ async fn transaction(
 
 /// Placeholder outcome for `settle_all` with no recipients.
 fn unused() -> RcptOutcome {
-    RcptOutcome::TempFail(Reply::local(st(4, 0, 0), ""))
+    RcptOutcome::TempFail(Diagnostic::local(st(4, 0, 0), ""))
 }
 
 fn settle_all(
@@ -1084,13 +1074,19 @@ async fn mail_and_rcpts(
     rcpts: &[(usize, String)],
 ) -> Result<(RawReply, Vec<RawReply>), (ClientError, bool)> {
     let t = p.command_timeout;
-    let rcpt_lines: Vec<String> = rcpts.iter().map(|(_, a)| format!("RCPT TO:<{a}>")).collect();
+    let rcpt_lines: Vec<String> = rcpts
+        .iter()
+        .map(|(_, a)| format!("RCPT TO:<{a}>"))
+        .collect();
     let mut replies = Vec::with_capacity(rcpts.len());
     if s.ext.pipelining {
         let mut lines = Vec::with_capacity(rcpts.len() + 1);
         lines.push(mail);
         lines.extend(rcpt_lines);
-        s.conn.send_commands(&lines, t).await.map_err(|e| (e, false))?;
+        s.conn
+            .send_commands(&lines, t)
+            .await
+            .map_err(|e| (e, false))?;
         let mail_reply = s
             .conn
             .read_reply("the reply to MAIL FROM", t)
@@ -1156,9 +1152,9 @@ fn count_error(e: &ClientError) {
     let reason = match e {
         ClientError::Timeout(..) => "timeout",
         ClientError::Io(_) | ClientError::Closed => "connection",
-        ClientError::Reply(reply::ParseError::LineTooLong(_) | reply::ParseError::ReplyTooLong(_)) => {
-            "reply_too_long"
-        }
+        ClientError::Reply(
+            reply::ParseError::LineTooLong(_) | reply::ParseError::ReplyTooLong(_),
+        ) => "reply_too_long",
         ClientError::Reply(_) => "malformed_reply",
         ClientError::Refused(_) => "refused_to_send",
         ClientError::Tls(_) => "tls",
@@ -1235,10 +1231,13 @@ mod tests {
         assert_eq!(out[0].mx.as_deref(), Some("127.0.0.1"));
         assert!(matches!(&out[1].outcome, RcptOutcome::PermFail(_)));
         assert_eq!(out[1].outcome.reply().to_string(), "550 5.1.1 no such user");
-        assert_eq!(out[1].outcome.reply().status, Some(Status::new(5, 1, 1)));
+        assert_eq!(out[1].outcome.reply().status(), Status::new(5, 1, 1));
+        assert!(out[1].outcome.reply().is_remote());
         assert!(matches!(&out[2].outcome, RcptOutcome::TempFail(_)));
         assert_eq!(out[2].outcome.reply().to_string(), "450 4.2.0 try later");
-        assert!(matches!(&out[3].outcome, RcptOutcome::PermFail(r) if r.to_string().starts_with("5.1.3 ")));
+        assert!(
+            matches!(&out[3].outcome, RcptOutcome::PermFail(r) if r.to_string().starts_with("5.1.3 "))
+        );
         assert_eq!(out[3].mx, None);
 
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1297,7 +1296,10 @@ mod tests {
         .await;
         match &out[0].outcome {
             RcptOutcome::TempFail(r) => {
-                assert!(r.to_string().starts_with("4.4.1 connect to 127.0.0.3"), "{r}")
+                assert!(
+                    r.to_string().starts_with("4.4.1 connect to 127.0.0.3"),
+                    "{r}"
+                )
             }
             other => panic!("{other:?}"),
         }

@@ -14,7 +14,7 @@
 use chrono::{DateTime, Utc};
 use rand::Rng;
 
-use super::deliver::{Reply, Status};
+use super::deliver::{Diagnostic, Status};
 
 /// One recipient to report as failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub struct FailedRcpt {
     pub address: String,
     /// The remote reply (`550 5.1.1 ...`) or the node's own reason
     /// (`5.1.10 ...`), typed: its status is reported as is.
-    pub reply: Reply,
+    pub reply: Diagnostic,
     /// The MX host that gave the reply, if a remote one did.
     pub remote_mta: Option<String>,
 }
@@ -147,7 +147,7 @@ impl Lines {
 /// The RFC 3463 status to report: the reply's own enhanced status, else
 /// the class of its code (`4.0.0`, `5.0.0`). A DSN only reports failures,
 /// so a 2.x.x status is never returned.
-pub fn status_of(reply: &Reply) -> Status {
+pub fn status_of(reply: &Diagnostic) -> Status {
     let s = reply.status();
     if s.class == 2 {
         Status::new(5, 0, 0)
@@ -158,8 +158,12 @@ pub fn status_of(reply: &Reply) -> Status {
 
 /// `smtp; <reply>` for a remote SMTP reply, `X-magicmx; <reason>` for the
 /// node's own reasons (RFC 3464 diagnostic-type).
-fn diagnostic_code(reply: &Reply) -> String {
-    let kind = if reply.is_remote() { "smtp" } else { "X-magicmx" };
+fn diagnostic_code(reply: &Diagnostic) -> String {
+    let kind = if reply.is_remote() {
+        "smtp"
+    } else {
+        "X-magicmx"
+    };
     format!("{kind}; {}", clean(&reply.to_string()))
 }
 
@@ -243,12 +247,12 @@ mod tests {
         vec![
             FailedRcpt {
                 address: "bob@example.org".into(),
-                reply: Reply::remote_line(550, "5.1.1 <bob@example.org>: user unknown"),
+                reply: Diagnostic::remote_line(550, "5.1.1 <bob@example.org>: user unknown"),
                 remote_mta: Some("mail.example.org".into()),
             },
             FailedRcpt {
                 address: "carol@nullmx.example".into(),
-                reply: Reply::local(Status::new(5, 1, 10), "domain accepts no mail (null MX)"),
+                reply: Diagnostic::local(Status::new(5, 1, 10), "domain accepts no mail (null MX)"),
                 remote_mta: None,
             },
         ]
@@ -376,7 +380,7 @@ mod tests {
     fn hostile_replies_stay_on_one_line() {
         let f = vec![FailedRcpt {
             address: "bob@example.org\r\nBcc: evil@example.net".into(),
-            reply: Reply::remote_line(
+            reply: Diagnostic::remote_line(
                 550,
                 &format!("5.7.1 no\r\nX-Injected: yes {}", "x".repeat(5000)),
             ),
@@ -390,20 +394,32 @@ mod tests {
 
     #[test]
     fn status_codes() {
-        let s = |r: Reply| status_of(&r).to_string();
-        assert_eq!(s(Reply::remote_line(550, "5.1.1 user unknown")), "5.1.1");
+        let s = |r: Diagnostic| status_of(&r).to_string();
         assert_eq!(
-            s(Reply::local(Status::new(5, 1, 10), "domain accepts no mail (null MX)")),
+            s(Diagnostic::remote_line(550, "5.1.1 user unknown")),
+            "5.1.1"
+        );
+        assert_eq!(
+            s(Diagnostic::local(
+                Status::new(5, 1, 10),
+                "domain accepts no mail (null MX)"
+            )),
             "5.1.10"
         );
         assert_eq!(
-            s(Reply::local(Status::new(4, 4, 7), "message expired: 451 4.3.0 try later")),
+            s(Diagnostic::local(
+                Status::new(4, 4, 7),
+                "message expired: 451 4.3.0 try later"
+            )),
             "4.4.7"
         );
-        assert_eq!(s(Reply::remote_line(554, "no enhanced code")), "5.0.0");
-        assert_eq!(s(Reply::remote_line(452, "too many")), "4.0.0");
-        assert_eq!(s(Reply::remote_line(550, "4.1.1 mismatched class")), "5.0.0");
-        assert_eq!(s(Reply::remote_line(250, "2.0.0 ok")), "5.0.0");
+        assert_eq!(s(Diagnostic::remote_line(554, "no enhanced code")), "5.0.0");
+        assert_eq!(s(Diagnostic::remote_line(452, "too many")), "4.0.0");
+        assert_eq!(
+            s(Diagnostic::remote_line(550, "4.1.1 mismatched class")),
+            "5.0.0"
+        );
+        assert_eq!(s(Diagnostic::remote_line(250, "2.0.0 ok")), "5.0.0");
     }
 
     #[test]

@@ -46,7 +46,7 @@ use crate::config::{Config, RelayConfig};
 use crate::dns::{Dns, DnsError};
 use crate::spool::{Envelope, QueueEntry, QueueId, RcptState, Recipient, Spool};
 
-use deliver::{RcptOutcome, RcptResult, Reply, Sessions, Status};
+use deliver::{Diagnostic, RcptOutcome, RcptResult, Sessions, Status};
 use dsn::FailedRcpt;
 use mx::Plan;
 
@@ -330,7 +330,7 @@ async fn process(inner: Arc<Inner>, id: QueueId, abandon: CancellationToken) {
         }
         Err(e) => {
             error!(queue_id = %id, error = %e, "cannot read the message body");
-            let reply = Reply::local(
+            let reply = Diagnostic::local(
                 Status::new(4, 3, 0),
                 format!("cannot read the queued message: {e}"),
             );
@@ -367,7 +367,7 @@ async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
     let received = count_received(&body);
     if received > config.relay.max_received_headers {
         warn!(queue_id = %entry.id, received, "routing loop: too many Received headers");
-        let reply = Reply::local(
+        let reply = Diagnostic::local(
             Status::new(5, 4, 6),
             "routing loop detected (too many Received headers)",
         );
@@ -376,7 +376,7 @@ async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
     if deliver::has_bare_cr_or_lf(&body) {
         // The SMTP side never stores such a body; never send one either.
         error!(queue_id = %entry.id, "stored message has a bare CR or LF; not sent");
-        let reply = Reply::local(
+        let reply = Diagnostic::local(
             Status::new(5, 6, 0),
             "message has a bare CR or LF and cannot be sent",
         );
@@ -395,7 +395,7 @@ async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
                 .or_default()
                 .push(i),
             _ => {
-                results[i] = local(RcptOutcome::PermFail(Reply::local(
+                results[i] = local(RcptOutcome::PermFail(Diagnostic::local(
                     Status::new(5, 1, 3),
                     format!("bad recipient address syntax <{}>", r.address),
                 )))
@@ -414,12 +414,12 @@ async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
         let plan = match inner.dns.mx(&domain).await {
             Ok(answer) => mx::plan(&domain, answer, config),
             Err(e @ (DnsError::InvalidName { .. } | DnsError::NoDomain(_))) => {
-                Plan::PermFail(Reply::local(
+                Plan::PermFail(Diagnostic::local(
                     Status::new(5, 1, 2),
                     format!("bad destination domain {domain}: {e}"),
                 ))
             }
-            Err(e) => Plan::TempFail(Reply::local(
+            Err(e) => Plan::TempFail(Diagnostic::local(
                 Status::new(4, 4, 3),
                 format!("MX lookup for {domain} failed: {e}"),
             )),
@@ -683,7 +683,7 @@ fn apply(
                 Some((_, mx, reply)) => (mx.clone(), reply.clone()),
                 None => (None, last.clone()),
             };
-            let typed = Reply::local(Status::new(4, 4, 7), format!("message expired: {why}"));
+            let typed = Diagnostic::local(Status::new(4, 4, 7), format!("message expired: {why}"));
             let reply = typed.to_string();
             rcpt.state = RcptState::Failed {
                 reply: reply.clone(),
@@ -977,7 +977,10 @@ mod tests {
                 .count(),
             1
         );
-        assert_eq!(dsn::status_of(&s.newly_failed[0].reply).to_string(), "4.4.7");
+        assert_eq!(
+            dsn::status_of(&s.newly_failed[0].reply).to_string(),
+            "4.4.7"
+        );
     }
 
     #[test]

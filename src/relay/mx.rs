@@ -13,7 +13,7 @@
 
 use rand::seq::SliceRandom;
 
-use super::deliver::{Reply, Status};
+use super::deliver::{Diagnostic, Status};
 use crate::config::{normalize_name, Config};
 use crate::dns::{MxAnswer, MxHost};
 
@@ -23,9 +23,9 @@ pub enum Plan {
     /// Try these hosts in this order.
     Hosts(Vec<String>),
     /// Defer the recipients with this reason.
-    TempFail(Reply),
+    TempFail(Diagnostic),
     /// Fail the recipients with this reason.
-    PermFail(Reply),
+    PermFail(Diagnostic),
 }
 
 /// Plans the route to `domain` from its MX answer.
@@ -43,13 +43,13 @@ pub fn plan_with<R: rand::Rng + ?Sized>(
     let domain = normalize_name(domain);
     let mut hosts = match answer {
         MxAnswer::NullMx => {
-            return Plan::PermFail(Reply::local(
+            return Plan::PermFail(Diagnostic::local(
                 Status::new(5, 1, 10),
                 format!("domain accepts no mail (null MX): {domain}"),
             ))
         }
         MxAnswer::NoDomain => {
-            return Plan::PermFail(Reply::local(
+            return Plan::PermFail(Diagnostic::local(
                 Status::new(5, 1, 2),
                 format!("domain {domain} does not exist (NXDOMAIN)"),
             ))
@@ -68,7 +68,7 @@ pub fn plan_with<R: rand::Rng + ?Sized>(
             mx_hosts = total,
             "every MX host is magic or this node: nowhere to relay"
         );
-        return Plan::TempFail(Reply::local(
+        return Plan::TempFail(Diagnostic::local(
             Status::new(4, 4, 4),
             format!("no relayable MX host for {domain}: every MX host is magic or this node"),
         ));

@@ -49,7 +49,9 @@ pub enum ClientError {
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ClientError::Timeout(stage, t) => write!(f, "timed out after {t:?} waiting for {stage}"),
+            ClientError::Timeout(stage, t) => {
+                write!(f, "timed out after {t:?} waiting for {stage}")
+            }
             ClientError::Io(e) => write!(f, "{e}"),
             ClientError::Closed => write!(f, "connection closed by the server"),
             ClientError::Reply(e) => write!(f, "{e}"),
@@ -193,7 +195,9 @@ impl Conn {
 
     async fn read_reply_inner(&mut self) -> Result<RawReply, ClientError> {
         loop {
-            if let Some((reply, used)) = reply::parse(&self.buf, self.limits).map_err(ClientError::Reply)? {
+            if let Some((reply, used)) =
+                reply::parse(&self.buf, self.limits).map_err(ClientError::Reply)?
+            {
                 self.buf.drain(..used);
                 return Ok(reply);
             }
@@ -222,7 +226,8 @@ impl Conn {
             out.extend_from_slice(line.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        self.write(&out, "the server to take a command", timeout).await
+        self.write(&out, "the server to take a command", timeout)
+            .await
     }
 
     /// One command, one reply.
