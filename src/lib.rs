@@ -9,6 +9,7 @@ pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod dns;
+pub mod dnsbl;
 pub mod gossip;
 pub mod policy;
 pub mod relay;
@@ -16,6 +17,7 @@ pub mod reply;
 pub mod slots;
 pub mod smtp;
 pub mod spool;
+pub mod suspect;
 pub mod throttle;
 pub mod zone;
 
