@@ -112,7 +112,7 @@ fn parse_line(line: &[u8]) -> Result<(u16, bool, String), ParseError> {
     let digits = line.get(..3).unwrap_or(line);
     let valid = digits.len() == 3
         && (b'2'..=b'5').contains(&digits[0])
-        && (b'0'..=b'9').contains(&digits[1])
+        && digits[1].is_ascii_digit()
         && digits[2].is_ascii_digit();
     if !valid {
         return Err(ParseError::Malformed(format!(
