@@ -6,15 +6,19 @@
 //! MX. `run` wires the parts together under one shutdown signal.
 
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod dns;
+pub mod dnsbl;
 pub mod gossip;
 pub mod listener;
 pub mod policy;
 pub mod relay;
+pub mod reply;
 pub mod slots;
 pub mod smtp;
 pub mod spool;
+pub mod suspect;
 pub mod throttle;
 pub mod zone;
 
@@ -24,6 +28,7 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub use clock::Clock;
 pub use config::Config;
 
 /// File under `data_dir` holding the bound admin address of the running node.
@@ -53,6 +58,8 @@ pub struct Node {
     pub admin_addr: Option<std::net::SocketAddr>,
     /// Bound `[policy] listen` address.
     pub policy_addr: Option<std::net::SocketAddr>,
+    /// The clock every part reads (windows, penalties, epochs, schedules).
+    pub clock: Clock,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
 }
@@ -61,6 +68,15 @@ impl Node {
     /// Opens the spool (recovering the queue), binds the listeners and starts
     /// every task. The node runs until `shutdown` is cancelled.
     pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Node> {
+        Node::start_with_clock(config, shutdown, Clock::system()).await
+    }
+
+    /// [`Node::start`] on a given clock (tests pass a manual one).
+    pub async fn start_with_clock(
+        config: Config,
+        shutdown: CancellationToken,
+        clock: Clock,
+    ) -> anyhow::Result<Node> {
         let config = Arc::new(config);
         admin::prometheus();
         let spool = spool::Spool::open(&config.node.data_dir.join("spool")).with_context(|| {
@@ -196,6 +212,7 @@ impl Node {
             outbound_addrs,
             admin_addr,
             policy_addr,
+            clock,
             shutdown,
             tasks,
         })

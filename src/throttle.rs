@@ -28,7 +28,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::RwLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -197,10 +196,7 @@ pub struct BlockStatus {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    crate::clock::system_ms()
 }
 
 /// The throttle of one node.
