@@ -5,17 +5,21 @@
 //! takes due messages from the spool and delivers them to the domain's real
 //! MX. `run` wires the parts together under one shutdown signal.
 
+pub mod addr;
 pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod dns;
 pub mod gossip;
+pub mod hops;
+pub mod names;
 pub mod policy;
 pub mod relay;
 pub mod reply;
 pub mod slots;
 pub mod smtp;
 pub mod spool;
+pub mod telemetry;
 pub mod throttle;
 pub mod zone;
 
@@ -75,7 +79,7 @@ impl Node {
         clock: Clock,
     ) -> anyhow::Result<Node> {
         let config = Arc::new(config);
-        admin::prometheus();
+        telemetry::prometheus();
         let spool = spool::Spool::open(&config.node.data_dir.join("spool")).with_context(|| {
             format!(
                 "node.data_dir: cannot open the spool in {}",

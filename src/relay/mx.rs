@@ -13,8 +13,9 @@
 
 use rand::seq::SliceRandom;
 
-use crate::config::{normalize_name, Config};
+use crate::config::Config;
 use crate::dns::{MxAnswer, MxHost};
+use crate::names::normalize_name;
 
 /// What to do with a domain's recipients.
 #[derive(Debug, Clone, PartialEq, Eq)]
