@@ -129,6 +129,10 @@ pub struct Config {
     pub outbound: OutboundConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub dnsbl: DnsblConfig,
+    #[serde(default)]
+    pub suspect: SuspectConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -442,6 +446,88 @@ impl Default for PolicyConfig {
     }
 }
 
+/// DNS block and allow lists, postscreen's syntax (see `crate::dnsbl`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsblConfig {
+    /// `zone[=filter][*weight]`, e.g. `zen.spamhaus.org=127.0.0.[2..11]*3`,
+    /// `list.dnswl.org=127.0.[0..255].[1..3]*-2`. Empty = no lookups.
+    pub sites: Vec<String>,
+    /// Per query; all zones are asked at once, a late zone is skipped.
+    pub timeout: Dur,
+    /// Cached answers live their TTL clamped to `[min_ttl, max_ttl]`.
+    pub min_ttl: Dur,
+    pub max_ttl: Dur,
+    /// Bound of the answer cache, (zone, address) pairs.
+    pub max_cache_entries: usize,
+    /// A zone that refuses queries or answers nonsense is left out this long.
+    pub pause: Dur,
+    /// RFC 5782 test entries are checked at start and this often.
+    pub health_interval: Dur,
+}
+
+impl Default for DnsblConfig {
+    fn default() -> Self {
+        DnsblConfig {
+            sites: Vec::new(),
+            timeout: Dur(Duration::from_millis(1_500)),
+            min_ttl: Dur::secs(60),
+            max_ttl: Dur::secs(3_600),
+            max_cache_entries: 100_000,
+            pause: Dur::secs(300),
+            health_interval: Dur::secs(300),
+        }
+    }
+}
+
+/// The suspicion state of a block (see `crate::suspect`): thresholds, how
+/// much each signal weighs, how long it is remembered.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SuspectConfig {
+    /// A block scoring at least this is a suspect: lower limits, tarpit, greylist.
+    pub threshold: i32,
+    /// A block scoring at least this is refused at connect (`550 5.7.1`).
+    pub refuse_threshold: i32,
+    /// A suspect's throttle limits are the normal ones times this.
+    pub limit_factor: f64,
+    /// A signal (other than a DNSBL listing, which lives its TTL) counts this long.
+    pub reason_ttl: Dur,
+    /// Bound of the reasons kept per block.
+    pub max_reasons: usize,
+    /// Weights of the protocol tests.
+    pub pregreet_weight: i32,
+    pub pipelining_weight: i32,
+    pub non_smtp_weight: i32,
+    pub bare_lf_weight: i32,
+    /// Invalid recipients of a block in the throttle window that make it a suspect.
+    pub invalid_rcpt_threshold: u32,
+    pub invalid_rcpt_weight: i32,
+    /// Addresses nobody writes to: one recipient here makes the block a suspect.
+    pub trap_recipients: Vec<String>,
+    pub trap_weight: i32,
+}
+
+impl Default for SuspectConfig {
+    fn default() -> Self {
+        SuspectConfig {
+            threshold: 1,
+            refuse_threshold: 5,
+            limit_factor: 0.2,
+            reason_ttl: Dur::secs(3_600),
+            max_reasons: 16,
+            pregreet_weight: 5,
+            pipelining_weight: 5,
+            non_smtp_weight: 5,
+            bare_lf_weight: 2,
+            invalid_rcpt_threshold: 5,
+            invalid_rcpt_weight: 3,
+            trap_recipients: Vec::new(),
+            trap_weight: 3,
+        }
+    }
+}
+
 /// Networks never counted nor refused by the throttle.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -705,6 +791,99 @@ impl Config {
         }
         if self.dns.timeout.0.is_zero() {
             return Err(invalid("dns.timeout", "must be more than 0"));
+        }
+        self.validate_dnsbl()?;
+        self.validate_suspect()?;
+        Ok(())
+    }
+
+    fn validate_dnsbl(&self) -> Result<(), ConfigError> {
+        let d = &self.dnsbl;
+        if d.sites.len() > crate::dnsbl::MAX_SITES {
+            return Err(invalid(
+                "dnsbl.sites",
+                format!("at most {} entries", crate::dnsbl::MAX_SITES),
+            ));
+        }
+        for entry in &d.sites {
+            crate::dnsbl::Site::parse(entry)
+                .map_err(|why| invalid("dnsbl.sites", format!("entry {entry:?}: {why}")))?;
+        }
+        if d.timeout.0 < Duration::from_millis(10) || d.timeout.0 > Duration::from_secs(30) {
+            return Err(invalid("dnsbl.timeout", "must be between 10ms and 30s"));
+        }
+        if d.min_ttl.0.is_zero() {
+            return Err(invalid("dnsbl.min_ttl", "must be more than 0"));
+        }
+        if d.max_ttl < d.min_ttl {
+            return Err(invalid(
+                "dnsbl.max_ttl",
+                "must not be less than dnsbl.min_ttl",
+            ));
+        }
+        if d.max_cache_entries == 0 {
+            return Err(invalid("dnsbl.max_cache_entries", "must be at least 1"));
+        }
+        if d.pause.0.is_zero() {
+            return Err(invalid("dnsbl.pause", "must be more than 0"));
+        }
+        if d.health_interval.0 < Duration::from_secs(1) {
+            return Err(invalid("dnsbl.health_interval", "must be at least 1s"));
+        }
+        Ok(())
+    }
+
+    fn validate_suspect(&self) -> Result<(), ConfigError> {
+        let s = &self.suspect;
+        if s.threshold < 1 {
+            return Err(invalid("suspect.threshold", "must be at least 1"));
+        }
+        if s.refuse_threshold < s.threshold {
+            return Err(invalid(
+                "suspect.refuse_threshold",
+                "must not be less than suspect.threshold",
+            ));
+        }
+        if !(s.limit_factor > 0.0 && s.limit_factor <= 1.0) {
+            return Err(invalid(
+                "suspect.limit_factor",
+                "must be more than 0 and at most 1",
+            ));
+        }
+        if s.reason_ttl.0 < Duration::from_secs(1) {
+            return Err(invalid("suspect.reason_ttl", "must be at least 1s"));
+        }
+        if !(1..=256).contains(&s.max_reasons) {
+            return Err(invalid("suspect.max_reasons", "must be between 1 and 256"));
+        }
+        for (key, w) in [
+            ("suspect.pregreet_weight", s.pregreet_weight),
+            ("suspect.pipelining_weight", s.pipelining_weight),
+            ("suspect.non_smtp_weight", s.non_smtp_weight),
+            ("suspect.bare_lf_weight", s.bare_lf_weight),
+            ("suspect.invalid_rcpt_weight", s.invalid_rcpt_weight),
+            ("suspect.trap_weight", s.trap_weight),
+        ] {
+            if !(0..=1_000).contains(&w) {
+                return Err(invalid(key, "must be between 0 and 1000"));
+            }
+        }
+        if s.invalid_rcpt_threshold == 0 {
+            return Err(invalid(
+                "suspect.invalid_rcpt_threshold",
+                "must be at least 1",
+            ));
+        }
+        for t in &s.trap_recipients {
+            match t.rsplit_once('@') {
+                Some((local, domain)) if !local.is_empty() && is_hostname(domain) => {}
+                _ => {
+                    return Err(invalid(
+                        "suspect.trap_recipients",
+                        format!("{t:?} is not an address (local@domain)"),
+                    ))
+                }
+            }
         }
         Ok(())
     }
