@@ -211,7 +211,7 @@ pub struct AcceptConfig {
     pub mx_delegation: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RelayTls {
     /// STARTTLS when offered, plain text if it is not or the handshake fails.
@@ -232,8 +232,29 @@ pub struct RelayConfig {
     pub retry_max: Dur,
     /// Simultaneous deliveries.
     pub concurrency: usize,
+    /// TCP connection to a real MX.
     pub connect_timeout: Dur,
+    /// Each of the greeting, the EHLO reply and STARTTLS (reply and
+    /// handshake): an MX that never greets is left after this.
+    pub greeting_timeout: Dur,
+    /// Reply to MAIL FROM, each RCPT TO, RSET.
     pub command_timeout: Dur,
+    /// Reply to DATA (the `354`).
+    pub data_timeout: Dur,
+    /// Each write of the message data (about 64 KiB).
+    pub data_block_timeout: Dur,
+    /// Reply after the final `.` of the message data.
+    pub data_done_timeout: Dur,
+    /// Octets per line of a remote reply, CRLF included (RFC 5321: 512);
+    /// a longer line ends the attempt as a temporary failure.
+    pub max_reply_line_length: usize,
+    /// Octets per remote reply, all lines together.
+    pub max_reply_size: usize,
+    /// Transactions one outbound SMTP session serves at most (0: no reuse).
+    pub connection_reuse_limit: u32,
+    /// How long a clean session stays open, idle, for the next message to
+    /// the same MX address (0s: no reuse).
+    pub connection_cache_time: Dur,
     /// A message with more `Received:` headers than this is refused as a loop.
     pub max_received_headers: usize,
     pub tls: RelayTls,
@@ -278,7 +299,15 @@ impl Default for RelayConfig {
             retry_max: Dur::secs(3_600),
             concurrency: 20,
             connect_timeout: Dur::secs(30),
+            greeting_timeout: Dur::secs(120),
             command_timeout: Dur::secs(300),
+            data_timeout: Dur::secs(120),
+            data_block_timeout: Dur::secs(180),
+            data_done_timeout: Dur::secs(600),
+            max_reply_line_length: 512,
+            max_reply_size: 4096,
+            connection_reuse_limit: 100,
+            connection_cache_time: Dur::secs(2),
             max_received_headers: 50,
             tls: RelayTls::Opportunistic,
             deny_networks: DEFAULT_DENY_NETWORKS
@@ -696,6 +725,36 @@ impl Config {
         }
         if r.max_received_headers == 0 {
             return Err(invalid("relay.max_received_headers", "must be at least 1"));
+        }
+        for (key, d) in [
+            ("relay.connect_timeout", r.connect_timeout),
+            ("relay.greeting_timeout", r.greeting_timeout),
+            ("relay.command_timeout", r.command_timeout),
+            ("relay.data_timeout", r.data_timeout),
+            ("relay.data_block_timeout", r.data_block_timeout),
+            ("relay.data_done_timeout", r.data_done_timeout),
+        ] {
+            if d.0 < Duration::from_millis(100) {
+                return Err(invalid(key, "must be at least 100ms"));
+            }
+            if d.0 > Duration::from_secs(3_600) {
+                return Err(invalid(key, "must be at most 1h"));
+            }
+        }
+        if !(64..=65_536).contains(&r.max_reply_line_length) {
+            return Err(invalid(
+                "relay.max_reply_line_length",
+                "must be between 64 and 65536",
+            ));
+        }
+        if r.max_reply_size < r.max_reply_line_length || r.max_reply_size > 1 << 20 {
+            return Err(invalid(
+                "relay.max_reply_size",
+                "must be at least relay.max_reply_line_length and at most 1048576",
+            ));
+        }
+        if r.connection_cache_time.0 > Duration::from_secs(300) {
+            return Err(invalid("relay.connection_cache_time", "must be at most 5m"));
         }
         let t = &self.throttle;
         if t.ipv4_prefix == 0 || t.ipv4_prefix > 32 {
