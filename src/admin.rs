@@ -233,7 +233,7 @@ impl Admin {
     /// at `local` (the connection's own address)?
     fn host_allowed(&self, host: &str, local: IpAddr) -> bool {
         let name = host_name(host);
-        if name == "localhost" || self.hosts.iter().any(|h| *h == name) {
+        if name == "localhost" || self.hosts.contains(&name) {
             return true;
         }
         name.parse::<IpAddr>()
