@@ -172,6 +172,10 @@ pub struct SmtpConfig {
     /// outbound clients excepted), so that a few networks holding sessions
     /// open cannot take every slot.
     pub max_connections_per_block: usize,
+    /// Simultaneous connections from one block family (IPv4 /16, IPv6 /32),
+    /// same exemptions: a handful of neighbouring blocks cannot take more
+    /// than this share of `max_connections` either.
+    pub max_connections_per_family: usize,
     /// Wait for a command (RFC 5321 4.5.3.2: at least 5 minutes).
     pub command_timeout: Dur,
     /// Wait for each chunk of DATA (RFC 5321: 3 minutes per data block).
@@ -193,6 +197,7 @@ impl Default for SmtpConfig {
             max_recipients: 100,
             max_connections: 500,
             max_connections_per_block: 20,
+            max_connections_per_family: 100,
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(180),
             max_errors: 20,
@@ -335,11 +340,29 @@ impl Default for DnsConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// HTTP listener for /metrics, /healthz, /status; absent = off.
     pub listen: Option<SocketAddr>,
+    /// Names accepted in a request's `Host` besides the listener's own
+    /// address and `localhost` (e.g. the name a Prometheus scraper uses).
+    pub hosts: Vec<String>,
+    /// Simultaneous admin connections.
+    pub max_connections: usize,
+    /// A request must be read and answered within this.
+    pub request_timeout: Dur,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: None,
+            hosts: Vec::new(),
+            max_connections: 16,
+            request_timeout: Dur::secs(10),
+        }
+    }
 }
 
 /// Per-block limits, network-wide, per sliding window.
@@ -462,6 +485,15 @@ pub struct PolicyConfig {
     pub polite_refusals: u32,
     /// The polite count is per block per this period.
     pub polite_period: Dur,
+    /// Simultaneous connections (each Postfix `smtpd` process keeps one).
+    pub max_connections: usize,
+    /// Simultaneous connections from one client address.
+    pub max_connections_per_client: usize,
+    /// A request (from its first byte, or from the connection's start)
+    /// must be complete within this; a connection idle between requests
+    /// is closed after `idle_timeout`.
+    pub request_timeout: Dur,
+    pub idle_timeout: Dur,
 }
 
 impl Default for PolicyConfig {
@@ -471,6 +503,10 @@ impl Default for PolicyConfig {
             magic_nodes: Vec::new(),
             polite_refusals: 3,
             polite_period: Dur::secs(3_600),
+            max_connections: 1_000,
+            max_connections_per_client: 200,
+            request_timeout: Dur::secs(5),
+            idle_timeout: Dur::secs(330),
         }
     }
 }
@@ -672,6 +708,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if s.max_connections_per_family == 0 {
+            return Err(invalid(
+                "smtp.max_connections_per_family",
+                "must be at least 1",
+            ));
+        }
         if s.command_timeout.0 < Duration::from_secs(1) {
             return Err(invalid("smtp.command_timeout", "must be at least 1s"));
         }
@@ -847,6 +889,27 @@ impl Config {
         }
         if self.policy.polite_period.0.is_zero() {
             return Err(invalid("policy.polite_period", "must be more than 0"));
+        }
+        if self.policy.max_connections == 0 {
+            return Err(invalid("policy.max_connections", "must be at least 1"));
+        }
+        if self.policy.max_connections_per_client == 0 {
+            return Err(invalid(
+                "policy.max_connections_per_client",
+                "must be at least 1",
+            ));
+        }
+        if self.policy.request_timeout.0 < Duration::from_millis(100) {
+            return Err(invalid("policy.request_timeout", "must be at least 100ms"));
+        }
+        if self.policy.idle_timeout.0 < Duration::from_secs(1) {
+            return Err(invalid("policy.idle_timeout", "must be at least 1s"));
+        }
+        if self.admin.max_connections == 0 {
+            return Err(invalid("admin.max_connections", "must be at least 1"));
+        }
+        if self.admin.request_timeout.0 < Duration::from_millis(100) {
+            return Err(invalid("admin.request_timeout", "must be at least 100ms"));
         }
         if self.dns.timeout.0.is_zero() {
             return Err(invalid("dns.timeout", "must be more than 0"));

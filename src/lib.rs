@@ -13,6 +13,7 @@ pub mod dns;
 pub mod dnsbl;
 pub mod gossip;
 pub mod hops;
+pub mod listener;
 pub mod names;
 pub mod policy;
 pub mod relay;
@@ -128,6 +129,20 @@ impl Node {
             // The CLI finds the running node here (the config may say port 0).
             let _ = std::fs::write(config.node.data_dir.join(ADMIN_ADDR_FILE), addr.to_string());
         }
+        // The CLI proves it runs as the operator with this token (state changes).
+        let admin_token = match admin_addr {
+            Some(_) => {
+                let token = admin::new_token();
+                admin::write_token(&config.node.data_dir, &token).with_context(|| {
+                    format!(
+                        "node.data_dir: cannot write {}",
+                        config.node.data_dir.join(admin::TOKEN_FILE).display()
+                    )
+                })?;
+                Some(token)
+            }
+            None => None,
+        };
         let gossip = if config.gossip.enabled {
             // Announce the bound SMTP addresses (the config may say port 0).
             let mut c = (*config).clone();
@@ -162,8 +177,21 @@ impl Node {
                 spool: spool.clone(),
                 relay_wake: wake,
                 gossip: gossip.clone(),
+                hosts: config
+                    .admin
+                    .hosts
+                    .iter()
+                    .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                    .collect(),
+                token: admin_token.clone().unwrap_or_default(),
             };
-            tasks.spawn(admin::serve(l, a, shutdown.clone()));
+            tasks.spawn(admin::serve(
+                l,
+                a,
+                config.admin.max_connections,
+                config.admin.request_timeout.0,
+                shutdown.clone(),
+            ));
         }
         if let Some(l) = policy_listener {
             let peers: Option<policy::PeerAddrs> = gossip.clone().map(|g| {
