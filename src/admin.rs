@@ -21,10 +21,9 @@
 //! `[admin] request_timeout`.
 
 use std::net::IpAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,18 +33,7 @@ use tracing::{debug, info};
 use crate::spool::Spool;
 use crate::throttle::{now_ms, BlockStatus, Throttle};
 
-/// The process-wide Prometheus recorder (installed on first use).
-pub fn prometheus() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        // Fails only if another recorder was installed first (tests); then
-        // this handle renders nothing, which is harmless.
-        let _ = metrics::set_global_recorder(recorder);
-        handle
-    })
-}
+pub use crate::telemetry::prometheus;
 
 /// What the admin endpoints read from.
 #[derive(Clone)]
@@ -247,7 +235,7 @@ impl Admin {
     /// at `local` (the connection's own address)?
     fn host_allowed(&self, host: &str, local: IpAddr) -> bool {
         let name = host_name(host);
-        if name == "localhost" || self.hosts.iter().any(|h| *h == name) {
+        if name == "localhost" || self.hosts.contains(&name) {
             return true;
         }
         name.parse::<IpAddr>()
@@ -300,7 +288,7 @@ impl Admin {
         };
         const JSON: &str = "application/json";
         const TEXT: &str = "text/plain; charset=utf-8";
-        if path.starts_with("/quarantine") && !crate::smtp::canonical_ip(client).is_loopback() {
+        if path.starts_with("/quarantine") && !crate::addr::canonical_ip(client).is_loopback() {
             return (
                 403,
                 TEXT,

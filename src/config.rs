@@ -16,6 +16,10 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use crate::addr::canonical_ip;
+use crate::names::is_host_name as is_hostname;
+pub use crate::names::normalize_name;
+
 /// A configuration problem; the message always names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -290,7 +294,7 @@ pub const DEFAULT_DENY_NETWORKS: &[&str] = &[
 impl RelayConfig {
     /// Is `ip` (IPv4-mapped IPv6 as IPv4) in `deny_networks`?
     pub fn is_denied(&self, ip: IpAddr) -> bool {
-        let ip = crate::smtp::canonical_ip(ip);
+        let ip = canonical_ip(ip);
         self.deny_networks.iter().any(|n| n.contains(&ip))
     }
 }
@@ -1038,10 +1042,7 @@ impl Config {
 
     /// True if `ip` may relay through the outbound listener.
     pub fn is_outbound_client(&self, ip: std::net::IpAddr) -> bool {
-        let ip = match ip {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
+        let ip = canonical_ip(ip);
         self.outbound.clients.iter().any(|n| n.contains(&ip))
     }
 
@@ -1053,26 +1054,6 @@ impl Config {
             .iter()
             .any(|d| normalize_name(d) == domain)
     }
-}
-
-/// Lower-case, without a trailing dot.
-pub fn normalize_name(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
-}
-
-fn is_hostname(name: &str) -> bool {
-    let name = name.trim_end_matches('.');
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 #[cfg(test)]

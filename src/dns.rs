@@ -328,7 +328,7 @@ fn classify_mx(records: &[(u16, &Name)]) -> MxAnswer {
         .filter(|(_, exchange)| !exchange.is_root())
         .map(|(preference, exchange)| MxHost {
             preference: *preference,
-            host: normalize(&exchange.to_ascii()),
+            host: crate::names::normalize_name(&exchange.to_ascii()),
         })
         .collect();
     if hosts.is_empty() {
@@ -336,10 +336,6 @@ fn classify_mx(records: &[(u16, &Name)]) -> MxAnswer {
         return MxAnswer::NullMx;
     }
     MxAnswer::Hosts(hosts)
-}
-
-fn normalize(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// `name` as an absolute DNS name (trailing dot), IDNA-encoded if needed.

@@ -5,13 +5,16 @@
 //! takes due messages from the spool and delivers them to the domain's real
 //! MX. `run` wires the parts together under one shutdown signal.
 
+pub mod addr;
 pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod dns;
 pub mod dnsbl;
 pub mod gossip;
+pub mod hops;
 pub mod listener;
+pub mod names;
 pub mod policy;
 pub mod relay;
 pub mod reply;
@@ -19,6 +22,7 @@ pub mod slots;
 pub mod smtp;
 pub mod spool;
 pub mod suspect;
+pub mod telemetry;
 pub mod throttle;
 pub mod zone;
 
@@ -89,7 +93,7 @@ impl Node {
         spool_options: spool::OpenOptions,
     ) -> anyhow::Result<Node> {
         let config = Arc::new(config);
-        admin::prometheus();
+        telemetry::prometheus();
         let spool = spool::Spool::open_with(&config.node.data_dir.join("spool"), spool_options)
             .with_context(|| {
                 format!(

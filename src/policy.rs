@@ -348,7 +348,7 @@ impl PolicyServer {
 
     /// True if `ip` is trusted or a magic node.
     pub fn is_allowed(&self, ip: IpAddr) -> bool {
-        let ip = crate::smtp::canonical_ip(ip);
+        let ip = crate::addr::canonical_ip(ip);
         let s = &self.settings;
         if s.trusted
             .iter()
@@ -360,7 +360,7 @@ impl PolicyServer {
         self.peers.as_ref().is_some_and(|peers| {
             peers()
                 .into_iter()
-                .any(|p| crate::smtp::canonical_ip(p) == ip)
+                .any(|p| crate::addr::canonical_ip(p) == ip)
         })
     }
 
@@ -616,7 +616,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "policy.listen: not set; it is the address for Postfix's check_policy_service"
         )
     })?;
-    crate::admin::prometheus();
+    crate::telemetry::prometheus();
     let listener = bind(addr).await?;
     PolicyServer::new(PolicySettings::from_config(&config), None)
         .serve(listener, shutdown)

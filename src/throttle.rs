@@ -53,7 +53,7 @@ impl Serialize for Block {
 
 /// The block of `ip` for the given prefix lengths.
 pub fn block_of(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> Block {
-    let ip = crate::smtp::canonical_ip(ip);
+    let ip = crate::addr::canonical_ip(ip);
     let net = match ip {
         IpAddr::V4(a) => IpNet::V4(
             Ipv4Net::new(a, v4_prefix.min(32))
@@ -262,7 +262,7 @@ impl Throttle {
     }
 
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
-        let ip = crate::smtp::canonical_ip(ip);
+        let ip = crate::addr::canonical_ip(ip);
         self.trust.iter().any(|n| n.contains(&ip))
     }
 

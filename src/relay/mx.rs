@@ -14,8 +14,9 @@
 use rand::seq::SliceRandom;
 
 use super::deliver::{Diagnostic, Status};
-use crate::config::{normalize_name, Config};
+use crate::config::Config;
 use crate::dns::{MxAnswer, MxHost};
+use crate::names::normalize_name;
 
 /// What to do with a domain's recipients.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use crate::addr::canonical_ip;
 use crate::config::Config;
 use crate::dns::{Dns, MxAnswer};
 use crate::listener::{Admission, Bounds};
@@ -471,14 +472,6 @@ async fn connection(
 fn sender_routed(address: &str) -> bool {
     let local = address.rsplit_once('@').map_or(address, |(l, _)| l);
     local.contains(['%', '!', '@'])
-}
-
-/// IPv4-mapped IPv6 addresses are IPv4.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
 }
 
 async fn write_out<S: AsyncWrite + Unpin>(
