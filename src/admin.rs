@@ -8,33 +8,32 @@
 //! or a management network, and three GET routes do not justify a web
 //! framework. Metrics are recorded with the `metrics` crate into a
 //! Prometheus recorder installed once per process.
+//!
+//! What a web page in the operator's browser could do is closed off: every
+//! request must name this listener in `Host` (its own address, `localhost`
+//! or a name in `[admin] hosts`), so a DNS-rebinding page (whose requests
+//! carry the attacker's name) is refused; every state change must carry
+//! the node's token in `X-Magicmx-Token` (the token is in
+//! `data_dir/admin.token`, readable by the operator and the CLI only), a
+//! header no cross-site form can send. Connections are bounded by
+//! `[admin] max_connections` through the node's one accept loop
+//! ([`crate::listener`]), and each must complete within
+//! `[admin] request_timeout`.
 
 use std::net::IpAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::spool::Spool;
 use crate::throttle::{now_ms, BlockStatus, Throttle};
 
-/// The process-wide Prometheus recorder (installed on first use).
-pub fn prometheus() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        // Fails only if another recorder was installed first (tests); then
-        // this handle renders nothing, which is harmless.
-        let _ = metrics::set_global_recorder(recorder);
-        handle
-    })
-}
+pub use crate::telemetry::prometheus;
 
 /// What the admin endpoints read from.
 #[derive(Clone)]
@@ -44,6 +43,104 @@ pub struct Admin {
     pub spool: Spool,
     pub relay_wake: Arc<tokio::sync::Notify>,
     pub gossip: Option<Arc<crate::gossip::Gossip>>,
+    /// Names accepted in `Host` besides the listener's own address and
+    /// `localhost` (`[admin] hosts`), lower-case.
+    pub hosts: Vec<String>,
+    /// Required in `X-Magicmx-Token` for every state change.
+    pub token: String,
+}
+
+/// File under `data_dir` holding the running node's admin token.
+pub const TOKEN_FILE: &str = "admin.token";
+
+/// The header that carries the token.
+pub const TOKEN_HEADER: &str = "X-Magicmx-Token";
+
+/// A fresh random token (128 bits, hex).
+pub fn new_token() -> String {
+    use rand::Rng;
+    let bytes: [u8; 16] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `token` to `data_dir/admin.token`, readable by its owner only.
+pub fn write_token(data_dir: &std::path::Path, token: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = data_dir.join(TOKEN_FILE);
+    let _ = std::fs::remove_file(&path);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&path)?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()
+}
+
+/// The token of the node using `data_dir`, if it is running.
+pub fn read_token(data_dir: &std::path::Path) -> Option<String> {
+    std::fs::read_to_string(data_dir.join(TOKEN_FILE))
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// The parts of a request head the routes look at.
+#[derive(Debug, Default)]
+struct Head<'a> {
+    method: &'a str,
+    path: &'a str,
+    host: Option<&'a str>,
+    token: Option<&'a str>,
+}
+
+fn parse_head(head: &str) -> Head<'_> {
+    let mut lines = head.split("\r\n").flat_map(|l| l.split('\n'));
+    let mut parts = lines.next().unwrap_or("").split_whitespace();
+    let mut h = Head {
+        method: parts.next().unwrap_or(""),
+        path: parts.next().unwrap_or(""),
+        ..Head::default()
+    };
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.trim().eq_ignore_ascii_case("host") {
+            h.host = Some(value);
+        } else if name.trim().eq_ignore_ascii_case(TOKEN_HEADER) {
+            h.token = Some(value);
+        }
+    }
+    h
+}
+
+/// The host part of a `Host` value (`name`, `name:port`, `[v6]:port`),
+/// lower-case, without a trailing dot.
+fn host_name(value: &str) -> String {
+    let v = value.trim();
+    let name = if let Some(rest) = v.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        match v.rsplit_once(':') {
+            Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => v,
+        }
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Equal in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 #[derive(Serialize)]
@@ -120,6 +217,49 @@ impl Admin {
         }
     }
 
+    /// Is `host` (a `Host` header value) a name of this listener, reached
+    /// at `local` (the connection's own address)?
+    fn host_allowed(&self, host: &str, local: IpAddr) -> bool {
+        let name = host_name(host);
+        if name == "localhost" || self.hosts.contains(&name) {
+            return true;
+        }
+        name.parse::<IpAddr>()
+            .is_ok_and(|ip| crate::smtp::canonical_ip(ip) == crate::smtp::canonical_ip(local))
+    }
+
+    /// Checks `Host` and, for a state change, the token; then routes.
+    async fn request(
+        &self,
+        client: IpAddr,
+        local: IpAddr,
+        head: &Head<'_>,
+    ) -> (u16, &'static str, String) {
+        const TEXT: &str = "text/plain; charset=utf-8";
+        match head.host {
+            Some(h) if self.host_allowed(h, local) => {}
+            _ => {
+                metrics::counter!("magicmx_admin_refusals_total", "reason" => "host").increment(1);
+                debug!(%client, host = ?head.host, "admin request for another host");
+                return (
+                    403,
+                    TEXT,
+                    "Host is not a name of this listener (see [admin] hosts)\n".into(),
+                );
+            }
+        }
+        if head.method != "GET" && !head.token.is_some_and(|t| same_secret(t, &self.token)) {
+            metrics::counter!("magicmx_admin_refusals_total", "reason" => "token").increment(1);
+            info!(%client, path = head.path, "admin state change without the token");
+            return (
+                403,
+                TEXT,
+                format!("a state change needs the {TOKEN_HEADER} header (data_dir/{TOKEN_FILE})\n"),
+            );
+        }
+        self.route(client, head.method, head.path).await
+    }
+
     /// `client` is the peer's address: the quarantine (senders, recipients,
     /// and the power to release or delete mail) is for local operators only,
     /// even when the listener is open to a metrics scraper.
@@ -134,7 +274,7 @@ impl Admin {
         };
         const JSON: &str = "application/json";
         const TEXT: &str = "text/plain; charset=utf-8";
-        if path.starts_with("/quarantine") && !crate::smtp::canonical_ip(client).is_loopback() {
+        if path.starts_with("/quarantine") && !crate::addr::canonical_ip(client).is_loopback() {
             return (
                 403,
                 TEXT,
@@ -224,34 +364,54 @@ fn json<T: Serialize>(v: &T) -> String {
     s
 }
 
-/// Serves the admin endpoints until shutdown.
-pub async fn serve(listener: TcpListener, admin: Admin, shutdown: CancellationToken) {
+/// Serves the admin endpoints until shutdown, at most `max_connections` at
+/// once, each request within `timeout`.
+pub async fn serve(
+    listener: TcpListener,
+    admin: Admin,
+    max_connections: usize,
+    timeout: Duration,
+    shutdown: CancellationToken,
+) {
     let admin = Arc::new(admin);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    let bounds = crate::listener::Bounds {
+        name: "admin",
+        max_connections,
+        busy: Some(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ),
+    };
+    let handle = move |stream: TcpStream, peer: std::net::SocketAddr| {
         let admin = admin.clone();
-        tokio::spawn(async move {
-            if let Err(e) =
-                tokio::time::timeout(Duration::from_secs(10), handle(stream, peer.ip(), &admin))
-                    .await
+        async move {
+            let local = stream
+                .local_addr()
+                .map(|a| a.ip())
+                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+            if tokio::time::timeout(timeout, handle(stream, peer.ip(), local, &admin))
+                .await
+                .is_err()
             {
-                debug!(%peer, error = %e, "admin request timed out");
+                debug!(%peer, "admin request timed out");
             }
-        });
-    }
+        }
+    };
+    crate::listener::serve(
+        vec![listener],
+        bounds,
+        |_| crate::listener::Admission::Accept(()),
+        handle,
+        shutdown,
+    )
+    .await;
 }
 
-async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, client: IpAddr, admin: &Admin) {
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    client: IpAddr,
+    local: IpAddr,
+    admin: &Admin,
+) {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -268,10 +428,10 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, client: IpAddr
             return;
         }
     }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (code, ctype, body) = admin.route(client, method, path).await;
+    let text = String::from_utf8_lossy(&buf);
+    let head = text.split("\r\n\r\n").next().unwrap_or("");
+    let head = parse_head(head);
+    let (code, ctype, body) = admin.request(client, local, &head).await;
     let reason = match code {
         200 => "OK",
         400 => "Bad Request",
@@ -288,16 +448,21 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, client: IpAddr
 }
 
 /// A one-shot HTTP request to a running node's admin listener (for the CLI).
+/// `token` (the node's `admin.token`) is sent for state changes.
 pub async fn request(
     addr: std::net::SocketAddr,
     method: &str,
     path: &str,
+    token: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
     let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
         .await
         .map_err(|_| anyhow::anyhow!("admin.listen {addr}: connect timed out"))?
         .map_err(|e| anyhow::anyhow!("admin.listen {addr}: {e} (is the node running?)"))?;
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    let token = token
+        .map(|t| format!("{TOKEN_HEADER}: {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{token}Connection: close\r\nContent-Length: 0\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await??;
@@ -332,7 +497,7 @@ mod tests {
             let _ = client.read_to_end(&mut out).await;
             out
         };
-        let ((), out) = tokio::join!(handle(server, LOCAL, admin), talk);
+        let ((), out) = tokio::join!(handle(server, LOCAL, LOCAL, admin), talk);
         out
     }
 
@@ -351,7 +516,7 @@ mod tests {
             .and_then(|s| s.get(..3))
             .and_then(|c| c.parse().ok())
             .unwrap_or_else(|| panic!("bad status line {status:?}"));
-        assert!([200, 400, 404, 431, 500].contains(&code), "{status}");
+        assert!([200, 400, 403, 404, 431, 500].contains(&code), "{status}");
         if code != 431 {
             let length = lines
                 .find_map(|l| l.strip_prefix("Content-Length: "))
@@ -432,12 +597,17 @@ mod tests {
             spool: Spool::open(dir.path()).unwrap(),
             relay_wake: Arc::new(tokio::sync::Notify::new()),
             gossip: None,
+            hosts: vec!["mgmt.example.net".into()],
+            token: "s3cret".into(),
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let healthz = rt.block_on(exchange(&admin, b"GET /healthz HTTP/1.1\r\n\r\n"));
+        let healthz = rt.block_on(exchange(
+            &admin,
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:8025\r\n\r\n",
+        ));
         assert_eq!(check_response(&healthz), Some(200));
         assert!(healthz.ends_with(b"\r\n\r\nok\n"));
         // The quarantine is for local operators; metrics are for anyone let in.
@@ -471,5 +641,69 @@ mod tests {
                 Ok(())
             })
             .unwrap();
+    }
+
+    /// A DNS-rebinding page names its own host; a cross-site form cannot
+    /// send the token header. Both are refused; the operator's requests pass.
+    #[test]
+    fn host_and_token_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = Admin {
+            node: "n1".into(),
+            throttle: Arc::new(Throttle::new(
+                &ThrottleConfig::default(),
+                &TrustConfig::default(),
+                "n1",
+            )),
+            spool: Spool::open(dir.path()).unwrap(),
+            relay_wake: Arc::new(tokio::sync::Notify::new()),
+            gossip: None,
+            hosts: vec!["mgmt.example.net".into()],
+            token: "s3cret".into(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let code = |req: &str| {
+            let out = rt.block_on(exchange(&admin, req.as_bytes()));
+            check_response(&out).expect("an answer")
+        };
+        for host in [
+            "127.0.0.1:8025",
+            "127.0.0.1",
+            "localhost:8025",
+            "LOCALHOST",
+            "mgmt.example.net:9000",
+            "Mgmt.Example.Net.",
+        ] {
+            assert_eq!(
+                code(&format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n")),
+                200,
+                "{host}"
+            );
+        }
+        for host in ["evil.example:8025", "127.0.0.2:8025", "", "[::1]:8025"] {
+            assert_eq!(
+                code(&format!("GET /quarantine HTTP/1.1\r\nHost: {host}\r\n\r\n")),
+                403,
+                "{host:?}"
+            );
+        }
+        assert_eq!(code("GET /healthz HTTP/1.1\r\n\r\n"), 403, "no Host");
+        let post = |extra: &str| {
+            code(&format!(
+                "POST /quarantine/delete?id=X HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Content-Type: application/x-www-form-urlencoded\r\n\r\n"
+            ))
+        };
+        assert_eq!(post(""), 403, "a form post without the token");
+        assert_eq!(post("X-Magicmx-Token: guess\r\n"), 403, "a wrong token");
+        assert_eq!(
+            post("x-magicmx-token: s3cret\r\n"),
+            404,
+            "the operator (no such message)"
+        );
+        assert_eq!(host_name("[::1]:80"), "::1");
+        assert_eq!(host_name("a.b:80"), "a.b");
     }
 }

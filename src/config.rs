@@ -16,6 +16,10 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use crate::addr::canonical_ip;
+use crate::names::is_host_name as is_hostname;
+pub use crate::names::normalize_name;
+
 /// A configuration problem; the message always names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -125,6 +129,10 @@ pub struct Config {
     pub outbound: OutboundConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub dnsbl: DnsblConfig,
+    #[serde(default)]
+    pub suspect: SuspectConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +172,10 @@ pub struct SmtpConfig {
     /// outbound clients excepted), so that a few networks holding sessions
     /// open cannot take every slot.
     pub max_connections_per_block: usize,
+    /// Simultaneous connections from one block family (IPv4 /16, IPv6 /32),
+    /// same exemptions: a handful of neighbouring blocks cannot take more
+    /// than this share of `max_connections` either.
+    pub max_connections_per_family: usize,
     /// Wait for a command (RFC 5321 4.5.3.2: at least 5 minutes).
     pub command_timeout: Dur,
     /// Wait for each chunk of DATA (RFC 5321: 3 minutes per data block).
@@ -185,6 +197,7 @@ impl Default for SmtpConfig {
             max_recipients: 100,
             max_connections: 500,
             max_connections_per_block: 20,
+            max_connections_per_family: 100,
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(180),
             max_errors: 20,
@@ -203,7 +216,7 @@ pub struct AcceptConfig {
     pub mx_delegation: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RelayTls {
     /// STARTTLS when offered, plain text if it is not or the handshake fails.
@@ -224,8 +237,29 @@ pub struct RelayConfig {
     pub retry_max: Dur,
     /// Simultaneous deliveries.
     pub concurrency: usize,
+    /// TCP connection to a real MX.
     pub connect_timeout: Dur,
+    /// Each of the greeting, the EHLO reply and STARTTLS (reply and
+    /// handshake): an MX that never greets is left after this.
+    pub greeting_timeout: Dur,
+    /// Reply to MAIL FROM, each RCPT TO, RSET.
     pub command_timeout: Dur,
+    /// Reply to DATA (the `354`).
+    pub data_timeout: Dur,
+    /// Each write of the message data (about 64 KiB).
+    pub data_block_timeout: Dur,
+    /// Reply after the final `.` of the message data.
+    pub data_done_timeout: Dur,
+    /// Octets per line of a remote reply, CRLF included (RFC 5321: 512);
+    /// a longer line ends the attempt as a temporary failure.
+    pub max_reply_line_length: usize,
+    /// Octets per remote reply, all lines together.
+    pub max_reply_size: usize,
+    /// Transactions one outbound SMTP session serves at most (0: no reuse).
+    pub connection_reuse_limit: u32,
+    /// How long a clean session stays open, idle, for the next message to
+    /// the same MX address (0s: no reuse).
+    pub connection_cache_time: Dur,
     /// A message with more `Received:` headers than this is refused as a loop.
     pub max_received_headers: usize,
     pub tls: RelayTls,
@@ -256,7 +290,7 @@ pub const DEFAULT_DENY_NETWORKS: &[&str] = &[
 impl RelayConfig {
     /// Is `ip` (IPv4-mapped IPv6 as IPv4) in `deny_networks`?
     pub fn is_denied(&self, ip: IpAddr) -> bool {
-        let ip = crate::smtp::canonical_ip(ip);
+        let ip = canonical_ip(ip);
         self.deny_networks.iter().any(|n| n.contains(&ip))
     }
 }
@@ -270,7 +304,15 @@ impl Default for RelayConfig {
             retry_max: Dur::secs(3_600),
             concurrency: 20,
             connect_timeout: Dur::secs(30),
+            greeting_timeout: Dur::secs(120),
             command_timeout: Dur::secs(300),
+            data_timeout: Dur::secs(120),
+            data_block_timeout: Dur::secs(180),
+            data_done_timeout: Dur::secs(600),
+            max_reply_line_length: 512,
+            max_reply_size: 4096,
+            connection_reuse_limit: 100,
+            connection_cache_time: Dur::secs(2),
             max_received_headers: 50,
             tls: RelayTls::Opportunistic,
             deny_networks: DEFAULT_DENY_NETWORKS
@@ -298,11 +340,29 @@ impl Default for DnsConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// HTTP listener for /metrics, /healthz, /status; absent = off.
     pub listen: Option<SocketAddr>,
+    /// Names accepted in a request's `Host` besides the listener's own
+    /// address and `localhost` (e.g. the name a Prometheus scraper uses).
+    pub hosts: Vec<String>,
+    /// Simultaneous admin connections.
+    pub max_connections: usize,
+    /// A request must be read and answered within this.
+    pub request_timeout: Dur,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: None,
+            hosts: Vec::new(),
+            max_connections: 16,
+            request_timeout: Dur::secs(10),
+        }
+    }
 }
 
 /// Per-block limits, network-wide, per sliding window.
@@ -425,6 +485,15 @@ pub struct PolicyConfig {
     pub polite_refusals: u32,
     /// The polite count is per block per this period.
     pub polite_period: Dur,
+    /// Simultaneous connections (each Postfix `smtpd` process keeps one).
+    pub max_connections: usize,
+    /// Simultaneous connections from one client address.
+    pub max_connections_per_client: usize,
+    /// A request (from its first byte, or from the connection's start)
+    /// must be complete within this; a connection idle between requests
+    /// is closed after `idle_timeout`.
+    pub request_timeout: Dur,
+    pub idle_timeout: Dur,
 }
 
 impl Default for PolicyConfig {
@@ -434,6 +503,92 @@ impl Default for PolicyConfig {
             magic_nodes: Vec::new(),
             polite_refusals: 3,
             polite_period: Dur::secs(3_600),
+            max_connections: 1_000,
+            max_connections_per_client: 200,
+            request_timeout: Dur::secs(5),
+            idle_timeout: Dur::secs(330),
+        }
+    }
+}
+
+/// DNS block and allow lists, postscreen's syntax (see `crate::dnsbl`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsblConfig {
+    /// `zone[=filter][*weight]`, e.g. `zen.spamhaus.org=127.0.0.[2..11]*3`,
+    /// `list.dnswl.org=127.0.[0..255].[1..3]*-2`. Empty = no lookups.
+    pub sites: Vec<String>,
+    /// Per query; all zones are asked at once, a late zone is skipped.
+    pub timeout: Dur,
+    /// Cached answers live their TTL clamped to `[min_ttl, max_ttl]`.
+    pub min_ttl: Dur,
+    pub max_ttl: Dur,
+    /// Bound of the answer cache, (zone, address) pairs.
+    pub max_cache_entries: usize,
+    /// A zone that refuses queries or answers nonsense is left out this long.
+    pub pause: Dur,
+    /// RFC 5782 test entries are checked at start and this often.
+    pub health_interval: Dur,
+}
+
+impl Default for DnsblConfig {
+    fn default() -> Self {
+        DnsblConfig {
+            sites: Vec::new(),
+            timeout: Dur(Duration::from_millis(1_500)),
+            min_ttl: Dur::secs(60),
+            max_ttl: Dur::secs(3_600),
+            max_cache_entries: 100_000,
+            pause: Dur::secs(300),
+            health_interval: Dur::secs(300),
+        }
+    }
+}
+
+/// The suspicion state of a block (see `crate::suspect`): thresholds, how
+/// much each signal weighs, how long it is remembered.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SuspectConfig {
+    /// A block scoring at least this is a suspect: lower limits, tarpit, greylist.
+    pub threshold: i32,
+    /// A block scoring at least this is refused at connect (`550 5.7.1`).
+    pub refuse_threshold: i32,
+    /// A suspect's throttle limits are the normal ones times this.
+    pub limit_factor: f64,
+    /// A signal (other than a DNSBL listing, which lives its TTL) counts this long.
+    pub reason_ttl: Dur,
+    /// Bound of the reasons kept per block.
+    pub max_reasons: usize,
+    /// Weights of the protocol tests.
+    pub pregreet_weight: i32,
+    pub pipelining_weight: i32,
+    pub non_smtp_weight: i32,
+    pub bare_lf_weight: i32,
+    /// Invalid recipients of a block in the throttle window that make it a suspect.
+    pub invalid_rcpt_threshold: u32,
+    pub invalid_rcpt_weight: i32,
+    /// Addresses nobody writes to: one recipient here makes the block a suspect.
+    pub trap_recipients: Vec<String>,
+    pub trap_weight: i32,
+}
+
+impl Default for SuspectConfig {
+    fn default() -> Self {
+        SuspectConfig {
+            threshold: 1,
+            refuse_threshold: 5,
+            limit_factor: 0.2,
+            reason_ttl: Dur::secs(3_600),
+            max_reasons: 16,
+            pregreet_weight: 5,
+            pipelining_weight: 5,
+            non_smtp_weight: 5,
+            bare_lf_weight: 2,
+            invalid_rcpt_threshold: 5,
+            invalid_rcpt_weight: 3,
+            trap_recipients: Vec::new(),
+            trap_weight: 3,
         }
     }
 }
@@ -553,6 +708,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if s.max_connections_per_family == 0 {
+            return Err(invalid(
+                "smtp.max_connections_per_family",
+                "must be at least 1",
+            ));
+        }
         if s.command_timeout.0 < Duration::from_secs(1) {
             return Err(invalid("smtp.command_timeout", "must be at least 1s"));
         }
@@ -606,6 +767,36 @@ impl Config {
         }
         if r.max_received_headers == 0 {
             return Err(invalid("relay.max_received_headers", "must be at least 1"));
+        }
+        for (key, d) in [
+            ("relay.connect_timeout", r.connect_timeout),
+            ("relay.greeting_timeout", r.greeting_timeout),
+            ("relay.command_timeout", r.command_timeout),
+            ("relay.data_timeout", r.data_timeout),
+            ("relay.data_block_timeout", r.data_block_timeout),
+            ("relay.data_done_timeout", r.data_done_timeout),
+        ] {
+            if d.0 < Duration::from_millis(100) {
+                return Err(invalid(key, "must be at least 100ms"));
+            }
+            if d.0 > Duration::from_secs(3_600) {
+                return Err(invalid(key, "must be at most 1h"));
+            }
+        }
+        if !(64..=65_536).contains(&r.max_reply_line_length) {
+            return Err(invalid(
+                "relay.max_reply_line_length",
+                "must be between 64 and 65536",
+            ));
+        }
+        if r.max_reply_size < r.max_reply_line_length || r.max_reply_size > 1 << 20 {
+            return Err(invalid(
+                "relay.max_reply_size",
+                "must be at least relay.max_reply_line_length and at most 1048576",
+            ));
+        }
+        if r.connection_cache_time.0 > Duration::from_secs(300) {
+            return Err(invalid("relay.connection_cache_time", "must be at most 5m"));
         }
         let t = &self.throttle;
         if t.ipv4_prefix == 0 || t.ipv4_prefix > 32 {
@@ -699,8 +890,122 @@ impl Config {
         if self.policy.polite_period.0.is_zero() {
             return Err(invalid("policy.polite_period", "must be more than 0"));
         }
+        if self.policy.max_connections == 0 {
+            return Err(invalid("policy.max_connections", "must be at least 1"));
+        }
+        if self.policy.max_connections_per_client == 0 {
+            return Err(invalid(
+                "policy.max_connections_per_client",
+                "must be at least 1",
+            ));
+        }
+        if self.policy.request_timeout.0 < Duration::from_millis(100) {
+            return Err(invalid("policy.request_timeout", "must be at least 100ms"));
+        }
+        if self.policy.idle_timeout.0 < Duration::from_secs(1) {
+            return Err(invalid("policy.idle_timeout", "must be at least 1s"));
+        }
+        if self.admin.max_connections == 0 {
+            return Err(invalid("admin.max_connections", "must be at least 1"));
+        }
+        if self.admin.request_timeout.0 < Duration::from_millis(100) {
+            return Err(invalid("admin.request_timeout", "must be at least 100ms"));
+        }
         if self.dns.timeout.0.is_zero() {
             return Err(invalid("dns.timeout", "must be more than 0"));
+        }
+        self.validate_dnsbl()?;
+        self.validate_suspect()?;
+        Ok(())
+    }
+
+    fn validate_dnsbl(&self) -> Result<(), ConfigError> {
+        let d = &self.dnsbl;
+        if d.sites.len() > crate::dnsbl::MAX_SITES {
+            return Err(invalid(
+                "dnsbl.sites",
+                format!("at most {} entries", crate::dnsbl::MAX_SITES),
+            ));
+        }
+        for entry in &d.sites {
+            crate::dnsbl::Site::parse(entry)
+                .map_err(|why| invalid("dnsbl.sites", format!("entry {entry:?}: {why}")))?;
+        }
+        if d.timeout.0 < Duration::from_millis(10) || d.timeout.0 > Duration::from_secs(30) {
+            return Err(invalid("dnsbl.timeout", "must be between 10ms and 30s"));
+        }
+        if d.min_ttl.0.is_zero() {
+            return Err(invalid("dnsbl.min_ttl", "must be more than 0"));
+        }
+        if d.max_ttl < d.min_ttl {
+            return Err(invalid(
+                "dnsbl.max_ttl",
+                "must not be less than dnsbl.min_ttl",
+            ));
+        }
+        if d.max_cache_entries == 0 {
+            return Err(invalid("dnsbl.max_cache_entries", "must be at least 1"));
+        }
+        if d.pause.0.is_zero() {
+            return Err(invalid("dnsbl.pause", "must be more than 0"));
+        }
+        if d.health_interval.0 < Duration::from_secs(1) {
+            return Err(invalid("dnsbl.health_interval", "must be at least 1s"));
+        }
+        Ok(())
+    }
+
+    fn validate_suspect(&self) -> Result<(), ConfigError> {
+        let s = &self.suspect;
+        if s.threshold < 1 {
+            return Err(invalid("suspect.threshold", "must be at least 1"));
+        }
+        if s.refuse_threshold < s.threshold {
+            return Err(invalid(
+                "suspect.refuse_threshold",
+                "must not be less than suspect.threshold",
+            ));
+        }
+        if !(s.limit_factor > 0.0 && s.limit_factor <= 1.0) {
+            return Err(invalid(
+                "suspect.limit_factor",
+                "must be more than 0 and at most 1",
+            ));
+        }
+        if s.reason_ttl.0 < Duration::from_secs(1) {
+            return Err(invalid("suspect.reason_ttl", "must be at least 1s"));
+        }
+        if !(1..=256).contains(&s.max_reasons) {
+            return Err(invalid("suspect.max_reasons", "must be between 1 and 256"));
+        }
+        for (key, w) in [
+            ("suspect.pregreet_weight", s.pregreet_weight),
+            ("suspect.pipelining_weight", s.pipelining_weight),
+            ("suspect.non_smtp_weight", s.non_smtp_weight),
+            ("suspect.bare_lf_weight", s.bare_lf_weight),
+            ("suspect.invalid_rcpt_weight", s.invalid_rcpt_weight),
+            ("suspect.trap_weight", s.trap_weight),
+        ] {
+            if !(0..=1_000).contains(&w) {
+                return Err(invalid(key, "must be between 0 and 1000"));
+            }
+        }
+        if s.invalid_rcpt_threshold == 0 {
+            return Err(invalid(
+                "suspect.invalid_rcpt_threshold",
+                "must be at least 1",
+            ));
+        }
+        for t in &s.trap_recipients {
+            match t.rsplit_once('@') {
+                Some((local, domain)) if !local.is_empty() && is_hostname(domain) => {}
+                _ => {
+                    return Err(invalid(
+                        "suspect.trap_recipients",
+                        format!("{t:?} is not an address (local@domain)"),
+                    ))
+                }
+            }
         }
         Ok(())
     }
@@ -726,10 +1031,7 @@ impl Config {
 
     /// True if `ip` may relay through the outbound listener.
     pub fn is_outbound_client(&self, ip: std::net::IpAddr) -> bool {
-        let ip = match ip {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
+        let ip = canonical_ip(ip);
         self.outbound.clients.iter().any(|n| n.contains(&ip))
     }
 
@@ -741,26 +1043,6 @@ impl Config {
             .iter()
             .any(|d| normalize_name(d) == domain)
     }
-}
-
-/// Lower-case, without a trailing dot.
-pub fn normalize_name(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
-}
-
-fn is_hostname(name: &str) -> bool {
-    let name = name.trim_end_matches('.');
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 #[cfg(test)]

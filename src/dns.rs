@@ -251,6 +251,47 @@ impl Dns {
     }
 }
 
+/// The A records at a name, for DNSBL lookups: each address with its TTL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ARecords {
+    /// The addresses in the answer (CNAMEs followed), with their TTLs in seconds.
+    Found(Vec<(Ipv4Addr, u32)>),
+    /// NXDOMAIN or NODATA; `ttl` is the negative TTL when the server sent its SOA.
+    Nothing { ttl: Option<u32> },
+}
+
+impl Dns {
+    /// The A records of `name` with their TTLs. NXDOMAIN and NODATA are
+    /// [`ARecords::Nothing`]; anything else that is not an answer is an error.
+    /// No deadline beyond the resolver's own: callers with a budget (DNSBL)
+    /// wrap the call in theirs.
+    pub async fn a_records(&self, name: &str) -> Result<ARecords, DnsError> {
+        let fqdn = absolute_name(name)?;
+        let result = tokio::time::timeout(self.deadline, self.resolver.ipv4_lookup(fqdn)).await;
+        match result {
+            Err(_) => Err(DnsError::Temporary(format!("A {name}: timed out"))),
+            Ok(Ok(lookup)) => Ok(ARecords::Found(
+                lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::A(a) => Some((a.0, r.ttl)),
+                        _ => None,
+                    })
+                    .collect(),
+            )),
+            Ok(Err(err)) => match (negative(&err), &err) {
+                (Some(_), NetError::Dns(hickory_resolver::net::DnsError::NoRecordsFound(nr))) => {
+                    Ok(ARecords::Nothing {
+                        ttl: nr.negative_ttl,
+                    })
+                }
+                _ => Err(DnsError::Temporary(format!("A {name}: {err}"))),
+            },
+        }
+    }
+}
+
 /// The negative answers that are facts about the name, not failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Negative {
@@ -287,7 +328,7 @@ fn classify_mx(records: &[(u16, &Name)]) -> MxAnswer {
         .filter(|(_, exchange)| !exchange.is_root())
         .map(|(preference, exchange)| MxHost {
             preference: *preference,
-            host: normalize(&exchange.to_ascii()),
+            host: crate::names::normalize_name(&exchange.to_ascii()),
         })
         .collect();
     if hosts.is_empty() {
@@ -295,10 +336,6 @@ fn classify_mx(records: &[(u16, &Name)]) -> MxAnswer {
         return MxAnswer::NullMx;
     }
     MxAnswer::Hosts(hosts)
-}
-
-fn normalize(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// `name` as an absolute DNS name (trailing dot), IDNA-encoded if needed.

@@ -5,15 +5,24 @@
 //! takes due messages from the spool and delivers them to the domain's real
 //! MX. `run` wires the parts together under one shutdown signal.
 
+pub mod addr;
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod dns;
+pub mod dnsbl;
 pub mod gossip;
+pub mod hops;
+pub mod listener;
+pub mod names;
 pub mod policy;
 pub mod relay;
+pub mod reply;
 pub mod slots;
 pub mod smtp;
 pub mod spool;
+pub mod suspect;
+pub mod telemetry;
 pub mod throttle;
 pub mod zone;
 
@@ -23,6 +32,7 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+pub use clock::Clock;
 pub use config::Config;
 
 /// File under `data_dir` holding the bound admin address of the running node.
@@ -52,6 +62,8 @@ pub struct Node {
     pub admin_addr: Option<std::net::SocketAddr>,
     /// Bound `[policy] listen` address.
     pub policy_addr: Option<std::net::SocketAddr>,
+    /// The clock every part reads (windows, penalties, epochs, schedules).
+    pub clock: Clock,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
 }
@@ -60,8 +72,17 @@ impl Node {
     /// Opens the spool (recovering the queue), binds the listeners and starts
     /// every task. The node runs until `shutdown` is cancelled.
     pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Node> {
+        Node::start_with_clock(config, shutdown, Clock::system()).await
+    }
+
+    /// [`Node::start`] on a given clock (tests pass a manual one).
+    pub async fn start_with_clock(
+        config: Config,
+        shutdown: CancellationToken,
+        clock: Clock,
+    ) -> anyhow::Result<Node> {
         let config = Arc::new(config);
-        admin::prometheus();
+        telemetry::prometheus();
         let spool = spool::Spool::open(&config.node.data_dir.join("spool")).with_context(|| {
             format!(
                 "node.data_dir: cannot open the spool in {}",
@@ -108,6 +129,20 @@ impl Node {
             // The CLI finds the running node here (the config may say port 0).
             let _ = std::fs::write(config.node.data_dir.join(ADMIN_ADDR_FILE), addr.to_string());
         }
+        // The CLI proves it runs as the operator with this token (state changes).
+        let admin_token = match admin_addr {
+            Some(_) => {
+                let token = admin::new_token();
+                admin::write_token(&config.node.data_dir, &token).with_context(|| {
+                    format!(
+                        "node.data_dir: cannot write {}",
+                        config.node.data_dir.join(admin::TOKEN_FILE).display()
+                    )
+                })?;
+                Some(token)
+            }
+            None => None,
+        };
         let gossip = if config.gossip.enabled {
             // Announce the bound SMTP addresses (the config may say port 0).
             let mut c = (*config).clone();
@@ -142,8 +177,21 @@ impl Node {
                 spool: spool.clone(),
                 relay_wake: wake,
                 gossip: gossip.clone(),
+                hosts: config
+                    .admin
+                    .hosts
+                    .iter()
+                    .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                    .collect(),
+                token: admin_token.clone().unwrap_or_default(),
             };
-            tasks.spawn(admin::serve(l, a, shutdown.clone()));
+            tasks.spawn(admin::serve(
+                l,
+                a,
+                config.admin.max_connections,
+                config.admin.request_timeout.0,
+                shutdown.clone(),
+            ));
         }
         if let Some(l) = policy_listener {
             let peers: Option<policy::PeerAddrs> = gossip.clone().map(|g| {
@@ -168,6 +216,7 @@ impl Node {
             outbound_addrs,
             admin_addr,
             policy_addr,
+            clock,
             shutdown,
             tasks,
         })

@@ -261,6 +261,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 addr,
                 "GET",
                 &format!("/explain?ip={ip}"),
+                None,
             ))?;
             if code != 200 {
                 anyhow::bail!("the node answered {code}: {}", body.trim());
@@ -315,7 +316,13 @@ fn quarantine_action(config: &std::path::Path, id: &str, action: &str) -> anyhow
     let c = load(config)?;
     let addr = admin_addr(&c)?;
     let path = format!("/quarantine/{action}?id={id}");
-    let (code, body) = block_on(magicmx::admin::request(addr, "POST", &path))?;
+    let token = magicmx::admin::read_token(&c.node.data_dir);
+    let (code, body) = block_on(magicmx::admin::request(
+        addr,
+        "POST",
+        &path,
+        token.as_deref(),
+    ))?;
     if code != 200 {
         anyhow::bail!("{}", body.trim());
     }

@@ -44,12 +44,14 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::listener::{Admission, Bounds};
+use crate::slots::KeyedSlots;
+use crate::smtp::canonical_ip;
 use crate::throttle::{block_of, Block};
 
 /// Longest attribute line, in octets, newline included. Postfix attributes
@@ -60,12 +62,6 @@ pub const MAX_LINE: usize = 4_096;
 pub const MAX_REQUEST: usize = 64 * 1_024;
 /// Most attributes in one request (Postfix 3.x sends about 35).
 pub const MAX_ATTRIBUTES: usize = 200;
-/// A connection with no complete request for this long is closed. Postfix
-/// closes its idle policy connections after `smtpd_policy_service_max_idle`
-/// (300s), so normally Postfix closes first.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(330);
-/// Simultaneous connections (each Postfix `smtpd` process keeps one).
-pub const MAX_CONNECTIONS: usize = 1_000;
 /// Networks blocks whose refusals are remembered.
 pub const MAX_TRACKED_BLOCKS: usize = 100_000;
 
@@ -94,9 +90,19 @@ pub struct PolicySettings {
     pub ipv6_prefix: u8,
     /// Bound of the per-block counter table.
     pub max_tracked_blocks: usize,
-    /// Simultaneous connections.
+    /// Simultaneous connections (`[policy] max_connections`).
     pub max_connections: usize,
-    /// Idle connections are closed after this long.
+    /// Simultaneous connections from one client address
+    /// (`[policy] max_connections_per_client`).
+    pub max_connections_per_client: usize,
+    /// A request must be complete this long after its first byte (or after
+    /// the connection opened, for the first request): Postfix writes a
+    /// request at once, so a slow one is not Postfix (`[policy] request_timeout`).
+    pub request_timeout: Duration,
+    /// A connection idle between requests is closed after this long.
+    /// Postfix closes its idle policy connections after
+    /// `smtpd_policy_service_max_idle` (300s), so normally Postfix closes
+    /// first (`[policy] idle_timeout`, 330s).
     pub idle_timeout: Duration,
 }
 
@@ -111,8 +117,10 @@ impl PolicySettings {
             ipv4_prefix: config.throttle.ipv4_prefix,
             ipv6_prefix: config.throttle.ipv6_prefix,
             max_tracked_blocks: MAX_TRACKED_BLOCKS,
-            max_connections: MAX_CONNECTIONS,
-            idle_timeout: IDLE_TIMEOUT,
+            max_connections: config.policy.max_connections,
+            max_connections_per_client: config.policy.max_connections_per_client,
+            request_timeout: config.policy.request_timeout.0,
+            idle_timeout: config.policy.idle_timeout.0,
         }
     }
 }
@@ -340,7 +348,7 @@ impl PolicyServer {
 
     /// True if `ip` is trusted or a magic node.
     pub fn is_allowed(&self, ip: IpAddr) -> bool {
-        let ip = crate::smtp::canonical_ip(ip);
+        let ip = crate::addr::canonical_ip(ip);
         let s = &self.settings;
         if s.trusted
             .iter()
@@ -352,7 +360,7 @@ impl PolicyServer {
         self.peers.as_ref().is_some_and(|peers| {
             peers()
                 .into_iter()
-                .any(|p| crate::smtp::canonical_ip(p) == ip)
+                .any(|p| crate::addr::canonical_ip(p) == ip)
         })
     }
 
@@ -405,41 +413,36 @@ impl PolicyServer {
     }
 
     /// Serves Postfix on `listener` until `shutdown`; returns when every
-    /// connection has ended.
+    /// connection has ended. Over `max_connections` in total or
+    /// `max_connections_per_client` from one address, a connection is
+    /// closed at once (Postfix takes that as a temporary failure).
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "policy listening");
         }
         let this = Arc::new(self);
-        let permits = Arc::new(Semaphore::new(this.settings.max_connections.max(1)));
-        let tracker = TaskTracker::new();
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(error = %e, "policy accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                // Postfix treats the closed connection as a temporary failure.
-                warn!(%peer, "policy: too many connections");
-                drop(stream);
-                continue;
-            };
-            let (this, shutdown) = (this.clone(), shutdown.clone());
-            tracker.spawn(async move {
-                this.connection(stream, peer, shutdown).await;
-                drop(permit);
-            });
-        }
-        tracker.close();
-        tracker.wait().await;
+        let per_client = KeyedSlots::new(this.settings.max_connections_per_client);
+        let bounds = Bounds {
+            name: "policy",
+            max_connections: this.settings.max_connections,
+            busy: None,
+        };
+        let admit = move |peer: SocketAddr| match per_client.try_take(canonical_ip(peer.ip())) {
+            Some(slot) => Admission::Accept(slot),
+            None => {
+                warn!(%peer, "policy: too many connections from the client");
+                Admission::Refuse {
+                    reason: "connections_per_client",
+                    reply: None,
+                }
+            }
+        };
+        let stop = shutdown.clone();
+        let handle = move |stream: TcpStream, peer: SocketAddr| {
+            let (this, shutdown) = (this.clone(), stop.clone());
+            async move { this.connection(stream, peer, shutdown).await }
+        };
+        crate::listener::serve(vec![listener], bounds, admit, handle, shutdown).await;
     }
 
     #[tracing::instrument(name = "policy", skip_all, fields(peer = %peer))]
@@ -453,6 +456,9 @@ impl PolicyServer {
         debug!("policy connection");
         let mut decoder = Decoder::new();
         let mut buf = vec![0u8; 4_096];
+        // The first request is due from the connection's start: Postfix
+        // connects when it has a question.
+        let mut request_due = Some(TokioInstant::now() + self.settings.request_timeout);
         loop {
             while let Some(next) = decoder.next_request() {
                 let (action, fatal) = match next {
@@ -465,6 +471,7 @@ impl PolicyServer {
                         (action, why.is_fatal())
                     }
                 };
+                request_due = None;
                 let response = action.response();
                 let write = stream.write_all(response.as_bytes());
                 match tokio::time::timeout(self.settings.idle_timeout, write).await {
@@ -476,11 +483,28 @@ impl PolicyServer {
                     return;
                 }
             }
+            if decoder.pending() > 0 {
+                request_due
+                    .get_or_insert_with(|| TokioInstant::now() + self.settings.request_timeout);
+            }
+            let wait = match request_due {
+                Some(due) => due.saturating_duration_since(TokioInstant::now()),
+                None => self.settings.idle_timeout,
+            };
             let read = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = tokio::time::timeout(self.settings.idle_timeout, stream.read(&mut buf)) => r,
+                r = tokio::time::timeout(wait, stream.read(&mut buf)) => r,
             };
             match read {
+                Err(_) if request_due.is_some() => {
+                    metrics::counter!("magicmx_policy_timeouts_total", "stage" => "request")
+                        .increment(1);
+                    info!(
+                        pending = decoder.pending(),
+                        "policy request not complete in time, closing"
+                    );
+                    return;
+                }
                 Err(_) => {
                     debug!("policy connection idle, closing");
                     return;
@@ -592,7 +616,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             "policy.listen: not set; it is the address for Postfix's check_policy_service"
         )
     })?;
-    crate::admin::prometheus();
+    crate::telemetry::prometheus();
     let listener = bind(addr).await?;
     PolicyServer::new(PolicySettings::from_config(&config), None)
         .serve(listener, shutdown)
@@ -618,6 +642,8 @@ mod tests {
             ipv6_prefix: 48,
             max_tracked_blocks: 1_000,
             max_connections: 10,
+            max_connections_per_client: 10,
+            request_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(5),
         }
     }

@@ -28,7 +28,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::RwLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -54,7 +53,7 @@ impl Serialize for Block {
 
 /// The block of `ip` for the given prefix lengths.
 pub fn block_of(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> Block {
-    let ip = crate::smtp::canonical_ip(ip);
+    let ip = crate::addr::canonical_ip(ip);
     let net = match ip {
         IpAddr::V4(a) => IpNet::V4(
             Ipv4Net::new(a, v4_prefix.min(32))
@@ -197,10 +196,7 @@ pub struct BlockStatus {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    crate::clock::system_ms()
 }
 
 /// The throttle of one node.
@@ -266,7 +262,7 @@ impl Throttle {
     }
 
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
-        let ip = crate::smtp::canonical_ip(ip);
+        let ip = crate::addr::canonical_ip(ip);
         self.trust.iter().any(|n| n.contains(&ip))
     }
 

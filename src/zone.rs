@@ -22,8 +22,9 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::config::{normalize_name, Config};
+use crate::config::Config;
 use crate::dns::{Dns, MxAnswer, MxHost};
+use crate::names::normalize_name;
 
 /// Preference of the magic MX records: the lowest published, tried first.
 pub const MAGIC_PREFERENCE: u16 = 10;
@@ -53,21 +54,7 @@ pub enum ZoneError {
     Both(String),
 }
 
-/// True if `name` is a DNS host name (letters, digits, `-`, `_`; trailing dot allowed).
-pub fn is_host_name(name: &str) -> bool {
-    let name = name.strip_suffix('.').unwrap_or(name);
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
-}
+pub use crate::names::is_host_name;
 
 /// The MX records to publish for `domain`, in zone-file syntax: every magic
 /// host at [`MAGIC_PREFERENCE`], then each real MX at its preference, which

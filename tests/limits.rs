@@ -105,6 +105,44 @@ fn connections_over_the_per_block_limit_get_421() {
     );
 }
 
+/// A few dozen slow sessions from a handful of neighbouring blocks (one
+/// /16) cannot take every slot: the block family's share is bounded too,
+/// so a legitimate sender elsewhere still gets its banner.
+#[test]
+fn slow_sessions_from_a_few_blocks_cannot_lock_out_others() {
+    let node = InProc::start_with_smtp(
+        "max_connections = 12
+max_connections_per_block = 3
+max_connections_per_family = 6
+",
+        "",
+    );
+    let mut held = Vec::new();
+    let mut refused = 0;
+    // 30 sessions from six /24s of 127.5.0.0/16, each kept open.
+    for i in 0..30 {
+        let ip = format!("127.5.{}.{}", i % 6 + 1, i / 6 + 1);
+        let (s, line) = first_line_from(&ip, node.smtp);
+        if line.starts_with("220 ") {
+            held.push(s);
+        } else {
+            assert!(line.starts_with("421 4.7.0"), "{ip}: {line}");
+            refused += 1;
+        }
+    }
+    assert_eq!(held.len(), 6, "the family holds at most its share");
+    assert_eq!(refused, 24);
+    for ip in ["127.6.0.1", "127.7.0.1", "127.8.0.1"] {
+        let (_s, line) = first_line_from(ip, node.smtp);
+        assert!(line.starts_with("220 "), "a sender from {ip}: {line}");
+    }
+    let metrics = node.http_get("/metrics");
+    assert!(
+        metrics.contains(r#"magicmx_smtp_refusals_total{reason="connections_per_family"}"#),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn idle_sessions_time_out_with_421() {
     let node = InProc::start_with_smtp("command_timeout = \"1s\"\n", "");

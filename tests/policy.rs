@@ -28,6 +28,8 @@ fn settings() -> PolicySettings {
         ipv6_prefix: 48,
         max_tracked_blocks: 1_000,
         max_connections: 16,
+        max_connections_per_client: 16,
+        request_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(30),
     }
 }
@@ -302,6 +304,86 @@ async fn connections_are_bounded_and_idle_ones_closed() {
     assert!(b.closed().await);
     let mut d = Postfix::connect(server.addr).await;
     assert_eq!(d.ask("127.0.10.1").await, "DUNNO");
+}
+
+/// Connections that never finish a request (no terminating empty line, or
+/// nothing at all) are closed after `request_timeout`, not `idle_timeout`:
+/// a thousand of them cannot hold the slots Postfix needs for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_requests_are_closed_after_request_timeout() {
+    let mut s = settings();
+    s.request_timeout = Duration::from_millis(500);
+    s.idle_timeout = Duration::from_secs(60);
+    let server = start(s, None).await;
+    let t0 = Instant::now();
+    let mut silent = Postfix::connect(server.addr).await;
+    let mut partial = Postfix::connect(server.addr).await;
+    let request = Postfix::rcpt_request("127.0.10.1", "RCPT");
+    // Everything but the terminating empty line.
+    partial
+        .send(request.trim_end_matches('\n').as_bytes())
+        .await;
+    partial.send(b"\n").await;
+    assert!(silent.closed().await, "a silent connection stays open");
+    assert!(partial.closed().await, "an unfinished request stays open");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        t0.elapsed()
+    );
+    // A connection that finished its request may then idle (Postfix keeps
+    // its connection between requests), well past request_timeout.
+    let mut pf = Postfix::connect(server.addr).await;
+    assert_eq!(pf.ask("127.0.10.1").await, "DUNNO");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(pf.ask("127.0.10.1").await, "DUNNO");
+}
+
+/// One client address gets at most `max_connections_per_client` slots;
+/// other clients are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_client_address_are_bounded() {
+    let mut s = settings();
+    s.max_connections = 16;
+    s.max_connections_per_client = 2;
+    let server = start(s, None).await;
+    let addr = server.addr;
+    let from = |ip: &'static str| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        Postfix {
+            conn: BufReader::new(sock.connect(addr).await.unwrap()),
+        }
+    };
+    let mut a = from("127.0.0.7").await;
+    let mut b = from("127.0.0.7").await;
+    assert_eq!(a.ask("127.0.10.1").await, "DUNNO");
+    assert_eq!(b.ask("127.0.10.1").await, "DUNNO");
+    let mut c = from("127.0.0.7").await;
+    let request = Postfix::rcpt_request("127.0.10.1", "RCPT");
+    let _ = c.conn.get_mut().write_all(request.as_bytes()).await;
+    assert_eq!(
+        c.answer().await,
+        None,
+        "a third connection from one address"
+    );
+    let mut d = from("127.0.0.8").await;
+    assert_eq!(d.ask("127.0.10.1").await, "DUNNO", "another address");
+    drop(a);
+    let mut freed = false;
+    for _ in 0..50 {
+        let mut e = from("127.0.0.7").await;
+        let _ = e.conn.get_mut().write_all(request.as_bytes()).await;
+        if e.answer().await.is_some() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        freed,
+        "no slot for the address after one of its connections ended"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,54 +2,213 @@
 //!
 //! Input: the ordered MX hosts from route planning, the recipients of one
 //! domain, the envelope and the stored body. Output: one [`RcptOutcome`] per
-//! recipient, as data: delivery failures are never errors here.
+//! recipient, as data (a typed [`Reply`]: code, enhanced status, text):
+//! delivery failures are never errors here.
 //!
-//! The SMTP client is lettre's low-level `AsyncSmtpConnection`, driven
-//! command by command so that every RCPT gets its own reply (lettre's
-//! transport stops at the first refused recipient). For each host, each
-//! address is tried in turn: connect and EHLO; opportunistic STARTTLS without
-//! certificate checks (like Postfix's `may`), and if the TLS handshake fails,
-//! one reconnect in plain text; MAIL FROM (BODY=8BITMIME, SMTPUTF8 when the
-//! envelope has them); one RCPT per recipient; DATA only if a recipient was
-//! accepted; the body. The next address or host is tried only while no
-//! recipient has been settled by a reply for the remaining ones: on a
-//! connection error, a refused greeting or a `421`. Once the end of data has
-//! been sent, a lost reply is a temporary failure, never a retry elsewhere
-//! (the message may have been delivered).
+//! The SMTP client is the node's own ([`client`] for the I/O, [`reply`] for
+//! the sans-IO reply parser), so that every remote reply is bounded
+//! (`relay.max_reply_line_length`, `relay.max_reply_size`) and every stage
+//! has its own timeout, like Postfix: greeting, EHLO and STARTTLS
+//! (`greeting_timeout`), MAIL/RCPT/RSET (`command_timeout`), DATA up to the
+//! `354` (`data_timeout`), each write of the message data
+//! (`data_block_timeout`) and the reply after the final `.`
+//! (`data_done_timeout`). An MX that never greets, stalls or streams a
+//! reply without end costs one attempt of its own destination for at most
+//! one stage's timeout, and a bounded buffer.
 //!
-//! Each session runs in its own task, so that even a panic inside the SMTP
-//! client on a malformed server reply only fails that session.
+//! For each host, each address is tried in turn, one stage helper after the
+//! other ([`open`]: connect, greeting, EHLO, opportunistic STARTTLS without
+//! certificate checks like Postfix's `may`, and one reconnect in plain text
+//! if the TLS handshake fails; then [`transaction`]: MAIL FROM with
+//! BODY=8BITMIME and SMTPUTF8 when the envelope has them, one RCPT per
+//! recipient, pipelined when the server offers PIPELINING; DATA only if a
+//! recipient was accepted; the data). The next address or host is tried
+//! only while no reply settled the remaining recipients: on a connection
+//! error, a refused greeting or a `421`. Once the end of data has been
+//! sent, a lost reply is a temporary failure, never a retry elsewhere (the
+//! message may have been delivered).
+//!
+//! Sessions are reused ([`Sessions`]): after a clean transaction the
+//! session goes to a small cache keyed by MX address and TLS policy; the
+//! next delivery to that address sends `RSET` and its own transaction
+//! instead of a new connection, greeting, EHLO and STARTTLS. A session
+//! serves at most `relay.connection_reuse_limit` transactions and idles in
+//! the cache at most `relay.connection_cache_time`; one that saw an error,
+//! a timeout, a `421` or bytes nobody asked for is never reused. A reused
+//! session that turns out dead before any recipient was settled is replaced
+//! by a fresh connection to the same address, so reuse never costs an
+//! attempt.
+//!
+//! Each session runs in its own task, so that even a panic in the client on
+//! a malformed server reply only fails that session.
 
-use std::net::IpAddr;
-use std::str::FromStr;
-use std::sync::Arc;
+mod client;
+mod reply;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Mail, Quit, Rcpt};
-use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
-use lettre::transport::smtp::response::Response;
-use lettre::Address;
+use tokio::time::Instant;
 use tracing::{debug, info, instrument, warn, Instrument};
 
 use crate::config::{Config, RelayTls};
 use crate::dns::{Dns, DnsError};
 
+pub use client::forbidden_in_data;
+use client::{ClientError, Conn};
+use reply::{Limits, RawReply};
+
+pub use crate::reply::{Reply, Status};
+
+/// Why a recipient ended as it did: a remote server's reply, or the node's
+/// own reason (an enhanced status and text, no reply code). Shown as
+/// `550 5.1.1 text` or `4.4.1 text`; the DSN takes the status and the kind
+/// from here, never from the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Diagnostic {
+    Remote(Reply),
+    Local { status: Status, text: String },
+}
+
+/// Longest reply text kept (stored in the spool, put into a DSN line).
+const MAX_TEXT: usize = 800;
+
+impl Diagnostic {
+    /// The node's own reason.
+    pub fn local(status: Status, text: impl Into<String>) -> Diagnostic {
+        Diagnostic::Local {
+            status,
+            text: bounded(text.into()),
+        }
+    }
+
+    /// A remote reply of one line: `code` and the text after it.
+    pub fn remote_line(code: u16, text: &str) -> Diagnostic {
+        Diagnostic::remote(&RawReply {
+            code,
+            lines: vec![text.to_string()],
+        })
+    }
+
+    /// A remote reply: the enhanced status is taken from the first line if
+    /// it has one of the same class as the code (RFC 2034); repeated on the
+    /// following lines, it is dropped there.
+    fn remote(raw: &RawReply) -> Diagnostic {
+        let class = u8::try_from(raw.code / 100).unwrap_or(0);
+        let split = |line: &str| -> (Option<Status>, String) {
+            let (first, rest) = line.split_once(' ').unwrap_or((line, ""));
+            match Status::parse(first) {
+                Some(s) if s.class == class => (Some(s), rest.trim().to_string()),
+                _ => (None, line.to_string()),
+            }
+        };
+        let mut status = None;
+        let mut parts: Vec<String> = Vec::with_capacity(raw.lines.len());
+        for (i, line) in raw.lines.iter().enumerate() {
+            let (s, text) = split(line);
+            if i == 0 {
+                status = s;
+                parts.push(text);
+            } else if s.is_some() && s == status {
+                parts.push(text);
+            } else {
+                parts.push(line.clone());
+            }
+        }
+        let text = parts
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        Diagnostic::Remote(Reply {
+            code: raw.code,
+            status,
+            text: bounded(text).into(),
+        })
+    }
+
+    /// The enhanced status, or the reply code's class (`4.0.0`, `5.0.0`,
+    /// `2.0.0`) when the reply had none.
+    pub fn status(&self) -> Status {
+        match self {
+            Diagnostic::Remote(r) => r.status_or_default(),
+            Diagnostic::Local { status, .. } => *status,
+        }
+    }
+
+    /// True if a remote server gave this reply.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Diagnostic::Remote(_))
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Diagnostic::Remote(r) => write!(f, "{r}"),
+            Diagnostic::Local { status, text } if text.is_empty() => write!(f, "{status}"),
+            Diagnostic::Local { status, text } => write!(f, "{status} {text}"),
+        }
+    }
+}
+
+/// Tests write replies as they read: `"550 5.1.1 text"`, `"4.4.1 text"`.
+#[cfg(test)]
+impl From<&str> for Diagnostic {
+    fn from(s: &str) -> Diagnostic {
+        let (code, text) = s.split_once(' ').unwrap_or((s, ""));
+        match code.parse::<u16>() {
+            Ok(code) => Diagnostic::remote_line(code, text),
+            Err(_) => Diagnostic::local(Status::parse(code).expect("a status"), text),
+        }
+    }
+}
+
+fn bounded(s: String) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_string();
+    if out.len() > MAX_TEXT {
+        let mut cut = MAX_TEXT;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+    }
+    out
+}
+
 /// The result for one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RcptOutcome {
     /// The remote server took responsibility (its reply to the end of data).
-    Delivered(String),
+    Delivered(Diagnostic),
     /// Try again later (4xx, network error, timeout).
-    TempFail(String),
+    TempFail(Diagnostic),
     /// Give up and report (5xx, or an address that cannot be sent).
-    PermFail(String),
+    PermFail(Diagnostic),
 }
 
 impl RcptOutcome {
-    pub fn reply(&self) -> &str {
+    pub fn reply(&self) -> &Diagnostic {
         match self {
             RcptOutcome::Delivered(r) | RcptOutcome::TempFail(r) | RcptOutcome::PermFail(r) => r,
+        }
+    }
+
+    /// A remote reply to a command, sorted by its code.
+    fn of_negative(raw: &RawReply) -> RcptOutcome {
+        let reply = Diagnostic::remote(raw);
+        if raw.code >= 500 {
+            RcptOutcome::PermFail(reply)
+        } else {
+            RcptOutcome::TempFail(reply)
         }
     }
 }
@@ -77,13 +236,22 @@ pub struct Message {
 const MAX_CONNECTIONS: usize = 6;
 /// QUIT is a courtesy: do not wait long for its reply.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// RSET before reusing a cached session (Postfix's `smtp_rset_timeout`),
+/// at most `command_timeout`.
+const RSET_TIMEOUT: Duration = Duration::from_secs(20);
+
+const fn st(class: u8, subject: u16, detail: u16) -> Status {
+    Status::new(class, subject, detail)
+}
 
 /// Delivers `msg` to `recipients` (all of one domain) through `hosts`, in
-/// order. Returns one result per recipient, in the same order.
+/// order, reusing cached sessions from `sessions`. Returns one result per
+/// recipient, in the same order.
 #[instrument(name = "deliver", skip_all, fields(queue_id = %msg.queue_id, domain = %domain))]
 pub async fn deliver(
     config: &Config,
     dns: &Dns,
+    sessions: &Sessions,
     msg: &Message,
     domain: &str,
     hosts: &[String],
@@ -95,42 +263,37 @@ pub async fn deliver(
         mx: None,
     };
 
-    let sender = if msg.sender.is_empty() {
-        None
-    } else {
-        match Address::from_str(&msg.sender) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                let reply = format!("5.1.7 bad sender address syntax <{}>: {e}", msg.sender);
-                return vec![local(RcptOutcome::PermFail(reply)); recipients.len()];
-            }
-        }
-    };
-    let mut pending: Vec<(usize, Address)> = Vec::new();
+    if let Err(e) = check_address(&msg.sender, true) {
+        let reply = Diagnostic::local(
+            st(5, 1, 7),
+            format!("bad sender address syntax <{}>: {e}", msg.sender),
+        );
+        return vec![local(RcptOutcome::PermFail(reply)); recipients.len()];
+    }
+    if let Some(why) = forbidden_in_data(&msg.body) {
+        // The SMTP side never stores such a body; never send one either.
+        tracing::error!("{why}: not sent");
+        let reply = Diagnostic::local(st(5, 6, 0), format!("{why} and cannot be sent"));
+        return vec![local(RcptOutcome::PermFail(reply)); recipients.len()];
+    }
+    let mut pending: Vec<(usize, String)> = Vec::new();
     for (i, rcpt) in recipients.iter().enumerate() {
-        match Address::from_str(rcpt) {
-            Ok(a) => pending.push((i, a)),
+        match check_address(rcpt, false) {
+            Ok(()) => pending.push((i, rcpt.clone())),
             Err(e) => {
-                results[i] = Some(local(RcptOutcome::PermFail(format!(
-                    "5.1.3 bad recipient address syntax <{rcpt}>: {e}"
+                results[i] = Some(local(RcptOutcome::PermFail(Diagnostic::local(
+                    st(5, 1, 3),
+                    format!("bad recipient address syntax <{rcpt}>: {e}"),
                 ))))
             }
         }
     }
 
-    let params = Arc::new(SessionParams {
-        port: config.relay.port,
-        hello: ClientId::Domain(config.node.hostname.clone()),
-        tls: config.relay.tls,
-        connect_timeout: config.relay.connect_timeout.0,
-        command_timeout: config.relay.command_timeout.0,
-        sender,
-        smtputf8: msg.smtputf8,
-        eight_bit: msg.eight_bit,
-        body: msg.body.clone(),
-    });
-
-    let mut last_error = format!("4.4.4 no MX host of {domain} could be tried");
+    let params = Arc::new(Params::new(config, msg));
+    let mut last_error = Diagnostic::local(
+        st(4, 4, 4),
+        format!("no MX host of {domain} could be tried"),
+    );
     let mut connections = 0;
     'hosts: for host in hosts {
         if pending.is_empty() {
@@ -139,17 +302,22 @@ pub async fn deliver(
         let ips = match dns.addresses(host).await {
             Ok(ips) if !ips.is_empty() => ips,
             Ok(_) => {
-                last_error = format!("4.4.4 MX host {host} has no address");
+                last_error =
+                    Diagnostic::local(st(4, 4, 4), format!("MX host {host} has no address"));
                 debug!(mx = %host, "no address");
                 continue;
             }
             Err(DnsError::NoDomain(_)) => {
-                last_error = format!("4.4.4 MX host {host} does not exist");
+                last_error =
+                    Diagnostic::local(st(4, 4, 4), format!("MX host {host} does not exist"));
                 debug!(mx = %host, "no such host");
                 continue;
             }
             Err(e) => {
-                last_error = format!("4.4.3 address lookup of MX host {host} failed: {e}");
+                last_error = Diagnostic::local(
+                    st(4, 4, 3),
+                    format!("address lookup of MX host {host} failed: {e}"),
+                );
                 debug!(mx = %host, error = %e, "address lookup failed");
                 continue;
             }
@@ -160,24 +328,35 @@ pub async fn deliver(
             }
             if config.relay.is_denied(ip) {
                 warn!(mx = %host, %ip, "MX address is in relay.deny_networks; not contacted");
-                last_error =
-                    format!("4.4.4 MX host {host} has address {ip}, in relay.deny_networks");
+                last_error = Diagnostic::local(
+                    st(4, 4, 4),
+                    format!("MX host {host} has address {ip}, in relay.deny_networks"),
+                );
                 continue;
             }
             connections += 1;
             let rcpts = std::mem::take(&mut pending);
             let task = tokio::spawn(
-                session(params.clone(), host.clone(), ip, rcpts.clone()).in_current_span(),
+                session(
+                    params.clone(),
+                    sessions.clone(),
+                    host.clone(),
+                    ip,
+                    rcpts.clone(),
+                )
+                .in_current_span(),
             );
             let end = match task.await {
                 Ok(end) => end,
                 Err(e) => {
                     warn!(mx = %host, %ip, error = %e, "SMTP session task failed");
-                    SessionEnd {
-                        settled: Vec::new(),
-                        unsettled: rcpts,
-                        reason: format!("4.4.2 SMTP session with {host}[{ip}] failed: {e}"),
-                    }
+                    SessionEnd::retry(
+                        rcpts,
+                        Diagnostic::local(
+                            st(4, 4, 2),
+                            format!("SMTP session with {host}[{ip}] failed: {e}"),
+                        ),
+                    )
                 }
             };
             for (i, outcome) in end.settled {
@@ -200,12 +379,6 @@ pub async fn deliver(
         .collect()
 }
 
-/// The body to hand to lettre: lettre appends `CRLF . CRLF` itself, so the
-/// stored body's final CRLF (always there unless the body is empty) goes.
-pub fn body_for_data(body: &[u8]) -> &[u8] {
-    body.strip_suffix(b"\r\n").unwrap_or(body)
-}
-
 /// True if `body` has a CR not followed by LF or an LF not preceded by CR.
 pub fn has_bare_cr_or_lf(body: &[u8]) -> bool {
     let mut prev_cr = false;
@@ -220,16 +393,107 @@ pub fn has_bare_cr_or_lf(body: &[u8]) -> bool {
     prev_cr
 }
 
-struct SessionParams {
+/// An address the client can put in `MAIL FROM:<>` / `RCPT TO:<>`:
+/// `local@domain`, local part a dot-atom or a quoted string of at most 64
+/// octets, domain a host name (UTF-8 allowed) or an address literal, no
+/// control character, space, `<` or `>` outside quotes.
+fn check_address(addr: &str, null_ok: bool) -> Result<(), &'static str> {
+    if addr.is_empty() {
+        return if null_ok {
+            Ok(())
+        } else {
+            Err("empty address")
+        };
+    }
+    if addr.len() > 254 {
+        return Err("address longer than 254 octets");
+    }
+    let Some((local, domain)) = addr.rsplit_once('@') else {
+        return Err("no @");
+    };
+    if local.is_empty() || local.len() > 64 {
+        return Err("local part empty or longer than 64 octets");
+    }
+    if local.len() >= 2 && local.starts_with('"') && local.ends_with('"') {
+        let inner = &local[1..local.len() - 1];
+        if inner.chars().any(|c| c.is_control()) {
+            return Err("control character in the local part");
+        }
+    } else {
+        let atext = |c: char| {
+            c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
+        };
+        if local
+            .split('.')
+            .any(|atom| atom.is_empty() || !atom.chars().all(atext))
+        {
+            return Err("invalid local part");
+        }
+    }
+    if domain.starts_with('[') {
+        return match crate::dns::ip_literal(domain) {
+            Some(_) => Ok(()),
+            None => Err("invalid address literal"),
+        };
+    }
+    if domain.is_empty() || domain.len() > 253 {
+        return Err("domain empty or too long");
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
+    };
+    if !domain.split('.').all(label_ok) {
+        return Err("invalid domain");
+    }
+    Ok(())
+}
+
+/// Everything one session needs, from the config and the message.
+struct Params {
     port: u16,
-    hello: ClientId,
+    hello: String,
     tls: RelayTls,
     connect_timeout: Duration,
+    greeting_timeout: Duration,
     command_timeout: Duration,
-    sender: Option<Address>,
+    data_timeout: Duration,
+    data_block_timeout: Duration,
+    data_done_timeout: Duration,
+    limits: Limits,
+    sender: String,
     smtputf8: bool,
     eight_bit: bool,
     body: Arc<[u8]>,
+}
+
+impl Params {
+    fn new(config: &Config, msg: &Message) -> Params {
+        let r = &config.relay;
+        Params {
+            port: r.port,
+            hello: config.node.hostname.clone(),
+            tls: r.tls,
+            connect_timeout: r.connect_timeout.0,
+            greeting_timeout: r.greeting_timeout.0,
+            command_timeout: r.command_timeout.0,
+            data_timeout: r.data_timeout.0,
+            data_block_timeout: r.data_block_timeout.0,
+            data_done_timeout: r.data_done_timeout.0,
+            limits: Limits {
+                max_line: r.max_reply_line_length,
+                max_reply: r.max_reply_size,
+            },
+            sender: msg.sender.clone(),
+            smtputf8: msg.smtputf8,
+            eight_bit: msg.eight_bit,
+            body: msg.body.clone(),
+        }
+    }
 }
 
 /// How one SMTP session ended.
@@ -237,335 +501,671 @@ struct SessionEnd {
     /// Recipients whose fate a reply decided.
     settled: Vec<(usize, RcptOutcome)>,
     /// Recipients still open: another address may take them.
-    unsettled: Vec<(usize, Address)>,
+    unsettled: Vec<(usize, String)>,
     /// Why the session could not settle them.
-    reason: String,
+    reason: Diagnostic,
 }
 
-type Conn = AsyncSmtpConnection;
-
-/// A reply, or why there is none.
-enum Reply {
-    /// 2xx/3xx.
-    Positive(String),
-    /// 4xx/5xx, with the full reply text.
-    Negative { code: u16, text: String },
-    /// Network error, timeout, unparseable reply.
-    Broken(String),
-}
-
-/// Runs a command with a timeout and sorts the result.
-async fn run<F>(timeout: Duration, fut: F) -> Reply
-where
-    F: std::future::Future<Output = Result<Response, lettre::transport::smtp::Error>>,
-{
-    match tokio::time::timeout(timeout, fut).await {
-        Err(_) => Reply::Broken("timed out".into()),
-        Ok(Ok(resp)) => Reply::Positive(response_text(&resp)),
-        Ok(Err(e)) => sort_error(&e),
+impl SessionEnd {
+    fn retry(rcpts: Vec<(usize, String)>, reason: Diagnostic) -> SessionEnd {
+        SessionEnd {
+            settled: Vec::new(),
+            unsettled: rcpts,
+            reason,
+        }
     }
 }
 
-fn sort_error(e: &lettre::transport::smtp::Error) -> Reply {
-    match e.status() {
-        Some(code) => {
-            let code = u16::from(code);
-            let text = std::error::Error::source(e)
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            Reply::Negative {
-                code,
-                text: one_line(&format!("{code} {text}")),
+/// What the server said it supports in its EHLO reply.
+#[derive(Debug, Clone, Copy, Default)]
+struct Extensions {
+    starttls: bool,
+    pipelining: bool,
+    eight_bit_mime: bool,
+    smtputf8: bool,
+}
+
+impl Extensions {
+    fn of(reply: &RawReply) -> Extensions {
+        let mut ext = Extensions::default();
+        for line in reply.lines.iter().skip(1) {
+            let keyword = line.split_whitespace().next().unwrap_or("");
+            match keyword.to_ascii_uppercase().as_str() {
+                "STARTTLS" => ext.starttls = true,
+                "PIPELINING" => ext.pipelining = true,
+                "8BITMIME" => ext.eight_bit_mime = true,
+                "SMTPUTF8" => ext.smtputf8 = true,
+                _ => {}
             }
         }
-        None => Reply::Broken(one_line(&e.to_string())),
+        ext
     }
 }
 
-fn response_text(resp: &Response) -> String {
-    let code = u16::from(resp.code());
-    let lines: Vec<&str> = resp.message().collect();
-    one_line(&format!("{code} {}", lines.join(" ")))
+/// An open session, after EHLO (and STARTTLS if it was done).
+struct Session {
+    conn: Conn,
+    ext: Extensions,
+    /// Transactions run on it so far.
+    uses: u32,
 }
 
-/// Replies are stored and put into DSNs: one line, bounded.
-fn one_line(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect::<String>()
-        .trim()
-        .to_string();
-    if out.len() > 900 {
-        let mut cut = 900;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
+/// Key of the session cache: the MX address and the TLS policy the session
+/// was opened under.
+type Key = (SocketAddr, RelayTls);
+
+/// The session cache: idle, clean sessions to real MX addresses, for the
+/// next delivery to the same address. Cheap to clone (one shared cache).
+#[derive(Clone)]
+pub struct Sessions(Arc<CacheShared>);
+
+struct CacheShared {
+    state: Mutex<CacheState>,
+    /// Transactions per session at most (`relay.connection_reuse_limit`, 0 = no reuse).
+    reuse_limit: u32,
+    /// Longest idle time in the cache (`relay.connection_cache_time`).
+    idle: Duration,
+    /// Idle sessions held at most, over all addresses (`relay.concurrency`).
+    max_idle: usize,
+}
+
+#[derive(Default)]
+struct CacheState {
+    idle: HashMap<Key, Vec<(Session, Instant)>>,
+    count: usize,
+    sweeping: bool,
+}
+
+impl Sessions {
+    pub fn new(relay: &crate::config::RelayConfig) -> Sessions {
+        Sessions(Arc::new(CacheShared {
+            state: Mutex::new(CacheState::default()),
+            reuse_limit: relay.connection_reuse_limit,
+            idle: relay.connection_cache_time.0,
+            max_idle: relay.concurrency.max(1),
+        }))
+    }
+
+    /// Idle sessions in the cache now.
+    pub fn idle_count(&self) -> usize {
+        self.lock().count
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        self.0.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used idle session to `key`, if one is fresh.
+    fn take(&self, key: &Key) -> Option<Session> {
+        let mut state = self.lock();
+        let list = state.idle.get_mut(key)?;
+        let mut found = None;
+        let mut stale = Vec::new();
+        while let Some((s, since)) = list.pop() {
+            if since.elapsed() < self.0.idle {
+                found = Some(s);
+                break;
+            }
+            stale.push(s);
         }
-        out.truncate(cut);
+        if list.is_empty() {
+            state.idle.remove(key);
+        }
+        state.count -= stale.len() + usize::from(found.is_some());
+        drop(state);
+        close_all(stale);
+        found
     }
-    out
+
+    /// Keeps `s` for the next delivery to `key`, or closes it.
+    fn put(&self, key: Key, s: Session) {
+        let reusable = s.conn.is_sound()
+            && !s.conn.has_unread()
+            && s.uses < self.0.reuse_limit
+            && !self.0.idle.is_zero();
+        let mut state = self.lock();
+        if !reusable || state.count >= self.0.max_idle {
+            drop(state);
+            close_all(vec![s]);
+            return;
+        }
+        state.idle.entry(key).or_default().push((s, Instant::now()));
+        state.count += 1;
+        if !state.sweeping {
+            state.sweeping = true;
+            tokio::spawn(sweep(Arc::downgrade(&self.0)));
+        }
+    }
 }
 
-async fn connect(p: &SessionParams, ip: IpAddr) -> Result<Conn, Reply> {
-    let tcp = match tokio::time::timeout(
-        p.connect_timeout,
-        tokio::net::TcpStream::connect((ip, p.port)),
-    )
-    .await
-    {
-        Err(_) => return Err(Reply::Broken("connection timed out".into())),
-        Ok(Err(e)) => return Err(Reply::Broken(e.to_string())),
-        Ok(Ok(tcp)) => tcp,
-    };
-    // lettre writes the body and the final `.` in separate writes; with
-    // Nagle's algorithm on, the final `.` waits for the real MX's delayed
-    // ACK (about 40 ms on Linux) on every message.
-    let _ = tcp.set_nodelay(true);
-    // Greeting and EHLO are not covered by the connect timeout.
-    let limit = p.command_timeout.saturating_mul(2);
-    let fut = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &p.hello);
-    match tokio::time::timeout(limit, fut).await {
-        Err(_) => Err(Reply::Broken("timed out".into())),
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(sort_error(&e)),
+/// Closes idle sessions once they pass `connection_cache_time`; ends when
+/// the cache is empty (no task while nothing is cached) or dropped.
+async fn sweep(cache: Weak<CacheShared>) {
+    loop {
+        let period = match cache.upgrade() {
+            Some(c) => c.idle,
+            None => return,
+        };
+        tokio::time::sleep(period).await;
+        let Some(c) = cache.upgrade() else { return };
+        let mut stale = Vec::new();
+        {
+            let mut state = c.state.lock().unwrap_or_else(|e| e.into_inner());
+            for list in state.idle.values_mut() {
+                let (keep, old): (Vec<_>, Vec<_>) = list
+                    .drain(..)
+                    .partition(|(_, since)| since.elapsed() < c.idle);
+                *list = keep;
+                stale.extend(old.into_iter().map(|(s, _)| s));
+            }
+            state.idle.retain(|_, l| !l.is_empty());
+            state.count -= stale.len();
+            if state.count == 0 {
+                state.sweeping = false;
+                drop(state);
+                close_all(stale);
+                return;
+            }
+        }
+        close_all(stale);
     }
 }
 
+fn close_all(sessions: Vec<Session>) {
+    for s in sessions {
+        tokio::spawn(s.conn.quit(QUIT_TIMEOUT));
+    }
+}
+
+/// One address: a cached session or a new one, one transaction, then the
+/// session back to the cache if it is clean.
 async fn session(
-    p: Arc<SessionParams>,
+    p: Arc<Params>,
+    sessions: Sessions,
     host: String,
     ip: IpAddr,
-    rcpts: Vec<(usize, Address)>,
+    rcpts: Vec<(usize, String)>,
 ) -> SessionEnd {
+    let addr = SocketAddr::new(ip, p.port);
+    let key = (addr, p.tls);
     let peer = format!("{host}[{ip}]:{}", p.port);
-    let retry = |rcpts: Vec<(usize, Address)>, settled, reason: String| SessionEnd {
-        settled,
-        unsettled: rcpts,
-        reason,
-    };
 
-    let mut conn = match connect(&p, ip).await {
-        Ok(c) => c,
-        Err(Reply::Negative { text, .. }) => {
-            return retry(
-                rcpts,
-                Vec::new(),
-                format!("4.4.1 {peer} refused to talk: {text}"),
-            )
+    while let Some(mut s) = sessions.take(&key) {
+        // Reused: RSET first. A session that died while idle costs nothing
+        // but this round trip: nothing was settled, a fresh one follows.
+        if rset(&mut s, &p).await.is_err() {
+            debug!(mx = %host, %ip, "cached session is gone; opening a new one");
+            continue;
         }
-        Err(Reply::Broken(e) | Reply::Positive(e)) => {
-            return retry(rcpts, Vec::new(), format!("4.4.1 connect to {peer}: {e}"))
+        metrics::counter!("magicmx_relay_sessions_total", "kind" => "reused").increment(1);
+        s.uses += 1;
+        let (end, stage) = transaction(&p, &peer, &mut s, rcpts.clone()).await;
+        if stage == Stage::BeforeAnything {
+            debug!(mx = %host, %ip, "reused session failed before MAIL; opening a new one");
+            continue;
         }
-    };
-
-    if p.tls == RelayTls::Opportunistic && conn.can_starttls() {
-        match starttls(&p, &host, &mut conn).await {
-            Ok(()) => debug!(mx = %host, %ip, "STARTTLS done"),
-            Err(e) => {
-                warn!(mx = %host, %ip, error = %e, "STARTTLS failed, reconnecting without TLS");
-                drop(conn);
-                conn = match connect(&p, ip).await {
-                    Ok(c) => c,
-                    Err(Reply::Negative { text, .. }) => {
-                        return retry(
-                            rcpts,
-                            Vec::new(),
-                            format!("4.4.1 {peer} refused to talk: {text}"),
-                        )
-                    }
-                    Err(Reply::Broken(e) | Reply::Positive(e)) => {
-                        return retry(rcpts, Vec::new(), format!("4.4.1 connect to {peer}: {e}"))
-                    }
-                };
-            }
-        }
+        finish(&sessions, key, s, stage);
+        return end;
     }
 
-    let end = transaction(&p, &peer, &mut conn, rcpts).await;
-    if !conn.has_broken() {
-        let _ = tokio::time::timeout(QUIT_TIMEOUT, conn.command(Quit)).await;
-    }
+    let mut s = match open(&p, &host, addr, &peer).await {
+        Ok(s) => s,
+        Err(reason) => return SessionEnd::retry(rcpts, reason),
+    };
+    debug!(mx = %host, %ip, tls = s.conn.is_tls(), "session open");
+    metrics::counter!("magicmx_relay_sessions_total", "kind" => "new").increment(1);
+    s.uses = 1;
+    let (end, stage) = transaction(&p, &peer, &mut s, rcpts).await;
+    finish(&sessions, key, s, stage);
     end
 }
 
-async fn starttls(p: &SessionParams, host: &str, conn: &mut Conn) -> Result<(), String> {
-    // rustls wants a DNS name or an IP address, not `[192.0.2.1]`.
-    let name = crate::dns::ip_literal(host).map_or_else(|| host.to_string(), |ip| ip.to_string());
-    let tls = TlsParameters::builder(name)
-        .dangerous_accept_invalid_certs(true)
-        .dangerous_accept_invalid_hostnames(true)
-        .build_rustls()
-        .map_err(|e| e.to_string())?;
-    let limit = p.command_timeout.saturating_mul(3);
-    match tokio::time::timeout(limit, conn.starttls(tls, &p.hello)).await {
-        Err(_) => Err("timed out".into()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(())) => Ok(()),
+fn finish(sessions: &Sessions, key: Key, mut s: Session, stage: Stage) {
+    if stage != Stage::Clean {
+        s.conn.poison();
+    }
+    sessions.put(key, s);
+}
+
+/// Connect, greeting, EHLO, STARTTLS (with one plain-text reconnect if the
+/// TLS handshake fails).
+async fn open(p: &Params, host: &str, addr: SocketAddr, peer: &str) -> Result<Session, Diagnostic> {
+    let s = greet_and_ehlo(p, addr, peer).await?;
+    if p.tls != RelayTls::Opportunistic || !s.ext.starttls {
+        return Ok(s);
+    }
+    match starttls(p, host, s).await {
+        Ok(s) => {
+            debug!(mx = %host, %addr, "STARTTLS done");
+            Ok(s)
+        }
+        Err(e) => {
+            warn!(mx = %host, %addr, error = %e, "STARTTLS failed, reconnecting without TLS");
+            metrics::counter!("magicmx_relay_session_errors_total", "reason" => "starttls")
+                .increment(1);
+            let mut s = greet_and_ehlo(p, addr, peer).await?;
+            s.ext.starttls = false;
+            Ok(s)
+        }
     }
 }
 
-/// MAIL, RCPT, DATA, body on an open connection.
+async fn greet_and_ehlo(p: &Params, addr: SocketAddr, peer: &str) -> Result<Session, Diagnostic> {
+    let mut conn = Conn::connect(addr, p.connect_timeout, p.limits)
+        .await
+        .map_err(|e| {
+            count_error(&e);
+            Diagnostic::local(st(4, 4, 1), format!("connect to {peer}: {e}"))
+        })?;
+    greeting(p, &mut conn, peer).await?;
+    let ext = ehlo(p, &mut conn, peer).await?;
+    Ok(Session { conn, ext, uses: 0 })
+}
+
+/// The server's `220`; anything else is "try the next address".
+async fn greeting(p: &Params, conn: &mut Conn, peer: &str) -> Result<(), Diagnostic> {
+    match conn.read_reply("the greeting", p.greeting_timeout).await {
+        Ok(r) if r.code == 220 => Ok(()),
+        Ok(r) => Err(Diagnostic::local(
+            st(4, 4, 1),
+            format!("{peer} refused to talk: {}", Diagnostic::remote(&r)),
+        )),
+        Err(e) => {
+            count_error(&e);
+            Err(Diagnostic::local(
+                st(4, 4, 1),
+                format!("connect to {peer}: {e}"),
+            ))
+        }
+    }
+}
+
+/// EHLO, or HELO if the server does not know EHLO.
+async fn ehlo(p: &Params, conn: &mut Conn, peer: &str) -> Result<Extensions, Diagnostic> {
+    let broken = |e: ClientError| {
+        count_error(&e);
+        Diagnostic::local(
+            st(4, 4, 2),
+            format!("lost connection with {peer} at EHLO: {e}"),
+        )
+    };
+    let r = conn
+        .command(
+            format!("EHLO {}", p.hello),
+            "the reply to EHLO",
+            p.greeting_timeout,
+        )
+        .await
+        .map_err(broken)?;
+    if r.code == 250 {
+        return Ok(Extensions::of(&r));
+    }
+    if (500..=504).contains(&r.code) {
+        let r = conn
+            .command(
+                format!("HELO {}", p.hello),
+                "the reply to HELO",
+                p.greeting_timeout,
+            )
+            .await
+            .map_err(broken)?;
+        if r.code == 250 {
+            return Ok(Extensions::default());
+        }
+    }
+    conn.poison();
+    Err(Diagnostic::local(
+        st(4, 4, 1),
+        format!("{peer} refused to talk: {}", Diagnostic::remote(&r)),
+    ))
+}
+
+/// STARTTLS, the handshake, and EHLO again inside TLS.
+async fn starttls(p: &Params, host: &str, mut s: Session) -> Result<Session, String> {
+    let r = s
+        .conn
+        .command(
+            "STARTTLS".into(),
+            "the reply to STARTTLS",
+            p.greeting_timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.code != 220 {
+        return Err(format!("STARTTLS refused: {}", Diagnostic::remote(&r)));
+    }
+    // rustls wants a DNS name or an IP address, not `[192.0.2.1]`.
+    let name = crate::dns::ip_literal(host).map_or_else(|| host.to_string(), |ip| ip.to_string());
+    let mut conn = s
+        .conn
+        .upgrade(&name, p.greeting_timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let r = conn
+        .command(
+            format!("EHLO {}", p.hello),
+            "the reply to EHLO",
+            p.greeting_timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.code != 250 {
+        return Err(format!(
+            "EHLO after STARTTLS refused: {}",
+            Diagnostic::remote(&r)
+        ));
+    }
+    Ok(Session {
+        conn,
+        ext: Extensions::of(&r),
+        uses: 0,
+    })
+}
+
+/// RSET on a reused session; Err if the session cannot be used.
+async fn rset(s: &mut Session, p: &Params) -> Result<(), ()> {
+    let t = RSET_TIMEOUT.min(p.command_timeout);
+    match s.conn.command("RSET".into(), "the reply to RSET", t).await {
+        Ok(r) if r.code == 250 => Ok(()),
+        _ => {
+            s.conn.poison();
+            Err(())
+        }
+    }
+}
+
+/// How far a transaction got, for the session cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// The session broke before any reply to MAIL: nothing was settled.
+    BeforeAnything,
+    /// Ended cleanly (every reply read, no `421`): the session may be reused.
+    Clean,
+    /// Broken, closed by the server, or in doubt.
+    Broken,
+}
+
+/// MAIL, RCPT, DATA, the data, on an open session: one helper per stage.
 async fn transaction(
-    p: &SessionParams,
+    p: &Params,
     peer: &str,
-    conn: &mut Conn,
-    rcpts: Vec<(usize, Address)>,
-) -> SessionEnd {
-    let info = conn.server_info().clone();
+    s: &mut Session,
+    rcpts: Vec<(usize, String)>,
+) -> (SessionEnd, Stage) {
     let mut mail_params = Vec::new();
     if p.smtputf8 {
-        let needs_utf8 = p.sender.as_ref().is_some_and(|a| !a.to_string().is_ascii())
-            || rcpts.iter().any(|(_, a)| !a.to_string().is_ascii());
-        if info.supports_feature(Extension::SmtpUtfEight) {
-            mail_params.push(MailParameter::SmtpUtfEight);
+        let needs_utf8 = !p.sender.is_ascii() || rcpts.iter().any(|(_, a)| !a.is_ascii());
+        if s.ext.smtputf8 {
+            mail_params.push("SMTPUTF8");
         } else if needs_utf8 {
-            let reply = format!("5.6.7 {peer} does not support SMTPUTF8, needed for this message");
-            return SessionEnd {
-                settled: rcpts
-                    .into_iter()
-                    .map(|(i, _)| (i, RcptOutcome::PermFail(reply.clone())))
-                    .collect(),
-                unsettled: Vec::new(),
-                reason: reply,
-            };
+            let reply = Diagnostic::local(
+                st(5, 6, 7),
+                format!("{peer} does not support SMTPUTF8, needed for this message"),
+            );
+            return (
+                settle_all(Vec::new(), rcpts, RcptOutcome::PermFail(reply)),
+                Stage::Clean,
+            );
         }
     }
-    if p.eight_bit && info.supports_feature(Extension::EightBitMime) {
+    if p.eight_bit && s.ext.eight_bit_mime {
         // Without 8BITMIME the body goes as is, like Postfix does by default.
-        mail_params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        mail_params.push("BODY=8BITMIME");
     }
-    let t = p.command_timeout;
+    let mail = std::iter::once(format!("MAIL FROM:<{}>", p.sender))
+        .chain(mail_params.iter().map(|m| m.to_string()))
+        .collect::<Vec<_>>()
+        .join(" ");
 
-    let all = |rcpts: Vec<(usize, Address)>, o: RcptOutcome| SessionEnd {
-        settled: rcpts.into_iter().map(|(i, _)| (i, o.clone())).collect(),
-        unsettled: Vec::new(),
-        reason: o.reply().to_string(),
+    let (mail_reply, rcpt_replies) = match mail_and_rcpts(p, s, mail, &rcpts).await {
+        Ok(r) => r,
+        Err((e, got_mail_reply)) => {
+            let stage = if got_mail_reply {
+                Stage::Broken
+            } else {
+                Stage::BeforeAnything
+            };
+            let reason = Diagnostic::local(
+                st(4, 4, 2),
+                format!("lost connection with {peer} while sending MAIL FROM and RCPT TO: {e}"),
+            );
+            return (SessionEnd::retry(rcpts, reason), stage);
+        }
     };
-
-    match run(t, conn.command(Mail::new(p.sender.clone(), mail_params))).await {
-        Reply::Positive(_) => {}
-        Reply::Negative { code: 421, text } => {
-            return SessionEnd {
-                settled: Vec::new(),
-                unsettled: rcpts,
-                reason: format!("4.4.2 {peer} closed the session: {text}"),
-            }
-        }
-        Reply::Negative { code, text } if code >= 500 => {
-            return all(rcpts, RcptOutcome::PermFail(text))
-        }
-        Reply::Negative { text, .. } => return all(rcpts, RcptOutcome::TempFail(text)),
-        Reply::Broken(e) => {
-            return SessionEnd {
-                settled: Vec::new(),
-                unsettled: rcpts,
-                reason: format!("4.4.2 lost connection with {peer} while sending MAIL FROM: {e}"),
-            }
-        }
+    if mail_reply.code == 421 {
+        let reason = Diagnostic::local(
+            st(4, 4, 2),
+            format!(
+                "{peer} closed the session: {}",
+                Diagnostic::remote(&mail_reply)
+            ),
+        );
+        return (SessionEnd::retry(rcpts, reason), Stage::Broken);
+    }
+    if !mail_reply.is_positive() {
+        let o = RcptOutcome::of_negative(&mail_reply);
+        return (settle_all(Vec::new(), rcpts, o), Stage::Clean);
     }
 
     let mut settled = Vec::new();
-    let mut accepted: Vec<(usize, Address)> = Vec::new();
-    let mut rest = rcpts.into_iter();
-    while let Some((i, addr)) = rest.next() {
-        match run(t, conn.command(Rcpt::new(addr.clone(), Vec::new()))).await {
-            Reply::Positive(_) => accepted.push((i, addr)),
-            Reply::Negative { code: 421, text } => {
-                let mut unsettled = accepted;
-                unsettled.push((i, addr));
-                unsettled.extend(rest);
-                return SessionEnd {
+    let mut accepted: Vec<(usize, String)> = Vec::new();
+    let mut rest = rcpts.into_iter().zip(rcpt_replies);
+    while let Some(((i, addr), r)) = rest.next() {
+        if r.code == 421 {
+            let mut unsettled = accepted;
+            unsettled.push((i, addr));
+            unsettled.extend(rest.map(|(a, _)| a));
+            let reason = Diagnostic::local(
+                st(4, 4, 2),
+                format!("{peer} closed the session: {}", Diagnostic::remote(&r)),
+            );
+            return (
+                SessionEnd {
                     settled,
                     unsettled,
-                    reason: format!("4.4.2 {peer} closed the session: {text}"),
-                };
-            }
-            Reply::Negative { code, text } if code >= 500 => {
-                settled.push((i, RcptOutcome::PermFail(text)))
-            }
-            Reply::Negative { text, .. } => settled.push((i, RcptOutcome::TempFail(text))),
-            Reply::Broken(e) => {
-                let mut unsettled = accepted;
-                unsettled.push((i, addr));
-                unsettled.extend(rest);
-                return SessionEnd {
-                    settled,
-                    unsettled,
-                    reason: format!("4.4.2 lost connection with {peer} while sending RCPT TO: {e}"),
-                };
-            }
+                    reason,
+                },
+                Stage::Broken,
+            );
+        }
+        if r.is_positive() {
+            accepted.push((i, addr));
+        } else {
+            settled.push((i, RcptOutcome::of_negative(&r)));
         }
     }
     if accepted.is_empty() {
-        return SessionEnd {
-            settled,
-            unsettled: Vec::new(),
-            reason: String::new(),
-        };
+        return (settle_all(settled, Vec::new(), unused()), Stage::Clean);
     }
 
-    match run(t, conn.command(Data)).await {
-        Reply::Positive(_) => {}
-        Reply::Negative { code: 421, text } => {
-            return SessionEnd {
-                settled,
-                unsettled: accepted,
-                reason: format!("4.4.2 {peer} closed the session: {text}"),
-            }
+    match data(p, s).await {
+        Ok(r) if r.code == 354 => {}
+        Ok(r) if r.code == 421 => {
+            let reason = Diagnostic::local(
+                st(4, 4, 2),
+                format!("{peer} closed the session: {}", Diagnostic::remote(&r)),
+            );
+            return (
+                SessionEnd {
+                    settled,
+                    unsettled: accepted,
+                    reason,
+                },
+                Stage::Broken,
+            );
         }
-        Reply::Negative { code, text } => {
-            let o = if code >= 500 {
-                RcptOutcome::PermFail(text)
+        Ok(r) => {
+            let o = if r.is_positive() {
+                // A 2xx to DATA is not the 354 that asks for the data.
+                s.conn.poison();
+                RcptOutcome::TempFail(Diagnostic::local(
+                    st(4, 5, 0),
+                    format!("{peer} answered DATA with {}", Diagnostic::remote(&r)),
+                ))
             } else {
-                RcptOutcome::TempFail(text)
+                RcptOutcome::of_negative(&r)
             };
-            settled.extend(accepted.into_iter().map(|(i, _)| (i, o.clone())));
-            return SessionEnd {
-                settled,
-                unsettled: Vec::new(),
-                reason: String::new(),
+            let stage = if s.conn.is_sound() {
+                Stage::Clean
+            } else {
+                Stage::Broken
             };
+            return (settle_all(settled, accepted, o), stage);
         }
-        Reply::Broken(e) => {
-            return SessionEnd {
-                settled,
-                unsettled: accepted,
-                reason: format!("4.4.2 lost connection with {peer} while sending DATA: {e}"),
-            }
+        Err(e) => {
+            let reason = Diagnostic::local(
+                st(4, 4, 2),
+                format!("lost connection with {peer} while sending DATA: {e}"),
+            );
+            return (
+                SessionEnd {
+                    settled,
+                    unsettled: accepted,
+                    reason,
+                },
+                Stage::Broken,
+            );
         }
     }
 
     // From here on the server may have the message: whatever happens, the
     // accepted recipients are settled by this session.
-    let body = body_for_data(&p.body);
-    let o = match run(t, conn.message(body)).await {
-        Reply::Positive(text) => RcptOutcome::Delivered(text),
-        Reply::Negative { code, text } if code >= 500 => RcptOutcome::PermFail(text),
-        Reply::Negative { text, .. } => RcptOutcome::TempFail(text),
-        Reply::Broken(e) => RcptOutcome::TempFail(format!(
-            "4.4.2 lost connection with {peer} after sending the message: {e}"
-        )),
+    let (o, stage) = match body(p, s).await {
+        Ok(r) if r.is_positive() => (RcptOutcome::Delivered(Diagnostic::remote(&r)), Stage::Clean),
+        Ok(r) if r.code == 421 => (RcptOutcome::of_negative(&r), Stage::Broken),
+        Ok(r) => (RcptOutcome::of_negative(&r), Stage::Clean),
+        Err(e) => (
+            RcptOutcome::TempFail(Diagnostic::local(
+                st(4, 4, 2),
+                format!("lost connection with {peer} after sending the message: {e}"),
+            )),
+            Stage::Broken,
+        ),
     };
-    settled.extend(accepted.into_iter().map(|(i, _)| (i, o.clone())));
+    (settle_all(settled, accepted, o), stage)
+}
+
+/// Placeholder outcome for `settle_all` with no recipients.
+fn unused() -> RcptOutcome {
+    RcptOutcome::TempFail(Diagnostic::local(st(4, 0, 0), ""))
+}
+
+fn settle_all(
+    mut settled: Vec<(usize, RcptOutcome)>,
+    rcpts: Vec<(usize, String)>,
+    o: RcptOutcome,
+) -> SessionEnd {
+    settled.extend(rcpts.into_iter().map(|(i, _)| (i, o.clone())));
     SessionEnd {
         settled,
         unsettled: Vec::new(),
-        reason: String::new(),
+        reason: o.reply().clone(),
     }
+}
+
+/// MAIL FROM and one RCPT TO per recipient: in one write when the server
+/// offers PIPELINING (RFC 2920), else one by one. Returns MAIL's reply and
+/// one reply per RCPT (RCPTs after a refused MAIL are not sent: their
+/// replies are MAIL's). Err carries whether MAIL's reply was read.
+async fn mail_and_rcpts(
+    p: &Params,
+    s: &mut Session,
+    mail: String,
+    rcpts: &[(usize, String)],
+) -> Result<(RawReply, Vec<RawReply>), (ClientError, bool)> {
+    let t = p.command_timeout;
+    let rcpt_lines: Vec<String> = rcpts
+        .iter()
+        .map(|(_, a)| format!("RCPT TO:<{a}>"))
+        .collect();
+    let mut replies = Vec::with_capacity(rcpts.len());
+    if s.ext.pipelining {
+        let mut lines = Vec::with_capacity(rcpts.len() + 1);
+        lines.push(mail);
+        lines.extend(rcpt_lines);
+        s.conn
+            .send_commands(&lines, t)
+            .await
+            .map_err(|e| (e, false))?;
+        let mail_reply = s
+            .conn
+            .read_reply("the reply to MAIL FROM", t)
+            .await
+            .map_err(|e| (e, false))?;
+        for _ in rcpts {
+            let r = s
+                .conn
+                .read_reply("the reply to RCPT TO", t)
+                .await
+                .map_err(|e| (e, true))?;
+            replies.push(r);
+        }
+        if !mail_reply.is_positive() {
+            replies = vec![mail_reply.clone(); rcpts.len()];
+        }
+        return Ok((mail_reply, replies));
+    }
+    let mail_reply = s
+        .conn
+        .command(mail, "the reply to MAIL FROM", t)
+        .await
+        .map_err(|e| (e, false))?;
+    if !mail_reply.is_positive() {
+        return Ok((mail_reply.clone(), vec![mail_reply; rcpts.len()]));
+    }
+    for line in rcpt_lines {
+        let r = s
+            .conn
+            .command(line, "the reply to RCPT TO", t)
+            .await
+            .map_err(|e| (e, true))?;
+        let closing = r.code == 421;
+        replies.push(r);
+        if closing {
+            break;
+        }
+    }
+    // After a 421 the rest get the same reply (they are left unsettled).
+    while replies.len() < rcpts.len() {
+        let last = replies.last().cloned().expect("at least one reply");
+        replies.push(last);
+    }
+    Ok((mail_reply, replies))
+}
+
+/// DATA, within `data_timeout`.
+async fn data(p: &Params, s: &mut Session) -> Result<RawReply, ClientError> {
+    s.conn
+        .command("DATA".into(), "the reply to DATA", p.data_timeout)
+        .await
+}
+
+/// The message data and the reply after the final `.`.
+async fn body(p: &Params, s: &mut Session) -> Result<RawReply, ClientError> {
+    s.conn.send_data(&p.body, p.data_block_timeout).await?;
+    s.conn
+        .read_reply("the reply after the message data", p.data_done_timeout)
+        .await
+}
+
+fn count_error(e: &ClientError) {
+    let reason = match e {
+        ClientError::Timeout(..) => "timeout",
+        ClientError::Io(_) | ClientError::Closed => "connection",
+        ClientError::Reply(
+            reply::ParseError::LineTooLong(_) | reply::ParseError::ReplyTooLong(_),
+        ) => "reply_too_long",
+        ClientError::Reply(_) => "malformed_reply",
+        ClientError::Refused(_) => "refused_to_send",
+        ClientError::Tls(_) => "tls",
+    };
+    metrics::counter!("magicmx_relay_session_errors_total", "reason" => reason).increment(1);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::relay::testutil::{sink, tls_acceptor, Mode};
-
-    #[test]
-    fn one_trailing_crlf_is_stripped() {
-        assert_eq!(body_for_data(b"a\r\nb\r\n"), b"a\r\nb");
-        assert_eq!(body_for_data(b"a\r\n\r\n"), b"a\r\n");
-        assert_eq!(body_for_data(b""), b"");
-        assert_eq!(body_for_data(b"no newline"), b"no newline");
-    }
 
     #[test]
     fn bare_cr_and_lf_are_found() {
@@ -583,7 +1183,7 @@ mod tests {
 
     fn config_tls(port: u16, tls: &str) -> Config {
         let c = Config::parse(&format!(
-            "[node]\nname = \"n1\"\nhostname = \"mx1.magic.test\"\n[relay]\nport = {port}\ndeny_networks = []\nconnect_timeout = \"2s\"\ncommand_timeout = \"5s\"\ntls = \"{tls}\"\n[dns]\nnameservers = [\"127.0.0.1:9\"]\ntimeout = \"1s\"\n"
+            "[node]\nname = \"n1\"\nhostname = \"mx1.magic.test\"\n[relay]\nport = {port}\ndeny_networks = []\nconnect_timeout = \"2s\"\ncommand_timeout = \"5s\"\nconnection_cache_time = \"0s\"\ntls = \"{tls}\"\n[dns]\nnameservers = [\"127.0.0.1:9\"]\ntimeout = \"1s\"\n"
         ))
         .unwrap();
         c.validate().unwrap();
@@ -618,6 +1218,7 @@ mod tests {
         let out = deliver(
             &c,
             &dns,
+            &Sessions::new(&c.relay),
             &message("alice@example.com", body),
             "example.org",
             &["127.0.0.1".to_string()],
@@ -625,20 +1226,18 @@ mod tests {
         )
         .await;
         assert_eq!(out.len(), 4);
-        assert_eq!(
-            out[0].outcome,
-            RcptOutcome::Delivered("250 2.0.0 queued as X1".into())
-        );
+        assert!(matches!(&out[0].outcome, RcptOutcome::Delivered(_)));
+        assert_eq!(out[0].outcome.reply().to_string(), "250 2.0.0 queued as X1");
         assert_eq!(out[0].mx.as_deref(), Some("127.0.0.1"));
-        assert_eq!(
-            out[1].outcome,
-            RcptOutcome::PermFail("550 5.1.1 no such user".into())
+        assert!(matches!(&out[1].outcome, RcptOutcome::PermFail(_)));
+        assert_eq!(out[1].outcome.reply().to_string(), "550 5.1.1 no such user");
+        assert_eq!(out[1].outcome.reply().status(), Status::new(5, 1, 1));
+        assert!(out[1].outcome.reply().is_remote());
+        assert!(matches!(&out[2].outcome, RcptOutcome::TempFail(_)));
+        assert_eq!(out[2].outcome.reply().to_string(), "450 4.2.0 try later");
+        assert!(
+            matches!(&out[3].outcome, RcptOutcome::PermFail(r) if r.to_string().starts_with("5.1.3 "))
         );
-        assert_eq!(
-            out[2].outcome,
-            RcptOutcome::TempFail("450 4.2.0 try later".into())
-        );
-        assert!(matches!(&out[3].outcome, RcptOutcome::PermFail(r) if r.starts_with("5.1.3 ")));
         assert_eq!(out[3].mx, None);
 
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -665,6 +1264,7 @@ mod tests {
         let out = deliver(
             &c,
             &dns,
+            &Sessions::new(&c.relay),
             &message("", b"x\r\n"),
             "example.org",
             &["127.0.0.1".to_string()],
@@ -687,6 +1287,7 @@ mod tests {
         let out = deliver(
             &c,
             &dns,
+            &Sessions::new(&c.relay),
             &message("a@example.com", b"x\r\n"),
             "example.org",
             &["127.0.0.1".to_string(), "127.0.0.3".to_string()],
@@ -694,7 +1295,12 @@ mod tests {
         )
         .await;
         match &out[0].outcome {
-            RcptOutcome::TempFail(r) => assert!(r.starts_with("4.4.1 connect to 127.0.0.3"), "{r}"),
+            RcptOutcome::TempFail(r) => {
+                assert!(
+                    r.to_string().starts_with("4.4.1 connect to 127.0.0.3"),
+                    "{r}"
+                )
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(out[0].mx, None);
@@ -709,6 +1315,7 @@ mod tests {
         let out = deliver(
             &c,
             &dns,
+            &Sessions::new(&c.relay),
             &message("a@example.com", b"x\r\n"),
             "example.org",
             &["127.0.0.3".into(), "127.0.0.2".into(), "127.0.0.1".into()],
@@ -734,6 +1341,7 @@ mod tests {
         let out = deliver(
             &c,
             &dns,
+            &Sessions::new(&c.relay),
             &message("a@example.com", b"S: t\r\n\r\nbody\r\n"),
             "example.org",
             &["127.0.0.1".into()],
@@ -766,6 +1374,7 @@ mod tests {
         let out = deliver(
             &c,
             &dns,
+            &Sessions::new(&c.relay),
             &message("a@example.com", b"x\r\n"),
             "example.org",
             &["127.0.0.1".into()],
@@ -792,6 +1401,7 @@ mod tests {
         let out = deliver(
             &c,
             &dns,
+            &Sessions::new(&c.relay),
             &message("a@example.com", b"x\r\n"),
             "example.org",
             &["127.0.0.1".into()],

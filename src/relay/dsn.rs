@@ -14,13 +14,16 @@
 use chrono::{DateTime, Utc};
 use rand::Rng;
 
+use super::deliver::{Diagnostic, Status};
+
 /// One recipient to report as failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailedRcpt {
     /// The recipient address as given in RCPT TO.
     pub address: String,
-    /// The remote reply (`550 5.1.1 ...`) or the node's own reason (`5.1.10 ...`).
-    pub reply: String,
+    /// The remote reply (`550 5.1.1 ...`) or the node's own reason
+    /// (`5.1.10 ...`), typed: its status is reported as is.
+    pub reply: Diagnostic,
     /// The MX host that gave the reply, if a remote one did.
     pub remote_mta: Option<String>,
 }
@@ -91,7 +94,7 @@ pub fn build(r: &Report<'_>) -> Vec<u8> {
             None => String::new(),
         };
         out.line(format!("<{}>{via}:", clean(&f.address)));
-        out.line(format!("    {}", clean(&f.reply)));
+        out.line(format!("    {}", clean(&f.reply.to_string())));
         out.line("");
     }
 
@@ -141,55 +144,27 @@ impl Lines {
     }
 }
 
-/// The RFC 3463 status code of a reply: the enhanced code if the reply has
-/// one (`550 5.1.1 ...` or the node's own `5.1.10 ...`), else the class of
-/// the reply code, else 5.0.0. A DSN only reports failures, so a 2.x.x code
-/// is never returned.
-pub fn status_of(reply: &str) -> String {
-    let mut words = reply.split_whitespace();
-    let first = words.next().unwrap_or("");
-    if is_enhanced(first) {
-        return first.to_string();
+/// The RFC 3463 status to report: the reply's own enhanced status, else
+/// the class of its code (`4.0.0`, `5.0.0`). A DSN only reports failures,
+/// so a 2.x.x status is never returned.
+pub fn status_of(reply: &Diagnostic) -> Status {
+    let s = reply.status();
+    if s.class == 2 {
+        Status::new(5, 0, 0)
+    } else {
+        s
     }
-    if is_reply_code(first) {
-        if let Some(second) = words.next() {
-            if is_enhanced(second) && second.as_bytes()[0] == first.as_bytes()[0] {
-                return second.to_string();
-            }
-        }
-        if first.starts_with('4') {
-            return "4.0.0".into();
-        }
-    }
-    "5.0.0".into()
 }
 
 /// `smtp; <reply>` for a remote SMTP reply, `X-magicmx; <reason>` for the
 /// node's own reasons (RFC 3464 diagnostic-type).
-fn diagnostic_code(reply: &str) -> String {
-    let first = reply.split_whitespace().next().unwrap_or("");
-    let kind = if is_reply_code(first) {
+fn diagnostic_code(reply: &Diagnostic) -> String {
+    let kind = if reply.is_remote() {
         "smtp"
     } else {
         "X-magicmx"
     };
-    format!("{kind}; {}", clean(reply))
-}
-
-fn is_reply_code(w: &str) -> bool {
-    let b = w.as_bytes();
-    b.len() == 3 && (b'2'..=b'5').contains(&b[0]) && b[1..].iter().all(u8::is_ascii_digit)
-}
-
-fn is_enhanced(w: &str) -> bool {
-    let parts: Vec<&str> = w.split('.').collect();
-    parts.len() == 3
-        && matches!(parts[0], "2" | "4" | "5")
-        && (1..=3).contains(&parts[1].len())
-        && (1..=3).contains(&parts[2].len())
-        && parts[1..]
-            .iter()
-            .all(|p| p.bytes().all(|b| b.is_ascii_digit()))
+    format!("{kind}; {}", clean(&reply.to_string()))
 }
 
 /// One line of text: control characters (CR and LF included) become spaces,
@@ -272,12 +247,12 @@ mod tests {
         vec![
             FailedRcpt {
                 address: "bob@example.org".into(),
-                reply: "550 5.1.1 <bob@example.org>: user unknown".into(),
+                reply: Diagnostic::remote_line(550, "5.1.1 <bob@example.org>: user unknown"),
                 remote_mta: Some("mail.example.org".into()),
             },
             FailedRcpt {
                 address: "carol@nullmx.example".into(),
-                reply: "5.1.10 domain accepts no mail (null MX)".into(),
+                reply: Diagnostic::local(Status::new(5, 1, 10), "domain accepts no mail (null MX)"),
                 remote_mta: None,
             },
         ]
@@ -405,7 +380,10 @@ mod tests {
     fn hostile_replies_stay_on_one_line() {
         let f = vec![FailedRcpt {
             address: "bob@example.org\r\nBcc: evil@example.net".into(),
-            reply: format!("550 5.7.1 no\r\nX-Injected: yes {}", "x".repeat(5000)),
+            reply: Diagnostic::remote_line(
+                550,
+                &format!("5.7.1 no\r\nX-Injected: yes {}", "x".repeat(5000)),
+            ),
             remote_mta: Some("mx\r\n.example".into()),
         }];
         let msg = String::from_utf8(report(&f)).unwrap();
@@ -416,19 +394,32 @@ mod tests {
 
     #[test]
     fn status_codes() {
-        assert_eq!(status_of("550 5.1.1 user unknown"), "5.1.1");
+        let s = |r: Diagnostic| status_of(&r).to_string();
         assert_eq!(
-            status_of("5.1.10 domain accepts no mail (null MX)"),
+            s(Diagnostic::remote_line(550, "5.1.1 user unknown")),
+            "5.1.1"
+        );
+        assert_eq!(
+            s(Diagnostic::local(
+                Status::new(5, 1, 10),
+                "domain accepts no mail (null MX)"
+            )),
             "5.1.10"
         );
         assert_eq!(
-            status_of("4.4.7 message expired: 451 4.3.0 try later"),
+            s(Diagnostic::local(
+                Status::new(4, 4, 7),
+                "message expired: 451 4.3.0 try later"
+            )),
             "4.4.7"
         );
-        assert_eq!(status_of("554 no enhanced code"), "5.0.0");
-        assert_eq!(status_of("452 too many"), "4.0.0");
-        assert_eq!(status_of("550 4.1.1 mismatched class"), "5.0.0");
-        assert_eq!(status_of(""), "5.0.0");
+        assert_eq!(s(Diagnostic::remote_line(554, "no enhanced code")), "5.0.0");
+        assert_eq!(s(Diagnostic::remote_line(452, "too many")), "4.0.0");
+        assert_eq!(
+            s(Diagnostic::remote_line(550, "4.1.1 mismatched class")),
+            "5.0.0"
+        );
+        assert_eq!(s(Diagnostic::remote_line(250, "2.0.0 ok")), "5.0.0");
     }
 
     #[test]

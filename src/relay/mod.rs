@@ -46,7 +46,7 @@ use crate::config::{Config, RelayConfig};
 use crate::dns::{Dns, DnsError};
 use crate::spool::{Envelope, QueueEntry, QueueId, RcptState, Recipient, Spool};
 
-use deliver::{RcptOutcome, RcptResult};
+use deliver::{Diagnostic, RcptOutcome, RcptResult, Sessions, Status};
 use dsn::FailedRcpt;
 use mx::Plan;
 
@@ -81,6 +81,8 @@ struct Inner {
     config: Arc<Config>,
     spool: Spool,
     dns: Dns,
+    /// Idle outbound sessions for reuse.
+    sessions: Sessions,
     wake: Arc<Notify>,
     gate: Option<Arc<dyn ReleaseGate>>,
 }
@@ -116,6 +118,7 @@ impl Relay {
     /// stays as it was in the spool and is tried again after a restart).
     pub async fn run(self, shutdown: CancellationToken) {
         let inner = Arc::new(Inner {
+            sessions: Sessions::new(&self.config.relay),
             config: self.config,
             spool: self.spool,
             dns: self.dns,
@@ -327,7 +330,10 @@ async fn process(inner: Arc<Inner>, id: QueueId, abandon: CancellationToken) {
         }
         Err(e) => {
             error!(queue_id = %id, error = %e, "cannot read the message body");
-            let reply = format!("4.3.0 cannot read the queued message: {e}");
+            let reply = Diagnostic::local(
+                Status::new(4, 3, 0),
+                format!("cannot read the queued message: {e}"),
+            );
             let results = pending_with(&entry, |_| local(RcptOutcome::TempFail(reply.clone())));
             (Arc::from(Vec::new()), results)
         }
@@ -358,16 +364,22 @@ fn is_own_dsn(entry: &QueueEntry, config: &Config) -> bool {
 /// None for those that were not pending.
 async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Option<RcptResult>> {
     let config = &inner.config;
-    let received = count_received(&body);
-    if received > config.relay.max_received_headers {
+    let received = crate::hops::count_received(&body);
+    if crate::hops::is_loop(received, config.relay.max_received_headers) {
         warn!(queue_id = %entry.id, received, "routing loop: too many Received headers");
-        let reply = "5.4.6 routing loop detected (too many Received headers)".to_string();
+        let reply = Diagnostic::local(
+            Status::new(5, 4, 6),
+            "routing loop detected (too many Received headers)",
+        );
         return pending_with(entry, |_| local(RcptOutcome::PermFail(reply.clone())));
     }
     if deliver::has_bare_cr_or_lf(&body) {
         // The SMTP side never stores such a body; never send one either.
         error!(queue_id = %entry.id, "stored message has a bare CR or LF; not sent");
-        let reply = "5.6.0 message has a bare CR or LF and cannot be sent".to_string();
+        let reply = Diagnostic::local(
+            Status::new(5, 6, 0),
+            "message has a bare CR or LF and cannot be sent",
+        );
         return pending_with(entry, |_| local(RcptOutcome::PermFail(reply.clone())));
     }
 
@@ -379,13 +391,13 @@ async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
         }
         match r.address.rsplit_once('@') {
             Some((local_part, domain)) if !local_part.is_empty() && !domain.is_empty() => by_domain
-                .entry(crate::config::normalize_name(domain))
+                .entry(crate::names::normalize_name(domain))
                 .or_default()
                 .push(i),
             _ => {
-                results[i] = local(RcptOutcome::PermFail(format!(
-                    "5.1.3 bad recipient address syntax <{}>",
-                    r.address
+                results[i] = local(RcptOutcome::PermFail(Diagnostic::local(
+                    Status::new(5, 1, 3),
+                    format!("bad recipient address syntax <{}>", r.address),
                 )))
             }
         }
@@ -402,9 +414,15 @@ async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
         let plan = match inner.dns.mx(&domain).await {
             Ok(answer) => mx::plan(&domain, answer, config),
             Err(e @ (DnsError::InvalidName { .. } | DnsError::NoDomain(_))) => {
-                Plan::PermFail(format!("5.1.2 bad destination domain {domain}: {e}"))
+                Plan::PermFail(Diagnostic::local(
+                    Status::new(5, 1, 2),
+                    format!("bad destination domain {domain}: {e}"),
+                ))
             }
-            Err(e) => Plan::TempFail(format!("4.4.3 MX lookup for {domain} failed: {e}")),
+            Err(e) => Plan::TempFail(Diagnostic::local(
+                Status::new(4, 4, 3),
+                format!("MX lookup for {domain} failed: {e}"),
+            )),
         };
         debug!(queue_id = %entry.id, %domain, ?plan, "route");
         match plan {
@@ -413,7 +431,16 @@ async fn attempt(inner: &Inner, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
                     .iter()
                     .map(|&i| entry.envelope.recipients[i].address.clone())
                     .collect();
-                let out = deliver::deliver(config, &inner.dns, &msg, &domain, &hosts, &rcpts).await;
+                let out = deliver::deliver(
+                    config,
+                    &inner.dns,
+                    &inner.sessions,
+                    &msg,
+                    &domain,
+                    &hosts,
+                    &rcpts,
+                )
+                .await;
                 for (i, r) in idx.into_iter().zip(out) {
                     results[i] = Some(r);
                 }
@@ -616,23 +643,23 @@ fn apply(
         let mx = result.mx.clone();
         match &result.outcome {
             RcptOutcome::Delivered(reply) => {
-                rcpt.state = RcptState::Delivered {
-                    reply: reply.clone(),
-                };
-                events.push(event(EventKind::Delivered, &rcpt.address, mx, reply));
+                let text = reply.to_string();
+                events.push(event(EventKind::Delivered, &rcpt.address, mx, &text));
+                rcpt.state = RcptState::Delivered { reply: text };
             }
             RcptOutcome::PermFail(reply) => {
+                let text = reply.to_string();
                 rcpt.state = RcptState::Failed {
-                    reply: reply.clone(),
+                    reply: text.clone(),
                 };
                 newly_failed.push(FailedRcpt {
                     address: rcpt.address.clone(),
                     reply: reply.clone(),
                     remote_mta: mx.clone(),
                 });
-                events.push(event(EventKind::Bounced, &rcpt.address, mx, reply));
+                events.push(event(EventKind::Bounced, &rcpt.address, mx, &text));
             }
-            RcptOutcome::TempFail(reply) => deferred.push((i, mx, reply.clone())),
+            RcptOutcome::TempFail(reply) => deferred.push((i, mx, reply.to_string())),
         }
     }
 
@@ -656,13 +683,14 @@ fn apply(
                 Some((_, mx, reply)) => (mx.clone(), reply.clone()),
                 None => (None, last.clone()),
             };
-            let reply = format!("4.4.7 message expired: {why}");
+            let typed = Diagnostic::local(Status::new(4, 4, 7), format!("message expired: {why}"));
+            let reply = typed.to_string();
             rcpt.state = RcptState::Failed {
                 reply: reply.clone(),
             };
             newly_failed.push(FailedRcpt {
                 address: rcpt.address.clone(),
-                reply: reply.clone(),
+                reply: typed,
                 remote_mta: mx.clone(),
             });
             events.push(event(EventKind::Expired, &rcpt.address, mx, &reply));
@@ -705,29 +733,6 @@ fn retry_delay(relay: &RelayConfig, attempts: u32) -> u64 {
         .min(relay.retry_max.0);
     let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
     secs.max(1)
-}
-
-/// Number of `Received:` fields in the header section of `message`.
-fn count_received(message: &[u8]) -> usize {
-    let mut count = 0;
-    for line in message.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            break;
-        }
-        if line[0] == b' ' || line[0] == b'\t' {
-            continue;
-        }
-        if let Some(colon) = line.iter().position(|&b| b == b':') {
-            if line[..colon]
-                .trim_ascii_end()
-                .eq_ignore_ascii_case(b"received")
-            {
-                count += 1;
-            }
-        }
-    }
-    count
 }
 
 fn has_pending(entry: &QueueEntry) -> bool {
@@ -842,14 +847,6 @@ mod tests {
     }
 
     #[test]
-    fn received_headers_are_counted_in_the_header_section_only() {
-        let msg = b"Received: from a\r\n\tby b\r\nreceived : from c\r\nX-Received: no\r\nSubject: hi\r\n\r\nReceived: in the body\r\n";
-        assert_eq!(count_received(msg), 2);
-        assert_eq!(count_received(b""), 0);
-        assert_eq!(count_received(b"Received: x\r\nReceived: y\r\n"), 2);
-    }
-
-    #[test]
     fn outcomes_change_states_and_defer_with_backoff() {
         let e = entry(&["a@x.org", "b@x.org", "c@x.org", "d@x.org"]);
         let mut done = e.clone();
@@ -949,7 +946,10 @@ mod tests {
                 .count(),
             1
         );
-        assert_eq!(dsn::status_of(&s.newly_failed[0].reply), "4.4.7");
+        assert_eq!(
+            dsn::status_of(&s.newly_failed[0].reply).to_string(),
+            "4.4.7"
+        );
     }
 
     #[test]

@@ -13,8 +13,10 @@
 
 use rand::seq::SliceRandom;
 
-use crate::config::{normalize_name, Config};
+use super::deliver::{Diagnostic, Status};
+use crate::config::Config;
 use crate::dns::{MxAnswer, MxHost};
+use crate::names::normalize_name;
 
 /// What to do with a domain's recipients.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,9 +24,9 @@ pub enum Plan {
     /// Try these hosts in this order.
     Hosts(Vec<String>),
     /// Defer the recipients with this reason.
-    TempFail(String),
+    TempFail(Diagnostic),
     /// Fail the recipients with this reason.
-    PermFail(String),
+    PermFail(Diagnostic),
 }
 
 /// Plans the route to `domain` from its MX answer.
@@ -42,10 +44,16 @@ pub fn plan_with<R: rand::Rng + ?Sized>(
     let domain = normalize_name(domain);
     let mut hosts = match answer {
         MxAnswer::NullMx => {
-            return Plan::PermFail(format!("5.1.10 domain accepts no mail (null MX): {domain}"))
+            return Plan::PermFail(Diagnostic::local(
+                Status::new(5, 1, 10),
+                format!("domain accepts no mail (null MX): {domain}"),
+            ))
         }
         MxAnswer::NoDomain => {
-            return Plan::PermFail(format!("5.1.2 domain {domain} does not exist (NXDOMAIN)"))
+            return Plan::PermFail(Diagnostic::local(
+                Status::new(5, 1, 2),
+                format!("domain {domain} does not exist (NXDOMAIN)"),
+            ))
         }
         MxAnswer::NoMx => vec![MxHost {
             preference: 0,
@@ -61,8 +69,9 @@ pub fn plan_with<R: rand::Rng + ?Sized>(
             mx_hosts = total,
             "every MX host is magic or this node: nowhere to relay"
         );
-        return Plan::TempFail(format!(
-            "4.4.4 no relayable MX host for {domain}: every MX host is magic or this node"
+        return Plan::TempFail(Diagnostic::local(
+            Status::new(4, 4, 4),
+            format!("no relayable MX host for {domain}: every MX host is magic or this node"),
         ));
     }
     // Shuffle, then a stable sort: equal preferences end up in random order.
@@ -167,7 +176,8 @@ mod tests {
     fn null_mx_is_permanent() {
         match plan("example.org", MxAnswer::NullMx, &config()) {
             Plan::PermFail(r) => assert!(
-                r.starts_with("5.1.10 domain accepts no mail (null MX)"),
+                r.to_string()
+                    .starts_with("5.1.10 domain accepts no mail (null MX)"),
                 "{r}"
             ),
             other => panic!("{other:?}"),
@@ -177,7 +187,7 @@ mod tests {
     #[test]
     fn nxdomain_is_permanent() {
         match plan("nowhere.example", MxAnswer::NoDomain, &config()) {
-            Plan::PermFail(r) => assert!(r.starts_with("5.1.2 "), "{r}"),
+            Plan::PermFail(r) => assert!(r.to_string().starts_with("5.1.2 "), "{r}"),
             other => panic!("{other:?}"),
         }
     }
@@ -186,7 +196,7 @@ mod tests {
     fn only_magic_hosts_is_temporary() {
         let answer = MxAnswer::Hosts(vec![mx(10, "mx1.magic.test"), mx(20, "mx2.magic.test")]);
         match plan("example.org", answer, &config()) {
-            Plan::TempFail(r) => assert!(r.starts_with("4.4.4 "), "{r}"),
+            Plan::TempFail(r) => assert!(r.to_string().starts_with("4.4.4 "), "{r}"),
             other => panic!("{other:?}"),
         }
     }

@@ -20,17 +20,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+pub use crate::addr::canonical_ip;
 use crate::config::Config;
 use crate::dns::{Dns, MxAnswer};
-use crate::slots::KeyedSlots;
+use crate::listener::{Admission, Bounds};
+use crate::slots::{KeyedSlots, Slot};
 use crate::spool::{Envelope, RcptState, Recipient, Spool};
-use crate::throttle::{now_ms, Decision, Throttle};
+use crate::throttle::{block_of, now_ms, Block, Decision, Throttle};
 use session::{Event, Message, Session, SessionConfig, Verdict};
 
 /// Which door a connection came through.
@@ -335,74 +336,73 @@ pub async fn bind(addrs: &[SocketAddr], key: &'static str) -> anyhow::Result<Vec
     Ok(listeners)
 }
 
-/// Answers `line` and closes, without a session (over a connection limit).
-fn refuse(sessions: &TaskTracker, mut stream: TcpStream, line: &'static [u8]) {
-    sessions.spawn(async move {
-        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line)).await;
-    });
-}
+/// Block family for the fair share of `max_connections`: IPv4 /16, IPv6 /32.
+pub const FAMILY_IPV4_PREFIX: u8 = 16;
+pub const FAMILY_IPV6_PREFIX: u8 = 32;
+
+/// What an admitted SMTP connection holds besides its total permit: its
+/// block's slot and its block family's slot (none for exempt clients).
+type SmtpSlots = Option<(Slot<Block>, Slot<Block>)>;
 
 /// Accepts connections until shutdown; returns when every session has ended.
+///
+/// Bounds, in order: `max_connections` in total (`421 4.3.2`), then, except
+/// for trusted networks and outbound clients, `max_connections_per_block`
+/// per source block and `max_connections_per_family` per block family
+/// (IPv4 /16, IPv6 /32), so that slow sessions from a few networks cannot
+/// take every slot (`421 4.7.0`).
 pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<Context>, shutdown: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(ctx.config.smtp.max_connections));
-    let per_block = KeyedSlots::new(ctx.config.smtp.max_connections_per_block);
-    let tracker = TaskTracker::new();
-    for listener in listeners {
-        let (ctx, permits, per_block, shutdown, sessions) = (
-            ctx.clone(),
-            permits.clone(),
-            per_block.clone(),
-            shutdown.clone(),
-            tracker.clone(),
-        );
-        tracker.spawn(async move {
-            loop {
-                let (stream, peer) = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    },
-                };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    debug!(%peer, "too many connections");
-                    refuse(&sessions, stream, b"421 4.3.2 Too many connections, try again later\r\n");
-                    continue;
-                };
-                // Trusted networks and outbound clients are not bounded per block.
-                let ip = canonical_ip(peer.ip());
-                let exempt = match ctx.mode {
-                    Mode::Inbound => ctx.throttle.is_trusted(ip),
-                    Mode::Outbound => ctx.config.is_outbound_client(ip),
-                };
-                let block = ctx.throttle.block_of(ip);
-                let slot = (!exempt).then(|| per_block.try_take(block));
-                if matches!(slot, Some(None)) {
-                    metrics::counter!("magicmx_smtp_refusals_total", "reason" => "connections_per_block").increment(1);
-                    info!(client = %peer, %block, "too many connections from the block");
-                    refuse(
-                        &sessions,
-                        stream,
-                        b"421 4.7.0 Too many connections from your network, try again later\r\n",
-                    );
-                    continue;
-                }
-                let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
-                sessions.spawn(async move {
-                    connection(stream, peer, ctx, shutdown).await;
-                    drop(slot);
-                    drop(permit);
-                });
+    let smtp = &ctx.config.smtp;
+    let per_block = KeyedSlots::new(smtp.max_connections_per_block);
+    let per_family = KeyedSlots::new(smtp.max_connections_per_family);
+    let bounds = Bounds {
+        name: match ctx.mode {
+            Mode::Inbound => "smtp",
+            Mode::Outbound => "outbound",
+        },
+        max_connections: smtp.max_connections,
+        busy: Some(b"421 4.3.2 Too many connections, try again later\r\n"),
+    };
+    let admit = {
+        let ctx = ctx.clone();
+        move |peer: SocketAddr| -> Admission<SmtpSlots> {
+            // Trusted networks and outbound clients are not bounded per block.
+            let ip = canonical_ip(peer.ip());
+            let exempt = match ctx.mode {
+                Mode::Inbound => ctx.throttle.is_trusted(ip),
+                Mode::Outbound => ctx.config.is_outbound_client(ip),
+            };
+            if exempt {
+                return Admission::Accept(None);
             }
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
+            const REFUSED: &[u8] =
+                b"421 4.7.0 Too many connections from your network, try again later\r\n";
+            let block = ctx.throttle.block_of(ip);
+            let Some(block_slot) = per_block.try_take(block) else {
+                metrics::counter!("magicmx_smtp_refusals_total", "reason" => "connections_per_block").increment(1);
+                info!(client = %peer, %block, "too many connections from the block");
+                return Admission::Refuse {
+                    reason: "connections_per_block",
+                    reply: Some(REFUSED),
+                };
+            };
+            let family = block_of(ip, FAMILY_IPV4_PREFIX, FAMILY_IPV6_PREFIX);
+            let Some(family_slot) = per_family.try_take(family) else {
+                metrics::counter!("magicmx_smtp_refusals_total", "reason" => "connections_per_family").increment(1);
+                info!(client = %peer, %family, "too many connections from the block family");
+                return Admission::Refuse {
+                    reason: "connections_per_family",
+                    reply: Some(REFUSED),
+                };
+            };
+            Admission::Accept(Some((block_slot, family_slot)))
+        }
+    };
+    let stop = shutdown.clone();
+    let handle = move |stream: TcpStream, peer: SocketAddr| {
+        connection(stream, peer, ctx.clone(), stop.clone())
+    };
+    crate::listener::serve(listeners, bounds, admit, handle, shutdown).await;
 }
 
 /// How a driven stream ended.
@@ -468,14 +468,6 @@ async fn connection(
 fn sender_routed(address: &str) -> bool {
     let local = address.rsplit_once('@').map_or(address, |(l, _)| l);
     local.contains(['%', '!', '@'])
-}
-
-/// IPv4-mapped IPv6 addresses are IPv4.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
 }
 
 async fn write_out<S: AsyncWrite + Unpin>(

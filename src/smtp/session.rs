@@ -285,7 +285,10 @@ impl Session {
     }
 
     fn check_message(&mut self, tx: Transaction, body: Vec<u8>) -> Option<Event> {
-        if count_received(&body) > self.cfg.max_received_headers {
+        if crate::hops::is_loop(
+            crate::hops::hops_with_ours(&body),
+            self.cfg.max_received_headers,
+        ) {
             self.reply("554 5.4.6 Error: too many hops (mail loop?)");
             return None;
         }
@@ -522,7 +525,7 @@ impl Session {
             return None;
         }
         let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
-        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        let domain = crate::names::normalize_name(domain);
         self.pending = Pending::Recipient;
         self.pending_rcpt = Some(address.clone());
         Some(Event::Recipient { address, domain })
@@ -681,14 +684,6 @@ fn valid_mailbox(address: &str) -> bool {
         && domain.chars().all(|c| {
             c.is_alphanumeric() || c == '.' || c == '-' || c == '[' || c == ']' || c == ':'
         })
-}
-
-/// Number of `Received:` header fields in the header section of `body`.
-pub fn count_received(body: &[u8]) -> usize {
-    body.split(|&b| b == b'\n')
-        .take_while(|line| !line.is_empty() && *line != b"\r")
-        .filter(|line| line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:"))
-        .count()
 }
 
 #[cfg(test)]
@@ -997,10 +992,12 @@ K
     #[test]
     fn counts_received_in_header_only() {
         assert_eq!(
-            count_received(b"Received: a\r\nX: y\r\nreceived: b\r\n\r\nReceived: body\r\n"),
+            crate::hops::count_received(
+                b"Received: a\r\nX: y\r\nreceived: b\r\n\r\nReceived: body\r\n"
+            ),
             2
         );
-        assert_eq!(count_received(b""), 0);
+        assert_eq!(crate::hops::count_received(b""), 0);
     }
 
     #[test]

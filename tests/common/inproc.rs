@@ -87,7 +87,8 @@ impl InProc {
         let mut s = TcpStream::connect(self.admin).unwrap();
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.admin
         )
         .unwrap();
         let mut out = String::new();
