@@ -40,6 +40,7 @@
 pub mod ca;
 pub mod ledger;
 pub mod membership;
+pub mod owners;
 pub mod tls;
 pub mod transport;
 pub mod wire;
