@@ -15,6 +15,7 @@
 //!   never in two tasks at once.
 //! - **on done** ([`QueueRunner::on_done`]): frees the slots; a task that
 //!   died leaves its message in a short cooldown.
+//!
 //! Time is read from the node's [`Clock`], so tests move holds and retries
 //! forward instead of sleeping.
 //!
