@@ -1,11 +1,13 @@
-//! The operator's window: `/metrics` (Prometheus text), `/healthz`,
-//! `/status` (JSON: hottest blocks, queue), `/explain?ip=…`, and the
+//! The operator's window: the dashboard at `/` (one self-contained HTML
+//! page polling the JSON routes), `/metrics` (Prometheus text), `/healthz`,
+//! `/status` (JSON: hottest blocks, queue, peers), `/history` (JSON:
+//! per-minute tallies of the last hour), `/explain?ip=…`, and the
 //! quarantine actions `POST /quarantine/release?id=…` and
 //! `POST /quarantine/delete?id=…` used by `magicmx queue quarantine`.
 //!
 //! A deliberately small HTTP/1.1 responder (one request per connection,
 //! bounded request size, timeouts): the admin listener belongs on loopback
-//! or a management network, and three GET routes do not justify a web
+//! or a management network, and a handful of routes do not justify a web
 //! framework. Metrics are recorded with the `metrics` crate into a
 //! Prometheus recorder installed once per process.
 //!
@@ -288,6 +290,7 @@ impl Admin {
         };
         const JSON: &str = "application/json";
         const TEXT: &str = "text/plain; charset=utf-8";
+        const HTML: &str = "text/html; charset=utf-8";
         if path.starts_with("/quarantine") && !crate::addr::canonical_ip(client).is_loopback() {
             return (
                 403,
@@ -296,6 +299,11 @@ impl Admin {
             );
         }
         match (method, path) {
+            ("GET", "/") => (200, HTML, self.dashboard(client)),
+            ("GET", "/history") => {
+                let now = crate::clock::system_ms() / 1000;
+                (200, JSON, json(&crate::telemetry::history().last_hour(now)))
+            }
             ("GET", "/healthz") => self.health().await,
             ("GET", "/metrics") => {
                 self.gauges();
@@ -340,6 +348,22 @@ impl Admin {
             }
             _ => (404, TEXT, "not found\n".into()),
         }
+    }
+
+    /// The dashboard page. It carries the token for its release and delete
+    /// buttons only when served to a loopback client (who may use the
+    /// quarantine anyway); a scraper on a management network gets the page
+    /// without it. A cross-site page cannot read it: its requests fail the
+    /// `Host` check, and the page itself sets no CORS header.
+    fn dashboard(&self, client: IpAddr) -> String {
+        const PAGE: &str = include_str!("dashboard.html");
+        let token = if crate::addr::canonical_ip(client).is_loopback() {
+            self.token.as_str()
+        } else {
+            ""
+        };
+        PAGE.replace("{{TOKEN}}", token)
+            .replace("{{NODE}}", &html_escape(&self.node))
     }
 
     /// `/healthz`: 200 while the spool takes writes, 503 with the reason
@@ -387,6 +411,22 @@ impl Admin {
             Ok(format!("{id}: deleted\n"))
         }
     }
+}
+
+/// Text made safe for HTML content and attribute values.
+fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn json<T: Serialize>(v: &T) -> String {

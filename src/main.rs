@@ -377,21 +377,32 @@ fn init_tracing() {
     if json {
         builder.json().init();
     } else {
-        builder.with_ansi(false).init();
+        // Colours for a person at a terminal only: journald, files and
+        // pipes get plain text.
+        use std::io::IsTerminal;
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
     }
 }
 
+/// Returns on SIGINT or SIGTERM. SIGHUP (whose default would end the
+/// process) is logged and ignored: the node does not reload its config; an
+/// operator restarts it, which loses nothing.
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => tracing::warn!(
+                "SIGHUP ignored: magicmx does not reload node.toml; run `magicmx check-config`, then restart"
+            ),
+        }
     }
 }

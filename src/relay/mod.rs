@@ -347,12 +347,19 @@ async fn process(relay: Arc<Relay>, id: QueueId, abandon: CancellationToken) {
         entry.quarantined = true;
         entry.last_error = Some(format!("quarantined: {reason}"));
         match relay.spool.update(&entry).await {
-            Ok(()) => warn!(
-                queue_id = %id,
-                client = %entry.envelope.client_ip,
-                reason = %reason,
-                "quarantined"
-            ),
+            Ok(()) => {
+                metrics::counter!("magicmx_relay_quarantined_total").increment(1);
+                crate::telemetry::history().record(
+                    crate::telemetry::Tally::Quarantined,
+                    relay.clock.now_ms() / 1000,
+                );
+                warn!(
+                    queue_id = %id,
+                    client = %entry.envelope.client_ip,
+                    reason = %reason,
+                    "quarantined"
+                )
+            }
             Err(e) => error!(queue_id = %id, error = %e, "cannot quarantine the message"),
         }
         return;
@@ -547,9 +554,20 @@ async fn settle(relay: &Relay, entry: QueueEntry, body: &[u8], results: Vec<Opti
             return;
         }
     }
+    let now_secs = relay.clock.now_ms() / 1000;
     for ev in &events {
         let mx = ev.mx.as_deref().unwrap_or("");
         let (rcpt, reply) = (ev.rcpt.as_str(), ev.reply.as_str());
+        let outcome = match ev.kind {
+            EventKind::Delivered => "delivered",
+            EventKind::Bounced => "bounced",
+            EventKind::Deferred => "deferred",
+            EventKind::Expired => "expired",
+        };
+        metrics::counter!("magicmx_relay_deliveries_total", "outcome" => outcome).increment(1);
+        if ev.kind == EventKind::Delivered {
+            crate::telemetry::history().record(crate::telemetry::Tally::Relayed, now_secs);
+        }
         match ev.kind {
             EventKind::Delivered => {
                 info!(queue_id = %queue_id, rcpt = %rcpt, mx = %mx, reply = %reply, "delivered")

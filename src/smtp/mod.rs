@@ -44,6 +44,16 @@ pub enum Mode {
     Outbound,
 }
 
+impl Mode {
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Inbound => "inbound",
+            Mode::Outbound => "outbound",
+        }
+    }
+}
+
 /// Everything a connection needs, shared by all of them.
 pub struct Context {
     pub mode: Mode,
@@ -146,6 +156,8 @@ impl Context {
             Decision::Accept => {}
             Decision::Refuse { reason, reply } => {
                 metrics::counter!("magicmx_throttle_refusals_total", "stage" => stage, "reason" => reason.as_str()).increment(1);
+                crate::telemetry::history()
+                    .record(crate::telemetry::Tally::Refused, now_ms() / 1000);
                 info!(client = %peer, block = %self.throttle.block_of(peer), stage, %reason, reply = %reply, "throttled");
             }
             Decision::Drop { reason } => {
@@ -252,6 +264,9 @@ impl Context {
         };
         match self.spool.store(envelope, body, release).await {
             Ok(entry) => {
+                metrics::counter!("magicmx_smtp_messages_total", "mode" => self.mode.label())
+                    .increment(1);
+                crate::telemetry::history().record(crate::telemetry::Tally::Received, now);
                 info!(
                     queue_id = %entry.id,
                     mode = ?self.mode,

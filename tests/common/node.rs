@@ -332,6 +332,34 @@ impl Node {
         self.spawn();
     }
 
+    /// Sends a signal by name (`HUP`, `TERM`) to the running node.
+    #[allow(dead_code)]
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("node running").id();
+        let ok = Command::new("kill")
+            .args(["-s", name, &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -s {name} {pid} failed");
+    }
+
+    /// Waits up to `timeout` for the node to exit; its status if it did.
+    #[allow(dead_code)]
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut()?.try_wait().ok().flatten() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
             Some(c) => c.try_wait().ok().flatten().is_none(),
