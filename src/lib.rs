@@ -9,6 +9,7 @@ pub mod addr;
 pub mod admin;
 pub mod clock;
 pub mod config;
+pub mod demo;
 pub mod dns;
 pub mod dnsbl;
 pub mod gossip;

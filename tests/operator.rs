@@ -98,11 +98,17 @@ fn the_dashboard_is_one_self_contained_page() {
     };
     let (status, headers, page) = get("/");
     assert!(status.contains(" 200 "), "{status}");
-    assert!(headers.to_ascii_lowercase().contains("text/html"), "{headers}");
+    assert!(
+        headers.to_ascii_lowercase().contains("text/html"),
+        "{headers}"
+    );
     assert!(page.contains("<title>magicmx t1</title>"), "{page}");
     // No CDN, no external script, style, image or font.
     for attr in ["src=\"http", "href=\"http", "@import", "url(http"] {
-        assert!(!page.contains(attr), "the page loads an external asset: {attr}");
+        assert!(
+            !page.contains(attr),
+            "the page loads an external asset: {attr}"
+        );
     }
     // The release and delete buttons need the token; a loopback client gets
     // it in the page (the same token the CLI reads from data_dir).
@@ -189,8 +195,130 @@ fn the_systemd_unit_verifies() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "systemd-analyze verify failed:\n{text}");
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{text}"
+    );
     // verify prints warnings (unknown keys, bad values) without failing.
-    let ours: Vec<&str> = text.lines().filter(|l| l.contains("magicmx.service")).collect();
+    let ours: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("magicmx.service"))
+        .collect();
     assert!(ours.is_empty(), "systemd-analyze complains:\n{text}");
+}
+
+/// Runs `magicmx demo ARGS` with stdout piped; the child and a channel of
+/// its stdout lines.
+fn start_demo(seconds: u64) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(common::node::BIN)
+        .args(["demo", "--seconds", &seconds.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("magicmx demo");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            println!("demo: {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+#[test]
+fn the_demo_tells_its_story_and_exits_0() {
+    let (mut child, lines) = start_demo(12);
+    let mut seen = Vec::new();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(60)) {
+        seen.push(line);
+    }
+    let status = child.wait().unwrap();
+    let text = seen.join("\n");
+    assert!(status.success(), "demo exited with {status}:\n{text}");
+    for words in [
+        "node demo3: SMTP 127.0.0.1:",
+        "person, message 1: 250",
+        "held 3s before relay",
+        "real MX received \"Lunch on Friday? (3)\"",
+        "throttled: 4",
+        "quarantined:",
+        "dashboard: http://127.0.0.1:",
+        "summary: person 3/3 relayed",
+    ] {
+        assert!(
+            text.contains(words),
+            "no {words:?} in the demo's output:\n{text}"
+        );
+    }
+    assert!(
+        text.contains(", 0 relayed"),
+        "a bot message was relayed:\n{text}"
+    );
+}
+
+/// Debian's chromium, headless, on the dashboard of a demo node (peers,
+/// blocks, a quarantine): what it shows is what `/status` says, and the
+/// Release button releases. The screenshot goes to bench/dashboard.png.
+#[cfg(feature = "interop")]
+#[test]
+fn a_browser_sees_the_dashboard_and_releases_a_message() {
+    let (mut child, lines) = start_demo(240);
+    let mut url = None;
+    let mut done = false;
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(60)) {
+        done |= line.contains("] done: ");
+        if done {
+            if let Some(at) = line.find("dashboard: ") {
+                url = Some(line[at + "dashboard: ".len()..].trim().to_string());
+                break;
+            }
+        }
+    }
+    let url = url.expect("the demo printed no dashboard after its story");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shot = root.join("bench/dashboard.png");
+    let out = std::process::Command::new("python3")
+        .arg(root.join("tests/py/dashboard_browser.py"))
+        .arg(&url)
+        .arg(&shot)
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let admin: SocketAddr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let quarantine = http(
+        admin,
+        &format!("GET /quarantine HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"),
+    )
+    .2;
+    let _ = std::process::Command::new("kill")
+        .args(["-s", "INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(
+        out.status.success(),
+        "browser check failed: {stderr}\n{stdout}"
+    );
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let released = seen["released"].as_str().unwrap();
+    assert!(
+        seen["message"].as_str().unwrap().contains("released"),
+        "{seen}"
+    );
+    assert!(
+        !quarantine.contains(released),
+        "{released} is still in quarantine:\n{quarantine}"
+    );
+    assert!(!seen["peers"].as_array().unwrap().is_empty(), "{seen}");
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+    assert!(status.success(), "demo exited with {status}");
 }
