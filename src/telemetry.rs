@@ -128,11 +128,15 @@ mod tests {
         assert_eq!(hour[HISTORY_MINUTES - 2].received, 2);
         assert_eq!(hour[HISTORY_MINUTES - 1].relayed, 1);
         assert_eq!(hour[HISTORY_MINUTES - 1].start, t0 + 60);
-        // An hour later the same slots are stale, not counted again.
+        // The relayed minute is still inside the hour one hour on...
         let later = h.last_hour(t0 + 3600);
+        assert_eq!(later[0].relayed, 1);
+        assert!(later.iter().all(|m| m.received == 0));
+        // ...and a minute later the same slots are stale, not counted again.
+        let later = h.last_hour(t0 + 3660);
         assert!(later.iter().all(|m| m.received == 0 && m.relayed == 0));
-        h.record(Tally::Refused, t0 + 3600);
-        let later = h.last_hour(t0 + 3600);
+        h.record(Tally::Refused, t0 + 3660);
+        let later = h.last_hour(t0 + 3660);
         assert_eq!(later[HISTORY_MINUTES - 1].refused, 1);
         assert_eq!(later[HISTORY_MINUTES - 1].received, 0);
     }
