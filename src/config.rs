@@ -392,6 +392,9 @@ pub struct ThrottleConfig {
     pub polite_refusals: u32,
     /// Bound of the block table.
     pub max_tracked_blocks: usize,
+    /// Most of the block table one peer origin may fill with blocks this
+    /// node has not seen itself (a share of `max_tracked_blocks`).
+    pub peer_block_share: f64,
     /// Accepted mail waits this long before relay, so the node sees the network's counts.
     pub hold: Dur,
     /// Quarantined mail is deleted after this long.
@@ -413,6 +416,7 @@ impl Default for ThrottleConfig {
             max_penalty: Dur::secs(4 * 3_600),
             polite_refusals: 3,
             max_tracked_blocks: 1_000_000,
+            peer_block_share: 0.1,
             hold: Dur::secs(5),
             quarantine_max_age: Dur::secs(7 * 86_400),
         }
@@ -848,6 +852,12 @@ impl Config {
         }
         if t.max_tracked_blocks == 0 {
             return Err(invalid("throttle.max_tracked_blocks", "must be at least 1"));
+        }
+        if !(t.peer_block_share > 0.0 && t.peer_block_share <= 1.0) {
+            return Err(invalid(
+                "throttle.peer_block_share",
+                "must be more than 0 and at most 1",
+            ));
         }
         if !self.outbound.listen.is_empty() && self.outbound.clients.is_empty() {
             return Err(invalid(
