@@ -67,3 +67,41 @@ fn check_config_names_the_bad_key() {
         );
     }
 }
+
+/// Issue 9: a number past what the code can take (`smtp.max_connections`
+/// above tokio's semaphore bound, 2^61, once panicked inside a task after
+/// `check-config` had passed it) is refused up front, naming the key.
+#[test]
+fn check_config_refuses_over_range_numbers() {
+    let cases = [
+        (
+            good().replace(
+                "[smtp]\n",
+                "[smtp]\nmax_connections = 2305843009213693952\n",
+            ),
+            "smtp.max_connections",
+        ),
+        (
+            good().replace("[smtp]\n", "[smtp]\ncommand_timeout = \"100000000d\"\n"),
+            "smtp.command_timeout",
+        ),
+        (
+            good().replace(
+                "[throttle]\n",
+                "[throttle]\nmax_tracked_blocks = 9223372036854775807\n",
+            ),
+            "throttle.max_tracked_blocks",
+        ),
+    ];
+    for (toml, key) in cases {
+        let (ok, stderr) = check(&toml);
+        assert!(
+            !ok,
+            "a config with an over-range {key} was accepted:\n{toml}"
+        );
+        assert!(
+            stderr.contains(key) && stderr.contains("out of range"),
+            "the error does not name {key}:\n{stderr}"
+        );
+    }
+}
