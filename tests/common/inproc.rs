@@ -53,7 +53,7 @@ impl InProc {
                     node.admin_addr.unwrap(),
                 ))
                 .unwrap();
-                node.wait().await;
+                node.wait().await.unwrap();
             });
         });
         let (throttle, smtp, admin) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
