@@ -167,6 +167,8 @@ pub struct Config {
     pub dnsbl: DnsblConfig,
     #[serde(default)]
     pub suspect: SuspectConfig,
+    #[serde(default)]
+    pub verify: VerifyConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -637,6 +639,38 @@ impl Default for SuspectConfig {
 }
 
 /// Networks never counted nor refused by the throttle.
+/// Recipient verification with the real MX at RCPT (`src/verify.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifyConfig {
+    /// Probe the real MX of accepted and delegated domains before `250`.
+    pub enabled: bool,
+    /// The RCPT reply waits at most this long for a probe; then `450 4.2.0`.
+    pub timeout: Dur,
+    /// A recipient the real MX accepted is not probed again for this long
+    /// (also how long an accept-all domain stays marked).
+    pub positive_ttl: Dur,
+    /// A recipient the real MX refused is refused for this long.
+    pub negative_ttl: Dur,
+    /// Probes to one domain's real MX per minute at most (per node).
+    pub max_probes_per_domain: u32,
+    /// Bound of the verdict cache (addresses) and of the per-domain table.
+    pub max_cache_entries: usize,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        VerifyConfig {
+            enabled: true,
+            timeout: Dur::secs(6),
+            positive_ttl: Dur::secs(7 * 86_400),
+            negative_ttl: Dur::secs(3 * 3_600),
+            max_probes_per_domain: 60,
+            max_cache_entries: 100_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrustConfig {
@@ -1030,6 +1064,33 @@ impl Config {
             Dur::secs(DAY),
         )?;
 
+        let v = &self.verify;
+        dur_in_range("verify.timeout", v.timeout, ms(100), Dur::secs(300))?;
+        dur_in_range(
+            "verify.positive_ttl",
+            v.positive_ttl,
+            Dur::secs(1),
+            Dur::secs(365 * DAY),
+        )?;
+        dur_in_range(
+            "verify.negative_ttl",
+            v.negative_ttl,
+            Dur::secs(1),
+            Dur::secs(365 * DAY),
+        )?;
+        in_range(
+            "verify.max_probes_per_domain",
+            v.max_probes_per_domain,
+            1,
+            1_000_000,
+        )?;
+        in_range(
+            "verify.max_cache_entries",
+            v.max_cache_entries,
+            1,
+            100_000_000,
+        )?;
+
         let x = &self.suspect;
         in_range("suspect.threshold", x.threshold, 1, 1_000_000)?;
         in_range("suspect.refuse_threshold", x.refuse_threshold, 1, 1_000_000)?;
@@ -1269,6 +1330,8 @@ mod tests {
             ("admin", "max_connections", "4611686018427387904"),
             ("dnsbl", "max_cache_entries", "18446744073709551615"),
             ("suspect", "max_reasons", "100000"),
+            ("verify", "timeout", "\"1h\""),
+            ("verify", "max_probes_per_domain", "0"),
         ];
         for (section, key, value) in cases {
             let text = format!("{MINIMAL}[{section}]\n{key} = {value}\n");

@@ -24,6 +24,7 @@ pub mod spool;
 pub mod suspect;
 pub mod telemetry;
 pub mod throttle;
+pub mod verify;
 pub mod zone;
 
 use std::sync::Arc;
@@ -106,17 +107,26 @@ impl Node {
             throttle::Throttle::new(&config.throttle, &config.trust, &config.node.name)
                 .with_peer_share(config.gossip.max_origin_share),
         );
+        let verifier = Arc::new(verify::Verifier::new(
+            config.clone(),
+            dns.clone(),
+            clock.clone(),
+        ));
         let relay = relay::Relay::new(config.clone(), spool.clone(), dns.clone())
+            .with_verifier(verifier.clone())
             .with_gate(Arc::new(ThrottleGate(throttle.clone(), config.clone())))
             .with_clock(clock.clone());
         let wake = relay.wake();
-        let ctx = Arc::new(smtp::Context::new(
-            config.clone(),
-            spool.clone(),
-            dns,
-            wake.clone(),
-            throttle.clone(),
-        )?);
+        let ctx = Arc::new(
+            smtp::Context::new(
+                config.clone(),
+                spool.clone(),
+                dns,
+                wake.clone(),
+                throttle.clone(),
+            )?
+            .with_verifier(verifier),
+        );
         let listeners = smtp::bind(&config.smtp.listen, "smtp.listen").await?;
         let outbound = smtp::bind(&config.outbound.listen, "outbound.listen").await?;
         let outbound_addrs = outbound

@@ -92,6 +92,8 @@ pub struct Relay {
     clock: Clock,
     /// Idle outbound sessions for reuse.
     sessions: Sessions,
+    /// Told of every `5.1.1` a real MX gives after acceptance.
+    verifier: Option<Arc<crate::verify::Verifier>>,
 }
 
 impl Relay {
@@ -104,7 +106,15 @@ impl Relay {
             wake: Arc::new(Notify::new()),
             gate: None,
             clock: Clock::system(),
+            verifier: None,
         }
+    }
+
+    /// Records a relay-time `5.1.1` (unknown user) from a real MX as a
+    /// negative verification entry, so the next RCPT for it is refused.
+    pub fn with_verifier(mut self, verifier: Arc<crate::verify::Verifier>) -> Relay {
+        self.verifier = Some(verifier);
+        self
     }
 
     /// Checks every inbound message with `gate` when its hold ends (first
@@ -506,6 +516,20 @@ async fn attempt(relay: &Relay, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
 /// Records the results: persist, log, DSN, remove.
 async fn settle(relay: &Relay, entry: QueueEntry, body: &[u8], results: Vec<Option<RcptResult>>) {
     let now = relay.now();
+    if let Some(v) = &relay.verifier {
+        for (rcpt, result) in entry.envelope.recipients.iter().zip(&results) {
+            if let Some(RcptResult {
+                outcome: RcptOutcome::PermFail(d),
+                ..
+            }) = result
+            {
+                let s = d.status();
+                if d.is_remote() && (s.class, s.subject, s.detail) == (5, 1, 1) {
+                    v.record_unknown(&rcpt.address);
+                }
+            }
+        }
+    }
     let Settled {
         mut entry,
         mut events,
