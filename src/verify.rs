@@ -144,13 +144,6 @@ impl Verifier {
             .insert(key(address), Entry { valid, at_ms: now });
     }
 
-    /// A relay-time `5.1.1` from the real MX: the next RCPT for `address`
-    /// is refused without a probe.
-    pub fn record_unknown(&self, address: &str) {
-        metrics::counter!("magicmx_verify_relay_unknown_total").increment(1);
-        self.record(address, false);
-    }
-
     /// Takes `n` probes of `domain`'s budget for this minute, if there is
     /// room. Also says whether accept-all detection is due.
     fn reserve(&self, domain: &str, n: u32) -> bool {
@@ -347,6 +340,15 @@ impl Verifier {
                 }
             }
         });
+    }
+}
+
+impl crate::relay::UnknownRecipients for Verifier {
+    /// A relay-time `5.1.1` from the real MX: the next RCPT for `address`
+    /// is refused without a probe.
+    fn record_unknown(&self, address: &str) {
+        metrics::counter!("magicmx_verify_relay_unknown_total").increment(1);
+        self.record(address, false);
     }
 }
 

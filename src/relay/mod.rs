@@ -83,6 +83,13 @@ pub trait ReleaseGate: Send + Sync {
 
 /// The outbound side of the node. Build it with [`Relay::new`], hand
 /// [`Relay::wake`] to the SMTP side, then spawn [`Relay::run`].
+/// Told of each recipient a real MX refused with `5.1.1` (unknown user)
+/// after the node accepted it: recipient verification (`crate::verify`)
+/// records it, without the relay depending on that module.
+pub trait UnknownRecipients: Send + Sync {
+    fn record_unknown(&self, address: &str);
+}
+
 pub struct Relay {
     config: Arc<Config>,
     spool: Spool,
@@ -93,7 +100,7 @@ pub struct Relay {
     /// Idle outbound sessions for reuse.
     sessions: Sessions,
     /// Told of every `5.1.1` a real MX gives after acceptance.
-    verifier: Option<Arc<crate::verify::Verifier>>,
+    verifier: Option<Arc<dyn UnknownRecipients>>,
 }
 
 impl Relay {
@@ -112,7 +119,7 @@ impl Relay {
 
     /// Records a relay-time `5.1.1` (unknown user) from a real MX as a
     /// negative verification entry, so the next RCPT for it is refused.
-    pub fn with_verifier(mut self, verifier: Arc<crate::verify::Verifier>) -> Relay {
+    pub fn with_verifier(mut self, verifier: Arc<dyn UnknownRecipients>) -> Relay {
         self.verifier = Some(verifier);
         self
     }
