@@ -180,3 +180,44 @@ fn an_accept_all_domain_is_detected_with_one_probe() {
     let got = sink.wait_messages(1, Duration::from_secs(10));
     assert_eq!(got[0].rcpts.len(), 10);
 }
+
+/// A `5.1.1` the real MX gives at relay time (after a probe had said yes)
+/// still makes a DSN, and also records a negative entry: the next RCPT for
+/// that address is refused without a probe.
+#[test]
+fn a_relay_time_unknown_user_is_recorded() {
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    let sink = Sink::builder()
+        .rcpt_rule(move |a| {
+            if a.starts_with("magicmx-verify-") {
+                return Some("550 5.1.1 no such user".into());
+            }
+            // Known at the probe, gone by the time the message is relayed.
+            (counter.fetch_add(1, Ordering::SeqCst) > 0).then(|| "550 5.1.1 gone".to_string())
+        })
+        .start("127.0.0.1", 0)
+        .unwrap();
+    let dns = dns();
+    let node = node(&sink, &dns, "");
+    let r = common::send_mail(
+        node.smtp,
+        "alice@sender.test",
+        &["leaver@example.test"],
+        &simple_message("alice@sender.test", "leaver@example.test", "late"),
+    );
+    assert_eq!(r.code, 250, "{r}");
+    assert!(
+        common::wait_until(Duration::from_secs(10), || seen.load(Ordering::SeqCst) >= 2),
+        "never relayed"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let before = sink.all_rcpt_attempts().len();
+    let mut c = Client::connect(node.smtp);
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<alice@sender.test>", 250);
+    let r = rcpt(&mut c, "leaver@example.test");
+    assert_eq!(r.code, 550, "{r}");
+    assert!(r.text().starts_with("5.1.1"), "{r}");
+    assert_eq!(sink.all_rcpt_attempts().len(), before, "probed again");
+}
