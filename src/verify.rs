@@ -253,6 +253,14 @@ impl Verifier {
                 };
                 match Probe::open(&self.config, &self.dns, &hosts).await {
                     Ok(p) => p,
+                    Err(d) if d.is_remote() && d.status().class == 5 => {
+                        // The MX refuses the null sender: it cannot be
+                        // verified, so treat it like an accept-all domain
+                        // (relayed as before verification existed).
+                        info!(domain, reply = %d, "real MX refuses verification: treated as accept-all");
+                        self.set_accept_all(domain, true);
+                        return Check::Valid;
+                    }
                     Err(d) => {
                         info!(rcpt = address, reason = %d, "real MX not reachable for verification");
                         return Check::Refuse(temp_reply(address, "the real MX is not reachable"));

@@ -1190,7 +1190,8 @@ pub enum ProbeAnswer {
 
 impl Probe {
     /// The first host and address of `hosts` that greets and takes
-    /// `MAIL FROM:<>`. Err: why none did (a temporary failure).
+    /// `MAIL FROM:<>`. Err: why none did: a temporary failure, or the real
+    /// MX's own `5xx` to `MAIL FROM:<>` (it refuses verification).
     pub async fn open(config: &Config, dns: &Dns, hosts: &[String]) -> Result<Probe, Diagnostic> {
         let msg = Message {
             queue_id: String::new(),
@@ -1248,6 +1249,12 @@ impl Probe {
                             peer,
                             rcpts: 0,
                         });
+                    }
+                    Ok(r) if r.code >= 500 && r.code != 521 => {
+                        // The real MX refuses verification itself (null
+                        // sender refused): its reply, a permanent one.
+                        tokio::spawn(s.conn.quit(QUIT_TIMEOUT));
+                        return Err(Diagnostic::remote(&r));
                     }
                     Ok(r) => {
                         last = Diagnostic::local(
