@@ -369,3 +369,57 @@ fn temp_reply(address: &str, why: &str) -> String {
     let why: String = why.chars().filter(|c| !c.is_control()).take(200).collect();
     format!("450 4.2.0 <{address}>: Recipient address verification failed: {why}; try again later")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::UnknownRecipients;
+
+    fn verifier() -> (Verifier, crate::clock::ManualClock) {
+        let mut c = Config::parse("[node]\nname = \"n\"\nhostname = \"mx.magic.test\"\n").unwrap();
+        c.verify.max_probes_per_domain = 3;
+        c.verify.max_cache_entries = 4;
+        let dns = Dns::new(&c.dns).unwrap();
+        let (clock, manual) = Clock::manual(1_000_000_000);
+        (Verifier::new(Arc::new(c), dns, clock), manual)
+    }
+
+    #[test]
+    fn verdicts_expire_after_their_ttl() {
+        let (v, clock) = verifier();
+        v.record("Bob@Example.Test", true);
+        v.record_unknown("nobody@example.test");
+        assert_eq!(v.cached("bob@example.test"), Some(true));
+        assert_eq!(v.cached("NOBODY@example.test"), Some(false));
+        clock.advance(Duration::from_secs(3 * 3_600));
+        assert_eq!(v.cached("nobody@example.test"), None, "negative_ttl is 3h");
+        assert_eq!(v.cached("bob@example.test"), Some(true));
+        clock.advance(Duration::from_secs(7 * 86_400));
+        assert_eq!(v.cached("bob@example.test"), None, "positive_ttl is 7d");
+    }
+
+    #[test]
+    fn probe_budget_is_per_domain_per_minute() {
+        let (v, clock) = verifier();
+        for _ in 0..3 {
+            assert!(v.reserve("example.test", 1));
+        }
+        assert!(!v.reserve("example.test", 1));
+        assert!(
+            v.reserve("other.test", 1),
+            "another domain has its own budget"
+        );
+        clock.advance(Duration::from_secs(60));
+        assert!(v.reserve("example.test", 1), "a new minute, a new budget");
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let (v, _clock) = verifier();
+        for i in 0..100 {
+            v.record(&format!("u{i}@example.test"), true);
+        }
+        assert!(v.lock().addresses.len() <= 4);
+        assert_eq!(v.cached("u99@example.test"), Some(true));
+    }
+}
