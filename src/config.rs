@@ -41,6 +41,40 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// `value` must lie in `min..=max`: the bounds are what the code can take
+/// (a tokio semaphore, a `u32` count, an `Instant` in the future) and what
+/// makes sense for the key, so that a value `check-config` passes never
+/// panics later inside a task.
+fn in_range<T>(key: &'static str, value: T, min: T, max: T) -> Result<(), ConfigError>
+where
+    T: PartialOrd + fmt::Display + Copy,
+{
+    if value < min || value > max {
+        return Err(invalid(
+            key,
+            format!("{value} is out of range: must be between {min} and {max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// [`in_range`] for a duration.
+fn dur_in_range(key: &'static str, value: Dur, min: Dur, max: Dur) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(
+            key,
+            format!("{value} is out of range: must be between {min} and {max}"),
+        ));
+    }
+    Ok(())
+}
+
+const fn ms(n: u64) -> Dur {
+    Dur(Duration::from_millis(n))
+}
+
+const DAY: u64 = 86_400;
+
 /// A duration written as a string: `500ms`, `30s`, `5m`, `1h`, `5d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
@@ -133,6 +167,8 @@ pub struct Config {
     pub dnsbl: DnsblConfig,
     #[serde(default)]
     pub suspect: SuspectConfig,
+    #[serde(default)]
+    pub verify: VerifyConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -392,6 +428,9 @@ pub struct ThrottleConfig {
     pub polite_refusals: u32,
     /// Bound of the block table.
     pub max_tracked_blocks: usize,
+    /// Most of the block table one peer origin may fill with blocks this
+    /// node has not seen itself (a share of `max_tracked_blocks`).
+    pub peer_block_share: f64,
     /// Accepted mail waits this long before relay, so the node sees the network's counts.
     pub hold: Dur,
     /// Quarantined mail is deleted after this long.
@@ -413,6 +452,7 @@ impl Default for ThrottleConfig {
             max_penalty: Dur::secs(4 * 3_600),
             polite_refusals: 3,
             max_tracked_blocks: 1_000_000,
+            peer_block_share: 0.1,
             hold: Dur::secs(5),
             quarantine_max_age: Dur::secs(7 * 86_400),
         }
@@ -599,6 +639,38 @@ impl Default for SuspectConfig {
 }
 
 /// Networks never counted nor refused by the throttle.
+/// Recipient verification with the real MX at RCPT (`src/verify.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifyConfig {
+    /// Probe the real MX of accepted and delegated domains before `250`.
+    pub enabled: bool,
+    /// The RCPT reply waits at most this long for a probe; then `450 4.2.0`.
+    pub timeout: Dur,
+    /// A recipient the real MX accepted is not probed again for this long
+    /// (also how long an accept-all domain stays marked).
+    pub positive_ttl: Dur,
+    /// A recipient the real MX refused is refused for this long.
+    pub negative_ttl: Dur,
+    /// Probes to one domain's real MX per minute at most (per node).
+    pub max_probes_per_domain: u32,
+    /// Bound of the verdict cache (addresses) and of the per-domain table.
+    pub max_cache_entries: usize,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        VerifyConfig {
+            enabled: true,
+            timeout: Dur::secs(6),
+            positive_ttl: Dur::secs(7 * 86_400),
+            negative_ttl: Dur::secs(3 * 3_600),
+            max_probes_per_domain: 60,
+            max_cache_entries: 100_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrustConfig {
@@ -685,45 +757,10 @@ impl Config {
                 "needs node.magic_suffixes to know which MX hosts are magic",
             ));
         }
+        self.validate_ranges()?;
         let s = &self.smtp;
         if s.listen.is_empty() {
             return Err(invalid("smtp.listen", "needs at least one address"));
-        }
-        if !(512..=65_536).contains(&s.max_line_length) {
-            return Err(invalid(
-                "smtp.max_line_length",
-                "must be between 512 and 65536 octets",
-            ));
-        }
-        if s.max_message_size < 1024 {
-            return Err(invalid(
-                "smtp.max_message_size",
-                "must be at least 1024 octets",
-            ));
-        }
-        if s.max_recipients == 0 {
-            return Err(invalid("smtp.max_recipients", "must be at least 1"));
-        }
-        if s.max_connections == 0 {
-            return Err(invalid("smtp.max_connections", "must be at least 1"));
-        }
-        if s.max_connections_per_block == 0 {
-            return Err(invalid(
-                "smtp.max_connections_per_block",
-                "must be at least 1",
-            ));
-        }
-        if s.max_connections_per_family == 0 {
-            return Err(invalid(
-                "smtp.max_connections_per_family",
-                "must be at least 1",
-            ));
-        }
-        if s.command_timeout.0 < Duration::from_secs(1) {
-            return Err(invalid("smtp.command_timeout", "must be at least 1s"));
-        }
-        if s.data_timeout.0 < Duration::from_secs(1) {
-            return Err(invalid("smtp.data_timeout", "must be at least 1s"));
         }
         match (&s.tls_cert, &s.tls_key) {
             (Some(_), None) => {
@@ -749,21 +786,6 @@ impl Config {
             (None, None) => {}
         }
         let r = &self.relay;
-        if r.port == 0 {
-            return Err(invalid("relay.port", "must not be 0"));
-        }
-        if r.concurrency == 0 {
-            return Err(invalid("relay.concurrency", "must be at least 1"));
-        }
-        if r.destination_concurrency == 0 {
-            return Err(invalid(
-                "relay.destination_concurrency",
-                "must be at least 1",
-            ));
-        }
-        if r.retry_initial.0.is_zero() {
-            return Err(invalid("relay.retry_initial", "must be more than 0"));
-        }
         if r.retry_max < r.retry_initial {
             return Err(invalid(
                 "relay.retry_max",
@@ -776,49 +798,7 @@ impl Config {
                 "must not be less than relay.retry_initial",
             ));
         }
-        if r.max_received_headers == 0 {
-            return Err(invalid("relay.max_received_headers", "must be at least 1"));
-        }
-        for (key, d) in [
-            ("relay.connect_timeout", r.connect_timeout),
-            ("relay.greeting_timeout", r.greeting_timeout),
-            ("relay.command_timeout", r.command_timeout),
-            ("relay.data_timeout", r.data_timeout),
-            ("relay.data_block_timeout", r.data_block_timeout),
-            ("relay.data_done_timeout", r.data_done_timeout),
-        ] {
-            if d.0 < Duration::from_millis(100) {
-                return Err(invalid(key, "must be at least 100ms"));
-            }
-            if d.0 > Duration::from_secs(3_600) {
-                return Err(invalid(key, "must be at most 1h"));
-            }
-        }
-        if !(64..=65_536).contains(&r.max_reply_line_length) {
-            return Err(invalid(
-                "relay.max_reply_line_length",
-                "must be between 64 and 65536",
-            ));
-        }
-        if r.max_reply_size < r.max_reply_line_length || r.max_reply_size > 1 << 20 {
-            return Err(invalid(
-                "relay.max_reply_size",
-                "must be at least relay.max_reply_line_length and at most 1048576",
-            ));
-        }
-        if r.connection_cache_time.0 > Duration::from_secs(300) {
-            return Err(invalid("relay.connection_cache_time", "must be at most 5m"));
-        }
         let t = &self.throttle;
-        if t.ipv4_prefix == 0 || t.ipv4_prefix > 32 {
-            return Err(invalid("throttle.ipv4_prefix", "must be between 1 and 32"));
-        }
-        if t.ipv6_prefix == 0 || t.ipv6_prefix > 128 {
-            return Err(invalid("throttle.ipv6_prefix", "must be between 1 and 128"));
-        }
-        if t.epoch.0 < Duration::from_millis(100) {
-            return Err(invalid("throttle.epoch", "must be at least 100ms"));
-        }
         if t.window < t.epoch || t.window.0.as_millis() % t.epoch.0.as_millis() != 0 {
             return Err(invalid(
                 "throttle.window",
@@ -831,23 +811,17 @@ impl Config {
                 "is more than 10000 epochs; use a longer throttle.epoch",
             ));
         }
-        for (key, v) in [
-            ("throttle.max_connections", t.max_connections),
-            ("throttle.max_messages", t.max_messages),
-            ("throttle.max_recipients", t.max_recipients),
-        ] {
-            if v == 0 {
-                return Err(invalid(key, "must be at least 1"));
-            }
-        }
         if t.max_penalty < t.penalty {
             return Err(invalid(
                 "throttle.max_penalty",
                 "must not be less than throttle.penalty",
             ));
         }
-        if t.max_tracked_blocks == 0 {
-            return Err(invalid("throttle.max_tracked_blocks", "must be at least 1"));
+        if !(t.peer_block_share > 0.0 && t.peer_block_share <= 1.0) {
+            return Err(invalid(
+                "throttle.peer_block_share",
+                "must be more than 0 and at most 1",
+            ));
         }
         if !self.outbound.listen.is_empty() && self.outbound.clients.is_empty() {
             return Err(invalid(
@@ -877,56 +851,262 @@ impl Config {
                 return Err(invalid("gossip.network", "must not be empty"));
             }
         }
-        if g.interval.0 < Duration::from_millis(10) {
-            return Err(invalid("gossip.interval", "must be at least 10ms"));
-        }
-        if g.fanout == 0 {
-            return Err(invalid("gossip.fanout", "must be at least 1"));
-        }
-        if g.anti_entropy_interval.0.is_zero() {
-            return Err(invalid(
-                "gossip.anti_entropy_interval",
-                "must be more than 0",
-            ));
-        }
-        if g.failure_timeout.0 < Duration::from_millis(100) {
-            return Err(invalid("gossip.failure_timeout", "must be at least 100ms"));
-        }
         if !(g.max_origin_share > 0.0 && g.max_origin_share <= 1.0) {
             return Err(invalid(
                 "gossip.max_origin_share",
                 "must be more than 0 and at most 1",
             ));
         }
-        if self.policy.polite_period.0.is_zero() {
-            return Err(invalid("policy.polite_period", "must be more than 0"));
-        }
-        if self.policy.max_connections == 0 {
-            return Err(invalid("policy.max_connections", "must be at least 1"));
-        }
-        if self.policy.max_connections_per_client == 0 {
-            return Err(invalid(
-                "policy.max_connections_per_client",
-                "must be at least 1",
-            ));
-        }
-        if self.policy.request_timeout.0 < Duration::from_millis(100) {
-            return Err(invalid("policy.request_timeout", "must be at least 100ms"));
-        }
-        if self.policy.idle_timeout.0 < Duration::from_secs(1) {
-            return Err(invalid("policy.idle_timeout", "must be at least 1s"));
-        }
-        if self.admin.max_connections == 0 {
-            return Err(invalid("admin.max_connections", "must be at least 1"));
-        }
-        if self.admin.request_timeout.0 < Duration::from_millis(100) {
-            return Err(invalid("admin.request_timeout", "must be at least 100ms"));
-        }
-        if self.dns.timeout.0.is_zero() {
-            return Err(invalid("dns.timeout", "must be more than 0"));
-        }
         self.validate_dnsbl()?;
         self.validate_suspect()?;
+        Ok(())
+    }
+
+    /// Every numeric key against its bounds (see [`in_range`]); checks of
+    /// combinations between keys follow in [`Config::validate`].
+    fn validate_ranges(&self) -> Result<(), ConfigError> {
+        let s = &self.smtp;
+        in_range("smtp.max_line_length", s.max_line_length, 512, 65_536)?;
+        in_range("smtp.max_message_size", s.max_message_size, 1024, 1 << 30)?;
+        in_range("smtp.max_recipients", s.max_recipients, 1, 100_000)?;
+        in_range("smtp.max_connections", s.max_connections, 1, 1_000_000)?;
+        in_range(
+            "smtp.max_connections_per_block",
+            s.max_connections_per_block,
+            1,
+            1_000_000,
+        )?;
+        in_range(
+            "smtp.max_connections_per_family",
+            s.max_connections_per_family,
+            1,
+            1_000_000,
+        )?;
+        in_range("smtp.max_errors", s.max_errors, 1, 1_000_000)?;
+        dur_in_range(
+            "smtp.command_timeout",
+            s.command_timeout,
+            Dur::secs(1),
+            Dur::secs(3_600),
+        )?;
+        dur_in_range(
+            "smtp.data_timeout",
+            s.data_timeout,
+            Dur::secs(1),
+            Dur::secs(3_600),
+        )?;
+
+        let r = &self.relay;
+        in_range("relay.port", r.port, 1, u16::MAX)?;
+        dur_in_range("relay.max_age", r.max_age, ms(1), Dur::secs(365 * DAY))?;
+        dur_in_range(
+            "relay.retry_initial",
+            r.retry_initial,
+            ms(1),
+            Dur::secs(DAY),
+        )?;
+        dur_in_range("relay.retry_max", r.retry_max, ms(1), Dur::secs(30 * DAY))?;
+        in_range("relay.concurrency", r.concurrency, 1, 10_000)?;
+        in_range(
+            "relay.destination_concurrency",
+            r.destination_concurrency,
+            1,
+            10_000,
+        )?;
+        for (key, d) in [
+            ("relay.connect_timeout", r.connect_timeout),
+            ("relay.greeting_timeout", r.greeting_timeout),
+            ("relay.command_timeout", r.command_timeout),
+            ("relay.data_timeout", r.data_timeout),
+            ("relay.data_block_timeout", r.data_block_timeout),
+            ("relay.data_done_timeout", r.data_done_timeout),
+        ] {
+            dur_in_range(key, d, ms(100), Dur::secs(3_600))?;
+        }
+        in_range(
+            "relay.max_reply_line_length",
+            r.max_reply_line_length,
+            64,
+            65_536,
+        )?;
+        in_range(
+            "relay.max_reply_size",
+            r.max_reply_size,
+            r.max_reply_line_length,
+            1 << 20,
+        )?;
+        in_range(
+            "relay.connection_reuse_limit",
+            r.connection_reuse_limit,
+            0,
+            1_000_000,
+        )?;
+        dur_in_range(
+            "relay.connection_cache_time",
+            r.connection_cache_time,
+            ms(0),
+            Dur::secs(300),
+        )?;
+        in_range(
+            "relay.max_received_headers",
+            r.max_received_headers,
+            1,
+            1_000,
+        )?;
+
+        dur_in_range("dns.timeout", self.dns.timeout, ms(1), Dur::secs(60))?;
+        in_range(
+            "admin.max_connections",
+            self.admin.max_connections,
+            1,
+            100_000,
+        )?;
+        dur_in_range(
+            "admin.request_timeout",
+            self.admin.request_timeout,
+            ms(100),
+            Dur::secs(3_600),
+        )?;
+
+        let t = &self.throttle;
+        in_range("throttle.ipv4_prefix", t.ipv4_prefix, 1, 32)?;
+        in_range("throttle.ipv6_prefix", t.ipv6_prefix, 1, 128)?;
+        dur_in_range("throttle.epoch", t.epoch, ms(100), Dur::secs(DAY))?;
+        dur_in_range("throttle.window", t.window, ms(100), Dur::secs(30 * DAY))?;
+        for (key, v) in [
+            ("throttle.max_connections", t.max_connections),
+            ("throttle.max_messages", t.max_messages),
+            ("throttle.max_recipients", t.max_recipients),
+        ] {
+            in_range(key, v, 1, 1_000_000_000)?;
+        }
+        dur_in_range("throttle.penalty", t.penalty, ms(0), Dur::secs(30 * DAY))?;
+        dur_in_range(
+            "throttle.max_penalty",
+            t.max_penalty,
+            ms(0),
+            Dur::secs(365 * DAY),
+        )?;
+        in_range("throttle.polite_refusals", t.polite_refusals, 0, 1_000_000)?;
+        in_range(
+            "throttle.max_tracked_blocks",
+            t.max_tracked_blocks,
+            1,
+            100_000_000,
+        )?;
+        dur_in_range("throttle.hold", t.hold, ms(0), Dur::secs(DAY))?;
+        dur_in_range(
+            "throttle.quarantine_max_age",
+            t.quarantine_max_age,
+            ms(0),
+            Dur::secs(365 * DAY),
+        )?;
+
+        let g = &self.gossip;
+        dur_in_range("gossip.interval", g.interval, ms(10), Dur::secs(3_600))?;
+        in_range("gossip.fanout", g.fanout, 1, 1_000)?;
+        dur_in_range(
+            "gossip.anti_entropy_interval",
+            g.anti_entropy_interval,
+            ms(1),
+            Dur::secs(DAY),
+        )?;
+        dur_in_range(
+            "gossip.failure_timeout",
+            g.failure_timeout,
+            ms(100),
+            Dur::secs(DAY),
+        )?;
+
+        let p = &self.policy;
+        in_range("policy.polite_refusals", p.polite_refusals, 0, 1_000_000)?;
+        dur_in_range(
+            "policy.polite_period",
+            p.polite_period,
+            ms(1),
+            Dur::secs(365 * DAY),
+        )?;
+        in_range("policy.max_connections", p.max_connections, 1, 1_000_000)?;
+        in_range(
+            "policy.max_connections_per_client",
+            p.max_connections_per_client,
+            1,
+            1_000_000,
+        )?;
+        dur_in_range(
+            "policy.request_timeout",
+            p.request_timeout,
+            ms(100),
+            Dur::secs(3_600),
+        )?;
+        dur_in_range(
+            "policy.idle_timeout",
+            p.idle_timeout,
+            Dur::secs(1),
+            Dur::secs(DAY),
+        )?;
+
+        let d = &self.dnsbl;
+        dur_in_range("dnsbl.timeout", d.timeout, ms(10), Dur::secs(30))?;
+        dur_in_range("dnsbl.min_ttl", d.min_ttl, ms(1), Dur::secs(7 * DAY))?;
+        dur_in_range("dnsbl.max_ttl", d.max_ttl, ms(1), Dur::secs(7 * DAY))?;
+        in_range(
+            "dnsbl.max_cache_entries",
+            d.max_cache_entries,
+            1,
+            100_000_000,
+        )?;
+        dur_in_range("dnsbl.pause", d.pause, ms(1), Dur::secs(7 * DAY))?;
+        dur_in_range(
+            "dnsbl.health_interval",
+            d.health_interval,
+            Dur::secs(1),
+            Dur::secs(DAY),
+        )?;
+
+        let v = &self.verify;
+        dur_in_range("verify.timeout", v.timeout, ms(100), Dur::secs(300))?;
+        dur_in_range(
+            "verify.positive_ttl",
+            v.positive_ttl,
+            Dur::secs(1),
+            Dur::secs(365 * DAY),
+        )?;
+        dur_in_range(
+            "verify.negative_ttl",
+            v.negative_ttl,
+            Dur::secs(1),
+            Dur::secs(365 * DAY),
+        )?;
+        in_range(
+            "verify.max_probes_per_domain",
+            v.max_probes_per_domain,
+            1,
+            1_000_000,
+        )?;
+        in_range(
+            "verify.max_cache_entries",
+            v.max_cache_entries,
+            1,
+            100_000_000,
+        )?;
+
+        let x = &self.suspect;
+        in_range("suspect.threshold", x.threshold, 1, 1_000_000)?;
+        in_range("suspect.refuse_threshold", x.refuse_threshold, 1, 1_000_000)?;
+        dur_in_range(
+            "suspect.reason_ttl",
+            x.reason_ttl,
+            Dur::secs(1),
+            Dur::secs(30 * DAY),
+        )?;
+        in_range("suspect.max_reasons", x.max_reasons, 1, 256)?;
+        in_range(
+            "suspect.invalid_rcpt_threshold",
+            x.invalid_rcpt_threshold,
+            1,
+            1_000_000,
+        )?;
         Ok(())
     }
 
@@ -1128,6 +1308,47 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("smtp.tls_key"));
+    }
+
+    #[test]
+    fn over_range_values_are_refused_by_key() {
+        // (section, key, value): each past what the code can take.
+        let cases = [
+            ("smtp", "max_connections", "2305843009213693952"),
+            ("smtp", "max_connections_per_block", "18446744073709551615"),
+            ("smtp", "max_message_size", "18446744073709551615"),
+            ("smtp", "max_recipients", "10000000"),
+            ("smtp", "command_timeout", "\"100000d\""),
+            ("relay", "concurrency", "1000000000"),
+            ("relay", "max_age", "\"1000000d\""),
+            ("relay", "connection_reuse_limit", "4294967295"),
+            ("throttle", "max_tracked_blocks", "18446744073709551615"),
+            ("throttle", "max_connections", "4294967295"),
+            ("throttle", "hold", "\"100000d\""),
+            ("gossip", "fanout", "1000000"),
+            ("policy", "max_connections", "4611686018427387904"),
+            ("admin", "max_connections", "4611686018427387904"),
+            ("dnsbl", "max_cache_entries", "18446744073709551615"),
+            ("suspect", "max_reasons", "100000"),
+            ("verify", "timeout", "\"1h\""),
+            ("verify", "max_probes_per_domain", "0"),
+        ];
+        for (section, key, value) in cases {
+            let text = format!("{MINIMAL}[{section}]\n{key} = {value}\n");
+            let c = Config::parse(&text).unwrap_or_else(|e| panic!("{section}.{key}: {e}"));
+            let err = c
+                .validate()
+                .expect_err(&format!("{section}.{key} = {value} accepted"));
+            let err = err.to_string();
+            assert!(
+                err.starts_with(&format!("{section}.{key}:")) && err.contains("out of range"),
+                "{section}.{key}: {err}"
+            );
+        }
+        // The defaults and the shipped node.toml are inside every range.
+        Config::parse(MINIMAL).unwrap().validate().unwrap();
+        let shipped = include_str!("../node.toml");
+        Config::parse(shipped).unwrap().validate_ranges().unwrap();
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod spool;
 pub mod suspect;
 pub mod telemetry;
 pub mod throttle;
+pub mod verify;
 pub mod zone;
 
 use std::sync::Arc;
@@ -66,7 +67,7 @@ pub struct Node {
     /// The clock every part reads (windows, penalties, epochs, schedules).
     pub clock: Clock,
     shutdown: CancellationToken,
-    tasks: tokio_util::task::TaskTracker,
+    tasks: Essential,
 }
 
 impl Node {
@@ -107,17 +108,26 @@ impl Node {
             throttle::Throttle::new(&config.throttle, &config.trust, &config.node.name)
                 .with_peer_share(config.gossip.max_origin_share),
         );
+        let verifier = Arc::new(verify::Verifier::new(
+            config.clone(),
+            dns.clone(),
+            clock.clone(),
+        ));
         let relay = relay::Relay::new(config.clone(), spool.clone(), dns.clone())
+            .with_verifier(verifier.clone())
             .with_gate(Arc::new(ThrottleGate(throttle.clone(), config.clone())))
             .with_clock(clock.clone());
         let wake = relay.wake();
-        let ctx = Arc::new(smtp::Context::new(
-            config.clone(),
-            spool.clone(),
-            dns,
-            wake.clone(),
-            throttle.clone(),
-        )?);
+        let ctx = Arc::new(
+            smtp::Context::new(
+                config.clone(),
+                spool.clone(),
+                dns,
+                wake.clone(),
+                throttle.clone(),
+            )?
+            .with_verifier(verifier),
+        );
         let listeners = smtp::bind(&config.smtp.listen, "smtp.listen").await?;
         let outbound = smtp::bind(&config.outbound.listen, "outbound.listen").await?;
         let outbound_addrs = outbound
@@ -174,17 +184,22 @@ impl Node {
         let policy_addr = policy_listener.as_ref().and_then(|l| l.local_addr().ok());
         info!(node = %config.node.name, queued = spool.len().unwrap_or(0), "node started");
 
-        let tasks = tokio_util::task::TaskTracker::new();
-        tasks.spawn(relay.run(shutdown.clone()));
-        tasks.spawn(spool::serve_control(spool.clone(), shutdown.clone()));
+        let mut tasks = Essential::default();
+        tasks.spawn("relay", relay.run(shutdown.clone()));
+        tasks.spawn(
+            "spool control",
+            spool::serve_control(spool.clone(), shutdown.clone()),
+        );
         if !outbound.is_empty() {
-            tasks.spawn(smtp::serve(
-                outbound,
-                Arc::new(ctx.outbound()),
-                shutdown.clone(),
-            ));
+            tasks.spawn(
+                "outbound listener",
+                smtp::serve(outbound, Arc::new(ctx.outbound()), shutdown.clone()),
+            );
         }
-        tasks.spawn(smtp::serve(listeners, ctx, shutdown.clone()));
+        tasks.spawn(
+            "smtp listener",
+            smtp::serve(listeners, ctx, shutdown.clone()),
+        );
         if let Some(l) = admin_listener {
             let a = admin::Admin {
                 node: config.node.name.clone(),
@@ -200,13 +215,16 @@ impl Node {
                     .collect(),
                 token: admin_token.clone().unwrap_or_default(),
             };
-            tasks.spawn(admin::serve(
-                l,
-                a,
-                config.admin.max_connections,
-                config.admin.request_timeout.0,
-                shutdown.clone(),
-            ));
+            tasks.spawn(
+                "admin listener",
+                admin::serve(
+                    l,
+                    a,
+                    config.admin.max_connections,
+                    config.admin.request_timeout.0,
+                    shutdown.clone(),
+                ),
+            );
         }
         if let Some(l) = policy_listener {
             let peers: Option<policy::PeerAddrs> = gossip.clone().map(|g| {
@@ -215,14 +233,12 @@ impl Node {
             });
             let server =
                 policy::PolicyServer::new(policy::PolicySettings::from_config(&config), peers);
-            tasks.spawn(server.serve(l, shutdown.clone()));
+            tasks.spawn("policy listener", server.serve(l, shutdown.clone()));
         }
-        tasks.spawn(sweep(
-            throttle.clone(),
-            config.throttle.epoch.0,
-            shutdown.clone(),
-        ));
-        tasks.close();
+        tasks.spawn(
+            "throttle sweep",
+            sweep(throttle.clone(), config.throttle.epoch.0, shutdown.clone()),
+        );
         Ok(Node {
             config,
             spool,
@@ -239,11 +255,141 @@ impl Node {
 
     /// Waits until shutdown was requested and every task ended, then closes
     /// the spool (last, so that sessions storing a message finish first).
-    pub async fn wait(self) {
-        self.shutdown.cancelled().await;
-        self.tasks.wait().await;
+    ///
+    /// Every task started here runs until shutdown. One that panics or ends
+    /// before is a fault (a listener that died would leave a node that looks
+    /// up but accepts nothing): it is logged, the node shuts down, and the
+    /// error is returned so that `magicmx run` exits non-zero and the service
+    /// manager restarts it.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let fault = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => None,
+            f = self.tasks.first_fault(&self.shutdown) => f,
+        };
+        if let Some(why) = &fault {
+            tracing::error!(reason = %why, "essential task failed; shutting the node down");
+            metrics::counter!("magicmx_node_task_failures_total").increment(1);
+            self.shutdown.cancel();
+        }
+        let drain = self.tasks.drain();
+        match fault {
+            // A fault: the rest gets a bounded time to answer 421 and stop.
+            Some(_) => {
+                if tokio::time::timeout(FAULT_DRAIN, drain).await.is_err() {
+                    tracing::warn!("tasks still running after a fault; aborting them");
+                    self.tasks.set.abort_all();
+                }
+            }
+            None => drain.await,
+        }
         self.spool.close().await;
         info!("node stopped");
+        match fault {
+            Some(why) => Err(anyhow::anyhow!(why)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// How long the other tasks get to stop after one of them failed.
+const FAULT_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The node's tasks, each named, in one `JoinSet` so that the first one to
+/// end (or panic) is seen at once.
+#[derive(Default)]
+struct Essential {
+    set: tokio::task::JoinSet<()>,
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Essential {
+    fn spawn<F>(&mut self, name: &'static str, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let task = fault::inject(name, task);
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// The first task to end while `shutdown` is not cancelled, as a reason.
+    /// Pending for ever if none does.
+    async fn first_fault(&mut self, shutdown: &CancellationToken) -> Option<String> {
+        loop {
+            let Some(r) = self.set.join_next_with_id().await else {
+                // No task at all: nothing can fail.
+                std::future::pending::<()>().await;
+                return None;
+            };
+            let (id, what) = match r {
+                Ok((id, ())) => (id, "ended before shutdown".to_string()),
+                Err(e) => {
+                    let id = e.id();
+                    (id, describe(e))
+                }
+            };
+            if shutdown.is_cancelled() {
+                continue;
+            }
+            let name = self.names.get(&id).copied().unwrap_or("task");
+            return Some(format!("{name} {what}"));
+        }
+    }
+
+    /// Waits for every remaining task; panics during shutdown are logged.
+    async fn drain(&mut self) {
+        while let Some(r) = self.set.join_next_with_id().await {
+            if let Err(e) = r {
+                if e.is_panic() {
+                    let name = self.names.get(&e.id()).copied().unwrap_or("task");
+                    tracing::error!(task = name, reason = %describe(e), "task failed during shutdown");
+                }
+            }
+        }
+    }
+}
+
+/// "panicked: MESSAGE" (or "was cancelled").
+fn describe(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return "was cancelled".to_string();
+    }
+    let p = e.into_panic();
+    let msg = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string());
+    format!("panicked: {msg}")
+}
+
+/// A test-only fault: in a debug build, `MAGICMX_TEST_PANIC_TASK=NAME`
+/// makes the task of that name panic shortly after the node started, so
+/// tests can check that the node goes down with it. Release builds do not
+/// read the variable.
+mod fault {
+    use std::future::Future;
+    use std::pin::Pin;
+
+    pub(super) fn inject<F>(name: &'static str, task: F) -> Pin<Box<dyn Future<Output = ()> + Send>>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        #[cfg(debug_assertions)]
+        if std::env::var("MAGICMX_TEST_PANIC_TASK").is_ok_and(|v| v == name) {
+            return Box::pin(async move {
+                tokio::select! {
+                    _ = task => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(300)) => {
+                        panic!("injected fault (MAGICMX_TEST_PANIC_TASK={name})")
+                    }
+                }
+            });
+        }
+        #[cfg(not(debug_assertions))]
+        let _ = name;
+        Box::pin(task)
     }
 }
 
@@ -261,8 +407,7 @@ pub async fn run_with(
     Node::start_with(config, shutdown, Clock::system(), spool_options)
         .await?
         .wait()
-        .await;
-    Ok(())
+        .await
 }
 
 /// Forgets idle blocks once per epoch, keeping the table bounded.

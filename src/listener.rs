@@ -63,7 +63,9 @@ fn refuse(stream: TcpStream, line: Option<&[u8]>) {
 /// Accepts on every listener until `shutdown`; each admitted connection runs
 /// `handle(stream, peer)` in a tracked task that holds the connection's
 /// slots until the handler's future ends. Returns when shutdown was
-/// asked and every connection task has ended.
+/// asked and every connection task has ended. An accept loop that panics
+/// makes `serve` panic (after the other loops are dropped), so the node sees
+/// its listener die.
 pub async fn serve<G, A, H, F>(
     listeners: Vec<TcpListener>,
     bounds: Bounds,
@@ -82,6 +84,9 @@ pub async fn serve<G, A, H, F>(
     ));
     let (admit, handle) = (Arc::new(admit), Arc::new(handle));
     let tracker = TaskTracker::new();
+    // The accept loops: one that dies must take the whole server (and so the
+    // node) down, not leave the other listeners up and this one dead.
+    let mut loops = tokio::task::JoinSet::new();
     for listener in listeners {
         let (permits, admit, handle, shutdown, sessions) = (
             permits.clone(),
@@ -90,7 +95,7 @@ pub async fn serve<G, A, H, F>(
             shutdown.clone(),
             tracker.clone(),
         );
-        tracker.spawn(async move {
+        loops.spawn(async move {
             loop {
                 let (stream, peer) = tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -130,6 +135,13 @@ pub async fn serve<G, A, H, F>(
                 });
             }
         });
+    }
+    while let Some(r) = loops.join_next().await {
+        if let Err(e) = r {
+            if e.is_panic() {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
     }
     tracker.close();
     tracker.wait().await;

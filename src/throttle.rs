@@ -17,17 +17,22 @@
 //! never counted and never refused.
 //!
 //! The map is bounded by `max_tracked_blocks`: idle blocks (nothing in the
-//! window, no penalty) are swept every epoch; when the map is still full, a
-//! block not yet tracked is let through uncounted (fail open, so legitimate
-//! mail is never refused because of memory pressure) and
-//! `magicmx_throttle_untracked_total` is incremented. Peers' counts may
-//! create blocks only up to 90 % of the bound, so that the blocks this node
-//! sees itself always find room even if a peer floods the table.
+//! window, no penalty) are swept every epoch. Blocks this node sees itself
+//! come first: a block created by a peer's counts (and not yet seen here) is
+//! second-hand, and each peer origin may create at most `peer_block_share` of
+//! the table. When the table is full, a new local block evicts the oldest
+//! peer-created block that is under every limit and not penalised, so a peer
+//! flooding the table with blocks can never make this node's own blocks
+//! uncounted. Blocks over a limit or in the penalty box are never evicted, so
+//! a full table still refuses them (fail closed). Only when local blocks and
+//! blocks over a limit fill the table is a new block let through uncounted
+//! (fail open, so legitimate mail is never refused because of memory
+//! pressure) and `magicmx_throttle_untracked_total` incremented.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 
 use dashmap::DashMap;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -139,7 +144,35 @@ struct Penalty {
 struct BlockState {
     slots: Vec<Slot>,
     penalty: Penalty,
+    /// The peer whose counts created this block, while this node has not
+    /// seen the block itself (None: a local block).
+    creator: Option<Origin>,
 }
+
+/// Blocks created by peers' counts: how many per origin, and in creation
+/// order, the candidates a new local block may evict when the table is full.
+#[derive(Debug, Default)]
+struct PeerBlocks {
+    per_origin: HashMap<Origin, usize>,
+    /// (block, creator); entries whose block was swept or became local are
+    /// stale and skipped.
+    order: VecDeque<(Block, Origin)>,
+}
+
+impl PeerBlocks {
+    fn release(&mut self, origin: Origin) {
+        if let Some(n) = self.per_origin.get_mut(&origin) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_origin.remove(&origin);
+            }
+        }
+    }
+}
+
+/// Most stale or protected entries a new local block looks at to find a
+/// peer block to evict (keeps the cost of one insertion bounded).
+const EVICTION_SCAN: usize = 64;
 
 /// Why a decision refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -210,6 +243,9 @@ pub struct Throttle {
     window_epochs: u64,
     /// Most one peer origin may add to a block's count (see `with_peer_share`).
     peer_cap: Counts,
+    /// Most blocks one peer origin may create (`peer_block_share` of the table).
+    peer_blocks_max: usize,
+    peer_blocks: Mutex<PeerBlocks>,
 }
 
 impl Throttle {
@@ -228,6 +264,10 @@ impl Throttle {
                 messages: u32::MAX,
                 recipients: u32::MAX,
             },
+            peer_blocks_max: ((cfg.max_tracked_blocks as f64 * cfg.peer_block_share).floor()
+                as usize)
+                .max(1),
+            peer_blocks: Mutex::new(PeerBlocks::default()),
         }
     }
 
@@ -349,30 +389,74 @@ impl Throttle {
             .increment(1);
     }
 
-    /// Applies `f` to the block's state, creating it if there is room.
-    /// Returns None when the map is full and the block is new (fail open).
-    fn with_block<R>(&self, block: Block, f: impl FnOnce(&mut BlockState) -> R) -> Option<R> {
-        self.with_block_within(block, self.cfg.max_tracked_blocks, "local", f)
-    }
-
-    /// [`Self::with_block`], creating a block only while fewer than `room`
-    /// are tracked.
-    fn with_block_within<R>(
+    /// Applies `f` to a local block's state, creating it if there is room
+    /// (evicting a peer-created block under its limits if need be). Returns
+    /// None when the table is full of blocks that may not be evicted and the
+    /// block is new (fail open).
+    fn with_block<R>(
         &self,
         block: Block,
-        room: usize,
-        source: &'static str,
+        now_ms: u64,
         f: impl FnOnce(&mut BlockState) -> R,
     ) -> Option<R> {
-        if let Some(mut s) = self.blocks.get_mut(&block) {
-            return Some(f(&mut s));
+        // Lock order: `peer_blocks` before a map shard, never the reverse, so
+        // the share is released after the shard's guard is dropped.
+        let (r, creator) = match self.blocks.get_mut(&block) {
+            Some(mut s) => {
+                // Seen here now: no longer counted against the peer's share.
+                let creator = s.creator.take();
+                (f(&mut s), creator)
+            }
+            None => {
+                if self.blocks.len() >= self.cfg.max_tracked_blocks
+                    && !self.evict_peer_block(now_ms)
+                {
+                    metrics::counter!("magicmx_throttle_untracked_total", "source" => "local")
+                        .increment(1);
+                    return None;
+                }
+                let mut s = self.blocks.entry(block).or_default();
+                // A peer may have created it in the meantime.
+                let creator = s.creator.take();
+                (f(&mut s), creator)
+            }
+        };
+        if let Some(origin) = creator {
+            self.peer_blocks
+                .lock()
+                .expect("peer blocks")
+                .release(origin);
         }
-        if self.blocks.len() >= room {
-            metrics::counter!("magicmx_throttle_untracked_total", "source" => source).increment(1);
-            return None;
+        Some(r)
+    }
+
+    /// Forgets the oldest peer-created block that is under every limit and
+    /// not penalised. False if none was found within [`EVICTION_SCAN`].
+    fn evict_peer_block(&self, now: u64) -> bool {
+        let mut peers = self.peer_blocks.lock().expect("peer blocks");
+        for _ in 0..EVICTION_SCAN {
+            let Some((block, origin)) = peers.order.pop_front() else {
+                return false;
+            };
+            let mut protected = false;
+            let removed = self.blocks.remove_if(&block, |_, s| {
+                if s.creator != Some(origin) {
+                    return false;
+                }
+                // Over a limit or penalised: keep it, so it is still refused.
+                protected = s.penalty.until > now || self.over(self.totals_of(s, now)).is_some();
+                !protected
+            });
+            if removed.is_some() {
+                peers.release(origin);
+                metrics::counter!("magicmx_throttle_peer_blocks_evicted_total").increment(1);
+                return true;
+            }
+            if protected {
+                peers.order.push_back((block, origin));
+            }
         }
-        let mut s = self.blocks.entry(block).or_default();
-        Some(f(&mut s))
+        false
     }
 
     fn add_own(&self, state: &mut BlockState, now_ms: u64, add: Counts) {
@@ -421,7 +505,7 @@ impl Throttle {
             return Decision::Accept;
         }
         let block = self.block_of(ip);
-        let decision = self.with_block(block, |state| {
+        let decision = self.with_block(block, now_ms, |state| {
             if state.penalty.until > now_ms {
                 return self.refuse_penalised(state, now_ms);
             }
@@ -473,7 +557,7 @@ impl Throttle {
         }
         let block = self.block_of(ip);
         let limits = self.limits();
-        let decision = self.with_block(block, |state| {
+        let decision = self.with_block(block, now_ms, |state| {
             let mut totals = self.totals_of(state, now_ms);
             let mut limits = limits;
             let (have, limit) = (*field(&mut totals), *field(&mut limits));
@@ -508,24 +592,38 @@ impl Throttle {
         if epoch < self.window_start(now_ms) || epoch > current + 1 {
             return;
         }
-        // Peers may fill at most 90 % of the table: the rest stays for the
-        // blocks this node sees itself, so that a peer flooding the table
-        // with blocks cannot switch this node's own throttling off.
-        let room = self.cfg.max_tracked_blocks - self.cfg.max_tracked_blocks / 10;
-        self.with_block_within(block, room, "peer", |state| {
-            match state
-                .slots
-                .iter_mut()
-                .find(|s| s.origin == origin && s.epoch == epoch)
-            {
-                Some(s) => s.counts = s.counts.max(counts),
-                None => state.slots.push(Slot {
-                    origin,
-                    epoch,
-                    counts,
-                }),
-            }
-        });
+        let update = |state: &mut BlockState| match state
+            .slots
+            .iter_mut()
+            .find(|s| s.origin == origin && s.epoch == epoch)
+        {
+            Some(s) => s.counts = s.counts.max(counts),
+            None => state.slots.push(Slot {
+                origin,
+                epoch,
+                counts,
+            }),
+        };
+        if let Some(mut s) = self.blocks.get_mut(&block) {
+            update(&mut s);
+            return;
+        }
+        // A new block from a peer: within that peer's share of the table, and
+        // never by evicting anything (local blocks evict peers', not the
+        // other way round).
+        let mut peers = self.peer_blocks.lock().expect("peer blocks");
+        let mine = peers.per_origin.get(&origin).copied().unwrap_or(0);
+        if mine >= self.peer_blocks_max || self.blocks.len() >= self.cfg.max_tracked_blocks {
+            metrics::counter!("magicmx_throttle_untracked_total", "source" => "peer").increment(1);
+            return;
+        }
+        let mut s = self.blocks.entry(block).or_default();
+        if s.slots.is_empty() && s.creator.is_none() && s.penalty.until == 0 {
+            s.creator = Some(origin);
+            *peers.per_origin.entry(origin).or_default() += 1;
+            peers.order.push_back((block, origin));
+        }
+        update(&mut s);
     }
 
     /// True (with the reason) if the block of `ip` is over a limit
@@ -592,10 +690,24 @@ impl Throttle {
     pub fn sweep(&self, now_ms: u64) -> usize {
         let first = self.window_start(now_ms);
         let before = self.blocks.len();
+        let mut released = Vec::new();
         self.blocks.retain(|_, s| {
             s.slots.retain(|sl| sl.epoch >= first);
-            !s.slots.is_empty() || s.penalty.until > now_ms
+            let keep = !s.slots.is_empty() || s.penalty.until > now_ms;
+            if let (false, Some(origin)) = (keep, s.creator) {
+                released.push(origin);
+            }
+            keep
         });
+        // Give the shares back and drop stale eviction candidates, so the
+        // queue stays as small as the peer blocks themselves.
+        let mut peers = self.peer_blocks.lock().expect("peer blocks");
+        for origin in released {
+            peers.release(origin);
+        }
+        peers
+            .order
+            .retain(|(b, o)| self.blocks.get(b).is_some_and(|s| s.creator == Some(*o)));
         // Sessions add blocks while the sweep runs: the map may have grown.
         before.saturating_sub(self.blocks.len())
     }
@@ -886,28 +998,112 @@ mod tests {
     fn peers_cannot_fill_the_whole_table() {
         let c = ThrottleConfig {
             max_tracked_blocks: 10,
+            peer_block_share: 0.3,
             ..cfg()
         };
         let t = Throttle::new(&c, &TrustConfig::default(), "n").with_peer_share(0.5);
-        let peer = t.origin("peer");
         let epoch = t.epoch_of(T0);
         let counts = Counts {
             connections: 1,
             messages: 1,
             recipients: 1,
         };
-        for b in 0..50u8 {
-            let block = block_of(IpAddr::from([10, b, 0, 1]), 24, 48);
-            t.merge(peer, block, epoch, counts, T0);
+        for (i, name) in ["peer", "other", "third", "fourth"].iter().enumerate() {
+            let peer = t.origin(name);
+            for b in 0..50u8 {
+                let block = block_of(IpAddr::from([10 + i as u8, b, 0, 1]), 24, 48);
+                t.merge(peer, block, epoch, counts, T0);
+            }
         }
-        assert_eq!(t.tracked(), 9, "peers stop at 90 % of the table");
-        // This node's own blocks still find room, and are counted.
-        t.on_connect(ip("192.0.2.1"), T0);
+        // Each peer creates at most its share (3 of 10); together they fill
+        // the table.
         assert_eq!(t.tracked(), 10);
+        // This node's own blocks still find room, and are counted: each
+        // evicts a peer block, never another local one.
+        for i in 1..=10u8 {
+            t.on_connect(IpAddr::from([192, 0, i, 1]), T0);
+            assert_eq!(
+                t.status(t.block_of(IpAddr::from([192, 0, i, 1])), T0)
+                    .counts
+                    .connections,
+                1,
+                "local block {i} uncounted"
+            );
+        }
+        assert_eq!(t.tracked(), 10);
+        // A full table of local blocks still counts a peer's counts for them.
+        let peer = t.origin("peer");
+        t.merge(peer, t.block_of(ip("192.0.1.1")), epoch, counts, T0);
         assert_eq!(
-            t.status(t.block_of(ip("192.0.2.1")), T0).counts.connections,
-            1
+            t.status(t.block_of(ip("192.0.1.1")), T0).counts.connections,
+            2
         );
+    }
+
+    #[test]
+    fn full_table_keeps_blocks_over_a_limit() {
+        let c = ThrottleConfig {
+            max_tracked_blocks: 2,
+            peer_block_share: 1.0,
+            ..cfg()
+        };
+        let t = Throttle::new(&c, &TrustConfig::default(), "n").with_peer_share(1.0);
+        let epoch = t.epoch_of(T0);
+        let flood = Counts {
+            connections: 100,
+            messages: 100,
+            recipients: 100,
+        };
+        let peer = t.origin("peer");
+        let hot = t.block_of(ip("10.9.9.9"));
+        // One peer is capped at the limit; two agreeing put it over.
+        t.merge(peer, hot, epoch, flood, T0);
+        t.merge(t.origin("other"), hot, epoch, flood, T0);
+        t.merge(
+            peer,
+            t.block_of(ip("10.8.8.8")),
+            epoch,
+            Counts::default(),
+            T0,
+        );
+        assert_eq!(t.tracked(), 2);
+        // Two new local blocks: the quiet peer block makes room, the hot one
+        // is never evicted and stays refused.
+        t.on_connect(ip("192.0.2.1"), T0);
+        assert!(t.over_limit(ip("10.9.9.9"), T0).is_some());
+        assert_eq!(t.on_connect(ip("192.0.3.1"), T0), Decision::Accept);
+        assert_eq!(t.tracked(), 2);
+        assert!(matches!(
+            t.on_connect(ip("10.9.9.9"), T0),
+            Decision::Refuse { .. }
+        ));
+    }
+
+    #[test]
+    fn sweep_gives_peer_shares_back() {
+        let c = ThrottleConfig {
+            max_tracked_blocks: 10,
+            peer_block_share: 0.2,
+            ..cfg()
+        };
+        let t = Throttle::new(&c, &TrustConfig::default(), "n");
+        let peer = t.origin("peer");
+        let one = Counts {
+            connections: 1,
+            ..Counts::default()
+        };
+        for b in 0..5u8 {
+            let block = block_of(IpAddr::from([10, b, 0, 1]), 24, 48);
+            t.merge(peer, block, t.epoch_of(T0), one, T0);
+        }
+        assert_eq!(t.tracked(), 2);
+        let later = T0 + 61_000;
+        assert_eq!(t.sweep(later), 2);
+        for b in 0..5u8 {
+            let block = block_of(IpAddr::from([10, b, 0, 1]), 24, 48);
+            t.merge(peer, block, t.epoch_of(later), one, later);
+        }
+        assert_eq!(t.tracked(), 2);
     }
 
     fn arb_state() -> impl Strategy<Value = CounterState> {

@@ -67,3 +67,98 @@ fn check_config_names_the_bad_key() {
         );
     }
 }
+
+/// Issue 9: a number past what the code can take (`smtp.max_connections`
+/// above tokio's semaphore bound, 2^61, once panicked inside a task after
+/// `check-config` had passed it) is refused up front, naming the key.
+#[test]
+fn check_config_refuses_over_range_numbers() {
+    let cases = [
+        (
+            good().replace(
+                "[smtp]\n",
+                "[smtp]\nmax_connections = 2305843009213693952\n",
+            ),
+            "smtp.max_connections",
+        ),
+        (
+            good().replace("[smtp]\n", "[smtp]\ncommand_timeout = \"100000000d\"\n"),
+            "smtp.command_timeout",
+        ),
+        (
+            good().replace(
+                "[throttle]\n",
+                "[throttle]\nmax_tracked_blocks = 9223372036854775807\n",
+            ),
+            "throttle.max_tracked_blocks",
+        ),
+    ];
+    for (toml, key) in cases {
+        let (ok, stderr) = check(&toml);
+        assert!(
+            !ok,
+            "a config with an over-range {key} was accepted:\n{toml}"
+        );
+        assert!(
+            stderr.contains(key) && stderr.contains("out of range"),
+            "the error does not name {key}:\n{stderr}"
+        );
+    }
+}
+
+/// Issue 9: a task that dies takes the node down. With the debug-build hook
+/// `MAGICMX_TEST_PANIC_TASK`, the named task panics shortly after start;
+/// `magicmx run` must then exit non-zero, naming the task, instead of
+/// staying up with a dead listener. Without the hook the node stays up.
+#[test]
+fn a_task_that_dies_takes_the_node_down() {
+    for (task, faulty) in [("smtp listener", true), ("relay", true), ("", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        let toml =
+            NodeConf::new("127.0.0.1:53".parse().unwrap(), 2525).to_toml(&dir.path().join("data"));
+        std::fs::write(&path, toml).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if faulty {
+            cmd.env("MAGICMX_TEST_PANIC_TASK", task);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(if faulty { 20 } else { 2 });
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        if status.is_none() {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !faulty {
+            assert!(
+                status.is_none(),
+                "a healthy node exited: {status:?}\n{stderr}"
+            );
+            continue;
+        }
+        let status =
+            status.unwrap_or_else(|| panic!("node still up after {task} panicked:\n{stderr}"));
+        assert!(
+            !status.success(),
+            "exit status {status} after {task} panicked"
+        );
+        assert!(
+            stderr.contains(task) && stderr.contains("panicked"),
+            "the error does not name the task {task}:\n{stderr}"
+        );
+    }
+}

@@ -245,3 +245,54 @@ fn send_from(ip: &str, server: SocketAddr, from: &str, to: &str, msg: &[u8]) -> 
     c.ehlo("client.test");
     common::client::transaction(&mut c, from, &[to], msg)
 }
+
+/// Issue 9, a hostile peer: peers gossiping far more blocks than the table
+/// holds never make this node's own blocks uncounted. Each peer creates at
+/// most its share of the table; a new local block evicts a quiet peer block;
+/// a local block over its limit is still refused.
+#[test]
+fn a_flooding_peer_cannot_make_local_blocks_uncounted() {
+    let node = InProc::start(
+        "[accept]\ndomains = [\"example.test\"]\n\
+         [throttle]\nmax_connections = 3\nwindow = \"60s\"\nepoch = \"1s\"\nmax_tracked_blocks = 100\nhold = \"0s\"\n",
+    );
+    let one = Counts {
+        connections: 1,
+        messages: 0,
+        recipients: 0,
+    };
+    // Ten peers, each with a thousand blocks (ten times the whole table).
+    for p in 0..10u8 {
+        let origin = node.throttle.origin(&format!("peer-{p}"));
+        let epoch = node.throttle.epoch_of(now_ms());
+        for i in 0..1000u32 {
+            let ip = std::net::IpAddr::from([10 + p, (i / 256) as u8, (i % 256) as u8, 1]);
+            let block = magicmx::throttle::block_of(ip, 24, 48);
+            node.throttle.merge(origin, block, epoch, one, now_ms());
+        }
+    }
+    assert!(
+        node.throttle.tracked() <= 100,
+        "{}",
+        node.throttle.tracked()
+    );
+    // Thirty new local blocks: every one is counted.
+    for b in 1..=30 {
+        let ip = format!("127.20.{b}.1");
+        assert_eq!(code(&connect_from(&ip, node.smtp)), 220, "{ip}");
+        let block = node.throttle.block_of(ip.parse().unwrap());
+        assert_eq!(
+            node.throttle.status(block, now_ms()).counts.connections,
+            1,
+            "local block {block} is uncounted after a peer flood"
+        );
+    }
+    // And throttled: the fourth connection from one of them is refused.
+    for i in 2..=3 {
+        assert_eq!(
+            code(&connect_from(&format!("127.20.1.{i}"), node.smtp)),
+            220
+        );
+    }
+    assert_eq!(code(&connect_from("127.20.1.4", node.smtp)), 421);
+}

@@ -1162,6 +1162,173 @@ fn count_error(e: &ClientError) {
     metrics::counter!("magicmx_relay_session_errors_total", "reason" => reason).increment(1);
 }
 
+/// A recipient verification session with a domain's real MX (a callout,
+/// like Postfix's `reject_unverified_recipient`): the relay's own client,
+/// timeouts, reply bounds, TLS policy and `relay.deny_networks`, through
+/// the hosts of the relay's MX plan. [`Probe::open`] connects, greets,
+/// sends EHLO (STARTTLS if offered) and `MAIL FROM:<>`; each
+/// [`Probe::rcpt`] asks about one address; [`Probe::close`] sends `RSET`
+/// and `QUIT`. Nothing is ever sent after RCPT: no DATA, so no mail.
+pub struct Probe {
+    s: Session,
+    p: Params,
+    peer: String,
+    /// RCPTs asked on this session so far.
+    pub rcpts: u32,
+}
+
+/// The real MX's answer to one probe RCPT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeAnswer {
+    /// 2xx: the address exists (or the domain accepts everything).
+    Valid,
+    /// 5xx: the address does not exist; the MX's reply.
+    Invalid(Diagnostic),
+    /// 4xx or `421`: no answer now; the MX's reply.
+    TempFail(Diagnostic),
+}
+
+impl Probe {
+    /// The first host and address of `hosts` that greets and takes
+    /// `MAIL FROM:<>`. Err: why none did: a temporary failure, or the real
+    /// MX's own `5xx` to `MAIL FROM:<>` (it refuses verification).
+    pub async fn open(config: &Config, dns: &Dns, hosts: &[String]) -> Result<Probe, Diagnostic> {
+        let msg = Message {
+            queue_id: String::new(),
+            sender: String::new(),
+            smtputf8: false,
+            eight_bit: false,
+            body: Arc::from(&b""[..]),
+        };
+        let p = Params::new(config, &msg);
+        let mut last = Diagnostic::local(st(4, 4, 4), "no MX host could be probed");
+        let mut connections = 0;
+        for host in hosts {
+            let ips = match dns.addresses(host).await {
+                Ok(ips) => ips,
+                Err(e) => {
+                    last = Diagnostic::local(st(4, 4, 3), format!("MX host {host}: {e}"));
+                    continue;
+                }
+            };
+            for ip in ips {
+                if connections >= MAX_CONNECTIONS {
+                    return Err(last);
+                }
+                if config.relay.is_denied(ip) {
+                    last = Diagnostic::local(
+                        st(4, 4, 4),
+                        format!("MX host {host} has address {ip}, in relay.deny_networks"),
+                    );
+                    continue;
+                }
+                connections += 1;
+                let addr = SocketAddr::new(ip, p.port);
+                let peer = format!("{host}[{ip}]:{}", p.port);
+                let mut s = match open(&p, host, addr, &peer).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        last = e;
+                        continue;
+                    }
+                };
+                match s
+                    .conn
+                    .command(
+                        "MAIL FROM:<>".into(),
+                        "the reply to MAIL FROM",
+                        p.command_timeout,
+                    )
+                    .await
+                {
+                    Ok(r) if r.is_positive() => {
+                        metrics::counter!("magicmx_verify_sessions_total").increment(1);
+                        return Ok(Probe {
+                            s,
+                            p,
+                            peer,
+                            rcpts: 0,
+                        });
+                    }
+                    Ok(r) if r.code >= 500 && r.code != 521 => {
+                        // The real MX refuses verification itself (null
+                        // sender refused): its reply, a permanent one.
+                        tokio::spawn(s.conn.quit(QUIT_TIMEOUT));
+                        return Err(Diagnostic::remote(&r));
+                    }
+                    Ok(r) => {
+                        last = Diagnostic::local(
+                            st(4, 4, 1),
+                            format!("{peer} refused MAIL FROM:<>: {}", Diagnostic::remote(&r)),
+                        );
+                        tokio::spawn(s.conn.quit(QUIT_TIMEOUT));
+                    }
+                    Err(e) => {
+                        count_error(&e);
+                        last = Diagnostic::local(
+                            st(4, 4, 2),
+                            format!("lost connection with {peer} at MAIL FROM: {e}"),
+                        );
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// `RCPT TO:<address>`. Err: the session broke (nothing learnt).
+    pub async fn rcpt(&mut self, address: &str) -> Result<ProbeAnswer, Diagnostic> {
+        if let Err(e) = check_address(address, false) {
+            return Ok(ProbeAnswer::Invalid(Diagnostic::local(
+                st(5, 1, 3),
+                format!("bad recipient address syntax <{address}>: {e}"),
+            )));
+        }
+        self.rcpts += 1;
+        let r = self
+            .s
+            .conn
+            .command(
+                format!("RCPT TO:<{address}>"),
+                "the reply to RCPT TO",
+                self.p.command_timeout,
+            )
+            .await
+            .map_err(|e| {
+                count_error(&e);
+                Diagnostic::local(
+                    st(4, 4, 2),
+                    format!("lost connection with {} at RCPT TO: {e}", self.peer),
+                )
+            })?;
+        Ok(if r.code == 421 {
+            self.s.conn.poison();
+            ProbeAnswer::TempFail(Diagnostic::remote(&r))
+        } else if r.is_positive() {
+            ProbeAnswer::Valid
+        } else if r.code >= 500 {
+            ProbeAnswer::Invalid(Diagnostic::remote(&r))
+        } else {
+            ProbeAnswer::TempFail(Diagnostic::remote(&r))
+        })
+    }
+
+    /// Still usable for another RCPT.
+    pub fn is_sound(&self) -> bool {
+        self.s.conn.is_sound() && !self.s.conn.has_unread()
+    }
+
+    /// `RSET`, then `QUIT`, in the background (a courtesy; nothing waits).
+    pub fn close(mut self) {
+        tokio::spawn(async move {
+            if self.s.conn.is_sound() {
+                let _ = rset(&mut self.s, &self.p).await;
+            }
+            self.s.conn.quit(QUIT_TIMEOUT).await;
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -83,6 +83,13 @@ pub trait ReleaseGate: Send + Sync {
 
 /// The outbound side of the node. Build it with [`Relay::new`], hand
 /// [`Relay::wake`] to the SMTP side, then spawn [`Relay::run`].
+/// Told of each recipient a real MX refused with `5.1.1` (unknown user)
+/// after the node accepted it: recipient verification (`crate::verify`)
+/// records it, without the relay depending on that module.
+pub trait UnknownRecipients: Send + Sync {
+    fn record_unknown(&self, address: &str);
+}
+
 pub struct Relay {
     config: Arc<Config>,
     spool: Spool,
@@ -92,6 +99,8 @@ pub struct Relay {
     clock: Clock,
     /// Idle outbound sessions for reuse.
     sessions: Sessions,
+    /// Told of every `5.1.1` a real MX gives after acceptance.
+    verifier: Option<Arc<dyn UnknownRecipients>>,
 }
 
 impl Relay {
@@ -104,7 +113,15 @@ impl Relay {
             wake: Arc::new(Notify::new()),
             gate: None,
             clock: Clock::system(),
+            verifier: None,
         }
+    }
+
+    /// Records a relay-time `5.1.1` (unknown user) from a real MX as a
+    /// negative verification entry, so the next RCPT for it is refused.
+    pub fn with_verifier(mut self, verifier: Arc<dyn UnknownRecipients>) -> Relay {
+        self.verifier = Some(verifier);
+        self
     }
 
     /// Checks every inbound message with `gate` when its hold ends (first
@@ -513,6 +530,20 @@ async fn attempt(relay: &Relay, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
 /// Records the results: persist, log, DSN, remove.
 async fn settle(relay: &Relay, entry: QueueEntry, body: &[u8], results: Vec<Option<RcptResult>>) {
     let now = relay.now();
+    if let Some(v) = &relay.verifier {
+        for (rcpt, result) in entry.envelope.recipients.iter().zip(&results) {
+            if let Some(RcptResult {
+                outcome: RcptOutcome::PermFail(d),
+                ..
+            }) = result
+            {
+                let s = d.status();
+                if d.is_remote() && (s.class, s.subject, s.detail) == (5, 1, 1) {
+                    v.record_unknown(&rcpt.address);
+                }
+            }
+        }
+    }
     let Settled {
         mut entry,
         mut events,

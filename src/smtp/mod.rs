@@ -65,6 +65,8 @@ pub struct Context {
     pub relay_wake: Arc<Notify>,
     pub tls: Option<TlsAcceptor>,
     pub throttle: Arc<Throttle>,
+    /// Recipient verification with the real MX (None: off).
+    pub verifier: Option<Arc<crate::verify::Verifier>>,
 }
 
 /// Loads the STARTTLS certificate and key (PEM) with the ring provider.
@@ -124,7 +126,16 @@ impl Context {
             relay_wake,
             tls,
             throttle,
+            verifier: None,
         })
+    }
+
+    /// Verifies recipients with the real MX (when `verify.enabled`).
+    pub fn with_verifier(mut self, verifier: Arc<crate::verify::Verifier>) -> Context {
+        if self.config.verify.enabled {
+            self.verifier = Some(verifier);
+        }
+        self
     }
 
     /// The same node's outbound door: same spool and relay, other rules.
@@ -138,6 +149,8 @@ impl Context {
             relay_wake: self.relay_wake.clone(),
             tls: self.tls.clone(),
             throttle: self.throttle.clone(),
+            // Trusted senders' mail for any domain: not verified.
+            verifier: None,
         }
     }
 
@@ -185,12 +198,38 @@ impl Context {
             refuse => return refuse,
         }
         match self.throttle("rcpt", peer, |t| t.on_rcpt(peer, now_ms())) {
-            Decision::Accept => Verdict::Accept,
-            Decision::Refuse { reply, .. } => Verdict::Refuse(reply),
-            Decision::Drop { reason } => Verdict::Refuse(format!(
-                "450 4.7.1 Too much mail from your network ({reason})"
-            )),
+            Decision::Accept => {}
+            Decision::Refuse { reply, .. } => return Verdict::Refuse(reply),
+            Decision::Drop { reason } => {
+                return Verdict::Refuse(format!(
+                    "450 4.7.1 Too much mail from your network ({reason})"
+                ))
+            }
         }
+        self.verify_recipient(peer, address, domain).await
+    }
+
+    /// Asks the real MX (or the verification cache) about the recipient.
+    async fn verify_recipient(&self, peer: IpAddr, address: &str, domain: &str) -> Verdict {
+        let Some(v) = &self.verifier else {
+            return Verdict::Accept;
+        };
+        match v.check(address, domain).await {
+            crate::verify::Check::Valid => Verdict::Accept,
+            crate::verify::Check::UnknownUser(reply) => {
+                self.unknown_recipient(peer, address);
+                Verdict::Refuse(reply)
+            }
+            crate::verify::Check::Refuse(reply) => Verdict::Refuse(reply),
+        }
+    }
+
+    /// The real MX does not know `address`, asked by `peer`: the
+    /// invalid-recipient signal of the suspects (issue 11) belongs here
+    /// (count it for the block of `peer`).
+    fn unknown_recipient(&self, peer: IpAddr, address: &str) {
+        metrics::counter!("magicmx_smtp_unknown_recipients_total").increment(1);
+        info!(client = %peer, block = %self.throttle.block_of(peer), rcpt = %address, reason = "unknown_user", "unknown recipient");
     }
 
     async fn check_domain(&self, address: &str, domain: &str) -> Verdict {

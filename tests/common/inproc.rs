@@ -34,9 +34,16 @@ impl InProc {
     pub fn start_with_smtp(smtp: &str, toml_tail: &str) -> InProc {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("node.toml");
+        // Recipient verification needs a reachable real MX; the tests that
+        // are about it (tests/verify.rs) give their own `[verify]`.
+        let verify = if toml_tail.contains("[verify]") {
+            ""
+        } else {
+            "[verify]\nenabled = false\n"
+        };
         let text = format!(
             "[node]\nname = \"t1\"\nhostname = \"node1.magic.test\"\ndata_dir = \"data\"\nmagic_suffixes = [\".magic.test\"]\n\
-             [smtp]\nlisten = [\"127.0.0.1:0\"]\n{smtp}[admin]\nlisten = \"127.0.0.1:0\"\n{toml_tail}"
+             [smtp]\nlisten = [\"127.0.0.1:0\"]\n{smtp}[admin]\nlisten = \"127.0.0.1:0\"\n{toml_tail}\n{verify}"
         );
         std::fs::write(&config_path, text).unwrap();
         let config = magicmx::Config::load(&config_path).unwrap();
@@ -53,7 +60,7 @@ impl InProc {
                     node.admin_addr.unwrap(),
                 ))
                 .unwrap();
-                node.wait().await;
+                node.wait().await.unwrap();
             });
         });
         let (throttle, smtp, admin) = rx.recv_timeout(Duration::from_secs(20)).unwrap();

@@ -221,6 +221,11 @@ impl Sink {
         self.shared.lock().starttls
     }
 
+    /// Every RCPT TO seen, in order: (address, reply line).
+    pub fn all_rcpt_attempts(&self) -> Vec<(String, String)> {
+        self.shared.lock().rcpt_attempts.clone()
+    }
+
     /// How many times `address` was given in RCPT TO (accepted or not).
     pub fn rcpt_attempts(&self, address: &str) -> usize {
         self.shared

@@ -1,0 +1,223 @@
+//! Recipient verification with the real MX at RCPT (issue 13): an in-process
+//! sink stands in for the real MX and refuses unknown users; the node probes
+//! it before answering RCPT.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::inproc::InProc;
+use common::{simple_message, Client, DnsServer, Rec, Sink};
+
+const KNOWN: &[&str] = &["bob@example.test", "carol@example.test"];
+
+fn node(sink: &Sink, dns: &DnsServer, verify: &str) -> InProc {
+    InProc::start_with_smtp(
+        "max_errors = 1000\n",
+        &format!(
+            "[accept]\ndomains = [\"example.test\", \"down.test\"]\n\
+             [throttle]\nhold = \"0s\"\n\
+             [relay]\nport = {}\ndeny_networks = []\nretry_initial = \"1s\"\nretry_max = \"2s\"\ntls = \"none\"\n\
+             [dns]\nnameservers = [\"{}\"]\n\
+             [verify]\n{verify}",
+            sink.addr.port(),
+            dns.addr
+        ),
+    )
+}
+
+fn dns() -> DnsServer {
+    DnsServer::start(&[
+        Rec::Mx("example.test", 10, "mx.magic.test"),
+        Rec::Mx("example.test", 20, "real.example.test"),
+        Rec::A("real.example.test", "127.0.0.1"),
+        // Nothing listens on 127.0.0.2 at the sink's port: an MX that is down.
+        Rec::Mx("down.test", 10, "real.down.test"),
+        Rec::A("real.down.test", "127.0.0.2"),
+    ])
+}
+
+/// A real MX that knows only `KNOWN`, slow (3 s per RCPT) while `slow` is set.
+fn real_mx(slow: Arc<AtomicBool>) -> Sink {
+    Sink::builder()
+        .rcpt_rule(move |a| {
+            if slow.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_secs(3));
+            }
+            (!KNOWN.iter().any(|k| k.eq_ignore_ascii_case(a)))
+                .then(|| "550 5.1.1 <".to_string() + a + ">: no such user")
+        })
+        .start("127.0.0.1", 0)
+        .unwrap()
+}
+
+fn rcpt(c: &mut Client, a: &str) -> common::Reply {
+    c.cmd(&format!("RCPT TO:<{a}>"))
+}
+
+#[test]
+fn unknown_users_get_550_at_rcpt_and_known_ones_are_relayed() {
+    let sink = real_mx(Arc::new(AtomicBool::new(false)));
+    let dns = dns();
+    let node = node(&sink, &dns, "");
+    let mut c = Client::connect(node.smtp);
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<alice@sender.test>", 250);
+    let r = rcpt(&mut c, "nobody@example.test");
+    assert_eq!(r.code, 550, "{r}");
+    assert!(r.text().starts_with("5.1.1"), "{r}");
+    let r = rcpt(&mut c, "bob@example.test");
+    assert_eq!(r.code, 250, "{r}");
+    // Again: refused from the cache, no second probe.
+    assert_eq!(rcpt(&mut c, "NOBODY@example.test").code, 550);
+    assert_eq!(sink.rcpt_attempts("nobody@example.test"), 1);
+    c.expect("DATA", 354);
+    c.send(&common::client::data_transfer(&simple_message(
+        "alice@sender.test",
+        "bob@example.test",
+        "verified",
+    )));
+    assert_eq!(c.reply().code, 250);
+    c.cmd("QUIT");
+    let got = sink.wait_messages(1, Duration::from_secs(10));
+    assert_eq!(got[0].rcpts, vec!["bob@example.test".to_string()]);
+    // No DSN, ever: nothing else reaches the MX (a DSN to alice@sender.test
+    // would have nowhere to go but it would be queued: the queue is empty).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sink.messages().len(), 1, "{:?}", sink.messages());
+    let (_, list) = node.cli(&["queue", "list"]);
+    assert!(list.contains("0 message(s)"), "{list}");
+    // The probes used the null sender and never sent DATA.
+    assert!(sink
+        .all_rcpt_attempts()
+        .iter()
+        .all(|(a, _)| !a.starts_with("alice")));
+}
+
+#[test]
+fn a_down_or_slow_mx_gets_450_within_the_timeout_and_nothing_is_cached() {
+    let slow = Arc::new(AtomicBool::new(false));
+    let sink = real_mx(slow.clone());
+    let dns = dns();
+    let node = node(&sink, &dns, "timeout = \"1s\"\n");
+    let mut c = Client::connect(node.smtp);
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<alice@sender.test>", 250);
+    assert_eq!(rcpt(&mut c, "bob@example.test").code, 250);
+
+    // Down: connection refused.
+    let t = Instant::now();
+    let r = rcpt(&mut c, "bob@down.test");
+    assert_eq!(r.code, 450, "{r}");
+    assert!(r.text().starts_with("4.2.0"), "{r}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+
+    // Slow: the RCPT reply waits at most the timeout.
+    slow.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    let r = rcpt(&mut c, "carol@example.test");
+    assert_eq!(r.code, 450, "{r}");
+    assert!(r.text().starts_with("4.2.0"), "{r}");
+    assert!(
+        t.elapsed() < Duration::from_millis(2_500),
+        "{:?}",
+        t.elapsed()
+    );
+    // A cached good address is still accepted while the MX is slow.
+    let t = Instant::now();
+    assert_eq!(rcpt(&mut c, "bob@example.test").code, 250);
+    assert!(t.elapsed() < Duration::from_millis(500));
+    // Nothing was cached for carol: once the MX answers, she is accepted.
+    slow.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(3));
+    let r = rcpt(&mut c, "carol@example.test");
+    assert_eq!(r.code, 250, "{r}");
+}
+
+#[test]
+fn probes_per_domain_are_bounded() {
+    let sink = real_mx(Arc::new(AtomicBool::new(false)));
+    let dns = dns();
+    let node = node(&sink, &dns, "max_probes_per_domain = 5\n");
+    let mut c = Client::connect(node.smtp);
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<spammer@sender.test>", 250);
+    let mut codes = Vec::new();
+    for i in 0..40 {
+        codes.push(rcpt(&mut c, &format!("guess{i}@example.test")).code);
+    }
+    let probes = sink.all_rcpt_attempts().len();
+    assert!(probes <= 5, "the real MX saw {probes} probes");
+    assert!(codes.iter().all(|&c| c == 550 || c == 450), "{codes:?}");
+    assert!(codes.contains(&550) && codes.contains(&450), "{codes:?}");
+    // One probe connection served them (RCPTs of one transaction).
+    assert_eq!(sink.connections().len(), 1, "{:?}", sink.connections());
+}
+
+#[test]
+fn an_accept_all_domain_is_detected_with_one_probe() {
+    let sink = Sink::start("127.0.0.1");
+    let dns = dns();
+    let node = node(&sink, &dns, "");
+    let mut c = Client::connect(node.smtp);
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<alice@sender.test>", 250);
+    for i in 0..10 {
+        assert_eq!(rcpt(&mut c, &format!("anyone{i}@example.test")).code, 250);
+    }
+    let probes = sink.all_rcpt_attempts();
+    assert_eq!(probes.len(), 1, "{probes:?}");
+    assert!(probes[0].0.starts_with("magicmx-verify-"), "{probes:?}");
+    c.expect("DATA", 354);
+    c.send(&common::client::data_transfer(&simple_message(
+        "alice@sender.test",
+        "anyone0@example.test",
+        "accept-all",
+    )));
+    assert_eq!(c.reply().code, 250);
+    let got = sink.wait_messages(1, Duration::from_secs(10));
+    assert_eq!(got[0].rcpts.len(), 10);
+}
+
+/// A `5.1.1` the real MX gives at relay time (after a probe had said yes)
+/// still makes a DSN, and also records a negative entry: the next RCPT for
+/// that address is refused without a probe.
+#[test]
+fn a_relay_time_unknown_user_is_recorded() {
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    let sink = Sink::builder()
+        .rcpt_rule(move |a| {
+            if a.starts_with("magicmx-verify-") {
+                return Some("550 5.1.1 no such user".into());
+            }
+            // Known at the probe, gone by the time the message is relayed.
+            (counter.fetch_add(1, Ordering::SeqCst) > 0).then(|| "550 5.1.1 gone".to_string())
+        })
+        .start("127.0.0.1", 0)
+        .unwrap();
+    let dns = dns();
+    let node = node(&sink, &dns, "");
+    let r = common::send_mail(
+        node.smtp,
+        "alice@sender.test",
+        &["leaver@example.test"],
+        &simple_message("alice@sender.test", "leaver@example.test", "late"),
+    );
+    assert_eq!(r.code, 250, "{r}");
+    assert!(
+        common::wait_until(Duration::from_secs(10), || seen.load(Ordering::SeqCst) >= 2),
+        "never relayed"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let before = sink.all_rcpt_attempts().len();
+    let mut c = Client::connect(node.smtp);
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<alice@sender.test>", 250);
+    let r = rcpt(&mut c, "leaver@example.test");
+    assert_eq!(r.code, 550, "{r}");
+    assert!(r.text().starts_with("5.1.1"), "{r}");
+    assert_eq!(sink.all_rcpt_attempts().len(), before, "probed again");
+}
