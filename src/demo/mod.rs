@@ -250,8 +250,14 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<R
         }
     }
     stop.cancel();
+    let mut failed = None;
     for node in nodes {
-        node.wait().await;
+        if let Err(e) = node.wait().await {
+            failed.get_or_insert(e);
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e.context("a demo node failed"));
     }
     drop(dns);
     Ok(report)
