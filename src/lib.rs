@@ -104,8 +104,11 @@ impl Node {
         let dns = dns::Dns::new(&config.dns).context("dns: cannot create the resolver")?;
         let throttle = Arc::new(
             throttle::Throttle::new(&config.throttle, &config.trust, &config.node.name)
-                .with_peer_share(config.gossip.max_origin_share),
+                .with_peer_share(config.gossip.max_origin_share)
+                .with_suspect(suspect::Policy::from_config(&config)),
         );
+        let dnsbl =
+            dnsbl::Dnsbl::new(&config.dnsbl, dns.clone()).map_err(|e| anyhow::anyhow!(e))?;
         let relay = relay::Relay::new(config.clone(), spool.clone(), dns.clone())
             .with_gate(Arc::new(ThrottleGate(throttle.clone(), config.clone())))
             .with_clock(clock.clone());
@@ -116,6 +119,7 @@ impl Node {
             dns,
             wake.clone(),
             throttle.clone(),
+            dnsbl.is_enabled().then(|| dnsbl.clone()),
         )?);
         let listeners = smtp::bind(&config.smtp.listen, "smtp.listen").await?;
         let outbound = smtp::bind(&config.outbound.listen, "outbound.listen").await?;
@@ -175,6 +179,7 @@ impl Node {
 
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(relay.run(shutdown.clone()));
+        tasks.spawn(dnsbl.clone().run(shutdown.clone()));
         tasks.spawn(spool::serve_control(spool.clone(), shutdown.clone()));
         if !outbound.is_empty() {
             tasks.spawn(smtp::serve(
@@ -191,6 +196,7 @@ impl Node {
                 spool: spool.clone(),
                 relay_wake: wake,
                 gossip: gossip.clone(),
+                dnsbl: dnsbl.is_enabled().then(|| dnsbl.clone()),
                 hosts: config
                     .admin
                     .hosts
