@@ -45,6 +45,8 @@ pub struct Admin {
     pub spool: Spool,
     pub relay_wake: Arc<tokio::sync::Notify>,
     pub gossip: Option<Arc<crate::gossip::Gossip>>,
+    /// `[dnsbl]` zones, for `/status` (None: no sites).
+    pub dnsbl: Option<crate::dnsbl::Dnsbl>,
     /// Names accepted in `Host` besides the listener's own address and
     /// `localhost` (`[admin] hosts`), lower-case.
     pub hosts: Vec<String>,
@@ -152,6 +154,10 @@ struct Status {
     tracked_blocks: usize,
     penalised_blocks: usize,
     hottest: Vec<BlockStatus>,
+    /// Blocks that are suspects now, and the highest-scoring ones.
+    suspect_blocks: usize,
+    suspects: Vec<BlockStatus>,
+    dnsbl_zones: Vec<crate::dnsbl::ZoneStatus>,
     peers: Vec<crate::gossip::PeerStatus>,
 }
 
@@ -206,6 +212,11 @@ impl Admin {
         metrics::gauge!("magicmx_throttle_tracked_blocks").set(self.throttle.tracked() as f64);
         metrics::gauge!("magicmx_throttle_penalised_blocks")
             .set(self.throttle.penalised(now_ms()) as f64);
+        metrics::gauge!("magicmx_suspect_blocks").set(self.throttle.suspects(now_ms()) as f64);
+        for z in self.dnsbl.iter().flat_map(|d| d.status()) {
+            metrics::gauge!("magicmx_dnsbl_zone_active", "zone" => z.zone.clone())
+                .set(f64::from(u8::from(z.state == "active")));
+        }
         q
     }
 
@@ -220,8 +231,18 @@ impl Admin {
                 "refused: block {} is in the penalty box for {} more seconds (offense {})",
                 status.block, status.penalty_left_secs, status.offenses
             )
+        } else if let Some(r) = status.suspect.refusal() {
+            format!(
+                "refused: block {} is refused at connect ({r})",
+                status.block
+            )
         } else if let Some(r) = status.over {
             format!("refused: block {} is over its limit ({r})", status.block)
+        } else if status.suspect.is_suspect() {
+            format!(
+                "accepted: block {} is a suspect (score {}): lower limits, tarpit",
+                status.block, status.suspect.score
+            )
         } else {
             format!("accepted: block {} is under its limits", status.block)
         };
@@ -318,6 +339,9 @@ impl Admin {
                     tracked_blocks: self.throttle.tracked(),
                     penalised_blocks: self.throttle.penalised(now),
                     hottest: self.throttle.hottest(20, now),
+                    suspect_blocks: self.throttle.suspects(now),
+                    suspects: self.throttle.top_suspects(20, now),
+                    dnsbl_zones: self.dnsbl.as_ref().map(|d| d.status()).unwrap_or_default(),
                     peers: self.gossip.as_ref().map(|g| g.peers()).unwrap_or_default(),
                 };
                 (200, JSON, json(&s))
@@ -670,6 +694,7 @@ mod tests {
             spool: Spool::open(dir.path()).unwrap(),
             relay_wake: Arc::new(tokio::sync::Notify::new()),
             gossip: None,
+            dnsbl: None,
             hosts: vec!["mgmt.example.net".into()],
             token: "s3cret".into(),
         };
@@ -731,6 +756,7 @@ mod tests {
             spool: Spool::open(dir.path()).unwrap(),
             relay_wake: Arc::new(tokio::sync::Notify::new()),
             gossip: None,
+            dnsbl: None,
             hosts: vec!["mgmt.example.net".into()],
             token: "s3cret".into(),
         };

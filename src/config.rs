@@ -616,6 +616,22 @@ pub struct SuspectConfig {
     /// Addresses nobody writes to: one recipient here makes the block a suspect.
     pub trap_recipients: Vec<String>,
     pub trap_weight: i32,
+    /// Protocol tests (pregreet, pipelining, non-SMTP) and the tarpit, for
+    /// sessions that are not trusted, outbound clients or allowlisted.
+    pub protocol_tests: bool,
+    /// Wait between `220-` and the final `220 ` for a block with a positive score.
+    pub pregreet_wait: Dur,
+    /// The same wait for a block with no score (0: one `220 ` line; input
+    /// already received before it still fails the test).
+    pub pregreet_wait_clean: Dur,
+    /// Replies to a suspect stutter at this many bytes per second (0: no tarpit)...
+    pub tarpit_rate: u32,
+    /// ... for this long from the start of the session.
+    pub tarpit_time: Dur,
+    /// Most sessions tarpitted at once, in total and per block; past that a
+    /// suspect is refused (`421 4.7.0`) instead.
+    pub max_tarpitted: usize,
+    pub max_tarpitted_per_block: usize,
 }
 
 impl Default for SuspectConfig {
@@ -634,6 +650,13 @@ impl Default for SuspectConfig {
             invalid_rcpt_weight: 3,
             trap_recipients: Vec::new(),
             trap_weight: 3,
+            protocol_tests: true,
+            pregreet_wait: Dur::secs(3),
+            pregreet_wait_clean: Dur::secs(0),
+            tarpit_rate: 1,
+            tarpit_time: Dur::secs(10),
+            max_tarpitted: 1_000,
+            max_tarpitted_per_block: 4,
         }
     }
 }
@@ -1180,6 +1203,30 @@ impl Config {
             if !(0..=1_000).contains(&w) {
                 return Err(invalid(key, "must be between 0 and 1000"));
             }
+        }
+        for (key, d) in [
+            ("suspect.pregreet_wait", s.pregreet_wait.0),
+            ("suspect.pregreet_wait_clean", s.pregreet_wait_clean.0),
+            ("suspect.tarpit_time", s.tarpit_time.0),
+        ] {
+            if d > Duration::from_secs(60) {
+                return Err(invalid(key, "must be at most 60s"));
+            }
+        }
+        if s.tarpit_rate > 1_000_000 {
+            return Err(invalid(
+                "suspect.tarpit_rate",
+                "must be at most 1000000 bytes/s",
+            ));
+        }
+        if s.max_tarpitted > 1_000_000 {
+            return Err(invalid("suspect.max_tarpitted", "must be at most 1000000"));
+        }
+        if s.max_tarpitted_per_block > s.max_tarpitted {
+            return Err(invalid(
+                "suspect.max_tarpitted_per_block",
+                "must not be more than suspect.max_tarpitted",
+            ));
         }
         if s.invalid_rcpt_threshold == 0 {
             return Err(invalid(

@@ -192,7 +192,7 @@ fn is_zone(name: &str) -> bool {
 pub fn query_name(ip: IpAddr, zone: &str) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(72 + zone.len());
-    match crate::smtp::canonical_ip(ip) {
+    match crate::addr::canonical_ip(ip) {
         IpAddr::V4(a) => {
             let o = a.octets();
             let _ = write!(out, "{}.{}.{}.{}.", o[3], o[2], o[1], o[0]);
@@ -415,7 +415,7 @@ impl Dnsbl {
     /// query within `timeout`. Never fails: zones that do not answer are
     /// left out of the score.
     pub async fn lookup(&self, ip: IpAddr) -> Score {
-        let ip = crate::smtp::canonical_ip(ip);
+        let ip = crate::addr::canonical_ip(ip);
         let inner = &self.inner;
         let now = Instant::now();
         let mut answers: Vec<(usize, Arc<[Ipv4Addr]>, Duration)> = Vec::new();

@@ -106,13 +106,16 @@ impl Node {
         let dns = dns::Dns::new(&config.dns).context("dns: cannot create the resolver")?;
         let throttle = Arc::new(
             throttle::Throttle::new(&config.throttle, &config.trust, &config.node.name)
-                .with_peer_share(config.gossip.max_origin_share),
+                .with_peer_share(config.gossip.max_origin_share)
+                .with_suspect(suspect::Policy::from_config(&config)),
         );
         let verifier = Arc::new(verify::Verifier::new(
             config.clone(),
             dns.clone(),
             clock.clone(),
         ));
+        let dnsbl =
+            dnsbl::Dnsbl::new(&config.dnsbl, dns.clone()).map_err(|e| anyhow::anyhow!(e))?;
         let relay = relay::Relay::new(config.clone(), spool.clone(), dns.clone())
             .with_verifier(verifier.clone())
             .with_gate(Arc::new(ThrottleGate(throttle.clone(), config.clone())))
@@ -125,6 +128,7 @@ impl Node {
                 dns,
                 wake.clone(),
                 throttle.clone(),
+                dnsbl.is_enabled().then(|| dnsbl.clone()),
             )?
             .with_verifier(verifier),
         );
@@ -186,6 +190,11 @@ impl Node {
 
         let mut tasks = Essential::default();
         tasks.spawn("relay", relay.run(shutdown.clone()));
+        if dnsbl.is_enabled() {
+            // Health checks and cache expiry; with no zones there is nothing
+            // to run (and an essential task must not end before shutdown).
+            tasks.spawn("dnsbl", dnsbl.clone().run(shutdown.clone()));
+        }
         tasks.spawn(
             "spool control",
             spool::serve_control(spool.clone(), shutdown.clone()),
@@ -207,6 +216,7 @@ impl Node {
                 spool: spool.clone(),
                 relay_wake: wake,
                 gossip: gossip.clone(),
+                dnsbl: dnsbl.is_enabled().then(|| dnsbl.clone()),
                 hosts: config
                     .admin
                     .hosts

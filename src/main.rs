@@ -350,6 +350,25 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 "penalty:  {}s left, {} offense(s)",
                 v["penalty_left_secs"], v["offenses"]
             );
+            let sus = &v["suspect"];
+            println!(
+                "suspect:  score {} ({})",
+                sus["score"],
+                sus["level"].as_str().unwrap_or("?")
+            );
+            for r in sus["reasons"].as_array().into_iter().flatten() {
+                let what = match (r["kind"].as_str(), r["of"].as_str()) {
+                    (Some("dnsbl"), Some(zone)) => format!("listed in {zone}"),
+                    (Some("protocol"), Some(test)) => format!("failed the {test} test"),
+                    (Some(kind), _) => kind.replace('_', " "),
+                    _ => "?".into(),
+                };
+                println!(
+                    "  {:+} {what} ({})",
+                    r["weight"].as_i64().unwrap_or(0),
+                    r["detail"].as_str().unwrap_or("")
+                );
+            }
             Ok(())
         }
     }

@@ -78,6 +78,53 @@ pub enum Kind {
     GreylistPass,
 }
 
+impl ProtocolTest {
+    pub fn from_name(name: &str) -> Option<ProtocolTest> {
+        [
+            ProtocolTest::Pregreet,
+            ProtocolTest::Pipelining,
+            ProtocolTest::NonSmtp,
+            ProtocolTest::BareLf,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == name)
+    }
+}
+
+impl Kind {
+    /// The name of the kind on the gossip wire (`dnsbl:<zone>`, `protocol:<test>`, ...).
+    pub fn to_wire(&self) -> String {
+        match self {
+            Kind::Dnsbl(zone) => format!("dnsbl:{zone}"),
+            Kind::Protocol(t) => format!("protocol:{}", t.as_str()),
+            Kind::InvalidRecipients => "invalid_recipients".into(),
+            Kind::Trap => "trap".into(),
+            Kind::GreylistPass => "greylist_pass".into(),
+        }
+    }
+
+    /// The kind of a wire name; None for a name this node does not know.
+    pub fn from_wire(name: &str) -> Option<Kind> {
+        if let Some(zone) = name.strip_prefix("dnsbl:") {
+            let ok = !zone.is_empty()
+                && zone.len() <= 253
+                && zone
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+            return ok.then(|| Kind::Dnsbl(zone.to_ascii_lowercase()));
+        }
+        if let Some(test) = name.strip_prefix("protocol:") {
+            return ProtocolTest::from_name(test).map(Kind::Protocol);
+        }
+        match name {
+            "invalid_recipients" => Some(Kind::InvalidRecipients),
+            "trap" => Some(Kind::Trap),
+            "greylist_pass" => Some(Kind::GreylistPass),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -633,6 +680,23 @@ mod tests {
         let v = p.on_invalid_recipient(&mut st, 0, "TRAP@example.test", now);
         assert!(v.is_suspect());
         assert_eq!(v.reasons[0].kind, Kind::Trap);
+    }
+
+    #[test]
+    fn kinds_roundtrip_on_the_wire() {
+        for k in [
+            Kind::Dnsbl("bl.test".into()),
+            Kind::Protocol(ProtocolTest::Pregreet),
+            Kind::Protocol(ProtocolTest::NonSmtp),
+            Kind::InvalidRecipients,
+            Kind::Trap,
+            Kind::GreylistPass,
+        ] {
+            assert_eq!(Kind::from_wire(&k.to_wire()), Some(k));
+        }
+        for bad in ["", "dnsbl:", "dnsbl:a b", "protocol:x", "nope"] {
+            assert_eq!(Kind::from_wire(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -28,6 +28,15 @@
 //! blocks over a limit fill the table is a new block let through uncounted
 //! (fail open, so legitimate mail is never refused because of memory
 //! pressure) and `magicmx_throttle_untracked_total` incremented.
+//!
+//! Each block also carries its suspicion state ([`SuspectState`]: DNSBL
+//! listings, failed protocol tests, invalid recipients), added to by the
+//! sessions ([`Throttle::add_signals`], [`Throttle::on_invalid_recipient`])
+//! and merged from peers ([`Throttle::merge_suspect`]). A suspect's limits
+//! are the normal ones times `[suspect] limit_factor`: every decision below
+//! uses the block's effective limits. Blocks whose state changed are marked
+//! for gossip ([`Throttle::take_suspect_changes`]); a block with live
+//! signals is not swept.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -39,6 +48,11 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Serialize;
 
 use crate::config::{ThrottleConfig, TrustConfig};
+use crate::suspect::{Kind, Policy, Signal, SuspectState, Verdict};
+
+/// Gossip rounds a changed suspect state is pushed for (each receiver that
+/// learns something new forwards it in turn).
+pub const SUSPECT_ROUNDS: u8 = 3;
 
 /// A source network block: the key of every count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -147,6 +161,7 @@ struct BlockState {
     /// The peer whose counts created this block, while this node has not
     /// seen the block itself (None: a local block).
     creator: Option<Origin>,
+    suspect: SuspectState,
 }
 
 /// Blocks created by peers' counts: how many per origin, and in creation
@@ -226,6 +241,8 @@ pub struct BlockStatus {
     /// Seconds left in the penalty box (0 = not in it).
     pub penalty_left_secs: u64,
     pub offenses: u32,
+    /// Score, level and live reasons of the block's suspicion state.
+    pub suspect: Verdict,
 }
 
 pub fn now_ms() -> u64 {
@@ -246,6 +263,9 @@ pub struct Throttle {
     /// Most blocks one peer origin may create (`peer_block_share` of the table).
     peer_blocks_max: usize,
     peer_blocks: Mutex<PeerBlocks>,
+    policy: Policy,
+    /// Blocks whose suspect state changed, with the gossip rounds left.
+    suspect_changed: Mutex<HashMap<Block, u8>>,
 }
 
 impl Throttle {
@@ -268,7 +288,23 @@ impl Throttle {
                 as usize)
                 .max(1),
             peer_blocks: Mutex::new(PeerBlocks::default()),
+            policy: Policy::new(
+                &crate::config::SuspectConfig::default(),
+                epoch_ms,
+                window_epochs,
+            ),
+            suspect_changed: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Uses `policy` (`[suspect]`) for the blocks' suspicion states.
+    pub fn with_suspect(mut self, policy: Policy) -> Throttle {
+        self.policy = policy;
+        self
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// Caps each peer origin's contribution to a block's count at `share`
@@ -361,12 +397,30 @@ impl Throttle {
         )
     }
 
-    fn over(&self, c: Counts) -> Option<Reason> {
-        if c.connections > self.cfg.max_connections {
+    /// The limits of a block: the normal ones, lower for a suspect.
+    fn limits_of(&self, state: &BlockState, now_ms: u64) -> Counts {
+        if state.suspect.is_empty() {
+            return self.limits();
+        }
+        let v = self.policy.verdict(&state.suspect, now_ms);
+        let [connections, messages, recipients] = v.effective_limits([
+            self.cfg.max_connections,
+            self.cfg.max_messages,
+            self.cfg.max_recipients,
+        ]);
+        Counts {
+            connections,
+            messages,
+            recipients,
+        }
+    }
+
+    fn over(&self, c: Counts, l: Counts) -> Option<Reason> {
+        if c.connections > l.connections {
             Some(Reason::TooManyConnections)
-        } else if c.messages > self.cfg.max_messages {
+        } else if c.messages > l.messages {
             Some(Reason::TooManyMessages)
-        } else if c.recipients > self.cfg.max_recipients {
+        } else if c.recipients > l.recipients {
             Some(Reason::TooManyRecipients)
         } else {
             None
@@ -444,7 +498,8 @@ impl Throttle {
                     return false;
                 }
                 // Over a limit or penalised: keep it, so it is still refused.
-                protected = s.penalty.until > now || self.over(self.totals_of(s, now)).is_some();
+                protected = s.penalty.until > now
+                    || self.over(self.totals_of(s, now), self.limits_of(s, now)).is_some();
                 !protected
             });
             if removed.is_some() {
@@ -518,7 +573,7 @@ impl Throttle {
                 },
             );
             let totals = self.totals_of(state, now_ms);
-            match self.over(totals) {
+            match self.over(totals, self.limits_of(state, now_ms)) {
                 None => Decision::Accept,
                 Some(reason) => {
                     self.penalise(state, reason, now_ms);
@@ -556,10 +611,9 @@ impl Throttle {
             return Decision::Accept;
         }
         let block = self.block_of(ip);
-        let limits = self.limits();
         let decision = self.with_block(block, now_ms, |state| {
             let mut totals = self.totals_of(state, now_ms);
-            let mut limits = limits;
+            let mut limits = self.limits_of(state, now_ms);
             let (have, limit) = (*field(&mut totals), *field(&mut limits));
             if state.penalty.until > now_ms || have >= limit {
                 if state.penalty.until <= now_ms {
@@ -636,22 +690,207 @@ impl Throttle {
         if state.penalty.until > now_ms {
             return Some(state.penalty.reason.unwrap_or(Reason::PenaltyBox));
         }
-        self.over(self.totals_of(&state, now_ms))
+        self.over(
+            self.totals_of(&state, now_ms),
+            self.limits_of(&state, now_ms),
+        )
     }
 
     pub fn status(&self, block: Block, now_ms: u64) -> BlockStatus {
-        let (counts, penalty) = match self.blocks.get(&block) {
-            Some(s) => (self.totals_of(&s, now_ms), s.penalty.clone()),
-            None => (Counts::default(), Penalty::default()),
+        let (counts, limits, penalty, suspect) = match self.blocks.get(&block) {
+            Some(s) => (
+                self.totals_of(&s, now_ms),
+                self.limits_of(&s, now_ms),
+                s.penalty.clone(),
+                self.policy.verdict(&s.suspect, now_ms),
+            ),
+            None => (
+                Counts::default(),
+                self.limits(),
+                Penalty::default(),
+                self.policy.verdict(&SuspectState::new(), now_ms),
+            ),
         };
         BlockStatus {
             block,
             counts,
-            limits: self.limits(),
-            over: self.over(counts),
+            limits,
+            over: self.over(counts, limits),
             penalty_left_secs: penalty.until.saturating_sub(now_ms).div_ceil(1000),
             offenses: penalty.offenses,
+            suspect,
         }
+    }
+
+    /// The verdict on the block of `ip` (clean for trusted networks and
+    /// untracked blocks).
+    pub fn suspect_verdict(&self, ip: IpAddr, now_ms: u64) -> Verdict {
+        self.suspect_verdict_with(ip, &[], now_ms)
+    }
+
+    /// The verdict on the block of `ip` with `extra` signals of this
+    /// connection alone (an allowlisting of one address, which must not
+    /// allowlist its neighbours), not stored.
+    pub fn suspect_verdict_with(
+        &self,
+        ip: IpAddr,
+        extra: &[(Kind, Signal)],
+        now_ms: u64,
+    ) -> Verdict {
+        let mut st = match self.is_trusted(ip) {
+            true => SuspectState::new(),
+            false => self
+                .blocks
+                .get(&self.block_of(ip))
+                .map(|s| s.suspect.clone())
+                .unwrap_or_default(),
+        };
+        for (k, s) in extra {
+            st.add(k.clone(), s.clone(), self.policy.bounds());
+        }
+        self.policy.verdict(&st, now_ms)
+    }
+
+    /// Adds signals seen by this node to the block of `ip`; returns the
+    /// block's verdict afterwards. Trusted networks get none.
+    pub fn add_signals(&self, ip: IpAddr, signals: Vec<(Kind, Signal)>, now_ms: u64) -> Verdict {
+        if self.is_trusted(ip) || signals.is_empty() {
+            return self.suspect_verdict(ip, now_ms);
+        }
+        let block = self.block_of(ip);
+        let bounds = self.policy.bounds();
+        let v = self.with_block(block, now_ms, |state| {
+            let before = state.suspect.clone();
+            for (k, s) in signals {
+                state.suspect.add(k, s, bounds);
+            }
+            (
+                state.suspect != before,
+                self.policy.verdict(&state.suspect, now_ms),
+            )
+        });
+        match v {
+            Some((changed, verdict)) => {
+                if changed {
+                    self.mark_suspect_changed(block);
+                }
+                verdict
+            }
+            None => self.suspect_verdict(ip, now_ms),
+        }
+    }
+
+    /// Counts an invalid recipient (refused by the recipient check) of the
+    /// block of `ip`, seen by this node; a trap address adds its signal.
+    pub fn on_invalid_recipient(&self, ip: IpAddr, rcpt: &str, now_ms: u64) -> Verdict {
+        if self.is_trusted(ip) {
+            return self.suspect_verdict(ip, now_ms);
+        }
+        let block = self.block_of(ip);
+        let v = self.with_block(block, now_ms, |state| {
+            self.policy
+                .on_invalid_recipient(&mut state.suspect, SELF_ORIGIN, rcpt, now_ms)
+        });
+        match v {
+            Some(verdict) => {
+                self.mark_suspect_changed(block);
+                verdict
+            }
+            None => self.suspect_verdict(ip, now_ms),
+        }
+    }
+
+    /// Merges a peer's suspect state of `block` (idempotent, commutative).
+    /// Returns true if this node learnt something (then it forwards it).
+    pub fn merge_suspect(&self, block: Block, other: &SuspectState, now_ms: u64) -> bool {
+        let _ = now_ms;
+        if other.is_empty() {
+            return false;
+        }
+        let room = self.cfg.max_tracked_blocks - self.cfg.max_tracked_blocks / 10;
+        let bounds = self.policy.bounds();
+        let merge = |state: &mut BlockState| {
+            let before = state.suspect.clone();
+            state.suspect.merge(other, bounds);
+            state.suspect != before
+        };
+        // A peer's news never evicts anything, and creates a block only
+        // while the table has room for this node's own (like its counts).
+        let changed = match self.blocks.get_mut(&block) {
+            Some(mut s) => merge(&mut s),
+            None if self.blocks.len() < room => merge(&mut self.blocks.entry(block).or_default()),
+            None => {
+                metrics::counter!("magicmx_throttle_untracked_total", "source" => "peer")
+                    .increment(1);
+                false
+            }
+        };
+        if changed {
+            self.mark_suspect_changed(block);
+        }
+        changed
+    }
+
+    fn mark_suspect_changed(&self, block: Block) {
+        let mut m = self
+            .suspect_changed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Bounded like the table: past it, the oldest news waits for the next change.
+        if m.len() < self.cfg.max_tracked_blocks || m.contains_key(&block) {
+            m.insert(block, SUSPECT_ROUNDS);
+        }
+    }
+
+    /// Up to `max` blocks whose suspect state changed and has gossip rounds
+    /// left, with their states; each call uses one round of each.
+    pub fn take_suspect_changes(&self, max: usize) -> Vec<(Block, SuspectState)> {
+        let keys: Vec<Block> = {
+            let mut m = self
+                .suspect_changed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<Block> = m.keys().take(max).copied().collect();
+            for k in &keys {
+                if let Some(r) = m.get_mut(k) {
+                    *r = r.saturating_sub(1);
+                    if *r == 0 {
+                        m.remove(k);
+                    }
+                }
+            }
+            keys
+        };
+        keys.into_iter()
+            .filter_map(|b| {
+                let s = self.blocks.get(&b)?;
+                (!s.suspect.is_empty()).then(|| (b, s.suspect.clone()))
+            })
+            .collect()
+    }
+
+    /// Blocks that are suspects (or refused) now.
+    pub fn suspects(&self, now_ms: u64) -> usize {
+        self.blocks
+            .iter()
+            .filter(|e| !e.suspect.is_empty() && self.policy.is_suspect(&e.suspect, now_ms))
+            .count()
+    }
+
+    /// The `n` blocks with the highest suspect score.
+    pub fn top_suspects(&self, n: usize, now_ms: u64) -> Vec<BlockStatus> {
+        let mut all: Vec<(i32, Block)> = self
+            .blocks
+            .iter()
+            .filter(|e| !e.suspect.is_empty())
+            .map(|e| (self.policy.verdict(&e.suspect, now_ms).score, *e.key()))
+            .filter(|(score, _)| *score > 0)
+            .collect();
+        all.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        all.truncate(n);
+        all.into_iter()
+            .map(|(_, b)| self.status(b, now_ms))
+            .collect()
     }
 
     /// The `n` blocks with the most activity, relative to their limits.
@@ -690,10 +929,15 @@ impl Throttle {
     pub fn sweep(&self, now_ms: u64) -> usize {
         let first = self.window_start(now_ms);
         let before = self.blocks.len();
+        let suspect_first = self
+            .policy
+            .epoch_of(now_ms)
+            .saturating_sub(self.policy.bounds().window_epochs.saturating_sub(1));
         let mut released = Vec::new();
         self.blocks.retain(|_, s| {
             s.slots.retain(|sl| sl.epoch >= first);
-            let keep = !s.slots.is_empty() || s.penalty.until > now_ms;
+            s.suspect.prune(now_ms, suspect_first);
+            let keep = !s.slots.is_empty() || s.penalty.until > now_ms || !s.suspect.is_empty();
             if let (false, Some(origin)) = (keep, s.creator) {
                 released.push(origin);
             }

@@ -10,13 +10,15 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{DnsServer, NodeConf, Rec};
+use common::inproc::InProc;
+use common::{Client, DnsServer, NodeConf, Rec};
 use magicmx::config::{DnsConfig, DnsblConfig, Dur};
 use magicmx::dns::Dns;
 use magicmx::dnsbl::{Dnsbl, Score};
@@ -52,6 +54,14 @@ fn records() -> Vec<Rec> {
         Rec::A("2.0.0.127.refusing.test", "127.255.255.254"),
         Rec::A("10.0.0.127.refusing.test", "127.255.255.254"),
         Rec::A("10.0.0.127.other.test", "127.0.0.2"),
+        // Clients of the node tests, each in a /24 of its own (the block is
+        // what gets the score): 127.5.1.10 is listed with a "suspect" code,
+        // 127.5.2.10 with a "refuse" code, 127.5.4.10 gets a "query
+        // refused" answer, 127.5.5.20 is allowlisted.
+        Rec::A("10.1.5.127.bl.test", "127.0.0.4"),
+        Rec::A("10.2.5.127.bl.test", "127.0.0.2"),
+        Rec::A("10.4.5.127.bl.test", "127.255.255.254"),
+        Rec::A("20.5.5.127.wl.test", "127.0.10.1"),
     ];
     // 127.0.0.14: a hundred A records.
     for a in ADDRS {
@@ -407,4 +417,261 @@ fn an_invalid_sites_entry_names_the_key_and_the_entry() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+// ------------------------------------------------------------ the node
+
+/// A node whose resolver is `front`, with `[dnsbl] sites` and extra config.
+fn node(front: &Front, sites: &[&str], suspect: &str) -> InProc {
+    let sites: Vec<String> = sites.iter().map(|s| format!("{s:?}")).collect();
+    InProc::start(&format!(
+        "[accept]\ndomains = [\"example.test\"]\n\
+         [dns]\nnameservers = [\"{}\"]\ntimeout = \"1s\"\n\
+         [dnsbl]\nsites = [{}]\ntimeout = \"{}ms\"\n\
+         [throttle]\nmax_connections = 10\n\
+         [suspect]\n{suspect}",
+        front.addr,
+        sites.join(", "),
+        TIMEOUT.as_millis(),
+    ))
+}
+
+const SITES: [&str; 3] = [
+    "bl.test=127.0.0.[2..3]*5",
+    "bl.test=127.0.0.[4..11]*3",
+    "wl.test=127.0.[0..255].[1..3]*-2",
+];
+
+/// Connects from `src`; returns the first reply line and how long it took
+/// to arrive whole.
+fn first_line(src: &str, to: std::net::SocketAddr) -> (String, Duration) {
+    use std::io::{BufRead, BufReader};
+    let start = Instant::now();
+    let s = common::client::tcp_from(src, to);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut line = String::new();
+    let mut r = BufReader::new(s);
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        // A multi-line banner: its last line.
+        if !line.starts_with("220-") {
+            return (line, start.elapsed());
+        }
+    }
+}
+
+fn explain(node: &InProc, ip: &str) -> serde_json::Value {
+    let text = node.http_get(&format!("/explain?ip={ip}"));
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    serde_json::from_str(body).unwrap()
+}
+
+#[test]
+fn a_listed_client_is_refused_or_slowed_an_unlisted_one_is_not() {
+    let front = Front::start();
+    let node = node(
+        &front,
+        &SITES,
+        "pregreet_wait = \"300ms\"\ntarpit_rate = 50\ntarpit_time = \"500ms\"\nmax_tarpitted_per_block = 1\n",
+    );
+    // Listed with a refusing code: 550 5.7.1 at connect, with the reason.
+    let (line, _) = first_line("127.5.2.10", node.smtp);
+    assert!(
+        line.starts_with("550 5.7.1 suspect score 5: listed in bl.test (127.0.0.2)"),
+        "{line}"
+    );
+    // Unlisted: the banner at once, one line.
+    let (line, took) = first_line("127.5.3.10", node.smtp);
+    assert!(line.starts_with("220 "), "{line}");
+    assert!(
+        took < Duration::from_millis(250),
+        "clean banner took {took:?}"
+    );
+    // Listed with a suspect code: served, but slowly (pregreet wait and
+    // tarpit), with a fifth of the limits.
+    let (line, took) = first_line("127.5.1.10", node.smtp);
+    assert!(line.starts_with("220 "), "{line}");
+    assert!(
+        took >= Duration::from_millis(700),
+        "suspect banner took {took:?}"
+    );
+    let e = explain(&node, "127.5.1.99");
+    assert_eq!(e["suspect"]["level"], "suspect", "{e}");
+    assert_eq!(e["suspect"]["score"], 3, "{e}");
+    assert_eq!(e["suspect"]["reasons"][0]["of"], "bl.test", "{e}");
+    assert_eq!(e["limits"]["connections"], 2, "{e}");
+    // Only one tarpitted session per block: a second one at once is refused.
+    let held = common::client::tcp_from("127.5.1.11", node.smtp);
+    std::thread::sleep(Duration::from_millis(100));
+    let (line, _) = first_line("127.5.1.12", node.smtp);
+    assert!(
+        line.starts_with("421 4.7.0 Too many suspect sessions"),
+        "{line}"
+    );
+    drop(held);
+    // The suspect's lower limit: its 3rd connection in the window is refused.
+    std::thread::sleep(Duration::from_millis(300));
+    let (line, _) = first_line("127.5.1.13", node.smtp);
+    assert!(line.starts_with("421 4.7.0 Too much mail"), "{line}");
+    // The clean block still has its 10.
+    for _ in 0..5 {
+        let (line, _) = first_line("127.5.3.10", node.smtp);
+        assert!(line.starts_with("220 "), "{line}");
+    }
+    // `magicmx explain` prints score and reasons.
+    let (ok, text) = node.cli(&["explain", "127.5.1.10"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("suspect:  score 3 (suspect)"), "{text}");
+    assert!(text.contains("+3 listed in bl.test (127.0.0.4)"), "{text}");
+    let text = node.http_get("/status");
+    let status: serde_json::Value =
+        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+    // 127.5.1.0/24 (suspect) and 127.5.2.0/24 (refused).
+    assert_eq!(status["suspect_blocks"], 2, "{status}");
+    assert_eq!(status["suspects"][0]["block"], "127.5.2.0/24", "{status}");
+    assert_eq!(status["dnsbl_zones"][0]["zone"], "bl.test", "{status}");
+    let metrics = node.http_get("/metrics");
+    assert!(metrics.contains("magicmx_suspect_blocks 2"), "{metrics}");
+}
+
+#[test]
+fn a_query_refused_answer_or_a_silent_zone_refuses_no_one() {
+    let front = Front::start();
+    let node = node(&front, &["bl.test*5", "silent.test*5"], "");
+    let (line, took) = first_line("127.5.4.10", node.smtp);
+    assert!(line.starts_with("220 "), "{line}");
+    // At most the timeout for the silent zone (in parallel with bl.test).
+    assert!(took < TIMEOUT + Duration::from_millis(250), "took {took:?}");
+    let e = explain(&node, "127.5.4.10");
+    assert_eq!(e["suspect"]["score"], 0, "{e}");
+    assert_eq!(e["suspect"]["level"], "clean", "{e}");
+    let metrics = node.http_get("/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("magicmx_dnsbl_errors_total")
+                && l.contains("zone=\"bl.test\"")
+                && l.contains("kind=\"refused\"")),
+        "{metrics}"
+    );
+    // And the next connection too: bl.test is paused, silent.test skipped
+    // or timing out, never a listing.
+    let (line, took) = first_line("127.5.4.11", node.smtp);
+    assert!(line.starts_with("220 "), "{line}");
+    assert!(took < TIMEOUT + Duration::from_millis(250), "took {took:?}");
+}
+
+#[test]
+fn an_allowlisted_sender_skips_the_protocol_tests() {
+    let front = Front::start();
+    // A clean block gets the split banner too here, so pregreeting shows.
+    let node = node(&front, &SITES, "pregreet_wait_clean = \"300ms\"\n");
+    // A clean client that talks first fails the pregreet test: refused.
+    let mut s = common::client::tcp_from("127.5.6.10", node.smtp);
+    s.write_all(b"EHLO early.test\r\n").unwrap();
+    let mut text = String::new();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.read_to_string(&mut text);
+    assert!(text.starts_with("220-"), "{text}");
+    assert!(
+        text.contains("550 5.7.1 suspect score 5: failed the pregreet test"),
+        "{text}"
+    );
+    assert_eq!(explain(&node, "127.5.6.77")["suspect"]["level"], "refused");
+    // The allowlisted one: no test, one banner line at once, served.
+    let mut s = common::client::tcp_from("127.5.5.20", node.smtp);
+    s.write_all(b"EHLO early.test\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 512];
+    let start = Instant::now();
+    let mut got = String::new();
+    while !got.contains("250 ") && start.elapsed() < Duration::from_secs(3) {
+        let n = s.read(&mut buf).unwrap();
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(got.starts_with("220 "), "{got}");
+    assert!(got.contains("250 "), "{got}");
+    let e = explain(&node, "127.5.5.20");
+    assert_eq!(
+        e["suspect"]["level"], "clean",
+        "the allowlisting is the address's: {e}"
+    );
+}
+
+#[test]
+fn invalid_recipients_and_traps_make_a_suspect() {
+    let front = Front::start();
+    let node = node(
+        &front,
+        &[],
+        "invalid_rcpt_threshold = 3\ntrap_recipients = [\"trap@example.test\"]\ntarpit_rate = 0\n",
+    );
+    let mut c = Client::connect_from("127.5.7.10", node.smtp);
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<a@sender.test>", 250);
+    for i in 0..2 {
+        c.expect(&format!("RCPT TO:<u{i}@elsewhere.test>"), 550);
+    }
+    assert_eq!(explain(&node, "127.5.7.10")["suspect"]["level"], "clean");
+    c.expect("RCPT TO:<u9@elsewhere.test>", 550);
+    let e = explain(&node, "127.5.7.10");
+    assert_eq!(e["suspect"]["level"], "suspect", "{e}");
+    assert_eq!(
+        e["suspect"]["reasons"][0]["kind"], "invalid_recipients",
+        "{e}"
+    );
+    // A trap: at once, and never accepted.
+    let mut c = Client::connect_from("127.5.8.10", node.smtp);
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<a@sender.test>", 250);
+    let r = c.cmd("RCPT TO:<Trap@Example.test>");
+    assert_eq!(r.code, 550, "{r}");
+    let e = explain(&node, "127.5.8.10");
+    assert_eq!(e["suspect"]["reasons"][0]["kind"], "trap", "{e}");
+    assert_eq!(e["suspect"]["level"], "suspect", "{e}");
+}
+
+#[test]
+fn python_smtplib_trips_no_test_and_sees_no_delay() {
+    let front = Front::start();
+    let node = node(&front, &SITES, "");
+    let script = r#"
+import smtplib, sys, time
+t = time.monotonic()
+s = smtplib.SMTP(sys.argv[1], int(sys.argv[2]), source_address=("127.5.9.10", 0), timeout=10)
+banner = time.monotonic() - t
+s.ehlo("client.test")
+s.sendmail("alice@sender.test", ["bob@example.test"], "Subject: hi\r\n\r\nhello\r\n")
+s.quit()
+print("%.3f %.3f" % (banner, time.monotonic() - t))
+"#;
+    for _ in 0..2 {
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(node.smtp.ip().to_string())
+            .arg(node.smtp.port().to_string())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let times: Vec<f64> = text
+            .split_whitespace()
+            .map(|t| t.parse().unwrap())
+            .collect();
+        eprintln!(
+            "smtplib: banner after {}s, whole transaction {}s",
+            times[0], times[1]
+        );
+        assert!(times[0] < 0.25, "banner after {}s", times[0]);
+        assert!(times[1] < 1.0, "transaction took {}s", times[1]);
+    }
+    let e = explain(&node, "127.5.9.10");
+    assert_eq!(e["suspect"]["score"], 0, "{e}");
+    assert_eq!(e["suspect"]["reasons"].as_array().unwrap().len(), 0, "{e}");
 }

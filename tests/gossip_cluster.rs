@@ -680,6 +680,7 @@ mod peer {
             base_epoch: epoch,
             origins,
             entries,
+            suspects: Vec::new(),
         };
         wire::seal(NETWORK, sender, Body::Delta(batch)).encode_to_vec()
     }
@@ -834,4 +835,102 @@ fn only_certified_peers_count_and_each_is_capped() {
         a.logs_with(&["gossip handshake failed"]).first()
     );
     drop(rogue);
+}
+
+/// Sends `bytes` from `src` to `to` after reading the banner; returns
+/// everything the node answered until it closed (or 5 s passed).
+fn talk(src: &str, to: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = connect_from(src, to);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut banner = String::new();
+    r.read_line(&mut banner).unwrap();
+    assert!(banner.starts_with("220 "), "{banner}");
+    s.write_all(bytes).unwrap();
+    let mut rest = String::new();
+    let _ = r.read_to_string(&mut rest);
+    rest
+}
+
+/// A blocking TCP connection from the source address `src`.
+fn connect_from(src: &str, to: SocketAddr) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(src.parse().unwrap(), 0)).unwrap();
+        let s = tokio::time::timeout(Duration::from_secs(3), sock.connect(to))
+            .await
+            .unwrap()
+            .unwrap();
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
+        s
+    })
+}
+
+/// The suspect level of `ip`'s block at `node` (`/explain`).
+fn level(node: &Node, ip: &str) -> String {
+    node.get(&format!("/explain?ip={ip}"))["suspect"]["level"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string()
+}
+
+#[test]
+fn a_failed_protocol_test_at_one_node_makes_a_suspect_at_the_other() {
+    let _g = serial();
+    let ca = network_ca(&["a", "b"]);
+    let nodes = cluster(ca.path(), &["a", "b"], false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let cases: [(&str, &[u8], &str); 2] = [
+        // An HTTP request at port 25: closed at once.
+        (
+            "127.9.9",
+            b"GET / HTTP/1.1\r\nHost: mx\r\n\r\n",
+            "521 5.5.1",
+        ),
+        // Commands before the EHLO reply: pipelining it was not offered.
+        (
+            "127.9.8",
+            b"EHLO bot.test\r\nMAIL FROM:<a@bot.test>\r\nRCPT TO:<b@example.test>\r\n",
+            "550 5.7.1",
+        ),
+    ];
+    for (block, bytes, reply) in cases {
+        let bot = format!("{block}.9");
+        assert_eq!(level(b, &format!("{block}.1")), "clean");
+        let answer = talk(&bot, a.smtp, bytes);
+        assert!(answer.contains(reply), "{block}: {answer:?}");
+        assert!(
+            !answer.contains("250 2.1.0"),
+            "{block}: served on: {answer:?}"
+        );
+        assert_eq!(level(a, &bot), "refused", "{block} at a");
+        // A neighbour of the bot, at the other node, within 2 s.
+        let neighbour = format!("{block}.10");
+        let t = wait_until(Duration::from_secs(2), || level(b, &neighbour) == "refused");
+        assert!(
+            t.is_some(),
+            "{block}: b did not learn: {}",
+            b.get(&format!("/explain?ip={neighbour}"))
+        );
+        eprintln!("{block}: b knew the suspect after {t:?}");
+        let e = b.get(&format!("/explain?ip={neighbour}"));
+        let reasons = e["suspect"]["reasons"].to_string();
+        assert!(reasons.contains("protocol"), "{e}");
+        // b refuses the block at connect, with the reason.
+        let s = connect_from(&neighbour, b.smtp);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with("550 5.7.1 suspect score"),
+            "{block}: {line}"
+        );
+    }
+    // The other nodes' clean blocks are untouched.
+    assert_eq!(level(b, "127.9.7.1"), "clean");
 }

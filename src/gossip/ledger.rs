@@ -199,6 +199,7 @@ impl<'a> BatchBuilder<'a> {
                 base_epoch,
                 origins: Vec::new(),
                 entries: Vec::new(),
+                suspects: Vec::new(),
             },
             index: HashMap::new(),
             by_name: HashMap::new(),
@@ -1198,6 +1199,7 @@ mod tests {
                     base_epoch,
                     origins,
                     entries,
+                    suspects: Vec::new(),
                 },
             )
     }

@@ -98,6 +98,12 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_ANSWERS: usize = 8;
 /// Pushes per interval: one full round and the rest for fresh counts.
 const FRESH_PUSHES: u32 = 4;
+/// Most suspect states in one batch (each is at most a few hundred bytes).
+const MAX_SUSPECTS: usize = 512;
+/// Longest a peer's suspect signal may live from now (a peer cannot make
+/// one eternal; a listing lives at most `[dnsbl] max_ttl`, a test failure
+/// `[suspect] reason_ttl`).
+const MAX_SUSPECT_LIFE_MS: u64 = 24 * 3_600 * 1_000;
 
 /// The running gossip of this node. All its tasks end when the shutdown
 /// token given to [`Gossip::start`] is cancelled.
@@ -583,10 +589,23 @@ impl Core {
             } else {
                 state.ledger.take_fresh(MAX_BATCH_ENTRIES)
             };
-            if entries.is_empty() {
+            // Suspect states that changed go with every round, fresh or
+            // full, so that a failed test crosses a hop in a fraction of
+            // the interval.
+            let suspects = self.throttle.take_suspect_changes(MAX_SUSPECTS);
+            if entries.is_empty() && suspects.is_empty() {
                 return;
             }
-            let batch = state.ledger.encode_batch(&entries, self.epoch_ms);
+            let mut batch = state.ledger.encode_batch(&entries, self.epoch_ms);
+            batch.suspects = suspects
+                .iter()
+                .map(|(block, st)| {
+                    wire::suspect_to_wire(block, st, |o| match o {
+                        SELF_ORIGIN => Some(self.name.clone()),
+                        o => self.throttle.origin_name(o),
+                    })
+                })
+                .collect();
             self.seal(Body::Delta(batch))
         };
         let mut targets = live;
@@ -610,9 +629,58 @@ impl Core {
         }
     }
 
+    /// Merges the suspect states of a batch from `from` into the throttle.
+    /// States that taught this node something are forwarded in turn
+    /// (the throttle marks them changed). Returns the number merged.
+    fn merge_suspects(&self, from: &Peer, batch: &proto::CountBatch) -> usize {
+        if batch.suspects.is_empty() {
+            return 0;
+        }
+        if batch.suspects.len() > MAX_SUSPECTS {
+            dropped("malformed");
+            return 0;
+        }
+        let members = self.members();
+        if !(members.is_vouched_member(&from.name) || members.live().any(|m| m.name == from.name)) {
+            drop(members);
+            dropped("unknown_origin");
+            return 0;
+        }
+        drop(members);
+        let now = now_ms();
+        let bounds = self.throttle.policy().bounds();
+        let mut merged = 0;
+        for e in &batch.suspects {
+            let Some((block, st)) = wire::suspect_from_wire(
+                e,
+                bounds,
+                now.saturating_add(MAX_SUSPECT_LIFE_MS),
+                |name| match name == self.name {
+                    true => Some(SELF_ORIGIN),
+                    false => Some(self.throttle.origin(name)),
+                },
+            ) else {
+                dropped("entry");
+                continue;
+            };
+            if !self.prefix_ok(&block) {
+                dropped("prefix");
+                continue;
+            }
+            if self.throttle.merge_suspect(block, &st, now) {
+                merged += 1;
+            }
+        }
+        if merged > 0 {
+            debug!(peer = %from.name, merged, "suspect states merged");
+        }
+        merged
+    }
+
     /// Merges a batch of counts from `from` into the throttle. Returns the
     /// number of counts merged.
     fn merge_counts(&self, from: &Peer, batch: &proto::CountBatch) -> usize {
+        self.merge_suspects(from, batch);
         let (updates, invalid) = match decode_batch(batch, self.epoch_ms) {
             Ok(x) => x,
             Err(e) => {

@@ -13,6 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use prost::Message as _;
 
+use crate::suspect::{Bounds, Kind, Signal, SuspectState};
 use crate::throttle::Block;
 
 /// The generated protobuf types.
@@ -26,8 +27,9 @@ pub use proto::Envelope;
 
 /// Major protocol version: envelopes with another one are dropped.
 pub const VERSION: u32 = 1;
-/// Minor protocol version: informational, additions only.
-pub const MINOR: u32 = 0;
+/// Minor protocol version: informational, additions only (1: suspect
+/// states in count batches).
+pub const MINOR: u32 = 1;
 /// Largest envelope read from a stream.
 pub const MAX_MESSAGE: usize = 4 << 20;
 
@@ -125,6 +127,81 @@ pub fn block_from_wire(bytes: &[u8], prefix_len: u32) -> Option<Block> {
     Some(Block(net))
 }
 
+/// Most signals and invalid-recipient counts read from one suspect entry
+/// (a state holds at most `[suspect] max_reasons` ≤ 256 signals and the
+/// counts of the window).
+pub const MAX_SUSPECT_ITEMS: usize = 256;
+/// Largest weight taken from a peer's signal (the config's bound).
+const MAX_WEIGHT: i32 = 1_000;
+
+/// A block's suspect state on the wire; `origin_name` names the throttle
+/// origins of its invalid-recipient counts (counts of unknown origins are
+/// left out).
+pub fn suspect_to_wire(
+    block: &Block,
+    state: &SuspectState,
+    origin_name: impl Fn(u16) -> Option<String>,
+) -> proto::SuspectEntry {
+    let (bytes, prefix_len) = block_to_wire(block);
+    proto::SuspectEntry {
+        block: bytes,
+        prefix_len,
+        signals: state
+            .signals()
+            .map(|(k, s)| proto::SuspectSignal {
+                kind: k.to_wire(),
+                expires_ms: s.expires_ms,
+                weight: s.weight,
+                detail: s.detail.clone(),
+            })
+            .collect(),
+        invalid: state
+            .invalid_counts()
+            .filter_map(|((o, epoch), count)| {
+                Some(proto::InvalidCount {
+                    origin: origin_name(*o)?,
+                    epoch: *epoch,
+                    count: *count,
+                })
+            })
+            .collect(),
+    }
+}
+
+/// A peer's suspect entry as (block, state); None if the block is bad.
+/// Unknown kinds are skipped (a newer peer), weights are clamped to the
+/// config's bound and expiries to `max_expires_ms` (a peer cannot make a
+/// signal eternal); `origin` maps a node name to a throttle origin.
+pub fn suspect_from_wire(
+    e: &proto::SuspectEntry,
+    bounds: Bounds,
+    max_expires_ms: u64,
+    mut origin: impl FnMut(&str) -> Option<u16>,
+) -> Option<(Block, SuspectState)> {
+    let block = block_from_wire(&e.block, e.prefix_len)?;
+    let mut st = SuspectState::new();
+    for s in e.signals.iter().take(MAX_SUSPECT_ITEMS) {
+        let Some(kind) = Kind::from_wire(&s.kind) else {
+            continue;
+        };
+        let signal = Signal::new(
+            s.weight.clamp(-MAX_WEIGHT, MAX_WEIGHT),
+            s.expires_ms.min(max_expires_ms),
+            s.detail
+                .chars()
+                .filter(|c| !c.is_control())
+                .collect::<String>(),
+        );
+        st.add(kind, signal, bounds);
+    }
+    for c in e.invalid.iter().take(MAX_SUSPECT_ITEMS) {
+        if let Some(o) = origin(&c.origin) {
+            st.add_invalid_count(o, c.epoch, c.count, bounds);
+        }
+    }
+    Some((block, st))
+}
+
 pub fn addr_to_wire(a: &SocketAddr) -> proto::SocketAddress {
     let ip = match a.ip() {
         IpAddr::V4(v4) => v4.octets().to_vec(),
@@ -205,6 +282,52 @@ mod tests {
             port: 70_000,
         };
         assert_eq!(addr_from_wire(&bad_port), None);
+    }
+
+    #[test]
+    fn suspect_states_roundtrip_and_are_bounded() {
+        use crate::suspect::ProtocolTest;
+        let b = Bounds {
+            max_reasons: 8,
+            window_epochs: 10,
+        };
+        let block = Block("10.1.2.0/24".parse().unwrap());
+        let mut st = SuspectState::new();
+        st.add(
+            Kind::Protocol(ProtocolTest::Pregreet),
+            Signal::new(5, 10_000, "sent before the banner"),
+            b,
+        );
+        st.add(
+            Kind::Dnsbl("bl.test".into()),
+            Signal::new(3, 9_000, "127.0.0.2"),
+            b,
+        );
+        st.add_invalid_count(0, 7, 4, b);
+        let names = |o: u16| (o == 0).then(|| "a".to_string());
+        let wire = suspect_to_wire(&block, &st, names);
+        let back = suspect_from_wire(&wire, b, u64::MAX, |n| (n == "a").then_some(0));
+        assert_eq!(back, Some((block, st.clone())));
+
+        // A hostile peer: eternal, huge, unknown, control characters.
+        let mut bad = wire.clone();
+        bad.signals[0].expires_ms = u64::MAX;
+        bad.signals[0].weight = i32::MAX;
+        bad.signals[0].detail = "a\r\nb".into();
+        bad.signals.push(proto::SuspectSignal {
+            kind: "from_the_future".into(),
+            ..Default::default()
+        });
+        let (_, got) = suspect_from_wire(&bad, b, 50_000, |_| None).unwrap();
+        let sigs: Vec<_> = got.signals().collect();
+        assert_eq!(sigs.len(), 2);
+        assert!(sigs
+            .iter()
+            .all(|(_, s)| s.expires_ms <= 50_000 && s.weight <= 1_000));
+        assert!(sigs.iter().all(|(_, s)| !s.detail.contains('\n')));
+        assert_eq!(got.invalid_counts().count(), 0, "unknown origin");
+        bad.block = vec![1, 2, 3];
+        assert_eq!(suspect_from_wire(&bad, b, 50_000, |_| None), None);
     }
 
     proptest! {

@@ -11,6 +11,7 @@
 //! is being stored finishes first, so nothing acknowledged is lost.
 
 pub mod data;
+pub mod screen;
 pub mod session;
 
 use std::net::{IpAddr, SocketAddr};
@@ -67,6 +68,10 @@ pub struct Context {
     pub throttle: Arc<Throttle>,
     /// Recipient verification with the real MX (None: off).
     pub verifier: Option<Arc<crate::verify::Verifier>>,
+    /// `[dnsbl]` lookups at connect (None: no sites).
+    pub dnsbl: Option<crate::dnsbl::Dnsbl>,
+    /// Bounds of the tarpit (shared by both doors; only inbound tarpits).
+    pub tarpits: Arc<screen::Tarpits>,
 }
 
 /// Loads the STARTTLS certificate and key (PEM) with the ring provider.
@@ -103,6 +108,7 @@ impl Context {
         dns: Dns,
         relay_wake: Arc<Notify>,
         throttle: Arc<Throttle>,
+        dnsbl: Option<crate::dnsbl::Dnsbl>,
     ) -> anyhow::Result<Context> {
         let tls = match (&config.smtp.tls_cert, &config.smtp.tls_key) {
             (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
@@ -117,6 +123,10 @@ impl Context {
             max_received_headers: config.relay.max_received_headers,
             tls_available: tls.is_some(),
         };
+        let tarpits = Arc::new(screen::Tarpits::new(
+            config.suspect.max_tarpitted,
+            config.suspect.max_tarpitted_per_block,
+        ));
         Ok(Context {
             mode: Mode::Inbound,
             config,
@@ -127,6 +137,8 @@ impl Context {
             tls,
             throttle,
             verifier: None,
+            dnsbl,
+            tarpits,
         })
     }
 
@@ -151,6 +163,8 @@ impl Context {
             throttle: self.throttle.clone(),
             // Trusted senders' mail for any domain: not verified.
             verifier: None,
+            dnsbl: self.dnsbl.clone(),
+            tarpits: self.tarpits.clone(),
         }
     }
 
@@ -479,6 +493,22 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let ip = canonical_ip(peer.ip());
     let mut stream = stream;
+    // Who is sending: trusted networks and outbound clients are never screened.
+    let exempt = ctx.mode == Mode::Outbound || ctx.throttle.is_trusted(ip);
+    let screen = match exempt {
+        true => screen::Screen::default(),
+        false => match screen::at_connect(&ctx, ip).await {
+            screen::Connect::Go(s) => s,
+            screen::Connect::Refuse(reply) => {
+                let line = format!("{reply}\r\n");
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes()))
+                        .await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+        },
+    };
     match ctx.throttle("connect", ip, |t| t.on_connect(ip, now_ms())) {
         Decision::Accept => {}
         Decision::Refuse { reply, .. } => {
@@ -491,9 +521,30 @@ async fn connection(
         Decision::Drop { .. } => return,
     }
     let mut session = Session::new(ctx.session.clone(), ip, false);
+    let hostname = &ctx.config.node.hostname;
+    let early = tokio::time::timeout(
+        ctx.config.smtp.command_timeout.0,
+        screen::pregreet(&mut stream, &screen, hostname),
+    )
+    .await;
+    match early {
+        Ok(Some(early)) if !early.is_empty() => {
+            let v = screen.failed(&ctx, ip, session::ProtocolTest::Pregreet);
+            if let Some(r) = v.as_ref().and_then(|v| v.refusal()) {
+                let line = format!("550 5.7.1 {r}\r\n");
+                let _ = screen.write(&mut stream, line.as_bytes()).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+            session.receive(&early);
+        }
+        Ok(Some(_)) => {}
+        Ok(None) if screen.pregreet_wait.is_none() => {}
+        Ok(None) | Err(_) => return,
+    }
     session.greeting();
     debug!("connected");
-    let session = match drive(&mut stream, ip, session, &ctx, &shutdown).await {
+    let session = match drive(&mut stream, ip, session, &ctx, &screen, &shutdown).await {
         Ended::Closed => return,
         Ended::StartTls(s) => *s,
     };
@@ -514,7 +565,7 @@ async fn connection(
     };
     let mut session = session;
     session.tls_started();
-    if let Ended::StartTls(_) = drive(&mut tls, ip, session, &ctx, &shutdown).await {
+    if let Ended::StartTls(_) = drive(&mut tls, ip, session, &ctx, &screen, &shutdown).await {
         // The session refuses a second STARTTLS itself; nothing to do.
     }
     let _ = tls.shutdown().await;
@@ -531,19 +582,22 @@ fn sender_routed(address: &str) -> bool {
 async fn write_out<S: AsyncWrite + Unpin>(
     stream: &mut S,
     session: &mut Session,
+    screen: &screen::Screen,
     timeout: Duration,
 ) -> bool {
     if !session.has_output() {
         return true;
     }
     let out = session.take_output();
+    // A tarpitted reply takes longer than a normal one: the tarpit's own
+    // time is bounded by `[suspect] tarpit_time` (at most 60s).
+    let timeout = match screen.tarpitting() {
+        true => timeout + screen::MAX_TARPIT,
+        false => timeout,
+    };
     matches!(
-        tokio::time::timeout(timeout, async {
-            stream.write_all(&out).await?;
-            stream.flush().await
-        })
-        .await,
-        Ok(Ok(()))
+        tokio::time::timeout(timeout, screen.write(stream, &out)).await,
+        Ok(true)
     )
 }
 
@@ -552,6 +606,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     peer: IpAddr,
     mut session: Session,
     ctx: &Context,
+    screen: &screen::Screen,
     shutdown: &CancellationToken,
 ) -> Ended {
     let cfg = &ctx.config.smtp;
@@ -564,7 +619,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         match session.next_event() {
             Event::NeedInput => {
-                if !write_out(stream, &mut session, cfg.command_timeout.0).await {
+                if !write_out(stream, &mut session, screen, cfg.command_timeout.0).await {
                     return Ended::Closed;
                 }
                 // A partial command line is buffered: its clock keeps running.
@@ -609,22 +664,47 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Event::Close => {
-                write_out(stream, &mut session, cfg.command_timeout.0).await;
+                write_out(stream, &mut session, screen, cfg.command_timeout.0).await;
                 let _ = stream.shutdown().await;
                 return Ended::Closed;
             }
             Event::StartTls => {
-                if !write_out(stream, &mut session, cfg.command_timeout.0).await {
+                if !write_out(stream, &mut session, screen, cfg.command_timeout.0).await {
                     return Ended::Closed;
                 }
                 return Ended::StartTls(Box::new(session));
             }
             Event::Recipient { address, domain } => {
-                let verdict = ctx.check_recipient(peer, &address, &domain).await;
+                let trap = screen.scored && ctx.throttle.policy().is_trap(&address);
+                let verdict = match trap {
+                    // Nobody writes to a trap: never delivered.
+                    true => Verdict::Refuse(format!(
+                        "550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+                    )),
+                    false => ctx.check_recipient(peer, &address, &domain).await,
+                };
                 if let Verdict::Refuse(reply) = &verdict {
                     info!(rcpt = %address, reply = %reply, "recipient refused");
+                    screen.recipient(ctx, peer, &address, reply.starts_with('5'));
                 }
                 session.recipient_verdict(verdict);
+            }
+            Event::ProtocolTest(test) => {
+                let v = screen.failed(ctx, peer, test);
+                let refusal = v.as_ref().and_then(|v| v.refusal()).map(|r| r.to_string());
+                let ends = test == session::ProtocolTest::NonSmtp || session.in_data();
+                if let (Some(r), false) = (refusal, ends) {
+                    // Refused now: what was answered goes out, then the refusal.
+                    let _ = write_out(stream, &mut session, screen, cfg.command_timeout.0).await;
+                    let line = format!("550 5.7.1 {r}\r\n");
+                    let _ = tokio::time::timeout(
+                        cfg.command_timeout.0,
+                        screen.write(stream, line.as_bytes()),
+                    )
+                    .await;
+                    let _ = stream.shutdown().await;
+                    return Ended::Closed;
+                }
             }
             Event::Message(m) => {
                 let result = ctx.store(*m).await;

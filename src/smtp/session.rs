@@ -16,6 +16,7 @@ use std::net::IpAddr;
 use smtp_proto::{Request, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8};
 
 use super::data::{DataError, DataReader, Progress};
+pub use crate::suspect::ProtocolTest;
 
 /// Limits and names a session needs; built once from the config.
 #[derive(Debug, Clone)]
@@ -44,6 +45,9 @@ pub enum Event {
     Recipient { address: String, domain: String },
     /// Store this message durably, then call [`Session::message_stored`].
     Message(Box<Message>),
+    /// The client failed a protocol test: the caller scores its block (or
+    /// not, for a trusted client), then goes on calling `next_event`.
+    ProtocolTest(ProtocolTest),
 }
 
 /// An accepted transaction, ready for the spool.
@@ -102,6 +106,10 @@ pub struct Session {
     /// Skipping the rest of an over-long command line.
     discarding: bool,
     closed: bool,
+    /// A failed protocol test to report ([`Event::ProtocolTest`]).
+    failed_test: Option<ProtocolTest>,
+    /// The pipelining test is reported once per session.
+    pipelining_failed: bool,
 }
 
 impl Session {
@@ -123,6 +131,8 @@ impl Session {
             errors: 0,
             discarding: false,
             closed: false,
+            failed_test: None,
+            pipelining_failed: false,
         }
     }
 
@@ -211,6 +221,9 @@ impl Session {
             "answer the previous event first"
         );
         loop {
+            if let Some(test) = self.failed_test.take() {
+                return Event::ProtocolTest(test);
+            }
             if self.closed {
                 return Event::Close;
             }
@@ -266,6 +279,7 @@ impl Session {
                     Err(e) => {
                         let line = match e {
                             DataError::BareLf => {
+                                self.failed_test = Some(ProtocolTest::BareLf);
                                 "554 5.6.0 Error: bare <LF> received; lines must end with <CR><LF>"
                             }
                             DataError::BareCr => {
@@ -349,6 +363,9 @@ impl Session {
     }
 
     fn command(&mut self, line: &[u8]) -> Option<Event> {
+        if self.screen_line(line) {
+            return None;
+        }
         let (masked, literals) = mask_address_literals(line);
         let request = match Request::parse(&mut masked.iter()) {
             Ok(r) => r,
@@ -390,6 +407,32 @@ impl Session {
             | Request::Burl { .. } => self.error("502 5.5.1 Error: command not implemented"),
         }
         None
+    }
+
+    /// The protocol tests a command line can fail, before it is parsed.
+    /// Non-SMTP (an HTTP request, TLS or other binary bytes): the session
+    /// ends at once, whoever the client is (a browser tricked into posting
+    /// to port 25 must not get its later lines taken as commands). Unoffered
+    /// pipelining: a line that arrived with more input behind it, before
+    /// the EHLO/HELO reply or after HELO (which offers no PIPELINING), is
+    /// reported once and otherwise served as usual. True if the line was
+    /// consumed.
+    fn screen_line(&mut self, line: &[u8]) -> bool {
+        if is_non_smtp(line) {
+            self.reply("521 5.5.1 Protocol error: not an SMTP command");
+            self.clear_input();
+            self.closed = true;
+            self.failed_test = Some(ProtocolTest::NonSmtp);
+            return true;
+        }
+        let verb = line.get(..4).unwrap_or_default();
+        let hello = verb.eq_ignore_ascii_case(b"EHLO") || verb.eq_ignore_ascii_case(b"HELO");
+        let unoffered = hello || (self.helo.is_some() && !self.esmtp);
+        if unoffered && !self.pipelining_failed && self.has_buffered_input() {
+            self.pipelining_failed = true;
+            self.failed_test = Some(ProtocolTest::Pipelining);
+        }
+        false
     }
 
     fn parse_error(&mut self, line: &[u8], e: smtp_proto::Error) {
@@ -587,6 +630,23 @@ fn declared_size(line: &[u8]) -> Option<u128> {
     })
 }
 
+/// A line that is no SMTP command: an HTTP method, or a first word with
+/// bytes that are not letters (TLS, binary, another protocol). A blank line
+/// or a mistyped verb is an ordinary command error.
+fn is_non_smtp(line: &[u8]) -> bool {
+    const HTTP: [&[u8]; 9] = [
+        b"GET", b"POST", b"CONNECT", b"HEAD", b"PUT", b"OPTIONS", b"DELETE", b"PATCH", b"TRACE",
+    ];
+    let end = line
+        .iter()
+        .position(|b| matches!(b, b' ' | b'\r' | b'\n'))
+        .unwrap_or(line.len());
+    let verb = &line[..end];
+    !verb.is_empty()
+        && (!verb.iter().all(u8::is_ascii_alphabetic)
+            || HTTP.iter().any(|m| verb.eq_ignore_ascii_case(m)))
+}
+
 /// Longest address taken (smtp-proto's limit; RFC 5321 4.5.3.1.3 allows
 /// a 256-octet path, brackets included).
 const MAX_ADDRESS_LEN: usize = 256;
@@ -723,6 +783,7 @@ mod tests {
                     messages.push(*m);
                     s.message_stored(Ok("Q1"));
                 }
+                Event::ProtocolTest(_) => {}
                 e => return (out(s), messages, e),
             }
         }
@@ -860,7 +921,7 @@ mod tests {
     fn first_event(s: &mut Session) -> Event {
         loop {
             match s.next_event() {
-                Event::NeedInput => continue,
+                Event::NeedInput | Event::ProtocolTest(_) => continue,
                 e => return e,
             }
         }
@@ -907,9 +968,68 @@ mod tests {
     }
 
     #[test]
+    fn non_smtp_lines_end_the_session_at_once() {
+        for line in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"post /form HTTP/1.0\r\n",
+            b"CONNECT mx.test:25 HTTP/1.1\r\n",
+            b"HEAD / HTTP/1.1\r\n",
+            b"PUT /x HTTP/1.1\r\n",
+            b"\x16\x03\x01\x02\x00\x01\r\n",
+            b"EHLO\x00x\r\n",
+        ] {
+            let mut s = new();
+            let mut input = line.to_vec();
+            input.extend_from_slice(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\n");
+            s.receive(&input);
+            assert_eq!(s.next_event(), Event::ProtocolTest(ProtocolTest::NonSmtp));
+            assert_eq!(s.next_event(), Event::Close);
+            let o = out(&mut s);
+            assert!(
+                o.ends_with("521 5.5.1 Protocol error: not an SMTP command\r\n"),
+                "{o}"
+            );
+            assert!(!o.contains("250"), "nothing after it is served: {o}");
+        }
+        // A mistyped verb or a blank line is an ordinary error.
+        let (o, _, e) = drive(&mut new(), b"EHOL c\r\n\r\nNOOP\r\n");
+        assert_eq!(e, Event::NeedInput);
+        assert!(o.ends_with("250 2.0.0 Ok\r\n"), "{o}");
+    }
+
+    #[test]
+    fn unoffered_pipelining_is_reported_once() {
+        // One command at a time after EHLO's reply: fine, pipelined after it too.
+        let mut s = new();
+        s.receive(b"EHLO c\r\n");
+        assert_eq!(s.next_event(), Event::NeedInput);
+        s.receive(b"MAIL FROM:<a@b.test>\r\nRSET\r\nNOOP\r\n");
+        assert_eq!(s.next_event(), Event::NeedInput);
+        // After HELO nothing may be pipelined.
+        let mut s = new();
+        s.receive(b"HELO c\r\n");
+        assert_eq!(s.next_event(), Event::NeedInput);
+        s.receive(b"MAIL FROM:<a@b.test>\r\n");
+        assert_eq!(s.next_event(), Event::NeedInput);
+        s.receive(b"RSET\r\nNOOP\r\nNOOP\r\n");
+        assert_eq!(
+            s.next_event(),
+            Event::ProtocolTest(ProtocolTest::Pipelining)
+        );
+        assert_eq!(s.next_event(), Event::NeedInput, "reported once");
+        let o = out(&mut s);
+        assert_eq!(o.matches("250 2.0.0 Ok").count(), 3, "still served: {o}");
+    }
+
+    #[test]
     fn huge_sizes_are_over_the_limit() {
         let mut s = new();
         s.receive(b"EHLO c\r\nMAIL FROM:<a@b.test> SIZE=18446744073709551615\r\nMAIL FROM:<a@b.test> SIZE=184467440737095516150\r\nMAIL FROM:<a@b.test> SIZE=100 BODY=8BITMIME\r\n");
+        // Sent before the EHLO reply: the pipelining test fails first.
+        assert_eq!(
+            s.next_event(),
+            Event::ProtocolTest(ProtocolTest::Pipelining)
+        );
         assert_eq!(s.next_event(), Event::NeedInput);
         let o = out(&mut s);
         assert_eq!(o.matches("552 5.3.4").count(), 2, "{o}");
@@ -1222,6 +1342,7 @@ K
                         o.ended = true;
                         break 'input;
                     }
+                    Event::ProtocolTest(_) => {}
                     Event::StartTls => {
                         assert!(cfg.tls_available && !s.has_buffered_input());
                         o.output.extend(s.take_output());
