@@ -238,9 +238,9 @@ impl Context {
         }
     }
 
-    /// The real MX does not know `address`, asked by `peer`: the
-    /// invalid-recipient signal of the suspects (issue 11) belongs here
-    /// (count it for the block of `peer`).
+    /// The real MX does not know `address`, asked by `peer`. The refusal
+    /// (a 5xx) also counts as an invalid recipient of the block, where the
+    /// session scores every refused recipient (`screen.recipient`).
     fn unknown_recipient(&self, peer: IpAddr, address: &str) {
         metrics::counter!("magicmx_smtp_unknown_recipients_total").increment(1);
         info!(client = %peer, block = %self.throttle.block_of(peer), rcpt = %address, reason = "unknown_user", "unknown recipient");
