@@ -499,7 +499,9 @@ impl Throttle {
                 }
                 // Over a limit or penalised: keep it, so it is still refused.
                 protected = s.penalty.until > now
-                    || self.over(self.totals_of(s, now), self.limits_of(s, now)).is_some();
+                    || self
+                        .over(self.totals_of(s, now), self.limits_of(s, now))
+                        .is_some();
                 !protected
             });
             if removed.is_some() {

@@ -249,6 +249,8 @@ fn the_demo_tells_its_story_and_exits_0() {
         "quarantined:",
         "dashboard: http://127.0.0.1:",
         "summary: person 3/3 relayed",
+        "scanner 127.0.4.9 sent `GET / HTTP/1.1` to demo1: 521",
+        "scanner's neighbour 127.0.4.10 at demo3: 550 5.7.1",
     ] {
         assert!(
             text.contains(words),

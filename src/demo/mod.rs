@@ -4,7 +4,9 @@
 //! on the fly by the network CA code), an in-process DNS server publishes
 //! the recipient domain's real MX, and an in-process SMTP server plays that
 //! real MX. Then a person writes a few messages, one through each node,
-//! while a flood from two bot blocks hits all three nodes; the demo prints
+//! while a flood from two bot blocks hits all three nodes and a scanner
+//! speaks HTTP to port 25 (its block becomes a suspect at every node, so its
+//! neighbour is refused at another one); the demo prints
 //! what happens as it happens (accepted and held, relayed, throttled,
 //! quarantined) and the dashboard address of each node. It ends when the
 //! story is told and `seconds` have passed since the start, or on Ctrl-C;
@@ -40,6 +42,9 @@ const HAM: usize = 3;
 const FLOOD: usize = 30;
 const PERSON: &str = "127.0.0.1";
 const BOTS: [&str; 2] = ["127.0.2.", "127.0.3."];
+/// A scanner speaking HTTP to port 25, then its neighbour at another node.
+const SCANNER: &str = "127.0.4.9";
+const NEIGHBOUR: &str = "127.0.4.10";
 
 /// How long the demo runs.
 #[derive(Debug, Clone)]
@@ -57,12 +62,18 @@ pub struct Report {
     pub flood_refused: usize,
     pub flood_relayed: usize,
     pub quarantined: usize,
+    /// The scanner's block refused at another node (the suspect state
+    /// travelled over gossip).
+    pub scanner_refused_elsewhere: bool,
 }
 
 impl Report {
     /// The person's mail all relayed, the flood throttled and quarantined.
     pub fn told(&self) -> bool {
-        self.ham_relayed == HAM && self.flood_refused > 0 && self.quarantined > 0
+        self.ham_relayed == HAM
+            && self.flood_refused > 0
+            && self.quarantined > 0
+            && self.scanner_refused_elsewhere
     }
 }
 
@@ -181,6 +192,18 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<R
             }
         });
     }
+    // The scanner: HTTP to node 1; a second later its neighbour tries node 3.
+    {
+        let (smtp, tx) = (smtp.clone(), result_tx.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let r = speak(SCANNER, smtp[0], "GET / HTTP/1.1\r\nHost: demo\r\n\r\n").await;
+            let _ = tx.send((Who::Scanner(SCANNER), r));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let r = speak(NEIGHBOUR, smtp[smtp.len() - 1], "EHLO neighbour.demo\r\n").await;
+            let _ = tx.send((Who::Scanner(NEIGHBOUR), r));
+        });
+    }
     drop(result_tx);
 
     let mut quarantined_seen = 0;
@@ -202,6 +225,13 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<R
                         } else {
                             story.say(format!("person, message {i}: NOT accepted: {reply}"));
                         }
+                    }
+                    Who::Scanner(ip) if *ip == SCANNER => {
+                        story.say(format!("scanner {ip} sent `GET / HTTP/1.1` to demo1: {reply}; its block is now a suspect"));
+                    }
+                    Who::Scanner(ip) => {
+                        report.scanner_refused_elsewhere = reply.starts_with("550 5.7.1");
+                        story.say(format!("scanner's neighbour {ip} at demo{NODES}: {reply} (learnt over gossip)"));
                     }
                     Who::Bot(ip) => {
                         if accepted {
@@ -236,8 +266,8 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<R
                 if told_at.is_none() && report.told() {
                     told_at = Some(Instant::now());
                     story.say(format!(
-                        "done: the person's {HAM} messages were relayed; the flood got {} refusals and {} messages quarantined, none relayed",
-                        report.flood_refused, report.quarantined
+                        "done: the person's {HAM} messages were relayed; the flood got {} refusals and {} messages quarantined, {} relayed; the scanner's block is refused network-wide",
+                        report.flood_refused, report.quarantined, report.flood_relayed
                     ));
                     for d in &dashboards {
                         story.say(format!("dashboard: {d}"));
@@ -266,6 +296,7 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<R
 enum Who {
     Person(usize),
     Bot(String),
+    Scanner(&'static str),
 }
 
 fn node_config(
@@ -395,6 +426,32 @@ async fn transaction(
         }
     }
     Ok("no reply".into())
+}
+
+/// Connects from `from_ip`, reads the banner; if it is a 220, writes
+/// `line` and returns the reply to it, else the banner.
+async fn speak(from_ip: &str, server: SocketAddr, line: &str) -> String {
+    let talk = async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(
+            from_ip.parse::<IpAddr>().map_err(std::io::Error::other)?,
+            0,
+        ))?;
+        let stream = socket.connect(server).await?;
+        let (read, mut write) = stream.into_split();
+        let mut read = BufReader::new(read);
+        let banner = reply(&mut read).await?;
+        if !banner.starts_with("220") {
+            return Ok(banner);
+        }
+        write.write_all(line.as_bytes()).await?;
+        reply(&mut read).await
+    };
+    match tokio::time::timeout(Duration::from_secs(20), talk).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => format!("connection failed: {e}"),
+        Err(_) => "timed out".to_string(),
+    }
 }
 
 /// The last line of one reply (multi-line replies read whole).
