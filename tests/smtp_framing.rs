@@ -178,6 +178,39 @@ fn bare_lf_in_headers_is_refused() {
     bare_in_data("bare LF in header", b"X-A: 1\nX-B: 2\r\n\r\nbody");
 }
 
+/// A NUL ends a string for some receivers, so the part after it could be
+/// read differently downstream: refused like a bare CR or LF, after the
+/// real end of data, and the session goes on (a fake end of data after the
+/// NUL does not end the message either).
+#[test]
+fn nul_in_data_is_refused_with_554_and_the_session_goes_on() {
+    let e = env(|c| c);
+    for body in [
+        &b"Subject: nul\r\n\r\nbefore\0after"[..],
+        b"Subject: a\0b\r\n\r\nbody",
+        b"Subject: x\r\n\r\n\0\r\n.\0\r\nMAIL FROM:<evil@sender.test>\r\nSubject: smuggled",
+    ] {
+        let mut c = Client::connect(e.node.smtp_addr);
+        c.ehlo("client.example.net");
+        c.expect("MAIL FROM:<alice@sender.test>", 250);
+        c.expect("RCPT TO:<user@example.test>", 250);
+        c.expect("DATA", 354);
+        let mut data = body.to_vec();
+        data.extend_from_slice(b"\r\n.\r\n");
+        c.send(&data);
+        let r = c.reply();
+        assert_eq!(r.code, 554, "{body:?}: {r}");
+        assert!(r.text().starts_with("5.6.0 "), "{body:?}: {r}");
+        assert!(after_refusal(&mut c, "NUL"), "{body:?}: session closed");
+    }
+    let mut c = Client::connect(e.node.smtp_addr);
+    c.ehlo("client.example.net");
+    e.control(Some(&mut c), "NUL");
+    for t in e.sink.transactions() {
+        assert!(!t.data.contains(&0), "NUL relayed: {t:?}");
+    }
+}
+
 #[test]
 fn over_long_command_line_gets_500() {
     let e = env(|c| c);

@@ -7,12 +7,15 @@
 //! the rest as commands. The reader keeps scanning after an error until the
 //! real end, so the reply comes at a well-defined point and the remaining bytes
 //! are never interpreted as commands. Dot-stuffing is undone on the way.
+//! A NUL is refused the same way: some receivers end a string there, so a
+//! NUL would let the part after it be read differently downstream.
 
 /// Why a message was refused, in the order they were found (the first wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataError {
     BareLf,
     BareCr,
+    Nul,
     LineTooLong,
     TooBig,
 }
@@ -105,6 +108,8 @@ impl DataReader {
     fn mid(&mut self, b: u8) {
         if b == b'\n' {
             self.fail(DataError::BareLf);
+        } else if b == 0 {
+            self.fail(DataError::Nul);
         }
         self.push(b);
         self.state = State::Mid;
@@ -254,6 +259,16 @@ mod tests {
     }
 
     #[test]
+    fn nul_is_refused_but_read_to_the_end() {
+        let input = b"a\0b\r\n.\0\r\nMAIL FROM:<x@y>\r\n.\r\nRSET\r\n";
+        let (body, end) = run_split(input);
+        assert_eq!(body, Err(DataError::Nul));
+        assert_eq!(end, Some(input.len() - 6));
+        assert_eq!(run_split(b"\0\r\n.\r\n").0, Err(DataError::Nul));
+        assert_eq!(run_split(b"..\0\r\n.\r\n").0, Err(DataError::Nul));
+    }
+
+    #[test]
     fn long_line_is_refused_but_read_to_the_end() {
         let mut input = vec![b'x'; 999];
         input.extend_from_slice(b"\r\n.\r\n");
@@ -308,7 +323,7 @@ mod tests {
     /// CRLF lines only, one leading dot removed per line, every line within
     /// `max_line` (CRLF included) and the whole within `max_size`.
     fn model_body(data: &[u8], max_line: usize, max_size: usize) -> Option<Vec<u8>> {
-        if deliver_bare(data) {
+        if deliver_bare(data) || data.contains(&0) {
             return None;
         }
         let mut body = Vec::new();
@@ -394,6 +409,7 @@ mod tests {
                     match r.finish() {
                         Ok(body) => {
                             prop_assert!(!deliver_bare(&body));
+                            prop_assert!(!body.contains(&0));
                             prop_assert!(body.len() <= max_size);
                             prop_assert_eq!(Some(body), expected);
                         }

@@ -271,6 +271,9 @@ impl Session {
                             DataError::BareCr => {
                                 "554 5.6.0 Error: bare <CR> received; lines must end with <CR><LF>"
                             }
+                            DataError::Nul => {
+                                "554 5.6.0 Error: NUL character received in message content"
+                            }
                             DataError::LineTooLong => "500 5.5.2 Error: line too long",
                             DataError::TooBig => {
                                 "552 5.3.4 Error: message size exceeds fixed limit"
@@ -1249,6 +1252,7 @@ K
                         assert!(m.recipients.len() <= cfg.max_recipients);
                         assert!(m.body.len() <= cfg.max_message_size);
                         assert!(!crate::relay::deliver::has_bare_cr_or_lf(&m.body));
+                        assert!(!m.body.contains(&0));
                         assert!(!m.sender.chars().any(char::is_control));
                         let ok = choice.next().unwrap_or(true);
                         o.messages.push(*m);
