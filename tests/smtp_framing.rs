@@ -211,6 +211,41 @@ fn nul_in_data_is_refused_with_554_and_the_session_goes_on() {
     }
 }
 
+/// smtp-proto skips a CR anywhere in a command line; the node must not act
+/// on a line other parsers read differently (`EHLO a\rX: y` is not
+/// `EHLO aX: y`, `u@exam\rple.test` is not `u@example.test`). Refused with
+/// `501 5.5.2` like Postfix; NUL likewise. The session goes on.
+#[test]
+fn bare_cr_or_nul_in_a_command_line_gets_501() {
+    let e = env(|c| c);
+    let mut c = Client::connect(e.node.smtp_addr);
+    for line in [&b"EHLO a\rX: y\r\n"[..], b"EHLO a\0b\r\n"] {
+        c.send(line);
+        let r = c.reply();
+        assert_eq!(r.code, 501, "{line:?}: {r}");
+        assert!(r.text().starts_with("5.5.2 "), "{line:?}: {r}");
+    }
+    c.ehlo("client.example.net");
+    c.expect("MAIL FROM:<alice@sender.test>", 250);
+    for (line, status) in [
+        (&b"RCPT TO:<u@exam\rple.test>\r\n"[..], "5.5.2 "),
+        (b"RCPT TO:<user\r@example.test>\r\n", "5.5.2 "),
+        // A NUL in an address: refused like other control characters there.
+        (b"RCPT TO:<us\0er@example.test>\r\n", "5.1.3 "),
+    ] {
+        c.send(line);
+        let r = c.reply();
+        assert_eq!(r.code, 501, "{line:?}: {r}");
+        assert!(r.text().starts_with(status), "{line:?}: {r}");
+    }
+    c.send(b"MAIL FROM:<ev\ril@sender.test>\r\n");
+    assert_eq!(c.reply().code, 501);
+    // No recipient was taken: DATA has none.
+    assert_eq!(c.cmd("DATA").code, 554);
+    c.expect("RSET", 250);
+    e.control(Some(&mut c), "bare CR in a command");
+}
+
 #[test]
 fn over_long_command_line_gets_500() {
     let e = env(|c| c);

@@ -352,6 +352,31 @@ impl Session {
     }
 
     fn command(&mut self, line: &[u8]) -> Option<Event> {
+        // smtp-proto skips a CR anywhere in a line, so `EHLO a\rX: y` would
+        // become `aX: y` and `u@exam\rple.test` `u@example.test`: what the
+        // node acts on would differ from what other parsers see. Refuse a
+        // CR that does not end the line, and a NUL (a string end for some),
+        // as Postfix does.
+        let text = line.strip_suffix(b"\n").unwrap_or(line);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        if text.contains(&b'\r') {
+            self.error("501 5.5.2 Error: bare <CR> received in command");
+            return None;
+        }
+        if text.contains(&0) {
+            // In MAIL and RCPT the NUL is in the address or its parameters:
+            // the same refusal as other control characters there.
+            let verb = text.get(..4).unwrap_or_default();
+            let reply = if verb.eq_ignore_ascii_case(b"MAIL") {
+                "501 5.1.7 Bad sender address syntax"
+            } else if verb.eq_ignore_ascii_case(b"RCPT") {
+                "501 5.1.3 Bad recipient address syntax"
+            } else {
+                "501 5.5.2 Error: NUL received in command"
+            };
+            self.error(reply);
+            return None;
+        }
         let (masked, literals) = mask_address_literals(line);
         let request = match Request::parse(&mut masked.iter()) {
             Ok(r) => r,
@@ -965,6 +990,22 @@ mod tests {
             o.ends_with("502 5.5.2 Error: command not recognized\r\n"),
             "{o}"
         );
+    }
+
+    #[test]
+    fn bare_cr_and_nul_in_commands_are_refused() {
+        let mut s = new();
+        let (o, _, e) = drive(
+            &mut s,
+            b"EHLO a\rX: y\r\nHELO b\0c\r\nEHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@exam\rple.test>\r\nRCPT TO:<u@e\0.test>\r\nNOOP\r\r\n",
+        );
+        assert_eq!(e, Event::NeedInput);
+        let lines: Vec<&str> = o.split("\r\n").collect();
+        assert!(lines[0].starts_with("220 "), "{o}");
+        assert_eq!(lines[1], "501 5.5.2 Error: bare <CR> received in command");
+        assert_eq!(lines[2], "501 5.5.2 Error: NUL received in command");
+        assert!(o.contains("250 2.1.0 Ok\r\n501 5.5.2 Error: bare <CR> received in command\r\n501 5.1.3 Bad recipient address syntax\r\n501 5.5.2 Error: bare <CR> received in command\r\n"), "{o}");
+        assert!(s.helo() == Some("c"), "{:?}", s.helo());
     }
 
     #[test]
