@@ -246,6 +246,45 @@ fn bare_cr_or_nul_in_a_command_line_gets_501() {
     e.control(Some(&mut c), "bare CR in a command");
 }
 
+/// Addresses the relay client would refuse to send to are refused at once
+/// (`553`), not accepted and then bounced by the node itself; a quoted
+/// local part stays quoted all the way to the real MX.
+#[test]
+fn addresses_the_relay_would_refuse_get_553() {
+    let e = env(|c| c);
+    let mut c = Client::connect(e.node.smtp_addr);
+    c.ehlo("client.example.net");
+    let long = "l".repeat(65);
+    let r = c.expect(&format!("MAIL FROM:<{long}@sender.test>"), 553);
+    assert!(r.text().starts_with("5.1.7 "), "{r}");
+    c.expect("MAIL FROM:<alice@sender.test>", 250);
+    let r = c.expect(&format!("RCPT TO:<{long}@example.test>"), 553);
+    assert!(r.text().starts_with("5.1.3 "), "{r}");
+    let label = "d".repeat(64);
+    let r = c.expect(&format!("RCPT TO:<u@{label}.example.test>"), 553);
+    assert!(r.text().starts_with("5.1.3 "), "{r}");
+    // 64 octets is fine, and so is a quoted local part.
+    c.expect(&format!("RCPT TO:<{}@example.test>", "l".repeat(64)), 250);
+    c.expect("RCPT TO:<\"john smith\"@example.test>", 250);
+    c.expect("DATA", 354);
+    c.send(&data_transfer(&simple_message(
+        "alice@sender.test",
+        "john@example.test",
+        "quoted",
+    )));
+    assert_eq!(c.reply().code, 250);
+    let got = e.sink.wait_messages(1, DELIVERY);
+    let mut rcpts = got[0].rcpts.clone();
+    rcpts.sort();
+    assert_eq!(
+        rcpts,
+        vec![
+            "\"john smith\"@example.test".to_string(),
+            format!("{}@example.test", "l".repeat(64))
+        ]
+    );
+}
+
 #[test]
 fn over_long_command_line_gets_500() {
     let e = env(|c| c);

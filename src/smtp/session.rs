@@ -514,7 +514,7 @@ impl Session {
             self.reply("552 5.3.4 Message size exceeds fixed limit");
             return;
         }
-        let sender = from.address.to_string();
+        let sender = wire_form(&from.address).into_owned();
         if !sender.is_empty() && !valid_mailbox(&sender) {
             self.error("501 5.1.7 Bad sender address syntax");
             return;
@@ -522,6 +522,14 @@ impl Session {
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
         if !smtputf8 && !sender.is_ascii() {
             self.error("553 5.6.7 Error: non-ASCII sender address needs SMTPUTF8");
+            return;
+        }
+        // What the relay client would refuse to send (a local part over 64
+        // octets, ...) is refused now, not bounced later.
+        if let Err(why) = crate::relay::deliver::check_address(&sender, true) {
+            self.error(&format!(
+                "553 5.1.7 <{sender}>: Sender address rejected: {why}"
+            ));
             return;
         }
         self.tx = Some(Transaction {
@@ -543,13 +551,22 @@ impl Session {
             return None;
         }
         let smtputf8 = tx.smtputf8;
-        let address = address.to_string();
+        let address = wire_form(&address).into_owned();
         if !valid_mailbox(&address) {
             self.error("501 5.1.3 Bad recipient address syntax");
             return None;
         }
         if !smtputf8 && !address.is_ascii() {
             self.error("553 5.6.7 Error: non-ASCII recipient address needs SMTPUTF8");
+            return None;
+        }
+        // The relay client's own check: an address it would refuse to send
+        // to is refused here, instead of being accepted and then bounced by
+        // the node itself.
+        if let Err(why) = crate::relay::deliver::check_address(&address, false) {
+            self.error(&format!(
+                "553 5.1.3 <{address}>: Recipient address rejected: {why}"
+            ));
             return None;
         }
         let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
@@ -693,6 +710,37 @@ fn unmask<'a>(address: Cow<'a, str>, literals: &[&[u8]]) -> Cow<'a, str> {
         s = s.replace(&format!("{LITERAL_MARK}{n}"), &String::from_utf8_lossy(lit));
     }
     Cow::Owned(s)
+}
+
+/// The address as it goes on the wire: smtp-proto hands out a quoted local
+/// part unquoted (`"u v"@e.test` as `u v@e.test`), which no one could send
+/// again; a local part that is not a dot-atom is quoted back (RFC 5321
+/// 4.1.2), so the spool, the relay and the checks all see the real address.
+fn wire_form(address: &str) -> Cow<'_, str> {
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return Cow::Borrowed(address);
+    };
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    if !local.is_empty()
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(atext))
+    {
+        return Cow::Borrowed(address);
+    }
+    let mut quoted = String::with_capacity(address.len() + 4);
+    quoted.push('"');
+    for c in local.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted.push('@');
+    quoted.push_str(domain);
+    Cow::Owned(quoted)
 }
 
 /// `local@domain` with a non-empty local part and a plausible domain
@@ -1006,6 +1054,59 @@ mod tests {
         assert_eq!(lines[2], "501 5.5.2 Error: NUL received in command");
         assert!(o.contains("250 2.1.0 Ok\r\n501 5.5.2 Error: bare <CR> received in command\r\n501 5.1.3 Bad recipient address syntax\r\n501 5.5.2 Error: bare <CR> received in command\r\n"), "{o}");
         assert!(s.helo() == Some("c"), "{:?}", s.helo());
+    }
+
+    #[test]
+    fn addresses_the_relay_would_refuse_are_refused_at_mail_and_rcpt() {
+        let long_local = "l".repeat(65);
+        // 253 octets (the most a domain may have), so the address is 255.
+        let long_domain = format!("{0}.{0}.{0}.{1}.test", "d".repeat(61), "d".repeat(62));
+        assert_eq!(long_domain.len(), 253);
+        let input = format!(
+            "HELO c\r\nMAIL FROM:<{long_local}@b.test>\r\nMAIL FROM:<a@b.test>\r\n\
+             RCPT TO:<{long_local}@e.test>\r\nRCPT TO:<u@{long_domain}>\r\n\
+             RCPT TO:<u@{}.test>\r\nRCPT TO:<u@-e.test>\r\nRCPT TO:<{}@e.test>\r\n",
+            "d".repeat(64),
+            "l".repeat(64)
+        );
+        let mut s = new();
+        let (o, _, e) = drive(&mut s, input.as_bytes());
+        assert_eq!(e, Event::NeedInput);
+        let lines: Vec<&str> = o.trim_end().split("\r\n").collect();
+        assert!(lines[2].starts_with("553 5.1.7 <"), "{o}");
+        assert!(lines[2].contains("longer than 64"), "{o}");
+        assert_eq!(lines[3], "250 2.1.0 Ok");
+        for l in &lines[4..8] {
+            assert!(l.starts_with("553 5.1.3 <"), "{l}");
+        }
+        assert_eq!(lines[8], "250 2.1.5 Ok");
+        for (addr, ok) in [
+            (format!("{long_local}@e.test"), false),
+            ("u@[192.0.2.1]".to_string(), true),
+            ("\"a b\"@e.test".to_string(), true),
+        ] {
+            assert_eq!(
+                crate::relay::deliver::check_address(&addr, false).is_ok(),
+                ok,
+                "{addr}"
+            );
+        }
+    }
+
+    #[test]
+    fn quoted_local_parts_are_kept_quoted() {
+        assert_eq!(wire_form("a.b+c@e.test"), "a.b+c@e.test");
+        assert_eq!(wire_form("u v@e.test"), "\"u v\"@e.test");
+        assert_eq!(wire_form("a\"b\\@e.test"), "\"a\\\"b\\\\\"@e.test");
+        assert_eq!(wire_form("a..b@e.test"), "\"a..b\"@e.test");
+        let mut s = new();
+        let (o, msgs, _) = drive(
+            &mut s,
+            b"EHLO c\r\nMAIL FROM:<\"a b\"@b.test>\r\nRCPT TO:<\"u v\"@e.test>\r\nDATA\r\nx\r\n.\r\n",
+        );
+        assert!(o.contains("250 2.1.5 Ok\r\n354 "), "{o}");
+        assert_eq!(msgs[0].sender, "\"a b\"@b.test");
+        assert_eq!(msgs[0].recipients, ["\"u v\"@e.test"]);
     }
 
     #[test]
