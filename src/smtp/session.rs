@@ -25,6 +25,8 @@ pub struct SessionConfig {
     pub max_message_size: usize,
     pub max_recipients: usize,
     pub max_errors: usize,
+    /// NOOP, RSET, VRFY, HELP, ETRN past this many count as errors.
+    pub junk_command_limit: usize,
     pub max_received_headers: usize,
     /// STARTTLS can be offered (a certificate is configured).
     pub tls_available: bool,
@@ -99,6 +101,10 @@ pub struct Session {
     data: Option<DataReader>,
     pending: Pending,
     errors: usize,
+    /// NOOP, RSET, VRFY, HELP, ETRN since the last accepted message.
+    junk: usize,
+    /// DATA phases started (the caller times each one).
+    data_phases: u64,
     /// Skipping the rest of an over-long command line.
     discarding: bool,
     closed: bool,
@@ -121,6 +127,8 @@ impl Session {
             data: None,
             pending: Pending::None,
             errors: 0,
+            junk: 0,
+            data_phases: 0,
             discarding: false,
             closed: false,
         }
@@ -167,6 +175,12 @@ impl Session {
         self.data.is_some()
     }
 
+    /// How many DATA phases have started; tells the caller a new one began
+    /// (for the whole-DATA deadline) even if the last ended in the same read.
+    pub fn data_phases(&self) -> u64 {
+        self.data_phases
+    }
+
     /// True if input arrived that has not been processed yet.
     pub fn has_buffered_input(&self) -> bool {
         !self.pending_input().is_empty()
@@ -195,6 +209,24 @@ impl Session {
     /// A command error; after too many the session ends.
     fn error(&mut self, line: &str) {
         self.reply(line);
+        self.count_error();
+    }
+
+    /// A command that does not move a transaction on (NOOP, RSET, VRFY,
+    /// HELP, ETRN), answered as usual; past `junk_command_limit` each one
+    /// counts as an error too (Postfix's `smtpd_junk_command_limit`), so a
+    /// client that only chats is eventually closed.
+    fn junk(&mut self) {
+        self.junk += 1;
+        if self.junk > self.cfg.junk_command_limit {
+            self.count_error();
+        }
+    }
+
+    fn count_error(&mut self) {
+        if self.closed {
+            return;
+        }
         self.errors += 1;
         if self.errors >= self.cfg.max_errors {
             let host = self.cfg.hostname.clone();
@@ -316,8 +348,11 @@ impl Session {
         self.pending = Pending::None;
         match result {
             Ok(id) => {
-                // A delivered message forgives earlier errors (as Postfix).
+                // A delivered message forgives earlier errors (as Postfix),
+                // and junk commands: a client sending many messages with an
+                // RSET or NOOP between them is not chatting.
                 self.errors = 0;
+                self.junk = 0;
                 self.reply(&format!("250 2.0.0 Ok: queued as {id}"));
             }
             Err(line) => self.reply(line),
@@ -398,21 +433,34 @@ impl Session {
             Request::Rset => {
                 self.tx = None;
                 self.reply("250 2.0.0 Ok");
+                self.junk();
             }
-            Request::Noop { .. } => self.reply("250 2.0.0 Ok"),
+            Request::Noop { .. } => {
+                self.reply("250 2.0.0 Ok");
+                self.junk();
+            }
             Request::Quit => {
                 self.reply("221 2.0.0 Bye");
                 self.closed = true;
             }
-            Request::Vrfy { .. } => self
-                .reply("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"),
-            Request::Help { .. } => self.reply(
-                "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
-            ),
+            Request::Vrfy { .. } => {
+                self.reply(
+                    "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery",
+                );
+                self.junk();
+            }
+            Request::Help { .. } => {
+                self.reply(
+                    "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
+                );
+                self.junk();
+            }
+
             Request::StartTls => return self.starttls(),
             Request::Expn { .. }
             | Request::Auth { .. }
             | Request::Bdat { .. }
+            // Not implemented, so always an error (stricter than junk).
             | Request::Etrn { .. }
             | Request::Atrn { .. }
             | Request::Burl { .. } => self.error("502 5.5.1 Error: command not implemented"),
@@ -584,6 +632,7 @@ impl Session {
             }
             Some(_) => {
                 self.reply("354 End data with <CR><LF>.<CR><LF>");
+                self.data_phases += 1;
                 self.data = Some(DataReader::new(
                     self.cfg.max_line_length,
                     self.cfg.max_message_size,
@@ -773,6 +822,7 @@ mod tests {
             max_message_size: 1000,
             max_recipients: 2,
             max_errors: 10,
+            junk_command_limit: 100,
             max_received_headers: 3,
             tls_available: true,
         }
@@ -1110,6 +1160,47 @@ mod tests {
     }
 
     #[test]
+    fn junk_commands_past_the_limit_count_as_errors() {
+        let mut s = Session::new(
+            SessionConfig {
+                junk_command_limit: 3,
+                max_errors: 2,
+                ..cfg()
+            },
+            "192.0.2.1".parse().unwrap(),
+            false,
+        );
+        s.greeting();
+        // Three free, then each one an error: the 5th is the 2nd error.
+        let (o, _, e) = drive(
+            &mut s,
+            b"NOOP\r\nRSET\r\nVRFY x\r\nHELP\r\nNOOP\r\nNOOP\r\n",
+        );
+        assert_eq!(e, Event::Close);
+        assert!(
+            o.ends_with("214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS\r\n250 2.0.0 Ok\r\n421 4.7.0 mx.magic.test Error: too many errors\r\n"),
+            "{o}"
+        );
+        assert_eq!(o.matches("250 2.0.0 Ok").count(), 3, "{o}");
+        // An accepted message starts the count again.
+        let mut s = Session::new(
+            SessionConfig {
+                junk_command_limit: 2,
+                max_errors: 1,
+                ..cfg()
+            },
+            "192.0.2.1".parse().unwrap(),
+            false,
+        );
+        let (_, msgs, e) = drive(
+            &mut s,
+            b"EHLO c\r\nNOOP\r\nRSET\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@e.test>\r\nDATA\r\nx\r\n.\r\nRSET\r\nNOOP\r\n",
+        );
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(e, Event::NeedInput);
+    }
+
+    #[test]
     fn too_many_errors_closes() {
         let mut s = new();
         let (o, _, e) = drive(
@@ -1282,22 +1373,28 @@ K
 
     fn arb_cfg() -> impl Strategy<Value = SessionConfig> {
         (
-            prop_oneof![Just(1000usize), 1usize..1200],
-            prop_oneof![Just(1000usize), 0usize..3000],
+            (
+                prop_oneof![Just(1000usize), 1usize..1200],
+                prop_oneof![Just(1000usize), 0usize..3000],
+                prop_oneof![Just(100usize), 0usize..4],
+                prop_oneof![Just(1000usize), 0usize..20],
+                0usize..4,
+                any::<bool>(),
+            ),
             prop_oneof![Just(100usize), 0usize..4],
-            prop_oneof![Just(1000usize), 0usize..20],
-            0usize..4,
-            any::<bool>(),
         )
-            .prop_map(|(line, size, rcpts, errors, received, tls)| SessionConfig {
-                hostname: "mx.magic.test".into(),
-                max_line_length: line,
-                max_message_size: size,
-                max_recipients: rcpts,
-                max_errors: errors,
-                max_received_headers: received,
-                tls_available: tls,
-            })
+            .prop_map(
+                |((line, size, rcpts, errors, received, tls), junk)| SessionConfig {
+                    hostname: "mx.magic.test".into(),
+                    junk_command_limit: junk,
+                    max_line_length: line,
+                    max_message_size: size,
+                    max_recipients: rcpts,
+                    max_errors: errors,
+                    max_received_headers: received,
+                    tls_available: tls,
+                },
+            )
     }
 
     /// Reply lines only: `ddd` then ` ` or `-`, CRLF-terminated, no stray CR
