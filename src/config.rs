@@ -193,6 +193,10 @@ pub struct SmtpConfig {
     /// accepted message) each count as an error, so `max_errors` ends a
     /// session that only chats; Postfix's `smtpd_junk_command_limit`.
     pub junk_command_limit: usize,
+    /// Bytes of message data all unfinished DATAs may buffer together
+    /// (each buffers its whole message in memory). Past it: `452 4.3.1`.
+    /// At least `max_message_size`, so every message can fit alone.
+    pub data_memory: usize,
     /// End the session after this many errors (bad commands, refused
     /// recipients), counted since the last accepted message; Postfix's
     /// `smtpd_hard_error_limit`.
@@ -216,6 +220,7 @@ impl Default for SmtpConfig {
             data_deadline: Dur::secs(600),
             session_deadline: Dur::secs(1800),
             junk_command_limit: 100,
+            data_memory: 256 * 1024 * 1024,
             max_errors: 20,
             tls_cert: None,
             tls_key: None,
@@ -755,6 +760,12 @@ impl Config {
                 "must be at least 1s and at most smtp.session_deadline",
             ));
         }
+        if s.data_memory < s.max_message_size {
+            return Err(invalid(
+                "smtp.data_memory",
+                "must be at least smtp.max_message_size",
+            ));
+        }
         if s.junk_command_limit == 0 {
             return Err(invalid("smtp.junk_command_limit", "must be at least 1"));
         }
@@ -1147,6 +1158,7 @@ mod tests {
                 "smtp.data_deadline",
             ),
             ("junk_command_limit = 0\n", "smtp.junk_command_limit"),
+            ("data_memory = 1000000\n", "smtp.data_memory"),
         ] {
             let c = Config::parse(&format!("{MINIMAL}[smtp]\n{tail}")).unwrap();
             let err = c.validate().unwrap_err().to_string();
@@ -1156,6 +1168,7 @@ mod tests {
         assert_eq!(c.smtp.data_deadline, Dur::secs(600));
         assert_eq!(c.smtp.session_deadline, Dur::secs(1800));
         assert_eq!(c.smtp.junk_command_limit, 100);
+        assert_eq!(c.smtp.data_memory, 256 << 20);
     }
 
     #[test]

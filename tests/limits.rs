@@ -466,3 +466,50 @@ fn junk_commands_past_the_limit_close_the_session() {
     }
     c.expect("QUIT", 221);
 }
+
+/// Unfinished DATAs share one memory budget (`smtp.data_memory`): past it
+/// a new DATA gets `452 4.3.1` at once, a body that runs out of it gets
+/// `452 4.3.1` after its end (nothing acknowledged that was not stored),
+/// and the memory comes back when a DATA ends, so the others go on.
+#[test]
+fn data_in_flight_is_bounded_by_the_memory_budget() {
+    let node = InProc::start_with_smtp(
+        "max_message_size = 200000\ndata_memory = 200000\n",
+        ACCEPT,
+    );
+    let start_data = |i: usize| {
+        let mut c = Client::connect_from(&format!("127.3.{i}.1"), node.smtp);
+        c.ehlo("client.test");
+        c.expect("MAIL FROM:<a@sender.test>", 250);
+        c.expect("RCPT TO:<u@example.test>", 250);
+        c
+    };
+    // Three DATAs take their first 64 KiB buffers (192 KiB of 195 KiB).
+    let mut held: Vec<Client> = (1..=3)
+        .map(|i| {
+            let mut c = start_data(i);
+            c.expect("DATA", 354);
+            c
+        })
+        .collect();
+    // A fourth cannot start.
+    let mut late = start_data(4);
+    let r = late.expect("DATA", 452);
+    assert!(r.text().starts_with("4.3.1 Insufficient system storage"), "{r}");
+    // The first grows past the budget mid-body: 452 after its end.
+    let line = format!("{}\r\n", "x".repeat(998));
+    held[0].send(format!("Subject: big\r\n\r\n{}.\r\n", line.repeat(100)).as_bytes());
+    let r = held[0].reply();
+    assert_eq!(r.code, 452, "{r}");
+    assert!(r.text().starts_with("4.3.1 "), "{r}");
+    // The others finish, and the late one now gets its turn.
+    for c in &mut held[1..] {
+        c.send(b"Subject: small\r\n\r\nhello\r\n.\r\n");
+        assert_eq!(c.reply().code, 250);
+    }
+    late.expect("DATA", 354);
+    late.send(b"Subject: late\r\n\r\nhello\r\n.\r\n");
+    assert_eq!(late.reply().code, 250);
+    // The refused session goes on too.
+    held[0].expect("MAIL FROM:<a@sender.test>", 250);
+}

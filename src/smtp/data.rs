@@ -9,6 +9,13 @@
 //! are never interpreted as commands. Dot-stuffing is undone on the way.
 //! A NUL is refused the same way: some receivers end a string there, so a
 //! NUL would let the part after it be read differently downstream.
+//!
+//! With a [`Reservation`], the body buffer grows only as far as the shared
+//! DATA memory budget allows: its capacity is reserved before it is
+//! allocated; past the budget the message fails with
+//! [`DataError::NoMemory`] and its buffer is freed at once.
+
+use super::budget::Reservation;
 
 /// Why a message was refused, in the order they were found (the first wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +25,8 @@ pub enum DataError {
     Nul,
     LineTooLong,
     TooBig,
+    /// The DATA memory budget ran out while the body was buffered.
+    NoMemory,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +54,8 @@ pub struct DataReader {
     error: Option<DataError>,
     /// Octets seen, including those dropped after an error.
     seen: u64,
+    /// The body's capacity, reserved from the DATA memory budget.
+    memory: Option<Reservation>,
 }
 
 /// Outcome of feeding bytes to a [`DataReader`].
@@ -63,20 +74,64 @@ impl DataReader {
     pub fn new(max_line: usize, max_size: usize) -> DataReader {
         DataReader {
             state: State::LineStart,
-            body: Vec::with_capacity(max_size.min(64 * 1024)),
+            body: Vec::with_capacity(DataReader::initial_capacity(max_size)),
             line_len: 0,
             max_line: max_line.saturating_sub(2),
             max_size,
             error: None,
             seen: 0,
+            memory: None,
         }
+    }
+
+    /// The buffer [`DataReader::new`] allocates at once: reserve this much
+    /// before making one.
+    pub fn initial_capacity(max_size: usize) -> usize {
+        max_size.min(64 * 1024)
+    }
+
+    /// Grows the body only within `memory`, which must already hold
+    /// [`DataReader::initial_capacity`].
+    pub fn with_memory(mut self, memory: Reservation) -> DataReader {
+        self.memory = Some(memory);
+        self
+    }
+
+    /// The reservation, to keep until the body it covers is gone.
+    pub fn take_memory(&mut self) -> Option<Reservation> {
+        self.memory.take()
     }
 
     fn fail(&mut self, e: DataError) {
         if self.error.is_none() {
             self.error = Some(e);
             self.body = Vec::new();
+            if let Some(m) = self.memory.as_mut() {
+                m.resize(0);
+            }
         }
+    }
+
+    /// Room for `n` more body octets, reserved before it is allocated
+    /// (doubling, as a Vec does, but never past `max_size`). False if the
+    /// budget is spent (the message has then failed).
+    fn room(&mut self, n: usize) -> bool {
+        let need = self.body.len() + n;
+        if need <= self.body.capacity() {
+            return true;
+        }
+        let Some(memory) = self.memory.as_mut() else {
+            return true;
+        };
+        let cap = (self.body.capacity() * 2)
+            .max(need)
+            .min(self.max_size.max(need));
+        if !memory.resize(cap) {
+            self.fail(DataError::NoMemory);
+            return false;
+        }
+        self.body.reserve_exact(cap - self.body.len());
+        true
     }
 
     fn push(&mut self, b: u8) {
@@ -87,7 +142,7 @@ impl DataReader {
         if self.error.is_none() {
             if self.body.len() >= self.max_size {
                 self.fail(DataError::TooBig);
-            } else {
+            } else if self.room(1) {
                 self.body.push(b);
             }
         }
@@ -97,7 +152,7 @@ impl DataReader {
         if self.error.is_none() {
             if self.body.len() + 2 > self.max_size {
                 self.fail(DataError::TooBig);
-            } else {
+            } else if self.room(2) {
                 self.body.extend_from_slice(b"\r\n");
             }
         }
@@ -290,6 +345,41 @@ mod tests {
             }
         );
         assert_eq!(r.finish().unwrap().len(), 1000);
+    }
+
+    #[test]
+    fn the_body_grows_only_within_its_memory() {
+        use crate::smtp::budget::MemoryBudget;
+        let budget = MemoryBudget::new(100_000);
+        let initial = DataReader::initial_capacity(1 << 20);
+        let mut input = vec![b'x'; 998];
+        input.extend_from_slice(b"\r\n");
+        // 40 lines of 1000: 40 000 octets, within the first 64 KiB.
+        let mut r = DataReader::new(1000, 1 << 20).with_memory(budget.reserve(initial).unwrap());
+        for _ in 0..40 {
+            assert_eq!(r.feed(&input), Progress::More);
+        }
+        assert_eq!(budget.in_use(), initial);
+        // 100 lines: past 64 KiB, the doubling to 128 KiB is over budget.
+        for _ in 0..60 {
+            assert_eq!(r.feed(&input), Progress::More);
+        }
+        assert_eq!(budget.in_use(), 0, "a failed body gives its memory back");
+        assert_eq!(r.feed(b".\r\n"), Progress::Done { consumed: 3 });
+        assert_eq!(r.finish(), Err(DataError::NoMemory));
+        // Within budget, the reservation covers the capacity until dropped.
+        let budget = MemoryBudget::new(200_000);
+        let mut r = DataReader::new(1000, 150_000).with_memory(budget.reserve(initial).unwrap());
+        for _ in 0..100 {
+            r.feed(&input);
+        }
+        r.feed(b".\r\n");
+        let memory = r.take_memory().unwrap();
+        assert_eq!(memory.held(), 131_072);
+        assert_eq!(r.finish().unwrap().len(), 100_000);
+        assert_eq!(budget.in_use(), 131_072);
+        drop(memory);
+        assert_eq!(budget.in_use(), 0);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! session that is waiting for input answers `421` and closes; a message that
 //! is being stored finishes first, so nothing acknowledged is lost.
 
+pub mod budget;
 pub mod data;
 pub mod session;
 
@@ -105,6 +106,7 @@ impl Context {
             junk_command_limit: config.smtp.junk_command_limit,
             max_received_headers: config.relay.max_received_headers,
             tls_available: tls.is_some(),
+            data_memory: budget::MemoryBudget::new(config.smtp.data_memory),
         };
         Ok(Context {
             mode: Mode::Inbound,

@@ -15,6 +15,7 @@ use std::net::IpAddr;
 
 use smtp_proto::{Request, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8};
 
+use super::budget::{MemoryBudget, Reservation};
 use super::data::{DataError, DataReader, Progress};
 
 /// Limits and names a session needs; built once from the config.
@@ -30,6 +31,8 @@ pub struct SessionConfig {
     pub max_received_headers: usize,
     /// STARTTLS can be offered (a certificate is configured).
     pub tls_available: bool,
+    /// Shared by all sessions: the bytes of message data they may buffer.
+    pub data_memory: MemoryBudget,
 }
 
 /// What the caller must do next.
@@ -99,6 +102,9 @@ pub struct Session {
     tx: Option<Transaction>,
     pending_rcpt: Option<String>,
     data: Option<DataReader>,
+    /// The memory of a complete body handed out in [`Event::Message`],
+    /// held until [`Session::message_stored`] (the body is gone by then).
+    stored_memory: Option<Reservation>,
     pending: Pending,
     errors: usize,
     /// NOOP, RSET, VRFY, HELP, ETRN since the last accepted message.
@@ -125,6 +131,7 @@ impl Session {
             tx: None,
             pending_rcpt: None,
             data: None,
+            stored_memory: None,
             pending: Pending::None,
             errors: 0,
             junk: 0,
@@ -291,10 +298,14 @@ impl Session {
             }
             Progress::Done { consumed } => {
                 self.start += consumed;
-                let reader = self.data.take().expect("in data");
+                let mut reader = self.data.take().expect("in data");
+                let memory = reader.take_memory();
                 let tx = self.tx.take().unwrap_or_default();
                 match reader.finish() {
-                    Ok(body) => self.check_message(tx, body),
+                    Ok(body) => {
+                        self.stored_memory = memory;
+                        self.check_message(tx, body)
+                    }
                     Err(e) => {
                         let line = match e {
                             DataError::BareLf => {
@@ -310,6 +321,7 @@ impl Session {
                             DataError::TooBig => {
                                 "552 5.3.4 Error: message size exceeds fixed limit"
                             }
+                            DataError::NoMemory => "452 4.3.1 Insufficient system storage",
                         };
                         self.reply(line);
                         None
@@ -346,6 +358,7 @@ impl Session {
     pub fn message_stored(&mut self, result: Result<&str, &str>) {
         assert_eq!(self.pending, Pending::Message);
         self.pending = Pending::None;
+        self.stored_memory = None;
         match result {
             Ok(id) => {
                 // A delivered message forgives earlier errors (as Postfix),
@@ -631,12 +644,19 @@ impl Session {
                 self.error("554 5.5.1 Error: no valid recipients")
             }
             Some(_) => {
+                // The first buffer is reserved before DATA is accepted: with
+                // the budget spent, nothing is read that cannot be stored.
+                let first = DataReader::initial_capacity(self.cfg.max_message_size);
+                let Some(memory) = self.cfg.data_memory.reserve(first) else {
+                    self.reply("452 4.3.1 Insufficient system storage");
+                    return None;
+                };
                 self.reply("354 End data with <CR><LF>.<CR><LF>");
                 self.data_phases += 1;
-                self.data = Some(DataReader::new(
-                    self.cfg.max_line_length,
-                    self.cfg.max_message_size,
-                ));
+                self.data = Some(
+                    DataReader::new(self.cfg.max_line_length, self.cfg.max_message_size)
+                        .with_memory(memory),
+                );
             }
         }
         None
@@ -825,6 +845,7 @@ mod tests {
             junk_command_limit: 100,
             max_received_headers: 3,
             tls_available: true,
+            data_memory: MemoryBudget::unlimited(),
         }
     }
 
@@ -1201,6 +1222,54 @@ mod tests {
     }
 
     #[test]
+    fn data_memory_is_reserved_and_given_back() {
+        let budget = MemoryBudget::new(70_000);
+        let cfg = SessionConfig {
+            max_message_size: 100_000,
+            data_memory: budget.clone(),
+            ..cfg()
+        };
+        let txn = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@e.test>\r\nDATA\r\n";
+        let mut a = Session::new(cfg.clone(), "192.0.2.1".parse().unwrap(), false);
+        let mut b = Session::new(cfg.clone(), "192.0.2.2".parse().unwrap(), false);
+        let (o, _, _) = drive(&mut a, txn);
+        assert!(
+            o.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"),
+            "{o}"
+        );
+        assert_eq!(budget.in_use(), 65_536);
+        // The budget cannot hold a second first buffer: 452 at DATA.
+        let (o, _, e) = drive(&mut b, txn);
+        assert!(
+            o.ends_with("452 4.3.1 Insufficient system storage\r\n"),
+            "{o}"
+        );
+        assert_eq!(e, Event::NeedInput);
+        // Past the budget mid-body: 452 after the end, nothing stored.
+        let mut body = b"x".repeat(998);
+        body.extend_from_slice(b"\r\n");
+        let body = body.repeat(70);
+        a.receive(&body);
+        assert_eq!(a.next_event(), Event::NeedInput);
+        assert_eq!(budget.in_use(), 0);
+        let (o, msgs, _) = drive(&mut a, b".\r\n");
+        assert!(msgs.is_empty());
+        assert_eq!(o, "452 4.3.1 Insufficient system storage\r\n");
+        // Now b gets its DATA; its memory is held until the message is
+        // stored, and a session dropped mid-DATA gives it back too.
+        let (o, _, _) = drive(&mut b, b"DATA\r\nshort\r\n.\r\n");
+        assert!(o.ends_with("250 2.0.0 Ok: queued as Q1\r\n"), "{o}");
+        assert_eq!(budget.in_use(), 0);
+        drive(
+            &mut b,
+            b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@e.test>\r\nDATA\r\nxx",
+        );
+        assert_eq!(budget.in_use(), 65_536);
+        drop(b);
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
     fn too_many_errors_closes() {
         let mut s = new();
         let (o, _, e) = drive(
@@ -1382,11 +1451,13 @@ K
                 any::<bool>(),
             ),
             prop_oneof![Just(100usize), 0usize..4],
+            prop_oneof![Just(usize::MAX), 0usize..3000],
         )
             .prop_map(
-                |((line, size, rcpts, errors, received, tls), junk)| SessionConfig {
+                |((line, size, rcpts, errors, received, tls), junk, memory)| SessionConfig {
                     hostname: "mx.magic.test".into(),
                     junk_command_limit: junk,
+                    data_memory: MemoryBudget::new(memory),
                     max_line_length: line,
                     max_message_size: size,
                     max_recipients: rcpts,
@@ -1506,6 +1577,8 @@ K
             o.output.extend(s.take_output());
         }
         o.output.extend(s.take_output());
+        drop(s);
+        assert_eq!(cfg.data_memory.in_use(), 0, "DATA memory not given back");
         check_replies(&o.output);
         o
     }
