@@ -473,10 +473,7 @@ fn junk_commands_past_the_limit_close_the_session() {
 /// and the memory comes back when a DATA ends, so the others go on.
 #[test]
 fn data_in_flight_is_bounded_by_the_memory_budget() {
-    let node = InProc::start_with_smtp(
-        "max_message_size = 200000\ndata_memory = 200000\n",
-        ACCEPT,
-    );
+    let node = InProc::start_with_smtp("max_message_size = 200000\ndata_memory = 200000\n", ACCEPT);
     let start_data = |i: usize| {
         let mut c = Client::connect_from(&format!("127.3.{i}.1"), node.smtp);
         c.ehlo("client.test");
@@ -495,7 +492,10 @@ fn data_in_flight_is_bounded_by_the_memory_budget() {
     // A fourth cannot start.
     let mut late = start_data(4);
     let r = late.expect("DATA", 452);
-    assert!(r.text().starts_with("4.3.1 Insufficient system storage"), "{r}");
+    assert!(
+        r.text().starts_with("4.3.1 Insufficient system storage"),
+        "{r}"
+    );
     // The first grows past the budget mid-body: 452 after its end.
     let line = format!("{}\r\n", "x".repeat(998));
     held[0].send(format!("Subject: big\r\n\r\n{}.\r\n", line.repeat(100)).as_bytes());
