@@ -216,6 +216,23 @@ pub struct SmtpConfig {
     pub command_timeout: Dur,
     /// Wait for each chunk of DATA (RFC 5321: 3 minutes per data block).
     pub data_timeout: Dur,
+    /// The whole DATA phase must end within this: `data_timeout` bounds
+    /// each chunk only, so a client dripping a byte per chunk would hold its
+    /// slot (and the buffered body) for ever. 10 minutes takes a
+    /// `max_message_size` message of 10 MiB over a link of ~20 KiB/s.
+    pub data_deadline: Dur,
+    /// The whole session must end within this (a client sending NOOPs, or
+    /// message after message slowly, cannot hold a slot for ever). 30
+    /// minutes is ample for a busy sender; it then reconnects.
+    pub session_deadline: Dur,
+    /// NOOP, RSET, VRFY, HELP and ETRN past this many (since the last
+    /// accepted message) each count as an error, so `max_errors` ends a
+    /// session that only chats; Postfix's `smtpd_junk_command_limit`.
+    pub junk_command_limit: usize,
+    /// Bytes of message data all unfinished DATAs may buffer together
+    /// (each buffers its whole message in memory). Past it: `452 4.3.1`.
+    /// At least `max_message_size`, so every message can fit alone.
+    pub data_memory: usize,
     /// End the session after this many errors (bad commands, refused
     /// recipients), counted since the last accepted message; Postfix's
     /// `smtpd_hard_error_limit`.
@@ -236,6 +253,10 @@ impl Default for SmtpConfig {
             max_connections_per_family: 100,
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(180),
+            data_deadline: Dur::secs(600),
+            session_deadline: Dur::secs(1800),
+            junk_command_limit: 100,
+            data_memory: 256 * 1024 * 1024,
             max_errors: 20,
             tls_cert: None,
             tls_key: None,
@@ -785,6 +806,19 @@ impl Config {
         if s.listen.is_empty() {
             return Err(invalid("smtp.listen", "needs at least one address"));
         }
+        // Ranges are checked in validate_ranges; here how keys relate.
+        if s.data_deadline.0 > s.session_deadline.0 {
+            return Err(invalid(
+                "smtp.data_deadline",
+                "must be at most smtp.session_deadline",
+            ));
+        }
+        if s.data_memory < s.max_message_size {
+            return Err(invalid(
+                "smtp.data_memory",
+                "must be at least smtp.max_message_size",
+            ));
+        }
         match (&s.tls_cert, &s.tls_key) {
             (Some(_), None) => {
                 return Err(invalid("smtp.tls_key", "is required with smtp.tls_cert"))
@@ -917,6 +951,26 @@ impl Config {
             s.data_timeout,
             Dur::secs(1),
             Dur::secs(3_600),
+        )?;
+        // Deadlines are added to the clock: bounded, so that never overflows.
+        dur_in_range(
+            "smtp.session_deadline",
+            s.session_deadline,
+            Dur::secs(1),
+            Dur::secs(DAY),
+        )?;
+        dur_in_range(
+            "smtp.data_deadline",
+            s.data_deadline,
+            Dur::secs(1),
+            Dur::secs(DAY),
+        )?;
+        in_range("smtp.data_memory", s.data_memory, 1024, 1 << 40)?;
+        in_range(
+            "smtp.junk_command_limit",
+            s.junk_command_limit,
+            1,
+            1_000_000,
         )?;
 
         let r = &self.relay;
@@ -1328,6 +1382,30 @@ mod tests {
         }
         let open = Config::parse(&format!("{MINIMAL}[relay]\ndeny_networks = []\n")).unwrap();
         assert!(!open.relay.is_denied("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn smtp_deadlines_and_junk_limit_are_validated() {
+        for (tail, key) in [
+            ("session_deadline = \"25h\"\n", "smtp.session_deadline"),
+            ("session_deadline = \"0s\"\n", "smtp.session_deadline"),
+            ("data_deadline = \"0s\"\n", "smtp.data_deadline"),
+            (
+                "data_deadline = \"2h\"\nsession_deadline = \"1h\"\n",
+                "smtp.data_deadline",
+            ),
+            ("junk_command_limit = 0\n", "smtp.junk_command_limit"),
+            ("data_memory = 1000000\n", "smtp.data_memory"),
+        ] {
+            let c = Config::parse(&format!("{MINIMAL}[smtp]\n{tail}")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{tail}: {err}");
+        }
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.smtp.data_deadline, Dur::secs(600));
+        assert_eq!(c.smtp.session_deadline, Dur::secs(1800));
+        assert_eq!(c.smtp.junk_command_limit, 100);
+        assert_eq!(c.smtp.data_memory, 256 << 20);
     }
 
     #[test]

@@ -347,3 +347,174 @@ fn too_many_received_headers_is_a_loop() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(sink.transactions().is_empty());
 }
+
+/// Drips `byte` every 200 ms on `c` until the server answers (or 8 s pass);
+/// returns the reply and when it came.
+fn drip_until_reply(c: &mut Client, byte: &[u8]) -> (common::Next, Duration) {
+    let start = Instant::now();
+    loop {
+        if c.try_send(byte).is_err() {
+            return (common::Next::Closed, start.elapsed());
+        }
+        match c.next(Duration::from_millis(200)) {
+            common::Next::Timeout if start.elapsed() < Duration::from_secs(8) => continue,
+            other => return (other, start.elapsed()),
+        }
+    }
+}
+
+const ACCEPT: &str = "[accept]\ndomains = [\"example.test\"]\n";
+
+/// `data_timeout` bounds each chunk only: a client dripping a byte now and
+/// then must still finish its DATA within `data_deadline`, else `421 4.4.2`
+/// and the connection closes; nothing of the message is acknowledged.
+#[test]
+fn a_dripped_data_phase_ends_at_the_data_deadline() {
+    let node = InProc::start_with_smtp("data_timeout = \"1s\"\ndata_deadline = \"2s\"\n", ACCEPT);
+    let mut c = Client::connect(node.smtp);
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<a@sender.test>", 250);
+    c.expect("RCPT TO:<u@example.test>", 250);
+    c.expect("DATA", 354);
+    c.send(b"Subject: slow\r\n\r\n");
+    let (next, after) = drip_until_reply(&mut c, b"x");
+    match next {
+        common::Next::Reply(r) => {
+            assert_eq!(r.code, 421, "{r}");
+            assert!(r.text().starts_with("4.4.2 "), "{r}");
+            assert!(r.text().ends_with("Error: timeout exceeded"), "{r}");
+        }
+        other => panic!("no 421 while dripping DATA: {other:?}"),
+    }
+    assert!(after < Duration::from_millis(3500), "421 after {after:?}");
+    assert!(matches!(
+        c.next(Duration::from_secs(5)),
+        common::Next::Closed
+    ));
+    let (ok, list) = node.cli(&["queue", "list"]);
+    assert!(ok && !list.contains("u@example.test"), "{list}");
+    let metrics = node.http_get("/metrics");
+    assert!(
+        metrics.contains(r#"magicmx_smtp_timeouts_total{kind="data_deadline"}"#),
+        "{metrics}"
+    );
+}
+
+/// A client that keeps talking (each command well within
+/// `command_timeout`) still has to end within `session_deadline`.
+#[test]
+fn a_chatty_session_ends_at_the_session_deadline() {
+    let node = InProc::start_with_smtp(
+        "session_deadline = \"2s\"\ndata_deadline = \"2s\"\n",
+        ACCEPT,
+    );
+    let mut c = Client::connect(node.smtp);
+    c.ehlo("client.test");
+    let start = Instant::now();
+    let r = loop {
+        assert!(start.elapsed() < Duration::from_secs(8), "no deadline");
+        let r = c.cmd("NOOP");
+        if r.code != 250 {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(r.code, 421, "{r}");
+    assert!(r.text().starts_with("4.4.2 "), "{r}");
+    assert!(
+        start.elapsed() < Duration::from_millis(3500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(matches!(
+        c.next(Duration::from_secs(5)),
+        common::Next::Closed
+    ));
+}
+
+/// NOOP, RSET, VRFY and HELP are answered, but past `junk_command_limit`
+/// each counts as an error, so `max_errors` closes a session that only
+/// chats (Postfix's `smtpd_junk_command_limit`).
+#[test]
+fn junk_commands_past_the_limit_close_the_session() {
+    let node = InProc::start_with_smtp("junk_command_limit = 5\nmax_errors = 3\n", ACCEPT);
+    let mut c = Client::connect(node.smtp);
+    c.ehlo("client.test");
+    for cmd in ["NOOP", "RSET", "VRFY u", "HELP", "NOOP", "NOOP", "RSET"] {
+        assert_eq!(c.cmd(cmd).class(), 2, "{cmd}");
+    }
+    // The eighth is the third error: answered, then 421 and close.
+    c.expect("NOOP", 250);
+    let r = c.reply();
+    assert_eq!(r.code, 421, "{r}");
+    assert!(r.text().starts_with("4.7.0 "), "{r}");
+    assert!(matches!(
+        c.next(Duration::from_secs(5)),
+        common::Next::Closed
+    ));
+    // A session that sends mail between its junk commands is not chatting.
+    let mut c = Client::connect(node.smtp);
+    c.ehlo("client.test");
+    for i in 0..4 {
+        for _ in 0..4 {
+            c.expect("NOOP", 250);
+        }
+        c.expect("MAIL FROM:<a@sender.test>", 250);
+        c.expect("RCPT TO:<u@example.test>", 250);
+        c.expect("DATA", 354);
+        c.send(&common::client::data_transfer(&simple_message(
+            "a@sender.test",
+            "u@example.test",
+            &format!("m{i}"),
+        )));
+        assert_eq!(c.reply().code, 250);
+    }
+    c.expect("QUIT", 221);
+}
+
+/// Unfinished DATAs share one memory budget (`smtp.data_memory`): past it
+/// a new DATA gets `452 4.3.1` at once, a body that runs out of it gets
+/// `452 4.3.1` after its end (nothing acknowledged that was not stored),
+/// and the memory comes back when a DATA ends, so the others go on.
+#[test]
+fn data_in_flight_is_bounded_by_the_memory_budget() {
+    let node = InProc::start_with_smtp("max_message_size = 200000\ndata_memory = 200000\n", ACCEPT);
+    let start_data = |i: usize| {
+        let mut c = Client::connect_from(&format!("127.3.{i}.1"), node.smtp);
+        c.ehlo("client.test");
+        c.expect("MAIL FROM:<a@sender.test>", 250);
+        c.expect("RCPT TO:<u@example.test>", 250);
+        c
+    };
+    // Three DATAs take their first 64 KiB buffers (192 KiB of 195 KiB).
+    let mut held: Vec<Client> = (1..=3)
+        .map(|i| {
+            let mut c = start_data(i);
+            c.expect("DATA", 354);
+            c
+        })
+        .collect();
+    // A fourth cannot start.
+    let mut late = start_data(4);
+    let r = late.expect("DATA", 452);
+    assert!(
+        r.text().starts_with("4.3.1 Insufficient system storage"),
+        "{r}"
+    );
+    // The first grows past the budget mid-body: 452 after its end.
+    let line = format!("{}\r\n", "x".repeat(998));
+    held[0].send(format!("Subject: big\r\n\r\n{}.\r\n", line.repeat(100)).as_bytes());
+    let r = held[0].reply();
+    assert_eq!(r.code, 452, "{r}");
+    assert!(r.text().starts_with("4.3.1 "), "{r}");
+    // The others finish, and the late one now gets its turn.
+    for c in &mut held[1..] {
+        c.send(b"Subject: small\r\n\r\nhello\r\n.\r\n");
+        assert_eq!(c.reply().code, 250);
+    }
+    late.expect("DATA", 354);
+    late.send(b"Subject: late\r\n\r\nhello\r\n.\r\n");
+    assert_eq!(late.reply().code, 250);
+    // The refused session goes on too.
+    held[0].expect("MAIL FROM:<a@sender.test>", 250);
+}

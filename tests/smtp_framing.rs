@@ -178,6 +178,113 @@ fn bare_lf_in_headers_is_refused() {
     bare_in_data("bare LF in header", b"X-A: 1\nX-B: 2\r\n\r\nbody");
 }
 
+/// A NUL ends a string for some receivers, so the part after it could be
+/// read differently downstream: refused like a bare CR or LF, after the
+/// real end of data, and the session goes on (a fake end of data after the
+/// NUL does not end the message either).
+#[test]
+fn nul_in_data_is_refused_with_554_and_the_session_goes_on() {
+    let e = env(|c| c);
+    for body in [
+        &b"Subject: nul\r\n\r\nbefore\0after"[..],
+        b"Subject: a\0b\r\n\r\nbody",
+        b"Subject: x\r\n\r\n\0\r\n.\0\r\nMAIL FROM:<evil@sender.test>\r\nSubject: smuggled",
+    ] {
+        let mut c = Client::connect(e.node.smtp_addr);
+        c.ehlo("client.example.net");
+        c.expect("MAIL FROM:<alice@sender.test>", 250);
+        c.expect("RCPT TO:<user@example.test>", 250);
+        c.expect("DATA", 354);
+        let mut data = body.to_vec();
+        data.extend_from_slice(b"\r\n.\r\n");
+        c.send(&data);
+        let r = c.reply();
+        assert_eq!(r.code, 554, "{body:?}: {r}");
+        assert!(r.text().starts_with("5.6.0 "), "{body:?}: {r}");
+        assert!(after_refusal(&mut c, "NUL"), "{body:?}: session closed");
+    }
+    let mut c = Client::connect(e.node.smtp_addr);
+    c.ehlo("client.example.net");
+    e.control(Some(&mut c), "NUL");
+    for t in e.sink.transactions() {
+        assert!(!t.data.contains(&0), "NUL relayed: {t:?}");
+    }
+}
+
+/// smtp-proto skips a CR anywhere in a command line; the node must not act
+/// on a line other parsers read differently (`EHLO a\rX: y` is not
+/// `EHLO aX: y`, `u@exam\rple.test` is not `u@example.test`). Refused with
+/// `501 5.5.2` like Postfix; NUL likewise. The session goes on.
+#[test]
+fn bare_cr_or_nul_in_a_command_line_gets_501() {
+    let e = env(|c| c);
+    let mut c = Client::connect(e.node.smtp_addr);
+    for line in [&b"EHLO a\rX: y\r\n"[..], b"EHLO a\0b\r\n"] {
+        c.send(line);
+        let r = c.reply();
+        assert_eq!(r.code, 501, "{line:?}: {r}");
+        assert!(r.text().starts_with("5.5.2 "), "{line:?}: {r}");
+    }
+    c.ehlo("client.example.net");
+    c.expect("MAIL FROM:<alice@sender.test>", 250);
+    for (line, status) in [
+        (&b"RCPT TO:<u@exam\rple.test>\r\n"[..], "5.5.2 "),
+        (b"RCPT TO:<user\r@example.test>\r\n", "5.5.2 "),
+        // A NUL in an address: refused like other control characters there.
+        (b"RCPT TO:<us\0er@example.test>\r\n", "5.1.3 "),
+    ] {
+        c.send(line);
+        let r = c.reply();
+        assert_eq!(r.code, 501, "{line:?}: {r}");
+        assert!(r.text().starts_with(status), "{line:?}: {r}");
+    }
+    c.send(b"MAIL FROM:<ev\ril@sender.test>\r\n");
+    assert_eq!(c.reply().code, 501);
+    // No recipient was taken: DATA has none.
+    assert_eq!(c.cmd("DATA").code, 554);
+    c.expect("RSET", 250);
+    e.control(Some(&mut c), "bare CR in a command");
+}
+
+/// Addresses the relay client would refuse to send to are refused at once
+/// (`553`), not accepted and then bounced by the node itself; a quoted
+/// local part stays quoted all the way to the real MX.
+#[test]
+fn addresses_the_relay_would_refuse_get_553() {
+    let e = env(|c| c);
+    let mut c = Client::connect(e.node.smtp_addr);
+    c.ehlo("client.example.net");
+    let long = "l".repeat(65);
+    let r = c.expect(&format!("MAIL FROM:<{long}@sender.test>"), 553);
+    assert!(r.text().starts_with("5.1.7 "), "{r}");
+    c.expect("MAIL FROM:<alice@sender.test>", 250);
+    let r = c.expect(&format!("RCPT TO:<{long}@example.test>"), 553);
+    assert!(r.text().starts_with("5.1.3 "), "{r}");
+    let label = "d".repeat(64);
+    let r = c.expect(&format!("RCPT TO:<u@{label}.example.test>"), 553);
+    assert!(r.text().starts_with("5.1.3 "), "{r}");
+    // 64 octets is fine, and so is a quoted local part.
+    c.expect(&format!("RCPT TO:<{}@example.test>", "l".repeat(64)), 250);
+    c.expect("RCPT TO:<\"john smith\"@example.test>", 250);
+    c.expect("DATA", 354);
+    c.send(&data_transfer(&simple_message(
+        "alice@sender.test",
+        "john@example.test",
+        "quoted",
+    )));
+    assert_eq!(c.reply().code, 250);
+    let got = e.sink.wait_messages(1, DELIVERY);
+    let mut rcpts = got[0].rcpts.clone();
+    rcpts.sort();
+    assert_eq!(
+        rcpts,
+        vec![
+            "\"john smith\"@example.test".to_string(),
+            format!("{}@example.test", "l".repeat(64))
+        ]
+    );
+}
+
 #[test]
 fn over_long_command_line_gets_500() {
     let e = env(|c| c);

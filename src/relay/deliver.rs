@@ -396,8 +396,9 @@ pub fn has_bare_cr_or_lf(body: &[u8]) -> bool {
 /// An address the client can put in `MAIL FROM:<>` / `RCPT TO:<>`:
 /// `local@domain`, local part a dot-atom or a quoted string of at most 64
 /// octets, domain a host name (UTF-8 allowed) or an address literal, no
-/// control character, space, `<` or `>` outside quotes.
-fn check_address(addr: &str, null_ok: bool) -> Result<(), &'static str> {
+/// control character, space, `<` or `>` outside quotes. The SMTP server
+/// refuses at MAIL and RCPT what this refuses, so the two never disagree.
+pub(crate) fn check_address(addr: &str, null_ok: bool) -> Result<(), &'static str> {
     if addr.is_empty() {
         return if null_ok {
             Ok(())

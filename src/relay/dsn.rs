@@ -197,9 +197,12 @@ fn original_headers(message: &[u8]) -> Vec<u8> {
         if out.len() + line.len() + 2 > MAX_ORIGINAL_HEADERS {
             break;
         }
-        // A stray CR inside a line cannot be sent; the stored message never
-        // has one, but the report must stay well-formed regardless.
-        out.extend(line.iter().map(|&b| if b == b'\r' { b' ' } else { b }));
+        // A stray CR or a NUL inside a line cannot be sent; the stored
+        // message never has one, but the report must stay sendable regardless.
+        out.extend(
+            line.iter()
+                .map(|&b| if b == b'\r' || b == 0 { b' ' } else { b }),
+        );
         out.extend_from_slice(b"\r\n");
     }
     out

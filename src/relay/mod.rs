@@ -440,13 +440,11 @@ async fn attempt(relay: &Relay, entry: &QueueEntry, body: Arc<[u8]>) -> Vec<Opti
         );
         return pending_with(entry, |_| local(RcptOutcome::PermFail(reply.clone())));
     }
-    if deliver::has_bare_cr_or_lf(&body) {
-        // The SMTP side never stores such a body; never send one either.
-        error!(queue_id = %entry.id, "stored message has a bare CR or LF; not sent");
-        let reply = Diagnostic::local(
-            Status::new(5, 6, 0),
-            "message has a bare CR or LF and cannot be sent",
-        );
+    if let Some(why) = deliver::forbidden_in_data(&body) {
+        // The SMTP side never stores such a body (NUL, bare CR or LF); a
+        // damaged or hand-made spool entry must not be sent either.
+        error!(queue_id = %entry.id, reason = why, "stored message cannot be sent");
+        let reply = Diagnostic::local(Status::new(5, 6, 0), format!("{why} and cannot be sent"));
         return pending_with(entry, |_| local(RcptOutcome::PermFail(reply.clone())));
     }
 
@@ -1219,6 +1217,69 @@ mod tests {
             .await
             .expect("runner stops")
             .unwrap();
+    }
+
+    /// Whatever is in the spool, the relay never emits a NUL, a bare CR or a
+    /// bare LF: such messages are not sent (their senders get a DSN, which
+    /// is clean too), the clean message goes out unchanged.
+    #[tokio::test]
+    async fn the_relay_never_emits_nul_or_bare_cr_lf() {
+        let (port, sessions) = testutil::sink("127.0.0.1:0", testutil::Mode::Plain).await;
+        let config = node_config(port, relay_dns().await);
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let dns = Dns::new(&config.dns).unwrap();
+        let now = crate::clock::system_ms() / 1000;
+        let bodies: [&[u8]; 4] = [
+            b"Subject: nul\0in header\r\n\r\nhello\r\n",
+            b"Subject: a\r\n\r\nnul\0in body\r\n",
+            b"Subject: bare\nlf\r\nX: cr\rhere\r\n\r\nhello\r\n",
+            b"Subject: clean\r\n\r\nhello\r\n",
+        ];
+        for body in bodies {
+            spool
+                .store(
+                    envelope("alice@relay.test", &["ok@relay.test"], now),
+                    body.to_vec(),
+                    now,
+                )
+                .await
+                .unwrap();
+        }
+        let relay = Relay::new(Arc::new(config), spool.clone(), dns);
+        let token = CancellationToken::new();
+        let runner = tokio::spawn(relay.run(token.clone()));
+        eventually("the clean message and three DSNs sent", || {
+            spool.entries().unwrap().is_empty() && sessions.lock().unwrap().len() >= 4
+        })
+        .await;
+        token.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), runner).await;
+        let seen = sessions.lock().unwrap().clone();
+        let data: Vec<&Vec<u8>> = seen
+            .iter()
+            .map(|s| &s.data)
+            .filter(|d| !d.is_empty())
+            .collect();
+        assert_eq!(data.len(), 4, "{seen:?}");
+        for d in &data {
+            assert!(
+                !d.contains(&0),
+                "NUL sent: {:?}",
+                String::from_utf8_lossy(d)
+            );
+            assert!(
+                is_crlf_only(d),
+                "bare CR/LF sent: {:?}",
+                String::from_utf8_lossy(d)
+            );
+        }
+        let clean = data
+            .iter()
+            .filter(|d| !String::from_utf8_lossy(d).contains("delivery-status"))
+            .collect::<Vec<_>>();
+        assert_eq!(clean.len(), 1);
+        assert!(clean[0].ends_with(b"Subject: clean\r\n\r\nhello\r\n"));
     }
 
     /// A destination that accepts TCP and never greets must not hold the

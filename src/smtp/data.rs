@@ -7,14 +7,26 @@
 //! the rest as commands. The reader keeps scanning after an error until the
 //! real end, so the reply comes at a well-defined point and the remaining bytes
 //! are never interpreted as commands. Dot-stuffing is undone on the way.
+//! A NUL is refused the same way: some receivers end a string there, so a
+//! NUL would let the part after it be read differently downstream.
+//!
+//! With a [`Reservation`], the body buffer grows only as far as the shared
+//! DATA memory budget allows: its capacity is reserved before it is
+//! allocated; past the budget the message fails with
+//! [`DataError::NoMemory`] and its buffer is freed at once.
+
+use super::budget::Reservation;
 
 /// Why a message was refused, in the order they were found (the first wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataError {
     BareLf,
     BareCr,
+    Nul,
     LineTooLong,
     TooBig,
+    /// The DATA memory budget ran out while the body was buffered.
+    NoMemory,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +54,8 @@ pub struct DataReader {
     error: Option<DataError>,
     /// Octets seen, including those dropped after an error.
     seen: u64,
+    /// The body's capacity, reserved from the DATA memory budget.
+    memory: Option<Reservation>,
 }
 
 /// Outcome of feeding bytes to a [`DataReader`].
@@ -60,20 +74,64 @@ impl DataReader {
     pub fn new(max_line: usize, max_size: usize) -> DataReader {
         DataReader {
             state: State::LineStart,
-            body: Vec::with_capacity(max_size.min(64 * 1024)),
+            body: Vec::with_capacity(DataReader::initial_capacity(max_size)),
             line_len: 0,
             max_line: max_line.saturating_sub(2),
             max_size,
             error: None,
             seen: 0,
+            memory: None,
         }
+    }
+
+    /// The buffer [`DataReader::new`] allocates at once: reserve this much
+    /// before making one.
+    pub fn initial_capacity(max_size: usize) -> usize {
+        max_size.min(64 * 1024)
+    }
+
+    /// Grows the body only within `memory`, which must already hold
+    /// [`DataReader::initial_capacity`].
+    pub fn with_memory(mut self, memory: Reservation) -> DataReader {
+        self.memory = Some(memory);
+        self
+    }
+
+    /// The reservation, to keep until the body it covers is gone.
+    pub fn take_memory(&mut self) -> Option<Reservation> {
+        self.memory.take()
     }
 
     fn fail(&mut self, e: DataError) {
         if self.error.is_none() {
             self.error = Some(e);
             self.body = Vec::new();
+            if let Some(m) = self.memory.as_mut() {
+                m.resize(0);
+            }
         }
+    }
+
+    /// Room for `n` more body octets, reserved before it is allocated
+    /// (doubling, as a Vec does, but never past `max_size`). False if the
+    /// budget is spent (the message has then failed).
+    fn room(&mut self, n: usize) -> bool {
+        let need = self.body.len() + n;
+        if need <= self.body.capacity() {
+            return true;
+        }
+        let Some(memory) = self.memory.as_mut() else {
+            return true;
+        };
+        let cap = (self.body.capacity() * 2)
+            .max(need)
+            .min(self.max_size.max(need));
+        if !memory.resize(cap) {
+            self.fail(DataError::NoMemory);
+            return false;
+        }
+        self.body.reserve_exact(cap - self.body.len());
+        true
     }
 
     fn push(&mut self, b: u8) {
@@ -84,7 +142,7 @@ impl DataReader {
         if self.error.is_none() {
             if self.body.len() >= self.max_size {
                 self.fail(DataError::TooBig);
-            } else {
+            } else if self.room(1) {
                 self.body.push(b);
             }
         }
@@ -94,7 +152,7 @@ impl DataReader {
         if self.error.is_none() {
             if self.body.len() + 2 > self.max_size {
                 self.fail(DataError::TooBig);
-            } else {
+            } else if self.room(2) {
                 self.body.extend_from_slice(b"\r\n");
             }
         }
@@ -105,6 +163,8 @@ impl DataReader {
     fn mid(&mut self, b: u8) {
         if b == b'\n' {
             self.fail(DataError::BareLf);
+        } else if b == 0 {
+            self.fail(DataError::Nul);
         }
         self.push(b);
         self.state = State::Mid;
@@ -254,6 +314,16 @@ mod tests {
     }
 
     #[test]
+    fn nul_is_refused_but_read_to_the_end() {
+        let input = b"a\0b\r\n.\0\r\nMAIL FROM:<x@y>\r\n.\r\nRSET\r\n";
+        let (body, end) = run_split(input);
+        assert_eq!(body, Err(DataError::Nul));
+        assert_eq!(end, Some(input.len() - 6));
+        assert_eq!(run_split(b"\0\r\n.\r\n").0, Err(DataError::Nul));
+        assert_eq!(run_split(b"..\0\r\n.\r\n").0, Err(DataError::Nul));
+    }
+
+    #[test]
     fn long_line_is_refused_but_read_to_the_end() {
         let mut input = vec![b'x'; 999];
         input.extend_from_slice(b"\r\n.\r\n");
@@ -275,6 +345,41 @@ mod tests {
             }
         );
         assert_eq!(r.finish().unwrap().len(), 1000);
+    }
+
+    #[test]
+    fn the_body_grows_only_within_its_memory() {
+        use crate::smtp::budget::MemoryBudget;
+        let budget = MemoryBudget::new(100_000);
+        let initial = DataReader::initial_capacity(1 << 20);
+        let mut input = vec![b'x'; 998];
+        input.extend_from_slice(b"\r\n");
+        // 40 lines of 1000: 40 000 octets, within the first 64 KiB.
+        let mut r = DataReader::new(1000, 1 << 20).with_memory(budget.reserve(initial).unwrap());
+        for _ in 0..40 {
+            assert_eq!(r.feed(&input), Progress::More);
+        }
+        assert_eq!(budget.in_use(), initial);
+        // 100 lines: past 64 KiB, the doubling to 128 KiB is over budget.
+        for _ in 0..60 {
+            assert_eq!(r.feed(&input), Progress::More);
+        }
+        assert_eq!(budget.in_use(), 0, "a failed body gives its memory back");
+        assert_eq!(r.feed(b".\r\n"), Progress::Done { consumed: 3 });
+        assert_eq!(r.finish(), Err(DataError::NoMemory));
+        // Within budget, the reservation covers the capacity until dropped.
+        let budget = MemoryBudget::new(200_000);
+        let mut r = DataReader::new(1000, 150_000).with_memory(budget.reserve(initial).unwrap());
+        for _ in 0..100 {
+            r.feed(&input);
+        }
+        r.feed(b".\r\n");
+        let memory = r.take_memory().unwrap();
+        assert_eq!(memory.held(), 131_072);
+        assert_eq!(r.finish().unwrap().len(), 100_000);
+        assert_eq!(budget.in_use(), 131_072);
+        drop(memory);
+        assert_eq!(budget.in_use(), 0);
     }
 
     #[test]
@@ -308,7 +413,7 @@ mod tests {
     /// CRLF lines only, one leading dot removed per line, every line within
     /// `max_line` (CRLF included) and the whole within `max_size`.
     fn model_body(data: &[u8], max_line: usize, max_size: usize) -> Option<Vec<u8>> {
-        if deliver_bare(data) {
+        if deliver_bare(data) || data.contains(&0) {
             return None;
         }
         let mut body = Vec::new();
@@ -394,6 +499,7 @@ mod tests {
                     match r.finish() {
                         Ok(body) => {
                             prop_assert!(!deliver_bare(&body));
+                            prop_assert!(!body.contains(&0));
                             prop_assert!(body.len() <= max_size);
                             prop_assert_eq!(Some(body), expected);
                         }

@@ -10,6 +10,7 @@
 //! session that is waiting for input answers `421` and closes; a message that
 //! is being stored finishes first, so nothing acknowledged is lost.
 
+pub mod budget;
 pub mod data;
 pub mod screen;
 pub mod session;
@@ -120,8 +121,10 @@ impl Context {
             max_message_size: config.smtp.max_message_size,
             max_recipients: config.smtp.max_recipients,
             max_errors: config.smtp.max_errors,
+            junk_command_limit: config.smtp.junk_command_limit,
             max_received_headers: config.relay.max_received_headers,
             tls_available: tls.is_some(),
+            data_memory: budget::MemoryBudget::new(config.smtp.data_memory),
         };
         let tarpits = Arc::new(screen::Tarpits::new(
             config.suspect.max_tarpitted,
@@ -544,14 +547,21 @@ async fn connection(
     }
     session.greeting();
     debug!("connected");
-    let session = match drive(&mut stream, ip, session, &ctx, &screen, &shutdown).await {
+    // One deadline for the whole session, TLS or not.
+    let deadline = tokio::time::Instant::now() + ctx.config.smtp.session_deadline.0;
+    let session = match drive(&mut stream, ip, session, &ctx, &screen, &shutdown, deadline).await {
         Ended::Closed => return,
         Ended::StartTls(s) => *s,
     };
     let Some(acceptor) = ctx.tls.clone() else {
         return;
     };
-    let timeout = ctx.config.smtp.command_timeout.0;
+    let timeout = ctx
+        .config
+        .smtp
+        .command_timeout
+        .0
+        .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
     let mut tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -565,7 +575,9 @@ async fn connection(
     };
     let mut session = session;
     session.tls_started();
-    if let Ended::StartTls(_) = drive(&mut tls, ip, session, &ctx, &screen, &shutdown).await {
+    if let Ended::StartTls(_) =
+        drive(&mut tls, ip, session, &ctx, &screen, &shutdown, deadline).await
+    {
         // The session refuses a second STARTTLS itself; nothing to do.
     }
     let _ = tls.shutdown().await;
@@ -601,6 +613,12 @@ async fn write_out<S: AsyncWrite + Unpin>(
     )
 }
 
+/// Drives `session` on `stream` until it ends, the client goes, or a
+/// limit of time passes: `command_timeout` for a whole command line,
+/// `data_timeout` for each DATA chunk, `data_deadline` for a whole DATA
+/// phase and `deadline` (from `session_deadline`) for the session. Past
+/// any of them the client gets `421 4.4.2` and the connection closes; a
+/// message not yet complete is dropped, never acknowledged.
 async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     peer: IpAddr,
@@ -608,18 +626,31 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Context,
     screen: &screen::Screen,
     shutdown: &CancellationToken,
+    deadline: tokio::time::Instant,
 ) -> Ended {
+    use tokio::time::Instant;
     let cfg = &ctx.config.smtp;
     let hostname = &ctx.config.node.hostname;
     let mut buf = vec![0u8; 64 * 1024];
     // When the partial command line now buffered began: a whole command
     // line must arrive within `command_timeout`, not each of its bytes
     // (a client dripping one byte per timeout would hold its slot forever).
-    let mut line_started: Option<tokio::time::Instant> = None;
+    let mut line_started: Option<Instant> = None;
+    // The DATA phase being timed (its number) and when it must end.
+    let mut data_due: Option<(u64, Instant)> = None;
     loop {
         match session.next_event() {
             Event::NeedInput => {
-                if !write_out(stream, &mut session, screen, cfg.command_timeout.0).await {
+                let now = Instant::now();
+                let left = deadline.saturating_duration_since(now);
+                if !write_out(
+                    stream,
+                    &mut session,
+                    screen,
+                    cfg.command_timeout.0.min(left),
+                )
+                .await
+                {
                     return Ended::Closed;
                 }
                 // A partial command line is buffered: its clock keeps running.
@@ -628,11 +659,18 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 } else {
                     line_started.get_or_insert_with(tokio::time::Instant::now);
                 }
+                if !session.in_data() {
+                    data_due = None;
+                } else if data_due.is_none_or(|(n, _)| n != session.data_phases()) {
+                    data_due = Some((session.data_phases(), now + cfg.data_deadline.0));
+                }
                 let timeout = match line_started {
                     _ if session.in_data() => cfg.data_timeout.0,
                     Some(t) => cfg.command_timeout.0.saturating_sub(t.elapsed()),
                     None => cfg.command_timeout.0,
                 };
+                let due = data_due.map_or(deadline, |(_, d)| d.min(deadline));
+                let timeout = timeout.min(due.saturating_duration_since(Instant::now()));
                 let read = tokio::select! {
                     r = tokio::time::timeout(timeout, stream.read(&mut buf)) => r,
                     _ = shutdown.cancelled() => {
@@ -652,7 +690,18 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         return Ended::Closed;
                     }
                     Err(_) => {
-                        info!(in_data = session.in_data(), "timeout");
+                        let kind = if Instant::now() >= deadline {
+                            "session_deadline"
+                        } else if data_due.is_some_and(|(_, d)| Instant::now() >= d) {
+                            "data_deadline"
+                        } else if session.in_data() {
+                            "data_timeout"
+                        } else {
+                            "command_timeout"
+                        };
+                        metrics::counter!("magicmx_smtp_timeouts_total", "kind" => kind)
+                            .increment(1);
+                        info!(in_data = session.in_data(), kind, "timeout");
                         let line = format!("421 4.4.2 {hostname} Error: timeout exceeded\r\n");
                         let _ = tokio::time::timeout(
                             Duration::from_secs(5),
@@ -664,12 +713,27 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Event::Close => {
-                write_out(stream, &mut session, screen, cfg.command_timeout.0).await;
+                let left = deadline.saturating_duration_since(Instant::now());
+                write_out(
+                    stream,
+                    &mut session,
+                    screen,
+                    cfg.command_timeout.0.min(left),
+                )
+                .await;
                 let _ = stream.shutdown().await;
                 return Ended::Closed;
             }
             Event::StartTls => {
-                if !write_out(stream, &mut session, screen, cfg.command_timeout.0).await {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if !write_out(
+                    stream,
+                    &mut session,
+                    screen,
+                    cfg.command_timeout.0.min(left),
+                )
+                .await
+                {
                     return Ended::Closed;
                 }
                 return Ended::StartTls(Box::new(session));

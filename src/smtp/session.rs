@@ -15,6 +15,7 @@ use std::net::IpAddr;
 
 use smtp_proto::{Request, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8};
 
+use super::budget::{MemoryBudget, Reservation};
 use super::data::{DataError, DataReader, Progress};
 pub use crate::suspect::ProtocolTest;
 
@@ -26,9 +27,13 @@ pub struct SessionConfig {
     pub max_message_size: usize,
     pub max_recipients: usize,
     pub max_errors: usize,
+    /// NOOP, RSET, VRFY, HELP, ETRN past this many count as errors.
+    pub junk_command_limit: usize,
     pub max_received_headers: usize,
     /// STARTTLS can be offered (a certificate is configured).
     pub tls_available: bool,
+    /// Shared by all sessions: the bytes of message data they may buffer.
+    pub data_memory: MemoryBudget,
 }
 
 /// What the caller must do next.
@@ -101,8 +106,15 @@ pub struct Session {
     tx: Option<Transaction>,
     pending_rcpt: Option<String>,
     data: Option<DataReader>,
+    /// The memory of a complete body handed out in [`Event::Message`],
+    /// held until [`Session::message_stored`] (the body is gone by then).
+    stored_memory: Option<Reservation>,
     pending: Pending,
     errors: usize,
+    /// NOOP, RSET, VRFY, HELP, ETRN since the last accepted message.
+    junk: usize,
+    /// DATA phases started (the caller times each one).
+    data_phases: u64,
     /// Skipping the rest of an over-long command line.
     discarding: bool,
     closed: bool,
@@ -127,8 +139,11 @@ impl Session {
             tx: None,
             pending_rcpt: None,
             data: None,
+            stored_memory: None,
             pending: Pending::None,
             errors: 0,
+            junk: 0,
+            data_phases: 0,
             discarding: false,
             closed: false,
             failed_test: None,
@@ -177,6 +192,12 @@ impl Session {
         self.data.is_some()
     }
 
+    /// How many DATA phases have started; tells the caller a new one began
+    /// (for the whole-DATA deadline) even if the last ended in the same read.
+    pub fn data_phases(&self) -> u64 {
+        self.data_phases
+    }
+
     /// True if input arrived that has not been processed yet.
     pub fn has_buffered_input(&self) -> bool {
         !self.pending_input().is_empty()
@@ -205,6 +226,24 @@ impl Session {
     /// A command error; after too many the session ends.
     fn error(&mut self, line: &str) {
         self.reply(line);
+        self.count_error();
+    }
+
+    /// A command that does not move a transaction on (NOOP, RSET, VRFY,
+    /// HELP, ETRN), answered as usual; past `junk_command_limit` each one
+    /// counts as an error too (Postfix's `smtpd_junk_command_limit`), so a
+    /// client that only chats is eventually closed.
+    fn junk(&mut self) {
+        self.junk += 1;
+        if self.junk > self.cfg.junk_command_limit {
+            self.count_error();
+        }
+    }
+
+    fn count_error(&mut self) {
+        if self.closed {
+            return;
+        }
         self.errors += 1;
         if self.errors >= self.cfg.max_errors {
             let host = self.cfg.hostname.clone();
@@ -272,10 +311,14 @@ impl Session {
             }
             Progress::Done { consumed } => {
                 self.start += consumed;
-                let reader = self.data.take().expect("in data");
+                let mut reader = self.data.take().expect("in data");
+                let memory = reader.take_memory();
                 let tx = self.tx.take().unwrap_or_default();
                 match reader.finish() {
-                    Ok(body) => self.check_message(tx, body),
+                    Ok(body) => {
+                        self.stored_memory = memory;
+                        self.check_message(tx, body)
+                    }
                     Err(e) => {
                         let line = match e {
                             DataError::BareLf => {
@@ -285,10 +328,14 @@ impl Session {
                             DataError::BareCr => {
                                 "554 5.6.0 Error: bare <CR> received; lines must end with <CR><LF>"
                             }
+                            DataError::Nul => {
+                                "554 5.6.0 Error: NUL character received in message content"
+                            }
                             DataError::LineTooLong => "500 5.5.2 Error: line too long",
                             DataError::TooBig => {
                                 "552 5.3.4 Error: message size exceeds fixed limit"
                             }
+                            DataError::NoMemory => "452 4.3.1 Insufficient system storage",
                         };
                         self.reply(line);
                         None
@@ -325,10 +372,14 @@ impl Session {
     pub fn message_stored(&mut self, result: Result<&str, &str>) {
         assert_eq!(self.pending, Pending::Message);
         self.pending = Pending::None;
+        self.stored_memory = None;
         match result {
             Ok(id) => {
-                // A delivered message forgives earlier errors (as Postfix).
+                // A delivered message forgives earlier errors (as Postfix),
+                // and junk commands: a client sending many messages with an
+                // RSET or NOOP between them is not chatting.
                 self.errors = 0;
+                self.junk = 0;
                 self.reply(&format!("250 2.0.0 Ok: queued as {id}"));
             }
             Err(line) => self.reply(line),
@@ -366,6 +417,31 @@ impl Session {
         if self.screen_line(line) {
             return None;
         }
+        // smtp-proto skips a CR anywhere in a line, so `EHLO a\rX: y` would
+        // become `aX: y` and `u@exam\rple.test` `u@example.test`: what the
+        // node acts on would differ from what other parsers see. Refuse a
+        // CR that does not end the line, and a NUL (a string end for some),
+        // as Postfix does.
+        let text = line.strip_suffix(b"\n").unwrap_or(line);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        if text.contains(&b'\r') {
+            self.error("501 5.5.2 Error: bare <CR> received in command");
+            return None;
+        }
+        if text.contains(&0) {
+            // In MAIL and RCPT the NUL is in the address or its parameters:
+            // the same refusal as other control characters there.
+            let verb = text.get(..4).unwrap_or_default();
+            let reply = if verb.eq_ignore_ascii_case(b"MAIL") {
+                "501 5.1.7 Bad sender address syntax"
+            } else if verb.eq_ignore_ascii_case(b"RCPT") {
+                "501 5.1.3 Bad recipient address syntax"
+            } else {
+                "501 5.5.2 Error: NUL received in command"
+            };
+            self.error(reply);
+            return None;
+        }
         let (masked, literals) = mask_address_literals(line);
         let request = match Request::parse(&mut masked.iter()) {
             Ok(r) => r,
@@ -387,21 +463,34 @@ impl Session {
             Request::Rset => {
                 self.tx = None;
                 self.reply("250 2.0.0 Ok");
+                self.junk();
             }
-            Request::Noop { .. } => self.reply("250 2.0.0 Ok"),
+            Request::Noop { .. } => {
+                self.reply("250 2.0.0 Ok");
+                self.junk();
+            }
             Request::Quit => {
                 self.reply("221 2.0.0 Bye");
                 self.closed = true;
             }
-            Request::Vrfy { .. } => self
-                .reply("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"),
-            Request::Help { .. } => self.reply(
-                "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
-            ),
+            Request::Vrfy { .. } => {
+                self.reply(
+                    "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery",
+                );
+                self.junk();
+            }
+            Request::Help { .. } => {
+                self.reply(
+                    "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
+                );
+                self.junk();
+            }
+
             Request::StartTls => return self.starttls(),
             Request::Expn { .. }
             | Request::Auth { .. }
             | Request::Bdat { .. }
+            // Not implemented, so always an error (stricter than junk).
             | Request::Etrn { .. }
             | Request::Atrn { .. }
             | Request::Burl { .. } => self.error("502 5.5.1 Error: command not implemented"),
@@ -529,7 +618,7 @@ impl Session {
             self.reply("552 5.3.4 Message size exceeds fixed limit");
             return;
         }
-        let sender = from.address.to_string();
+        let sender = wire_form(&from.address).into_owned();
         if !sender.is_empty() && !valid_mailbox(&sender) {
             self.error("501 5.1.7 Bad sender address syntax");
             return;
@@ -537,6 +626,14 @@ impl Session {
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
         if !smtputf8 && !sender.is_ascii() {
             self.error("553 5.6.7 Error: non-ASCII sender address needs SMTPUTF8");
+            return;
+        }
+        // What the relay client would refuse to send (a local part over 64
+        // octets, ...) is refused now, not bounced later.
+        if let Err(why) = crate::relay::deliver::check_address(&sender, true) {
+            self.error(&format!(
+                "553 5.1.7 <{sender}>: Sender address rejected: {why}"
+            ));
             return;
         }
         self.tx = Some(Transaction {
@@ -558,13 +655,22 @@ impl Session {
             return None;
         }
         let smtputf8 = tx.smtputf8;
-        let address = address.to_string();
+        let address = wire_form(&address).into_owned();
         if !valid_mailbox(&address) {
             self.error("501 5.1.3 Bad recipient address syntax");
             return None;
         }
         if !smtputf8 && !address.is_ascii() {
             self.error("553 5.6.7 Error: non-ASCII recipient address needs SMTPUTF8");
+            return None;
+        }
+        // The relay client's own check: an address it would refuse to send
+        // to is refused here, instead of being accepted and then bounced by
+        // the node itself.
+        if let Err(why) = crate::relay::deliver::check_address(&address, false) {
+            self.error(&format!(
+                "553 5.1.3 <{address}>: Recipient address rejected: {why}"
+            ));
             return None;
         }
         let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
@@ -581,11 +687,19 @@ impl Session {
                 self.error("554 5.5.1 Error: no valid recipients")
             }
             Some(_) => {
+                // The first buffer is reserved before DATA is accepted: with
+                // the budget spent, nothing is read that cannot be stored.
+                let first = DataReader::initial_capacity(self.cfg.max_message_size);
+                let Some(memory) = self.cfg.data_memory.reserve(first) else {
+                    self.reply("452 4.3.1 Insufficient system storage");
+                    return None;
+                };
                 self.reply("354 End data with <CR><LF>.<CR><LF>");
-                self.data = Some(DataReader::new(
-                    self.cfg.max_line_length,
-                    self.cfg.max_message_size,
-                ));
+                self.data_phases += 1;
+                self.data = Some(
+                    DataReader::new(self.cfg.max_line_length, self.cfg.max_message_size)
+                        .with_memory(memory),
+                );
             }
         }
         None
@@ -727,6 +841,37 @@ fn unmask<'a>(address: Cow<'a, str>, literals: &[&[u8]]) -> Cow<'a, str> {
     Cow::Owned(s)
 }
 
+/// The address as it goes on the wire: smtp-proto hands out a quoted local
+/// part unquoted (`"u v"@e.test` as `u v@e.test`), which no one could send
+/// again; a local part that is not a dot-atom is quoted back (RFC 5321
+/// 4.1.2), so the spool, the relay and the checks all see the real address.
+fn wire_form(address: &str) -> Cow<'_, str> {
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return Cow::Borrowed(address);
+    };
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    if !local.is_empty()
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(atext))
+    {
+        return Cow::Borrowed(address);
+    }
+    let mut quoted = String::with_capacity(address.len() + 4);
+    quoted.push('"');
+    for c in local.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted.push('@');
+    quoted.push_str(domain);
+    Cow::Owned(quoted)
+}
+
 /// `local@domain` with a non-empty local part and a plausible domain
 /// (smtp-proto has already checked the path syntax, but lets control
 /// characters through in a quoted local part; RFC 5321 allows none, and the
@@ -757,8 +902,10 @@ mod tests {
             max_message_size: 1000,
             max_recipients: 2,
             max_errors: 10,
+            junk_command_limit: 100,
             max_received_headers: 3,
             tls_available: true,
+            data_memory: MemoryBudget::unlimited(),
         }
     }
 
@@ -1085,6 +1232,164 @@ mod tests {
     }
 
     #[test]
+    fn bare_cr_and_nul_in_commands_are_refused() {
+        let mut s = new();
+        let (o, _, e) = drive(
+            &mut s,
+            b"EHLO a\rX: y\r\nHELO b\0c\r\nEHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@exam\rple.test>\r\nRCPT TO:<u@e\0.test>\r\nNOOP\r\r\n",
+        );
+        assert_eq!(e, Event::NeedInput);
+        let lines: Vec<&str> = o.split("\r\n").collect();
+        assert!(lines[0].starts_with("220 "), "{o}");
+        assert_eq!(lines[1], "501 5.5.2 Error: bare <CR> received in command");
+        assert_eq!(lines[2], "501 5.5.2 Error: NUL received in command");
+        assert!(o.contains("250 2.1.0 Ok\r\n501 5.5.2 Error: bare <CR> received in command\r\n501 5.1.3 Bad recipient address syntax\r\n501 5.5.2 Error: bare <CR> received in command\r\n"), "{o}");
+        assert!(s.helo() == Some("c"), "{:?}", s.helo());
+    }
+
+    #[test]
+    fn addresses_the_relay_would_refuse_are_refused_at_mail_and_rcpt() {
+        let long_local = "l".repeat(65);
+        // 253 octets (the most a domain may have), so the address is 255.
+        let long_domain = format!("{0}.{0}.{0}.{1}.test", "d".repeat(61), "d".repeat(62));
+        assert_eq!(long_domain.len(), 253);
+        let input = format!(
+            "HELO c\r\nMAIL FROM:<{long_local}@b.test>\r\nMAIL FROM:<a@b.test>\r\n\
+             RCPT TO:<{long_local}@e.test>\r\nRCPT TO:<u@{long_domain}>\r\n\
+             RCPT TO:<u@{}.test>\r\nRCPT TO:<u@-e.test>\r\nRCPT TO:<{}@e.test>\r\n",
+            "d".repeat(64),
+            "l".repeat(64)
+        );
+        let mut s = new();
+        let (o, _, e) = drive(&mut s, input.as_bytes());
+        assert_eq!(e, Event::NeedInput);
+        let lines: Vec<&str> = o.trim_end().split("\r\n").collect();
+        assert!(lines[2].starts_with("553 5.1.7 <"), "{o}");
+        assert!(lines[2].contains("longer than 64"), "{o}");
+        assert_eq!(lines[3], "250 2.1.0 Ok");
+        for l in &lines[4..8] {
+            assert!(l.starts_with("553 5.1.3 <"), "{l}");
+        }
+        assert_eq!(lines[8], "250 2.1.5 Ok");
+        for (addr, ok) in [
+            (format!("{long_local}@e.test"), false),
+            ("u@[192.0.2.1]".to_string(), true),
+            ("\"a b\"@e.test".to_string(), true),
+        ] {
+            assert_eq!(
+                crate::relay::deliver::check_address(&addr, false).is_ok(),
+                ok,
+                "{addr}"
+            );
+        }
+    }
+
+    #[test]
+    fn quoted_local_parts_are_kept_quoted() {
+        assert_eq!(wire_form("a.b+c@e.test"), "a.b+c@e.test");
+        assert_eq!(wire_form("u v@e.test"), "\"u v\"@e.test");
+        assert_eq!(wire_form("a\"b\\@e.test"), "\"a\\\"b\\\\\"@e.test");
+        assert_eq!(wire_form("a..b@e.test"), "\"a..b\"@e.test");
+        let mut s = new();
+        let (o, msgs, _) = drive(
+            &mut s,
+            b"EHLO c\r\nMAIL FROM:<\"a b\"@b.test>\r\nRCPT TO:<\"u v\"@e.test>\r\nDATA\r\nx\r\n.\r\n",
+        );
+        assert!(o.contains("250 2.1.5 Ok\r\n354 "), "{o}");
+        assert_eq!(msgs[0].sender, "\"a b\"@b.test");
+        assert_eq!(msgs[0].recipients, ["\"u v\"@e.test"]);
+    }
+
+    #[test]
+    fn junk_commands_past_the_limit_count_as_errors() {
+        let mut s = Session::new(
+            SessionConfig {
+                junk_command_limit: 3,
+                max_errors: 2,
+                ..cfg()
+            },
+            "192.0.2.1".parse().unwrap(),
+            false,
+        );
+        s.greeting();
+        // Three free, then each one an error: the 5th is the 2nd error.
+        let (o, _, e) = drive(
+            &mut s,
+            b"NOOP\r\nRSET\r\nVRFY x\r\nHELP\r\nNOOP\r\nNOOP\r\n",
+        );
+        assert_eq!(e, Event::Close);
+        assert!(
+            o.ends_with("214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS\r\n250 2.0.0 Ok\r\n421 4.7.0 mx.magic.test Error: too many errors\r\n"),
+            "{o}"
+        );
+        assert_eq!(o.matches("250 2.0.0 Ok").count(), 3, "{o}");
+        // An accepted message starts the count again.
+        let mut s = Session::new(
+            SessionConfig {
+                junk_command_limit: 2,
+                max_errors: 1,
+                ..cfg()
+            },
+            "192.0.2.1".parse().unwrap(),
+            false,
+        );
+        let (_, msgs, e) = drive(
+            &mut s,
+            b"EHLO c\r\nNOOP\r\nRSET\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@e.test>\r\nDATA\r\nx\r\n.\r\nRSET\r\nNOOP\r\n",
+        );
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(e, Event::NeedInput);
+    }
+
+    #[test]
+    fn data_memory_is_reserved_and_given_back() {
+        let budget = MemoryBudget::new(70_000);
+        let cfg = SessionConfig {
+            max_message_size: 100_000,
+            data_memory: budget.clone(),
+            ..cfg()
+        };
+        let txn = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@e.test>\r\nDATA\r\n";
+        let mut a = Session::new(cfg.clone(), "192.0.2.1".parse().unwrap(), false);
+        let mut b = Session::new(cfg.clone(), "192.0.2.2".parse().unwrap(), false);
+        let (o, _, _) = drive(&mut a, txn);
+        assert!(
+            o.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"),
+            "{o}"
+        );
+        assert_eq!(budget.in_use(), 65_536);
+        // The budget cannot hold a second first buffer: 452 at DATA.
+        let (o, _, e) = drive(&mut b, txn);
+        assert!(
+            o.ends_with("452 4.3.1 Insufficient system storage\r\n"),
+            "{o}"
+        );
+        assert_eq!(e, Event::NeedInput);
+        // Past the budget mid-body: 452 after the end, nothing stored.
+        let mut body = b"x".repeat(998);
+        body.extend_from_slice(b"\r\n");
+        let body = body.repeat(70);
+        a.receive(&body);
+        assert_eq!(a.next_event(), Event::NeedInput);
+        assert_eq!(budget.in_use(), 0);
+        let (o, msgs, _) = drive(&mut a, b".\r\n");
+        assert!(msgs.is_empty());
+        assert_eq!(o, "452 4.3.1 Insufficient system storage\r\n");
+        // Now b gets its DATA; its memory is held until the message is
+        // stored, and a session dropped mid-DATA gives it back too.
+        let (o, _, _) = drive(&mut b, b"DATA\r\nshort\r\n.\r\n");
+        assert!(o.ends_with("250 2.0.0 Ok: queued as Q1\r\n"), "{o}");
+        assert_eq!(budget.in_use(), 0);
+        drive(
+            &mut b,
+            b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@e.test>\r\nDATA\r\nxx",
+        );
+        assert_eq!(budget.in_use(), 65_536);
+        drop(b);
+        assert_eq!(budget.in_use(), 0);
+    }
+
+    #[test]
     fn too_many_errors_closes() {
         let mut s = new();
         let (o, _, e) = drive(
@@ -1257,22 +1562,30 @@ K
 
     fn arb_cfg() -> impl Strategy<Value = SessionConfig> {
         (
-            prop_oneof![Just(1000usize), 1usize..1200],
-            prop_oneof![Just(1000usize), 0usize..3000],
+            (
+                prop_oneof![Just(1000usize), 1usize..1200],
+                prop_oneof![Just(1000usize), 0usize..3000],
+                prop_oneof![Just(100usize), 0usize..4],
+                prop_oneof![Just(1000usize), 0usize..20],
+                0usize..4,
+                any::<bool>(),
+            ),
             prop_oneof![Just(100usize), 0usize..4],
-            prop_oneof![Just(1000usize), 0usize..20],
-            0usize..4,
-            any::<bool>(),
+            prop_oneof![Just(usize::MAX), 0usize..3000],
         )
-            .prop_map(|(line, size, rcpts, errors, received, tls)| SessionConfig {
-                hostname: "mx.magic.test".into(),
-                max_line_length: line,
-                max_message_size: size,
-                max_recipients: rcpts,
-                max_errors: errors,
-                max_received_headers: received,
-                tls_available: tls,
-            })
+            .prop_map(
+                |((line, size, rcpts, errors, received, tls), junk, memory)| SessionConfig {
+                    hostname: "mx.magic.test".into(),
+                    junk_command_limit: junk,
+                    data_memory: MemoryBudget::new(memory),
+                    max_line_length: line,
+                    max_message_size: size,
+                    max_recipients: rcpts,
+                    max_errors: errors,
+                    max_received_headers: received,
+                    tls_available: tls,
+                },
+            )
     }
 
     /// Reply lines only: `ddd` then ` ` or `-`, CRLF-terminated, no stray CR
@@ -1370,6 +1683,7 @@ K
                         assert!(m.recipients.len() <= cfg.max_recipients);
                         assert!(m.body.len() <= cfg.max_message_size);
                         assert!(!crate::relay::deliver::has_bare_cr_or_lf(&m.body));
+                        assert!(!m.body.contains(&0));
                         assert!(!m.sender.chars().any(char::is_control));
                         let ok = choice.next().unwrap_or(true);
                         o.messages.push(*m);
@@ -1384,6 +1698,8 @@ K
             o.output.extend(s.take_output());
         }
         o.output.extend(s.take_output());
+        drop(s);
+        assert_eq!(cfg.data_memory.in_use(), 0, "DATA memory not given back");
         check_replies(&o.output);
         o
     }
