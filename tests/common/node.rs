@@ -38,6 +38,8 @@ pub struct NodeConf {
     /// `key = value` lines for `[throttle]`.
     pub throttle: Vec<(String, String)>,
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// More TOML after everything else (whole sections, e.g. `[admin]`).
+    pub tail: String,
 }
 
 impl NodeConf {
@@ -61,6 +63,7 @@ impl NodeConf {
             // Release accepted mail at once: the tests are about relaying.
             throttle: vec![("hold".into(), "\"100ms\"".into())],
             tls: None,
+            tail: String::new(),
         }
     }
 
@@ -143,6 +146,7 @@ impl NodeConf {
         t += "\n[dns]\n";
         let ns: Vec<String> = self.nameservers.iter().map(|a| a.to_string()).collect();
         t += &format!("nameservers = [{}]\n", list(&ns));
+        t += &self.tail;
         t
     }
 }
