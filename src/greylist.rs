@@ -144,7 +144,10 @@ pub fn normalise_sender(sender: &str) -> String {
     };
     // BATV (draft-levine-smtp-batv): prvs=<tag>=local, or the older
     // local=tag form some senders use: keep what follows the tag.
-    let local = match local.strip_prefix("prvs=").or(local.strip_prefix("msprvs1=")) {
+    let local = match local
+        .strip_prefix("prvs=")
+        .or(local.strip_prefix("msprvs1="))
+    {
         Some(rest) => rest.split_once('=').map_or(rest, |(_, l)| l),
         None => local,
     };
@@ -293,8 +296,9 @@ impl Greylist {
         }
         let mut st = self.lock();
         let merged = match st.entries.get(&key) {
-            Some(mine) if mine.first_ms.saturating_add(ms(self.cfg.retry_window.0)) < now_ms
-                && mine.passed_ms == 0 =>
+            Some(mine)
+                if mine.first_ms.saturating_add(ms(self.cfg.retry_window.0)) < now_ms
+                    && mine.passed_ms == 0 =>
             {
                 other
             }
@@ -320,7 +324,12 @@ impl Greylist {
         }
         *t = passed_ms;
         if st.pools.len() > self.cfg.max_entries {
-            if let Some(old) = st.pools.iter().min_by_key(|(k, t)| (**t, **k)).map(|(k, _)| *k) {
+            if let Some(old) = st
+                .pools
+                .iter()
+                .min_by_key(|(k, t)| (**t, **k))
+                .map(|(k, _)| *k)
+            {
                 st.pools.remove(&old);
             }
         }
@@ -375,7 +384,10 @@ impl Greylist {
         let ttl = ms(self.cfg.pass_ttl.0);
         st.pools.retain(|_, t| t.saturating_add(ttl) > now_ms);
         let State {
-            entries, changed, pools, ..
+            entries,
+            changed,
+            pools,
+            ..
         } = &mut *st;
         changed.retain(|(pool, k), _| match pool {
             true => pools.contains_key(k),
@@ -409,7 +421,10 @@ mod tests {
 
     #[test]
     fn senders_are_normalised() {
-        assert_eq!(normalise_sender("Bob+List@Example.TEST"), "bob@example.test");
+        assert_eq!(
+            normalise_sender("Bob+List@Example.TEST"),
+            "bob@example.test"
+        );
         assert_eq!(
             normalise_sender("prvs=1234abcd=bob@example.test"),
             "bob@example.test"
@@ -432,11 +447,15 @@ mod tests {
         assert_eq!(g.check(p, 0, "a@b", "h", "r@x", 0), Check::Accept);
         assert_eq!(
             g.check(p, 3, "a@b", "h", "r@x", 1_000),
-            Check::Greylisted { retry_in_ms: 60_000 }
+            Check::Greylisted {
+                retry_in_ms: 60_000
+            }
         );
         assert_eq!(
             g.check(p, 3, "a+1@b", "h", "r@x", 31_000),
-            Check::TooEarly { retry_in_ms: 30_000 }
+            Check::TooEarly {
+                retry_in_ms: 30_000
+            }
         );
         assert_eq!(
             g.check(p, 3, "a@b", "h", "r@x", 61_000),
@@ -451,9 +470,15 @@ mod tests {
     fn a_retry_after_the_window_starts_over() {
         let g = Greylist::new(&cfg(GreylistMode::All));
         let p = "10.0.0.0/24";
-        assert!(matches!(g.check(p, 0, "a@b", "h", "r@x", 0), Check::Greylisted { .. }));
+        assert!(matches!(
+            g.check(p, 0, "a@b", "h", "r@x", 0),
+            Check::Greylisted { .. }
+        ));
         let late = 25 * 3_600_000;
-        assert!(matches!(g.check(p, 0, "a@b", "h", "r@x", late), Check::Greylisted { .. }));
+        assert!(matches!(
+            g.check(p, 0, "a@b", "h", "r@x", late),
+            Check::Greylisted { .. }
+        ));
         assert!(matches!(
             g.check(p, 0, "a@b", "h", "r@x", late + 60_000),
             Check::Passed { .. }
@@ -470,8 +495,14 @@ mod tests {
 
     #[test]
     fn merges_are_idempotent_and_commutative() {
-        let a = Entry { first_ms: 5, passed_ms: 0 };
-        let b = Entry { first_ms: 3, passed_ms: 9 };
+        let a = Entry {
+            first_ms: 5,
+            passed_ms: 0,
+        };
+        let b = Entry {
+            first_ms: 3,
+            passed_ms: 9,
+        };
         assert_eq!(a.merge(b), b.merge(a));
         assert_eq!(a.merge(a), a);
         assert_eq!(a.merge(b).merge(b), a.merge(b));
@@ -479,12 +510,18 @@ mod tests {
         let na = Greylist::new(&cfg(GreylistMode::All));
         let nb = Greylist::new(&cfg(GreylistMode::All));
         let p = "10.0.0.0/24";
-        assert!(matches!(na.check(p, 0, "a@b", "h", "r@x", 0), Check::Greylisted { .. }));
+        assert!(matches!(
+            na.check(p, 0, "a@b", "h", "r@x", 0),
+            Check::Greylisted { .. }
+        ));
         let (entries, _) = na.take_changes(10);
         for (k, e) in entries {
             assert!(nb.merge_entry(k, e, 1));
         }
-        assert!(matches!(nb.check(p, 0, "a@b", "h", "r@x", 60_000), Check::Passed { .. }));
+        assert!(matches!(
+            nb.check(p, 0, "a@b", "h", "r@x", 60_000),
+            Check::Passed { .. }
+        ));
     }
 
     #[test]

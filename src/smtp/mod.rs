@@ -807,13 +807,12 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 // Greylisting comes last: only a recipient the node would
                 // take is worth a retry.
                 let verdict = match verdict {
-                    Verdict::Accept if screen.scored && ctx.mode == Mode::Inbound => ctx
-                        .greylist(
-                            peer,
-                            session.sender().unwrap_or_default(),
-                            session.helo().unwrap_or_default(),
-                            &address,
-                        ),
+                    Verdict::Accept if screen.scored && ctx.mode == Mode::Inbound => ctx.greylist(
+                        peer,
+                        session.sender().unwrap_or_default(),
+                        session.helo().unwrap_or_default(),
+                        &address,
+                    ),
                     v => v,
                 };
                 if let Verdict::Refuse(reply) = &verdict {
