@@ -50,6 +50,9 @@ impl Entry {
     }
 }
 
+/// Changed entries and pools for gossip: `(entries, (pool, passed_ms))`.
+pub type Changes = (Vec<(Key, Entry)>, Vec<(Key, u64)>);
+
 /// What greylisting says about one recipient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
@@ -346,7 +349,7 @@ impl Greylist {
 
     /// Up to `max` changed entries and pools for gossip (each is pushed a
     /// few rounds): `(entries, pools)`.
-    pub fn take_changes(&self, max: usize) -> (Vec<(Key, Entry)>, Vec<(Key, u64)>) {
+    pub fn take_changes(&self, max: usize) -> Changes {
         let mut st = self.lock();
         let keys: Vec<(bool, Key)> = st.changed.keys().take(max).copied().collect();
         let (mut entries, mut pools) = (Vec::new(), Vec::new());
