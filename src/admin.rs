@@ -158,6 +158,7 @@ struct Status {
     suspect_blocks: usize,
     suspects: Vec<BlockStatus>,
     dnsbl_zones: Vec<crate::dnsbl::ZoneStatus>,
+    greylist: GreylistStatus,
     peers: Vec<crate::gossip::PeerStatus>,
 }
 
@@ -178,8 +179,20 @@ pub struct Explanation {
     pub ip: IpAddr,
     pub trusted: bool,
     pub verdict: String,
+    /// Would a recipient from this address be greylisted now, and why.
+    pub greylist: crate::greylist::Applies,
     #[serde(flatten)]
     pub status: BlockStatus,
+}
+
+/// `/status`'s greylisting part.
+#[derive(Serialize)]
+struct GreylistStatus {
+    enabled: bool,
+    mode: crate::config::GreylistMode,
+    /// Triplet entries and passed pools held.
+    entries: usize,
+    passed_pools: usize,
 }
 
 impl Admin {
@@ -246,10 +259,19 @@ impl Admin {
         } else {
             format!("accepted: block {} is under its limits", status.block)
         };
+        let greylist = match trusted {
+            true => crate::greylist::Applies::Disabled,
+            false => self.throttle.greylist().applies(
+                &status.block.to_string(),
+                status.suspect.score,
+                now,
+            ),
+        };
         Explanation {
             ip,
             trusted,
             verdict,
+            greylist,
             status,
         }
     }
@@ -342,6 +364,16 @@ impl Admin {
                     suspect_blocks: self.throttle.suspects(now),
                     suspects: self.throttle.top_suspects(20, now),
                     dnsbl_zones: self.dnsbl.as_ref().map(|d| d.status()).unwrap_or_default(),
+                    greylist: {
+                        let g = self.throttle.greylist();
+                        let (entries, passed_pools) = g.len();
+                        GreylistStatus {
+                            enabled: g.is_enabled(),
+                            mode: g.config().mode,
+                            entries,
+                            passed_pools,
+                        }
+                    },
                     peers: self.gossip.as_ref().map(|g| g.peers()).unwrap_or_default(),
                 };
                 (200, JSON, json(&s))

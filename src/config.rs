@@ -169,6 +169,8 @@ pub struct Config {
     pub suspect: SuspectConfig,
     #[serde(default)]
     pub verify: VerifyConfig,
+    #[serde(default)]
+    pub greylist: GreylistConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -682,6 +684,53 @@ impl Default for SuspectConfig {
     }
 }
 
+/// Which sessions greylisting applies to (see `crate::greylist`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GreylistMode {
+    /// Only blocks with a positive suspicion score.
+    Suspects,
+    /// Also pools never seen delivering.
+    Unknown,
+    /// Every triplet (classic greylisting; the pool memory is not used).
+    All,
+}
+
+/// Greylisting at RCPT for inbound, untrusted sessions (`src/greylist.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GreylistConfig {
+    pub enabled: bool,
+    pub mode: GreylistMode,
+    /// A retry earlier than this after the first attempt is refused again.
+    pub delay: Dur,
+    /// A retry later than this after the first attempt starts over.
+    pub retry_window: Dur,
+    /// A passed triplet or pool is remembered this long (renewed by traffic).
+    pub pass_ttl: Dur,
+    /// An entry that never passed is kept this long (then counted as never returned).
+    pub grey_ttl: Dur,
+    /// Most entries (and most passed pools) kept; the oldest go first.
+    pub max_entries: usize,
+    /// Weight of the `greylist_pass` signal on the block (negative: less suspect).
+    pub pass_weight: i32,
+}
+
+impl Default for GreylistConfig {
+    fn default() -> Self {
+        GreylistConfig {
+            enabled: false,
+            mode: GreylistMode::Suspects,
+            delay: Dur::secs(60),
+            retry_window: Dur::secs(DAY),
+            pass_ttl: Dur::secs(36 * DAY),
+            grey_ttl: Dur::secs(2 * DAY),
+            max_entries: 1_000_000,
+            pass_weight: -2,
+        }
+    }
+}
+
 /// Networks never counted nor refused by the throttle.
 /// Recipient verification with the real MX at RCPT (`src/verify.rs`).
 #[derive(Debug, Clone, Deserialize)]
@@ -1167,6 +1216,41 @@ impl Config {
             1,
             100_000_000,
         )?;
+
+        let g = &self.greylist;
+        dur_in_range("greylist.delay", g.delay, ms(0), Dur::secs(DAY))?;
+        dur_in_range(
+            "greylist.retry_window",
+            g.retry_window,
+            Dur::secs(1),
+            Dur::secs(30 * DAY),
+        )?;
+        if g.retry_window <= g.delay {
+            return Err(invalid(
+                "greylist.retry_window",
+                "must be longer than greylist.delay",
+            ));
+        }
+        dur_in_range(
+            "greylist.grey_ttl",
+            g.grey_ttl,
+            Dur::secs(1),
+            Dur::secs(60 * DAY),
+        )?;
+        if g.grey_ttl < g.retry_window {
+            return Err(invalid(
+                "greylist.grey_ttl",
+                "must not be shorter than greylist.retry_window",
+            ));
+        }
+        dur_in_range(
+            "greylist.pass_ttl",
+            g.pass_ttl,
+            Dur::secs(1),
+            Dur::secs(366 * DAY),
+        )?;
+        in_range("greylist.max_entries", g.max_entries, 1, 100_000_000)?;
+        in_range("greylist.pass_weight", g.pass_weight, -1_000_000, 0)?;
 
         let x = &self.suspect;
         in_range("suspect.threshold", x.threshold, 1, 1_000_000)?;

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod dns;
 pub mod dnsbl;
 pub mod gossip;
+pub mod greylist;
 pub mod hops;
 pub mod listener;
 pub mod names;
@@ -107,7 +108,8 @@ impl Node {
         let throttle = Arc::new(
             throttle::Throttle::new(&config.throttle, &config.trust, &config.node.name)
                 .with_peer_share(config.gossip.max_origin_share)
-                .with_suspect(suspect::Policy::from_config(&config)),
+                .with_suspect(suspect::Policy::from_config(&config))
+                .with_greylist(greylist::Greylist::new(&config.greylist)),
         );
         let verifier = Arc::new(verify::Verifier::new(
             config.clone(),
@@ -431,7 +433,11 @@ async fn sweep(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {
-                let gone = throttle.sweep(throttle::now_ms());
+                let now = throttle::now_ms();
+                let gone = throttle.sweep(now);
+                if throttle.greylist().is_enabled() {
+                    throttle.greylist().sweep(now);
+                }
                 if gone > 0 {
                     tracing::debug!(gone, tracked = throttle.tracked(), "swept idle blocks");
                 }

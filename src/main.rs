@@ -356,6 +356,15 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 sus["score"],
                 sus["level"].as_str().unwrap_or("?")
             );
+            let why = match v["greylist"].as_str().unwrap_or("?") {
+                "disabled" => "no (greylisting is off or the address is trusted)",
+                "pool_passed" => "no (the pool passed or delivered within pass_ttl)",
+                "not_suspect" => "no (not a suspect; mode suspects)",
+                "suspect" => "yes (a suspect block)",
+                "unknown" => "yes (a pool never seen delivering; mode unknown)",
+                "all" => "yes (mode all)",
+                _ => "?",
+            };
             for r in sus["reasons"].as_array().into_iter().flatten() {
                 let what = match (r["kind"].as_str(), r["of"].as_str()) {
                     (Some("dnsbl"), Some(zone)) => format!("listed in {zone}"),
@@ -369,6 +378,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     r["detail"].as_str().unwrap_or("")
                 );
             }
+            println!("greylist: {why}");
             Ok(())
         }
     }

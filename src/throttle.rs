@@ -41,7 +41,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use dashmap::DashMap;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -266,6 +266,8 @@ pub struct Throttle {
     policy: Policy,
     /// Blocks whose suspect state changed, with the gossip rounds left.
     suspect_changed: Mutex<HashMap<Block, u8>>,
+    /// `[greylist]`, keyed by the block as its pool (gossiped with the counts).
+    greylist: Arc<crate::greylist::Greylist>,
 }
 
 impl Throttle {
@@ -294,7 +296,20 @@ impl Throttle {
                 window_epochs,
             ),
             suspect_changed: Mutex::new(HashMap::new()),
+            greylist: Arc::new(crate::greylist::Greylist::new(
+                &crate::config::GreylistConfig::default(),
+            )),
         }
+    }
+
+    /// Greylists with `greylist` (`[greylist]`).
+    pub fn with_greylist(mut self, greylist: crate::greylist::Greylist) -> Throttle {
+        self.greylist = Arc::new(greylist);
+        self
+    }
+
+    pub fn greylist(&self) -> &crate::greylist::Greylist {
+        &self.greylist
     }
 
     /// Uses `policy` (`[suspect]`) for the blocks' suspicion states.

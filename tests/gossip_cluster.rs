@@ -90,6 +90,8 @@ struct Spec {
     seeds: Vec<SocketAddr>,
     /// Test hook file (`MAGICMX_GOSSIP_BLOCK_FILE`).
     block_file: Option<PathBuf>,
+    /// Appended to the config (more sections).
+    extra: String,
 }
 
 struct Node {
@@ -151,7 +153,9 @@ fanout = 3
 anti_entropy_interval = "1s"
 failure_timeout = "{FAILURE_TIMEOUT_MS}ms"
 max_origin_share = 0.5
+{extra}
 "#,
+        extra = spec.extra,
         data = data_dir.display(),
         seeds = seeds.join(", "),
     )
@@ -361,7 +365,13 @@ fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Durat
 
 /// Starts `names[0]` with no seed, then the others seeded with it.
 fn cluster(ca: &Path, names: &[&str], block_files: bool) -> Vec<Node> {
+    cluster_with(ca, names, block_files, "")
+}
+
+/// [`cluster`] with `extra` appended to every node's config.
+fn cluster_with(ca: &Path, names: &[&str], block_files: bool, extra: &str) -> Vec<Node> {
     let spec = |name: &str, seeds: Vec<SocketAddr>| Spec {
+        extra: extra.to_string(),
         name: name.to_string(),
         ca_dir: ca.to_path_buf(),
         seeds,
@@ -681,6 +691,8 @@ mod peer {
             origins,
             entries,
             suspects: Vec::new(),
+            greylist: Vec::new(),
+            greylist_pools: Vec::new(),
         };
         wire::seal(NETWORK, sender, Body::Delta(batch)).encode_to_vec()
     }
@@ -740,6 +752,7 @@ fn only_certified_peers_count_and_each_is_capped() {
         ca_dir: other_ca.path().to_path_buf(),
         seeds: vec![a.gossip],
         block_file: None,
+        extra: String::new(),
     });
     assert_eq!(flood([127, 4, 4], &[rogue.smtp], 15, 100), 15);
 
@@ -933,4 +946,72 @@ fn a_failed_protocol_test_at_one_node_makes_a_suspect_at_the_other() {
     }
     // The other nodes' clean blocks are untouched.
     assert_eq!(level(b, "127.9.7.1"), "clean");
+}
+
+/// One SMTP session from `src` to `to` up to RCPT; returns the RCPT reply line.
+fn rcpt_reply(src: &str, to: SocketAddr, from: &str, rcpt: &str) -> String {
+    let s = connect_from(src, to);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    let mut read_reply = |r: &mut BufReader<TcpStream>| loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line.len() < 4 || line.as_bytes()[3] != b'-' {
+            return line.trim_end().to_string();
+        }
+    };
+    assert!(read_reply(&mut r).starts_with("220 "));
+    w.write_all(b"EHLO mta.sender.test\r\n").unwrap();
+    assert!(read_reply(&mut r).starts_with("250"));
+    w.write_all(format!("MAIL FROM:<{from}>\r\n").as_bytes())
+        .unwrap();
+    assert!(read_reply(&mut r).starts_with("250"));
+    w.write_all(format!("RCPT TO:<{rcpt}>\r\n").as_bytes())
+        .unwrap();
+    let reply = read_reply(&mut r);
+    let _ = w.write_all(b"QUIT\r\n");
+    reply
+}
+
+#[test]
+fn a_greylisted_first_attempt_at_one_node_passes_its_retry_at_the_other() {
+    let _g = serial();
+    let ca = network_ca(&["a", "b"]);
+    let extra = "[verify]\nenabled = false\n[greylist]\nenabled = true\nmode = \"unknown\"\ndelay = \"1s\"\n";
+    let nodes = cluster_with(ca.path(), &["a", "b"], false, extra);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let greylist = |n: &Node, ip: &str| {
+        n.get(&format!("/explain?ip={ip}"))["greylist"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string()
+    };
+    assert_eq!(greylist(b, "127.9.5.10"), "unknown");
+    // The first attempt goes to a: greylisted.
+    let first = Instant::now();
+    let r = rcpt_reply("127.9.5.10", a.smtp, "bob@sender.test", "user@example.test");
+    assert!(r.starts_with("451 4.7.1"), "{r}");
+    // A retry too early at b is too early there as well: b learnt the
+    // first attempt from a.
+    let t = wait_until(Duration::from_secs(3), || {
+        let r = rcpt_reply("127.9.5.11", b.smtp, "bob@sender.test", "user@example.test");
+        r.contains("too early")
+    });
+    assert!(t.is_some(), "b never learnt the first attempt");
+    // After the delay, the retry at b (another address of the pool) passes.
+    std::thread::sleep(Duration::from_millis(1100).saturating_sub(first.elapsed()));
+    let r = rcpt_reply("127.9.5.12", b.smtp, "bob@sender.test", "user@example.test");
+    assert!(r.starts_with("250"), "{r}");
+    // The pool's pass reaches a: no more greylisting for it there.
+    let t = wait_until(Duration::from_secs(3), || {
+        greylist(a, "127.9.5.99") == "pool_passed"
+    });
+    assert!(t.is_some(), "a: {}", a.get("/explain?ip=127.9.5.99"));
+    let r = rcpt_reply("127.9.5.13", a.smtp, "eve@other.test", "user@example.test");
+    assert!(r.starts_with("250"), "{r}");
+    // A block that never retried is still greylisted at both.
+    let r = rcpt_reply("127.9.4.10", b.smtp, "bot@spam.test", "user@example.test");
+    assert!(r.starts_with("451 4.7.1"), "{r}");
 }

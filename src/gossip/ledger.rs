@@ -200,6 +200,8 @@ impl<'a> BatchBuilder<'a> {
                 origins: Vec::new(),
                 entries: Vec::new(),
                 suspects: Vec::new(),
+                greylist: Vec::new(),
+                greylist_pools: Vec::new(),
             },
             index: HashMap::new(),
             by_name: HashMap::new(),
@@ -1200,6 +1202,8 @@ mod tests {
                     origins,
                     entries,
                     suspects: Vec::new(),
+                    greylist: Vec::new(),
+                    greylist_pools: Vec::new(),
                 },
             )
     }

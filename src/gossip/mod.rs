@@ -104,6 +104,10 @@ const MAX_SUSPECTS: usize = 512;
 /// one eternal; a listing lives at most `[dnsbl] max_ttl`, a test failure
 /// `[suspect] reason_ttl`).
 const MAX_SUSPECT_LIFE_MS: u64 = 24 * 3_600 * 1_000;
+/// Most greylist entries (and pools) in one batch (each is about 30 bytes).
+const MAX_GREYLIST: usize = 4_096;
+/// Greylist times from a peer may be this far ahead of this node's clock.
+const MAX_GREYLIST_SKEW_MS: u64 = 60_000;
 
 /// The running gossip of this node. All its tasks end when the shutdown
 /// token given to [`Gossip::start`] is cancelled.
@@ -593,7 +597,9 @@ impl Core {
             // full, so that a failed test crosses a hop in a fraction of
             // the interval.
             let suspects = self.throttle.take_suspect_changes(MAX_SUSPECTS);
-            if entries.is_empty() && suspects.is_empty() {
+            // Greylist entries too: a retry may land on a peer a minute later.
+            let (grey, pools) = self.throttle.greylist().take_changes(MAX_GREYLIST);
+            if entries.is_empty() && suspects.is_empty() && grey.is_empty() && pools.is_empty() {
                 return;
             }
             let mut batch = state.ledger.encode_batch(&entries, self.epoch_ms);
@@ -604,6 +610,21 @@ impl Core {
                         SELF_ORIGIN => Some(self.name.clone()),
                         o => self.throttle.origin_name(o),
                     })
+                })
+                .collect();
+            batch.greylist = grey
+                .iter()
+                .map(|(k, e)| proto::GreylistEntry {
+                    key: k.to_vec(),
+                    first_ms: e.first_ms,
+                    passed_ms: e.passed_ms,
+                })
+                .collect();
+            batch.greylist_pools = pools
+                .iter()
+                .map(|(k, t)| proto::GreylistPool {
+                    key: k.to_vec(),
+                    passed_ms: *t,
                 })
                 .collect();
             self.seal(Body::Delta(batch))
@@ -677,10 +698,71 @@ impl Core {
         merged
     }
 
+    /// Merges the greylist entries and pools of a batch from `from`
+    /// (min of first-seen, max of passed). Entries that taught this node
+    /// something are forwarded in turn. Returns the number merged.
+    fn merge_greylist(&self, from: &Peer, batch: &proto::CountBatch) -> usize {
+        if batch.greylist.is_empty() && batch.greylist_pools.is_empty() {
+            return 0;
+        }
+        if batch.greylist.len() > MAX_GREYLIST || batch.greylist_pools.len() > MAX_GREYLIST {
+            dropped("malformed");
+            return 0;
+        }
+        let members = self.members();
+        if !(members.is_vouched_member(&from.name) || members.live().any(|m| m.name == from.name)) {
+            drop(members);
+            dropped("unknown_origin");
+            return 0;
+        }
+        drop(members);
+        let g = self.throttle.greylist();
+        let now = now_ms();
+        let future = now.saturating_add(MAX_GREYLIST_SKEW_MS);
+        let mut merged = 0;
+        for e in &batch.greylist {
+            let Ok(key) = <[u8; 16]>::try_from(e.key.as_slice()) else {
+                dropped("entry");
+                continue;
+            };
+            // A first-seen of 0 or in the future, or a pass before the
+            // first attempt, is no entry any node writes.
+            if e.first_ms == 0
+                || e.first_ms > future
+                || e.passed_ms > future
+                || (e.passed_ms != 0 && e.passed_ms < e.first_ms)
+            {
+                dropped("entry");
+                continue;
+            }
+            let entry = crate::greylist::Entry {
+                first_ms: e.first_ms,
+                passed_ms: e.passed_ms,
+            };
+            merged += usize::from(g.merge_entry(key, entry, now));
+        }
+        for p in &batch.greylist_pools {
+            let Ok(key) = <[u8; 16]>::try_from(p.key.as_slice()) else {
+                dropped("entry");
+                continue;
+            };
+            if p.passed_ms > future {
+                dropped("entry");
+                continue;
+            }
+            merged += usize::from(g.merge_pool(key, p.passed_ms, now));
+        }
+        if merged > 0 {
+            debug!(peer = %from.name, merged, "greylist entries merged");
+        }
+        merged
+    }
+
     /// Merges a batch of counts from `from` into the throttle. Returns the
     /// number of counts merged.
     fn merge_counts(&self, from: &Peer, batch: &proto::CountBatch) -> usize {
         self.merge_suspects(from, batch);
+        self.merge_greylist(from, batch);
         let (updates, invalid) = match decode_batch(batch, self.epoch_ms) {
             Ok(x) => x,
             Err(e) => {

@@ -226,6 +226,58 @@ impl Context {
         self.verify_recipient(peer, address, domain).await
     }
 
+    /// Greylisting of an otherwise accepted recipient (`[greylist]`). A
+    /// `451` here is no invalid recipient: the session scores 5xx only.
+    fn greylist(&self, peer: IpAddr, sender: &str, helo: &str, rcpt: &str) -> Verdict {
+        use crate::greylist::Check;
+        let g = self.throttle.greylist();
+        if !g.is_enabled() {
+            return Verdict::Accept;
+        }
+        let now = now_ms();
+        let block = self.throttle.block_of(peer);
+        let pool = block.to_string();
+        let score = self.throttle.suspect_verdict(peer, now).score;
+        let retry = |ms: u64| ms.div_ceil(1000).max(1);
+        match g.check(&pool, score, sender, helo, rcpt, now) {
+            Check::Accept => Verdict::Accept,
+            Check::Greylisted { retry_in_ms } => {
+                metrics::counter!("magicmx_greylist_greylisted_total").increment(1);
+                info!(client = %peer, %block, rcpt, score, "greylisted");
+                Verdict::Refuse(format!(
+                    "451 4.7.1 <{rcpt}>: Recipient address rejected: Greylisted, please try again in {} seconds",
+                    retry(retry_in_ms)
+                ))
+            }
+            Check::TooEarly { retry_in_ms } => {
+                metrics::counter!("magicmx_greylist_too_early_total").increment(1);
+                info!(client = %peer, %block, rcpt, "greylisted: retry too early");
+                Verdict::Refuse(format!(
+                    "451 4.7.1 <{rcpt}>: Recipient address rejected: Greylisted, retried too early, please try again in {} seconds",
+                    retry(retry_in_ms)
+                ))
+            }
+            Check::Passed { waited_ms } => {
+                metrics::counter!("magicmx_greylist_passed_total").increment(1);
+                let signal = crate::suspect::Signal::new(
+                    g.config().pass_weight,
+                    now.saturating_add(
+                        u64::try_from(self.config.suspect.reason_ttl.0.as_millis())
+                            .unwrap_or(u64::MAX),
+                    ),
+                    format!("retried after {}s", waited_ms / 1000),
+                );
+                let v = self.throttle.add_signals(
+                    peer,
+                    vec![(crate::suspect::Kind::GreylistPass, signal)],
+                    now,
+                );
+                info!(client = %peer, %block, rcpt, waited_ms, score = v.score, "greylisting passed");
+                Verdict::Accept
+            }
+        }
+    }
+
     /// Asks the real MX (or the verification cache) about the recipient.
     async fn verify_recipient(&self, peer: IpAddr, address: &str, domain: &str) -> Verdict {
         let Some(v) = &self.verifier else {
@@ -332,6 +384,11 @@ impl Context {
                     client = %m.peer,
                     "received"
                 );
+                if self.mode == Mode::Inbound && !self.throttle.is_trusted(m.peer) {
+                    // A delivery: its pool is known to greylisting.
+                    let pool = self.throttle.block_of(m.peer).to_string();
+                    self.throttle.greylist().delivered(&pool, now_ms());
+                }
                 self.relay_wake.notify_one();
                 Ok(entry.id)
             }
@@ -746,6 +803,17 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         "550 5.1.1 <{address}>: Recipient address rejected: User unknown"
                     )),
                     false => ctx.check_recipient(peer, &address, &domain).await,
+                };
+                // Greylisting comes last: only a recipient the node would
+                // take is worth a retry.
+                let verdict = match verdict {
+                    Verdict::Accept if screen.scored && ctx.mode == Mode::Inbound => ctx.greylist(
+                        peer,
+                        session.sender().unwrap_or_default(),
+                        session.helo().unwrap_or_default(),
+                        &address,
+                    ),
+                    v => v,
                 };
                 if let Verdict::Refuse(reply) = &verdict {
                     info!(rcpt = %address, reply = %reply, "recipient refused");

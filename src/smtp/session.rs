@@ -213,6 +213,11 @@ impl Session {
         self.tls
     }
 
+    /// The sender of the current transaction (empty: the null sender).
+    pub fn sender(&self) -> Option<&str> {
+        self.tx.as_ref().map(|t| t.sender.as_str())
+    }
+
     /// The client's HELO/EHLO name, if any yet.
     pub fn helo(&self) -> Option<&str> {
         self.helo.as_deref()
