@@ -106,40 +106,22 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<R
         mx.addr, dns.addr
     ));
 
-    let ca = dir.path().join("ca");
-    crate::gossip::ca::init(&ca)?;
-    let mut gossip_addrs = Vec::new();
-    for i in 1..=NODES {
-        crate::gossip::ca::issue(&format!("demo{i}"), &ca)?;
-        gossip_addrs.push(free_udp_port()?);
-    }
-    let mut nodes = Vec::new();
-    for i in 1..=NODES {
-        let path = dir.path().join(format!("demo{i}.toml"));
-        let seeds = if i == 1 {
-            vec![]
-        } else {
-            vec![gossip_addrs[0]]
-        };
-        std::fs::write(
-            &path,
-            node_config(
-                i,
-                dir.path(),
-                mx.addr.port(),
-                dns.addr,
-                gossip_addrs[i - 1],
-                &seeds,
-            ),
-        )?;
-        let config = Config::load(&path).with_context(|| format!("{}", path.display()))?;
-        let node = crate::Node::start(config, stop.clone()).await?;
+    let nodes = start_nodes(
+        dir.path(),
+        NODES,
+        mx.addr.port(),
+        dns.addr,
+        &Extra::default(),
+        &stop,
+    )
+    .await?;
+    for (i, node) in nodes.iter().enumerate() {
         story.say(format!(
-            "node demo{i}: SMTP {}, dashboard http://{}/",
+            "node demo{}: SMTP {}, dashboard http://{}/",
+            i + 1,
             node.smtp_addrs[0],
             node.admin_addr.map(|a| a.to_string()).unwrap_or_default()
         ));
-        nodes.push(node);
     }
     let smtp: Vec<SocketAddr> = nodes.iter().map(|n| n.smtp_addrs[0]).collect();
     let spools: Vec<crate::spool::Spool> = nodes.iter().map(|n| n.spool.clone()).collect();
@@ -293,6 +275,55 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<R
     Ok(report)
 }
 
+/// Config added to the demo's nodes (the benches in `bench/suspects.rs`
+/// start the demo's network with their own `[dnsbl]` and `[suspect]`).
+#[derive(Debug, Clone, Default)]
+pub struct Extra {
+    /// Lines added to `[smtp]`.
+    pub smtp: String,
+    /// Lines added to `[throttle]`.
+    pub throttle: String,
+    /// Whole tables the demo config does not have, appended.
+    pub tables: String,
+}
+
+/// Starts `n` nodes `demo1`.. in `dir` (one CA, certificates issued on the
+/// fly, each config written to disk and loaded), joined over gossip on
+/// loopback, relaying to the real MX on 127.0.0.1:`mx_port`, resolving
+/// through `dns`.
+pub async fn start_nodes(
+    dir: &Path,
+    n: usize,
+    mx_port: u16,
+    dns: SocketAddr,
+    extra: &Extra,
+    stop: &CancellationToken,
+) -> anyhow::Result<Vec<crate::Node>> {
+    let ca = dir.join("ca");
+    crate::gossip::ca::init(&ca)?;
+    let mut gossip_addrs = Vec::new();
+    for i in 1..=n {
+        crate::gossip::ca::issue(&format!("demo{i}"), &ca)?;
+        gossip_addrs.push(free_udp_port()?);
+    }
+    let mut nodes = Vec::new();
+    for i in 1..=n {
+        let path = dir.join(format!("demo{i}.toml"));
+        let seeds = if i == 1 {
+            vec![]
+        } else {
+            vec![gossip_addrs[0]]
+        };
+        std::fs::write(
+            &path,
+            node_config(i, dir, mx_port, dns, gossip_addrs[i - 1], &seeds, extra),
+        )?;
+        let config = Config::load(&path).with_context(|| format!("{}", path.display()))?;
+        nodes.push(crate::Node::start(config, stop.clone()).await?);
+    }
+    Ok(nodes)
+}
+
 enum Who {
     Person(usize),
     Bot(String),
@@ -306,6 +337,7 @@ fn node_config(
     dns: SocketAddr,
     gossip: SocketAddr,
     seeds: &[SocketAddr],
+    extra: &Extra,
 ) -> String {
     let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
     let ca = dir.join("ca");
@@ -319,6 +351,7 @@ magic_suffixes = [".magic.demo.test"]
 
 [smtp]
 listen = ["127.0.0.1:0"]
+{smtp_extra}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -343,6 +376,7 @@ max_messages = {MAX_MESSAGES}
 max_recipients = 50
 max_connections = 100
 penalty = "30s"
+{throttle_extra}
 
 [gossip]
 enabled = true
@@ -354,10 +388,14 @@ cert = "{ca}/demo{i}.pem"
 key = "{ca}/demo{i}.key"
 interval = "250ms"
 anti_entropy_interval = "2s"
+{tables}
 "#,
         data = dir.join(format!("demo{i}")).display(),
         ca = ca.display(),
         seeds = seeds.join(", "),
+        smtp_extra = extra.smtp,
+        throttle_extra = extra.throttle,
+        tables = extra.tables,
     )
 }
 
@@ -455,7 +493,7 @@ async fn speak(from_ip: &str, server: SocketAddr, line: &str) -> String {
 }
 
 /// The last line of one reply (multi-line replies read whole).
-async fn reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<String> {
+pub async fn reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<String> {
     let mut line = String::new();
     loop {
         line.clear();
@@ -472,16 +510,16 @@ async fn reply<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result
 }
 
 /// A directory under the system's temporary directory, removed on drop.
-struct TempDir(PathBuf);
+pub struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new() -> std::io::Result<TempDir> {
+    pub fn new() -> std::io::Result<TempDir> {
         let path = std::env::temp_dir().join(format!("magicmx-demo-{}", crate::admin::new_token()));
         std::fs::create_dir_all(&path)?;
         Ok(TempDir(path))
     }
 
-    fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.0
     }
 }

@@ -676,6 +676,11 @@ async fn write_out<S: AsyncWrite + Unpin>(
 /// phase and `deadline` (from `session_deadline`) for the session. Past
 /// any of them the client gets `421 4.4.2` and the connection closes; a
 /// message not yet complete is dropped, never acknowledged.
+/// The read buffer of a session that only sends commands.
+const READ_BUF_MIN: usize = 1024;
+/// The read buffer once the session sends a message (or bulk commands).
+const READ_BUF_MAX: usize = 64 * 1024;
+
 async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     peer: IpAddr,
@@ -688,7 +693,11 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     use tokio::time::Instant;
     let cfg = &ctx.config.smtp;
     let hostname = &ctx.config.node.hostname;
-    let mut buf = vec![0u8; 64 * 1024];
+    // The read buffer starts small: most sessions (and every tarpitted
+    // one, idle for seconds between stuttered bytes) only ever read
+    // command lines, and 5,000 tarpitted sessions must cost a few KiB each
+    // (issue 11). It grows to `READ_BUF_MAX` for DATA or once a read fills it.
+    let mut buf = vec![0u8; READ_BUF_MIN];
     // When the partial command line now buffered began: a whole command
     // line must arrive within `command_timeout`, not each of its bytes
     // (a client dripping one byte per timeout would hold its slot forever).
@@ -728,6 +737,9 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 };
                 let due = data_due.map_or(deadline, |(_, d)| d.min(deadline));
                 let timeout = timeout.min(due.saturating_duration_since(Instant::now()));
+                if session.in_data() && buf.len() < READ_BUF_MAX {
+                    buf.resize(READ_BUF_MAX, 0);
+                }
                 let read = tokio::select! {
                     r = tokio::time::timeout(timeout, stream.read(&mut buf)) => r,
                     _ = shutdown.cancelled() => {
@@ -741,7 +753,14 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                         debug!("client closed");
                         return Ended::Closed;
                     }
-                    Ok(Ok(n)) => session.receive(&buf[..n]),
+                    Ok(Ok(n)) => {
+                        session.receive(&buf[..n]);
+                        // A full small buffer: the client sends in bulk (a
+                        // pipelined batch), read the rest in larger chunks.
+                        if n == buf.len() && buf.len() < READ_BUF_MAX {
+                            buf.resize(READ_BUF_MAX, 0);
+                        }
+                    }
                     Ok(Err(e)) => {
                         debug!(error = %e, "read failed");
                         return Ended::Closed;
