@@ -221,3 +221,89 @@ fn a_relay_time_unknown_user_is_recorded() {
     assert!(r.text().starts_with("5.1.1"), "{r}");
     assert_eq!(sink.all_rcpt_attempts().len(), before, "probed again");
 }
+
+/// A dictionary attack from one block: up to 10,000 RCPTs to random local
+/// parts, over as many sessions as the node allows. The real MX sees at
+/// most `max_probes_per_domain` probes (the test runs well within the
+/// minute), the unknown users make the block a suspect, and another block
+/// is not touched.
+#[test]
+fn a_dictionary_attack_costs_the_real_mx_little_and_makes_a_suspect() {
+    use std::io::{BufRead, BufReader, Write};
+    let sink = real_mx(Arc::new(AtomicBool::new(false)));
+    let dns = dns();
+    let node = node(&sink, &dns, "max_probes_per_domain = 60\n");
+    let started = Instant::now();
+    let (mut sent, mut sessions, mut unknown) = (0, 0, 0);
+    'attack: while sent < 10_000 && started.elapsed() < Duration::from_secs(40) {
+        sessions += 1;
+        let stream = common::client::tcp_from("127.0.9.1", node.smtp);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let mut w = stream.try_clone().unwrap();
+        let mut r = BufReader::new(stream);
+        let mut reply = || -> String {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    return String::new();
+                }
+                if line.as_bytes().get(3) != Some(&b'-') {
+                    return line;
+                }
+            }
+        };
+        let banner = reply();
+        if !banner.starts_with("220") {
+            // Refused at connect: the attack is over.
+            break;
+        }
+        let _ = w.write_all(b"EHLO bot.test\r\n");
+        reply();
+        let _ = w.write_all(b"MAIL FROM:<x@bot.test>\r\n");
+        let mail = reply();
+        assert!(mail.starts_with("250"), "MAIL: {mail:?}");
+        for _ in 0..90 {
+            let _ = w.write_all(
+                format!("RCPT TO:<{}@example.test>\r\n", magicmx::admin::new_token()).as_bytes(),
+            );
+            sent += 1;
+            let line = reply();
+            if line.starts_with("550 5.1.1") {
+                unknown += 1;
+            }
+            if line.is_empty() || line.starts_with("421") {
+                continue 'attack;
+            }
+            if sent >= 10_000 {
+                break 'attack;
+            }
+        }
+        let _ = w.write_all(b"QUIT\r\n");
+    }
+    let probes = sink.all_rcpt_attempts().len();
+    eprintln!("{sent} RCPTs in {sessions} sessions, {unknown} unknown users, {probes} probes");
+    assert!(
+        probes <= 60,
+        "the real MX saw {probes} probes for {sent} RCPTs"
+    );
+    assert!(unknown >= 5, "only {unknown} unknown users reported");
+    assert!(
+        sent < 10_000,
+        "the node let {sent} RCPTs through without refusing the block"
+    );
+    let now = magicmx::clock::system_ms();
+    let attacker = node
+        .throttle
+        .suspect_verdict("127.0.9.1".parse().unwrap(), now);
+    assert!(
+        attacker.is_suspect(),
+        "after {sent} RCPTs in {sessions} sessions the block is not a suspect: {attacker:?}"
+    );
+    let other = node
+        .throttle
+        .suspect_verdict("127.0.10.1".parse().unwrap(), now);
+    assert!(!other.is_suspect(), "{other:?}");
+}
