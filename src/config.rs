@@ -714,6 +714,9 @@ pub struct GreylistConfig {
     pub max_entries: usize,
     /// Weight of the `greylist_pass` signal on the block (negative: less suspect).
     pub pass_weight: i32,
+    /// The pool is the MAIL FROM domain when SPF passes for the client
+    /// (checked through the node's resolver), else the throttle block.
+    pub spf_pool: bool,
 }
 
 impl Default for GreylistConfig {
@@ -727,6 +730,7 @@ impl Default for GreylistConfig {
             grey_ttl: Dur::secs(2 * DAY),
             max_entries: 1_000_000,
             pass_weight: -2,
+            spf_pool: true,
         }
     }
 }

@@ -2,10 +2,13 @@
 //!
 //! A first attempt of a (pool, sender, recipient) triplet gets a temporary
 //! error; a real MTA retries, most spam software does not. The pool is the
-//! throttle block of the client for now (a big sender retrying from another
+//! throttle block of the client (a big sender retrying from another
 //! address of its /24 is not greylisted twice); the sender is normalised
 //! ([`normalise_sender`]: `+ext` and BATV `prvs=…=` stripped, case-folded;
-//! the null sender is keyed by its HELO). The key is a SHA-256 prefix of the
+//! the null sender is keyed by its HELO). With `spf_pool` the session
+//! passes `spf:<domain>` as the pool instead when SPF passes for the client
+//! (checked in `smtp` through the node's resolver), so the retry from any
+//! address the domain authorises is the same triplet. The key is a SHA-256 prefix of the
 //! three, so the state carries no address and travels small over gossip.
 //!
 //! An [`Entry`] holds when the triplet was first seen (merged by minimum)
