@@ -229,7 +229,7 @@ impl Greylist {
             passed_ms: 0,
         };
         let entry = match st.entries.get(&key).copied() {
-            Some(e) if e.passed_ms > 0 => {
+            Some(e) if e.passed_ms > 0 && !self.expired(&e, now_ms) => {
                 return Check::Accept;
             }
             // Within the window: a retry.
@@ -297,7 +297,11 @@ impl Greylist {
     /// Merges a peer's entry. Stale ones (unpassed and past the retry
     /// window, or passed and past `pass_ttl`) are ignored.
     pub fn merge_entry(&self, key: Key, other: Entry, now_ms: u64) -> bool {
-        if self.expired(&other, now_ms) {
+        // An unpassed entry past the retry window is no first attempt any
+        // more: merging its older first-seen would undo a restart here.
+        let stale = other.passed_ms == 0
+            && other.first_ms.saturating_add(ms(self.cfg.retry_window.0)) < now_ms;
+        if stale || self.expired(&other, now_ms) {
             return false;
         }
         let mut st = self.lock();
@@ -526,6 +530,27 @@ mod tests {
         }
         assert!(matches!(
             nb.check(p, 0, "a@b", "h", "r@x", 60_000),
+            Check::Passed { .. }
+        ));
+    }
+
+    #[test]
+    fn a_stale_peer_entry_does_not_undo_a_restart() {
+        let g = Greylist::new(&cfg(GreylistMode::All));
+        let p = "10.0.0.0/24";
+        let day = 25 * 3_600_000;
+        assert!(matches!(
+            g.check(p, 0, "a@b", "h", "r@x", day),
+            Check::Greylisted { .. }
+        ));
+        let key = triplet_key(p, "a@b", "h", "r@x");
+        let old = Entry {
+            first_ms: 1,
+            passed_ms: 0,
+        };
+        assert!(!g.merge_entry(key, old, day + 1));
+        assert!(matches!(
+            g.check(p, 0, "a@b", "h", "r@x", day + 60_000),
             Check::Passed { .. }
         ));
     }

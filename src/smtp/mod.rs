@@ -235,21 +235,42 @@ impl Context {
 
     /// Greylisting of an otherwise accepted recipient (`[greylist]`). A
     /// `451` here is no invalid recipient: the session scores 5xx only.
-    async fn greylist(&self, peer: IpAddr, sender: &str, helo: &str, rcpt: &str) -> Verdict {
+    /// `spf_cache` holds the session's last SPF answer (sender, domain), so
+    /// a message to many recipients is checked once.
+    async fn greylist(
+        &self,
+        peer: IpAddr,
+        sender: &str,
+        helo: &str,
+        rcpt: &str,
+        spf_cache: &mut Option<(String, Option<String>)>,
+    ) -> Verdict {
         use crate::greylist::Check;
         let g = self.throttle.greylist();
         if !g.is_enabled() {
             return Verdict::Accept;
         }
         let now = now_ms();
+        let score = self.throttle.suspect_verdict(peer, now).score;
+        if g.config().mode == crate::config::GreylistMode::Suspects && score <= 0 {
+            // Not a suspect: not greylisted whatever the pool, no SPF lookup.
+            return Verdict::Accept;
+        }
         let block = self.throttle.block_of(peer);
         // A big sender retries from another address of its pool: with SPF,
         // the pool is every address its domain authorises.
-        let pool = match self.spf_domain(peer, sender, helo).await {
+        let domain = match spf_cache {
+            Some((s, d)) if s == sender => d.clone(),
+            _ => {
+                let d = self.spf_domain(peer, sender, helo).await;
+                *spf_cache = Some((sender.to_string(), d.clone()));
+                d
+            }
+        };
+        let pool = match domain {
             Some(domain) => format!("spf:{domain}"),
             None => block.to_string(),
         };
-        let score = self.throttle.suspect_verdict(peer, now).score;
         let retry = |ms: u64| ms.div_ceil(1000).max(1);
         match g.check(&pool, score, sender, helo, rcpt, now) {
             Check::Accept => Verdict::Accept,
@@ -303,7 +324,8 @@ impl Context {
             &self.config.node.hostname,
             sender,
         );
-        let budget = self.config.dns.timeout.0.saturating_mul(4);
+        // Bounded: the RCPT reply waits for it.
+        let budget = self.config.dns.timeout.0.saturating_mul(2);
         let out = tokio::time::timeout(budget, spf.verify_spf(params))
             .await
             .ok()?;
@@ -729,6 +751,8 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut line_started: Option<Instant> = None;
     // The DATA phase being timed (its number) and when it must end.
     let mut data_due: Option<(u64, Instant)> = None;
+    // The last SPF answer for greylisting: (sender, authorised domain).
+    let mut spf_cache: Option<(String, Option<String>)> = None;
     loop {
         match session.next_event() {
             Event::NeedInput => {
@@ -844,7 +868,8 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     Verdict::Accept if screen.scored && ctx.mode == Mode::Inbound => {
                         let sender = session.sender().unwrap_or_default().to_string();
                         let helo = session.helo().unwrap_or_default().to_string();
-                        ctx.greylist(peer, &sender, &helo, &address).await
+                        ctx.greylist(peer, &sender, &helo, &address, &mut spf_cache)
+                            .await
                     }
                     v => v,
                 };
