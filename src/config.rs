@@ -1524,6 +1524,26 @@ mod tests {
     }
 
     #[test]
+    fn greylist_windows_must_nest() {
+        let text = format!("{MINIMAL}[greylist]\ndelay = \"5m\"\nretry_window = \"5m\"\n");
+        let err = Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("greylist.retry_window:"), "{err}");
+        let text = format!("{MINIMAL}[greylist]\nretry_window = \"3d\"\n");
+        let err = Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("greylist.grey_ttl:"), "{err}");
+        let text = format!("{MINIMAL}[greylist]\nmode = \"some\"\n");
+        assert!(Config::parse(&text).is_err());
+    }
+
+    #[test]
     fn over_range_values_are_refused_by_key() {
         // (section, key, value): each past what the code can take.
         let cases = [
@@ -1545,6 +1565,10 @@ mod tests {
             ("suspect", "max_reasons", "100000"),
             ("verify", "timeout", "\"1h\""),
             ("verify", "max_probes_per_domain", "0"),
+            ("greylist", "delay", "\"2d\""),
+            ("greylist", "pass_ttl", "\"1000d\""),
+            ("greylist", "max_entries", "0"),
+            ("greylist", "pass_weight", "3"),
         ];
         for (section, key, value) in cases {
             let text = format!("{MINIMAL}[{section}]\n{key} = {value}\n");
