@@ -714,6 +714,9 @@ pub struct GreylistConfig {
     pub max_entries: usize,
     /// Weight of the `greylist_pass` signal on the block (negative: less suspect).
     pub pass_weight: i32,
+    /// The pool is the MAIL FROM domain when SPF passes for the client
+    /// (checked through the node's resolver), else the throttle block.
+    pub spf_pool: bool,
 }
 
 impl Default for GreylistConfig {
@@ -727,6 +730,7 @@ impl Default for GreylistConfig {
             grey_ttl: Dur::secs(2 * DAY),
             max_entries: 1_000_000,
             pass_weight: -2,
+            spf_pool: true,
         }
     }
 }
@@ -1520,6 +1524,26 @@ mod tests {
     }
 
     #[test]
+    fn greylist_windows_must_nest() {
+        let text = format!("{MINIMAL}[greylist]\ndelay = \"5m\"\nretry_window = \"5m\"\n");
+        let err = Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("greylist.retry_window:"), "{err}");
+        let text = format!("{MINIMAL}[greylist]\nretry_window = \"3d\"\n");
+        let err = Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("greylist.grey_ttl:"), "{err}");
+        let text = format!("{MINIMAL}[greylist]\nmode = \"some\"\n");
+        assert!(Config::parse(&text).is_err());
+    }
+
+    #[test]
     fn over_range_values_are_refused_by_key() {
         // (section, key, value): each past what the code can take.
         let cases = [
@@ -1541,6 +1565,10 @@ mod tests {
             ("suspect", "max_reasons", "100000"),
             ("verify", "timeout", "\"1h\""),
             ("verify", "max_probes_per_domain", "0"),
+            ("greylist", "delay", "\"2d\""),
+            ("greylist", "pass_ttl", "\"1000d\""),
+            ("greylist", "max_entries", "0"),
+            ("greylist", "pass_weight", "3"),
         ];
         for (section, key, value) in cases {
             let text = format!("{MINIMAL}[{section}]\n{key} = {value}\n");

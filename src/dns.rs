@@ -119,6 +119,12 @@ impl std::fmt::Debug for Dns {
 }
 
 impl Dns {
+    /// The resolver itself (a clone shares connections and cache), for
+    /// checks done by other crates (SPF through mail-auth).
+    pub fn resolver(&self) -> TokioResolver {
+        (*self.resolver).clone()
+    }
+
     /// Builds the resolver from `[dns]`. Does no I/O except reading
     /// `/etc/resolv.conf` when no nameserver is configured.
     pub fn new(cfg: &DnsConfig) -> Result<Dns, DnsError> {

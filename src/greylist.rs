@@ -2,10 +2,13 @@
 //!
 //! A first attempt of a (pool, sender, recipient) triplet gets a temporary
 //! error; a real MTA retries, most spam software does not. The pool is the
-//! throttle block of the client for now (a big sender retrying from another
+//! throttle block of the client (a big sender retrying from another
 //! address of its /24 is not greylisted twice); the sender is normalised
 //! ([`normalise_sender`]: `+ext` and BATV `prvs=…=` stripped, case-folded;
-//! the null sender is keyed by its HELO). The key is a SHA-256 prefix of the
+//! the null sender is keyed by its HELO). With `spf_pool` the session
+//! passes `spf:<domain>` as the pool instead when SPF passes for the client
+//! (checked in `smtp` through the node's resolver), so the retry from any
+//! address the domain authorises is the same triplet. The key is a SHA-256 prefix of the
 //! three, so the state carries no address and travels small over gossip.
 //!
 //! An [`Entry`] holds when the triplet was first seen (merged by minimum)
@@ -226,7 +229,7 @@ impl Greylist {
             passed_ms: 0,
         };
         let entry = match st.entries.get(&key).copied() {
-            Some(e) if e.passed_ms > 0 => {
+            Some(e) if e.passed_ms > 0 && !self.expired(&e, now_ms) => {
                 return Check::Accept;
             }
             // Within the window: a retry.
@@ -294,7 +297,11 @@ impl Greylist {
     /// Merges a peer's entry. Stale ones (unpassed and past the retry
     /// window, or passed and past `pass_ttl`) are ignored.
     pub fn merge_entry(&self, key: Key, other: Entry, now_ms: u64) -> bool {
-        if self.expired(&other, now_ms) {
+        // An unpassed entry past the retry window is no first attempt any
+        // more: merging its older first-seen would undo a restart here.
+        let stale = other.passed_ms == 0
+            && other.first_ms.saturating_add(ms(self.cfg.retry_window.0)) < now_ms;
+        if stale || self.expired(&other, now_ms) {
             return false;
         }
         let mut st = self.lock();
@@ -523,6 +530,27 @@ mod tests {
         }
         assert!(matches!(
             nb.check(p, 0, "a@b", "h", "r@x", 60_000),
+            Check::Passed { .. }
+        ));
+    }
+
+    #[test]
+    fn a_stale_peer_entry_does_not_undo_a_restart() {
+        let g = Greylist::new(&cfg(GreylistMode::All));
+        let p = "10.0.0.0/24";
+        let day = 25 * 3_600_000;
+        assert!(matches!(
+            g.check(p, 0, "a@b", "h", "r@x", day),
+            Check::Greylisted { .. }
+        ));
+        let key = triplet_key(p, "a@b", "h", "r@x");
+        let old = Entry {
+            first_ms: 1,
+            passed_ms: 0,
+        };
+        assert!(!g.merge_entry(key, old, day + 1));
+        assert!(matches!(
+            g.check(p, 0, "a@b", "h", "r@x", day + 60_000),
             Check::Passed { .. }
         ));
     }

@@ -29,6 +29,8 @@ fn world(mode: &str) -> World {
         Rec::A("11.1.6.127.bl.test", "127.0.0.4"),
         Rec::Mx("example.test", 10, "real.example.test"),
         Rec::A("real.example.test", "127.0.0.1"),
+        // SPF of pool.test authorises two /24s: one pool.
+        Rec::Txt("pool.test", "v=spf1 ip4:127.6.7.0/24 ip4:127.6.8.0/24 -all"),
     ]);
     let node = InProc::start(&format!(
         "[accept]\ndomains = [\"example.test\"]\n\
@@ -186,4 +188,55 @@ fn unknown_mode_greylists_a_never_seen_block_until_it_passed() {
     assert!(r.starts_with("250"), "{r}");
     let got = w.sink.wait_messages(2, Duration::from_secs(15));
     assert_eq!(got.len(), 2, "{got:?}");
+}
+
+#[test]
+fn an_spf_pool_retrying_from_another_block_passes_without_spf_it_does_not() {
+    let w = world("unknown");
+    let first = Instant::now();
+    let r = attempt(
+        &w,
+        "127.6.7.10",
+        "bob@pool.test",
+        "user@example.test",
+        "pool",
+    );
+    assert!(r.starts_with("451 4.7.1"), "{r}");
+    let r = attempt(
+        &w,
+        "127.6.9.10",
+        "bob@nospf.test",
+        "user@example.test",
+        "nospf",
+    );
+    assert!(r.starts_with("451 4.7.1"), "{r}");
+    std::thread::sleep(DELAY.saturating_sub(first.elapsed()) + Duration::from_millis(100));
+    // The retry comes from the other /24 SPF authorises: the same pool.
+    let r = attempt(
+        &w,
+        "127.6.8.10",
+        "bob@pool.test",
+        "user@example.test",
+        "pool",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    // Without SPF the pool is the block: another /24 is a first attempt.
+    let r = attempt(
+        &w,
+        "127.6.10.10",
+        "bob@nospf.test",
+        "user@example.test",
+        "nospf",
+    );
+    assert!(r.starts_with("451 4.7.1"), "{r}");
+    assert!(r.contains("please try again in 1 seconds"), "{r}");
+    let got = w.sink.wait_messages(1, Duration::from_secs(15));
+    assert!(
+        got.iter().any(|t| t.mail_from == "bob@pool.test"),
+        "{got:?}"
+    );
+    assert!(
+        !got.iter().any(|t| t.mail_from == "bob@nospf.test"),
+        "{got:?}"
+    );
 }

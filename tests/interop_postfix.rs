@@ -838,6 +838,86 @@ fn postfix_sender_follows_magic_mx() {
     );
 }
 
+/// Greylisting (issue 12, must show 1): Postfix as an unknown sender
+/// following the magic MX is greylisted at its first attempt (`451 4.7.1`),
+/// defers, retries after its short backoff and is accepted and relayed; a
+/// client that never retries never gets through.
+#[test]
+fn postfix_sender_retries_past_greylisting() {
+    require_root_and_tools("postfix_sender_retries_past_greylisting");
+    let real = Sink::start("127.0.181.1");
+    let ns = dns53_addr();
+    let dns = Dnsmasq::start(
+        ns,
+        &[
+            "mx-host=example.test,mx1.magic.test,10".into(),
+            "mx-host=example.test,mail.example.test,20".into(),
+            "host-record=mx1.magic.test,127.0.180.1".into(),
+            "host-record=mail.example.test,127.0.181.1".into(),
+        ],
+    );
+    let mut node = Magicmx::start(
+        &["run"],
+        &node_toml(
+            "127.0.180.1:0",
+            real.addr.port(),
+            ns,
+            "[greylist]\nenabled = true\nmode = \"unknown\"\ndelay = \"1s\"\n",
+        ),
+    );
+    let smtp = node.addr("smtp");
+    let sender = Postfix::start(PostfixConf {
+        resolver: Some(ns.ip()),
+        ..PostfixConf::new("mta.sender.test")
+            .main("mynetworks = 127.0.0.1/32")
+            .main("smtp_host_lookup = dns")
+            .main(format!("smtp_tcp_port = {}", smtp.port()))
+            // Only the magic MX: the retry must come back to it.
+            .main("smtp_bind_address = 127.0.182.1")
+    });
+    let r = send_mail(
+        sender.smtpd,
+        "alice@sender.test",
+        &["bob@example.test"],
+        &simple_message("alice@sender.test", "bob@example.test", "greylisted"),
+    );
+    assert_eq!(r.code, 250, "{r}");
+    // A spam client that gives up after the 451.
+    let once = rcpt_from("127.0.183.1", smtp, "carol@example.test");
+    assert_eq!(once.code, 451, "{once}");
+    // Deferred after the 451 (Postfix then tries the next MX too, which
+    // refuses the connection here, and logs that last error).
+    sender.wait_log(&["to=<bob@example.test>", "status=deferred"], WAIT);
+    let line = sender.wait_log(&["to=<bob@example.test>", "status=sent"], WAIT);
+    assert!(line.contains("relay=mx1.magic.test[127.0.180.1]"), "{line}");
+    let got = real.wait_messages(1, WAIT);
+    assert!(
+        got[0].text().contains("Subject: greylisted"),
+        "{:?}",
+        got[0]
+    );
+    assert!(
+        !node
+            .log_lines_with(&["greylisted", "127.0.182.1"])
+            .is_empty(),
+        "the first attempt was greylisted"
+    );
+    assert!(
+        !node
+            .log_lines_with(&["greylisting passed", "127.0.182.1"])
+            .is_empty(),
+        "the retry passed"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        real.messages()
+            .iter()
+            .all(|t| !t.rcpts.iter().any(|r| r == "carol@example.test")),
+        "the client that never retried got through"
+    );
+    drop(dns);
+}
+
 /// Must show 3: a trusted site relays through the node's outbound listener
 /// straight to the real MX; an unlisted client is refused.
 #[test]

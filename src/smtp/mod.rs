@@ -73,6 +73,8 @@ pub struct Context {
     pub dnsbl: Option<crate::dnsbl::Dnsbl>,
     /// Bounds of the tarpit (shared by both doors; only inbound tarpits).
     pub tarpits: Arc<screen::Tarpits>,
+    /// SPF checks for greylisting pools (None: `greylist.spf_pool` off).
+    pub spf: Option<Arc<mail_auth::MessageAuthenticator>>,
 }
 
 /// Loads the STARTTLS certificate and key (PEM) with the ring provider.
@@ -130,7 +132,10 @@ impl Context {
             config.suspect.max_tarpitted,
             config.suspect.max_tarpitted_per_block,
         ));
+        let spf = (config.greylist.enabled && config.greylist.spf_pool)
+            .then(|| Arc::new(mail_auth::MessageAuthenticator(dns.resolver())));
         Ok(Context {
+            spf,
             mode: Mode::Inbound,
             config,
             session,
@@ -168,6 +173,8 @@ impl Context {
             verifier: None,
             dnsbl: self.dnsbl.clone(),
             tarpits: self.tarpits.clone(),
+            // Outbound clients are never greylisted.
+            spf: None,
         }
     }
 
@@ -228,22 +235,48 @@ impl Context {
 
     /// Greylisting of an otherwise accepted recipient (`[greylist]`). A
     /// `451` here is no invalid recipient: the session scores 5xx only.
-    fn greylist(&self, peer: IpAddr, sender: &str, helo: &str, rcpt: &str) -> Verdict {
+    /// `spf_cache` holds the session's last SPF answer (sender, domain), so
+    /// a message to many recipients is checked once.
+    async fn greylist(
+        &self,
+        peer: IpAddr,
+        sender: &str,
+        helo: &str,
+        rcpt: &str,
+        spf_cache: &mut Option<(String, Option<String>)>,
+    ) -> Verdict {
         use crate::greylist::Check;
         let g = self.throttle.greylist();
         if !g.is_enabled() {
             return Verdict::Accept;
         }
         let now = now_ms();
-        let block = self.throttle.block_of(peer);
-        let pool = block.to_string();
         let score = self.throttle.suspect_verdict(peer, now).score;
+        if g.config().mode == crate::config::GreylistMode::Suspects && score <= 0 {
+            // Not a suspect: not greylisted whatever the pool, no SPF lookup.
+            return Verdict::Accept;
+        }
+        let block = self.throttle.block_of(peer);
+        // A big sender retries from another address of its pool: with SPF,
+        // the pool is every address its domain authorises.
+        let domain = match spf_cache {
+            Some((s, d)) if s == sender => d.clone(),
+            _ => {
+                let d = self.spf_domain(peer, sender, helo).await;
+                *spf_cache = Some((sender.to_string(), d.clone()));
+                d
+            }
+        };
+        let pool = match domain {
+            Some(domain) => format!("spf:{domain}"),
+            None => block.to_string(),
+        };
         let retry = |ms: u64| ms.div_ceil(1000).max(1);
         match g.check(&pool, score, sender, helo, rcpt, now) {
             Check::Accept => Verdict::Accept,
             Check::Greylisted { retry_in_ms } => {
                 metrics::counter!("magicmx_greylist_greylisted_total").increment(1);
-                info!(client = %peer, %block, rcpt, score, "greylisted");
+                info!(client = %peer, %block, %pool, rcpt, score, "greylisted");
                 Verdict::Refuse(format!(
                     "451 4.7.1 <{rcpt}>: Recipient address rejected: Greylisted, please try again in {} seconds",
                     retry(retry_in_ms)
@@ -272,10 +305,33 @@ impl Context {
                     vec![(crate::suspect::Kind::GreylistPass, signal)],
                     now,
                 );
-                info!(client = %peer, %block, rcpt, waited_ms, score = v.score, "greylisting passed");
+                info!(client = %peer, %block, %pool, rcpt, waited_ms, score = v.score, "greylisting passed");
                 Verdict::Accept
             }
         }
+    }
+
+    /// The MAIL FROM domain if SPF passes for `peer` (through the node's
+    /// resolver, within a few DNS timeouts); None otherwise or on error.
+    async fn spf_domain(&self, peer: IpAddr, sender: &str, helo: &str) -> Option<String> {
+        let spf = self.spf.as_ref()?;
+        if !sender.contains('@') {
+            return None;
+        }
+        let params = mail_auth::spf::verify::SpfParameters::verify_mail_from(
+            peer,
+            helo,
+            &self.config.node.hostname,
+            sender,
+        );
+        // Bounded: the RCPT reply waits for it.
+        let budget = self.config.dns.timeout.0.saturating_mul(2);
+        let out = tokio::time::timeout(budget, spf.verify_spf(params))
+            .await
+            .ok()?;
+        let pass = out.result() == mail_auth::SpfResult::Pass;
+        metrics::counter!("magicmx_greylist_spf_total", "result" => if pass { "pass" } else { "other" }).increment(1);
+        pass.then(|| out.domain().trim_end_matches('.').to_ascii_lowercase())
     }
 
     /// Asks the real MX (or the verification cache) about the recipient.
@@ -704,6 +760,8 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut line_started: Option<Instant> = None;
     // The DATA phase being timed (its number) and when it must end.
     let mut data_due: Option<(u64, Instant)> = None;
+    // The last SPF answer for greylisting: (sender, authorised domain).
+    let mut spf_cache: Option<(String, Option<String>)> = None;
     loop {
         match session.next_event() {
             Event::NeedInput => {
@@ -826,12 +884,12 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 // Greylisting comes last: only a recipient the node would
                 // take is worth a retry.
                 let verdict = match verdict {
-                    Verdict::Accept if screen.scored && ctx.mode == Mode::Inbound => ctx.greylist(
-                        peer,
-                        session.sender().unwrap_or_default(),
-                        session.helo().unwrap_or_default(),
-                        &address,
-                    ),
+                    Verdict::Accept if screen.scored && ctx.mode == Mode::Inbound => {
+                        let sender = session.sender().unwrap_or_default().to_string();
+                        let helo = session.helo().unwrap_or_default().to_string();
+                        ctx.greylist(peer, &sender, &helo, &address, &mut spf_cache)
+                            .await
+                    }
                     v => v,
                 };
                 if let Verdict::Refuse(reply) = &verdict {
