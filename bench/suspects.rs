@@ -152,7 +152,7 @@ async fn metric(admin: SocketAddr, name: &str) -> f64 {
     body.lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 async fn tarpit() {
