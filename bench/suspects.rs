@@ -312,11 +312,25 @@ fn ham_ip(j: usize) -> Ipv4Addr {
 }
 
 /// How one bot session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Outcome {
     Accepted,
-    Refused,
+    /// The refusal, cut to its codes and first words.
+    Refused(String),
     Failed,
+}
+
+fn refused(line: &str) -> Outcome {
+    // The recipient's address varies, its reason does not.
+    let words: Vec<&str> = line
+        .split_whitespace()
+        .map(|w| match w.starts_with('<') {
+            true => "<rcpt>",
+            false => w,
+        })
+        .take(9)
+        .collect();
+    Outcome::Refused(words.join(" "))
 }
 
 /// One bot message, one connection, no retry; gives up after 10s of
@@ -332,7 +346,7 @@ async fn bot_send(bot: Bot, to: SocketAddr, n: usize) -> Outcome {
         }
         let banner = reply(&mut r).await?;
         if !banner.starts_with("220") {
-            return Ok(Outcome::Refused);
+            return Ok(refused(&banner));
         }
         let body = format!("From: <win@prizes.test>\r\nSubject: spam {n}\r\n\r\nYou won.\r\n.\r\n");
         let steps = [
@@ -350,20 +364,20 @@ async fn bot_send(bot: Bot, to: SocketAddr, n: usize) -> Outcome {
             for _ in 0..5 {
                 let line = reply(&mut r).await?;
                 if line.starts_with('4') || line.starts_with('5') {
-                    return Ok(Outcome::Refused);
+                    return Ok(refused(&line));
                 }
             }
             return Ok(Outcome::Accepted);
         }
         let e = reply(&mut r).await?;
         if !e.starts_with('2') {
-            return Ok(Outcome::Refused);
+            return Ok(refused(&e));
         }
         for step in steps {
             w.write_all(step.as_bytes()).await?;
             let line = reply(&mut r).await?;
             if line.starts_with('4') || line.starts_with('5') {
-                return Ok(Outcome::Refused);
+                return Ok(refused(&line));
             }
         }
         let _ = w.write_all(b"QUIT\r\n").await;
@@ -575,12 +589,28 @@ async fn botnet() {
             "spam: {} sent, accepted {}, refused {}, bot gave up {}; relayed to the real MX {} ({:.1} %), never relayed {:.1} %",
             r.spam_sent,
             r.spam_outcomes.get(&Outcome::Accepted).unwrap_or(&0),
-            r.spam_outcomes.get(&Outcome::Refused).unwrap_or(&0),
+            r.spam_outcomes
+                .iter()
+                .filter(|(o, _)| matches!(o, Outcome::Refused(_)))
+                .map(|(_, n)| n)
+                .sum::<usize>(),
             r.spam_outcomes.get(&Outcome::Failed).unwrap_or(&0),
             r.spam_relayed,
             pct(r.spam_relayed, r.spam_sent),
             100.0 - pct(r.spam_relayed, r.spam_sent),
         );
+        let mut why: Vec<_> = r
+            .spam_outcomes
+            .iter()
+            .filter_map(|(o, n)| match o {
+                Outcome::Refused(line) => Some((n, line)),
+                _ => None,
+            })
+            .collect();
+        why.sort_by(|a, b| b.0.cmp(a.0));
+        for (n, line) in why.iter().take(8) {
+            println!("   {n:5} × {line}");
+        }
         println!(
             "ham: {} sent, relayed {} ({:.1} %), retried {}; delay first attempt to real MX: {}",
             n_ham,
