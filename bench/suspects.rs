@@ -350,7 +350,7 @@ async fn bot_send(bot: Bot, to: SocketAddr, n: usize) -> Outcome {
         }
         let body = format!("From: <win@prizes.test>\r\nSubject: spam {n}\r\n\r\nYou won.\r\n.\r\n");
         let steps = [
-            format!("MAIL FROM:<win@prizes.test>\r\n"),
+            "MAIL FROM:<win@prizes.test>\r\n".to_string(),
             format!("RCPT TO:<user{n}@{DOMAIN}>\r\n"),
             "DATA\r\n".to_string(),
             body,
