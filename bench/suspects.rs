@@ -152,7 +152,7 @@ async fn metric(admin: SocketAddr, name: &str) -> f64 {
     body.lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 async fn tarpit() {
@@ -312,11 +312,25 @@ fn ham_ip(j: usize) -> Ipv4Addr {
 }
 
 /// How one bot session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Outcome {
     Accepted,
-    Refused,
+    /// The refusal, cut to its codes and first words.
+    Refused(String),
     Failed,
+}
+
+fn refused(line: &str) -> Outcome {
+    // The recipient's address varies, its reason does not.
+    let words: Vec<&str> = line
+        .split_whitespace()
+        .map(|w| match w.starts_with('<') {
+            true => "<rcpt>",
+            false => w,
+        })
+        .take(9)
+        .collect();
+    Outcome::Refused(words.join(" "))
 }
 
 /// One bot message, one connection, no retry; gives up after 10s of
@@ -332,11 +346,11 @@ async fn bot_send(bot: Bot, to: SocketAddr, n: usize) -> Outcome {
         }
         let banner = reply(&mut r).await?;
         if !banner.starts_with("220") {
-            return Ok(Outcome::Refused);
+            return Ok(refused(&banner));
         }
         let body = format!("From: <win@prizes.test>\r\nSubject: spam {n}\r\n\r\nYou won.\r\n.\r\n");
         let steps = [
-            format!("MAIL FROM:<win@prizes.test>\r\n"),
+            "MAIL FROM:<win@prizes.test>\r\n".to_string(),
             format!("RCPT TO:<user{n}@{DOMAIN}>\r\n"),
             "DATA\r\n".to_string(),
             body,
@@ -350,20 +364,20 @@ async fn bot_send(bot: Bot, to: SocketAddr, n: usize) -> Outcome {
             for _ in 0..5 {
                 let line = reply(&mut r).await?;
                 if line.starts_with('4') || line.starts_with('5') {
-                    return Ok(Outcome::Refused);
+                    return Ok(refused(&line));
                 }
             }
             return Ok(Outcome::Accepted);
         }
         let e = reply(&mut r).await?;
         if !e.starts_with('2') {
-            return Ok(Outcome::Refused);
+            return Ok(refused(&e));
         }
         for step in steps {
             w.write_all(step.as_bytes()).await?;
             let line = reply(&mut r).await?;
             if line.starts_with('4') || line.starts_with('5') {
-                return Ok(Outcome::Refused);
+                return Ok(refused(&line));
             }
         }
         let _ = w.write_all(b"QUIT\r\n").await;
@@ -463,6 +477,20 @@ async fn botnet_run(suspects: bool, n_bots: usize, n_ham: usize, msgs: usize) ->
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let start = Instant::now();
+    // What the real MX receives, and when, while it happens.
+    let collecting = CancellationToken::new();
+    let collector = {
+        let collecting = collecting.clone();
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                tokio::select! {
+                    Some(a) = arrived.recv() => got.push((a, Instant::now())),
+                    _ = collecting.cancelled() => return got,
+                }
+            }
+        })
+    };
     // Ham: one sender every 0.4s.
     let mut ham = Vec::new();
     for j in 0..n_ham {
@@ -504,19 +532,22 @@ async fn botnet_run(suspects: bool, n_bots: usize, n_ham: usize, msgs: usize) ->
             sent_at.insert(format!("ham {j}"), t0);
         }
     }
-    // What the real MX receives, until nothing more for 3 holds.
+    // The last relays: what was accepted is held, then relayed (retried
+    // after a second if the real MX was busy).
+    tokio::time::sleep(HOLD * 4).await;
+    let took = start.elapsed();
+    collecting.cancel();
+    stop.cancel();
     let (mut spam_relayed, mut ham_delay) = (0, Vec::new());
-    while let Ok(Some(a)) = tokio::time::timeout(HOLD * 3, arrived.recv()).await {
+    for (a, at) in collector.await.unwrap_or_default() {
         if a.sender.starts_with("person") {
             if let Some(t0) = sent_at.get(&a.subject) {
-                ham_delay.push(t0.elapsed());
+                ham_delay.push(at.duration_since(*t0));
             }
         } else {
             spam_relayed += 1;
         }
     }
-    let took = start.elapsed();
-    stop.cancel();
     for node in nodes {
         let _ = node.wait().await;
     }
@@ -558,12 +589,28 @@ async fn botnet() {
             "spam: {} sent, accepted {}, refused {}, bot gave up {}; relayed to the real MX {} ({:.1} %), never relayed {:.1} %",
             r.spam_sent,
             r.spam_outcomes.get(&Outcome::Accepted).unwrap_or(&0),
-            r.spam_outcomes.get(&Outcome::Refused).unwrap_or(&0),
+            r.spam_outcomes
+                .iter()
+                .filter(|(o, _)| matches!(o, Outcome::Refused(_)))
+                .map(|(_, n)| n)
+                .sum::<usize>(),
             r.spam_outcomes.get(&Outcome::Failed).unwrap_or(&0),
             r.spam_relayed,
             pct(r.spam_relayed, r.spam_sent),
             100.0 - pct(r.spam_relayed, r.spam_sent),
         );
+        let mut why: Vec<_> = r
+            .spam_outcomes
+            .iter()
+            .filter_map(|(o, n)| match o {
+                Outcome::Refused(line) => Some((n, line)),
+                _ => None,
+            })
+            .collect();
+        why.sort_by(|a, b| b.0.cmp(a.0));
+        for (n, line) in why.iter().take(8) {
+            println!("   {n:5} × {line}");
+        }
         println!(
             "ham: {} sent, relayed {} ({:.1} %), retried {}; delay first attempt to real MX: {}",
             n_ham,
