@@ -442,7 +442,29 @@ struct Run {
     took: Duration,
 }
 
-async fn botnet_run(suspects: bool, n_bots: usize, n_ham: usize, msgs: usize) -> Run {
+/// What defends the network in one botnet run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Defence {
+    ThrottleAlone,
+    Suspects,
+    /// The suspect pipeline plus greylisting of never-seen blocks
+    /// (`[greylist] mode = "unknown"`, delay 2 s: the ham retries after 5 s).
+    SuspectsAndGreylist,
+}
+
+impl Defence {
+    fn label(self) -> &'static str {
+        match self {
+            Defence::ThrottleAlone => "throttle alone",
+            Defence::Suspects => "throttle + suspect pipeline",
+            Defence::SuspectsAndGreylist => {
+                "throttle + suspect pipeline + greylisting (mode unknown)"
+            }
+        }
+    }
+}
+
+async fn botnet_run(defence: Defence, n_bots: usize, n_ham: usize, msgs: usize) -> Run {
     let bots = bots(n_bots);
     let mut recs = vec![
         Rec::Mx(DOMAIN, 10, "mx.demo.test"),
@@ -461,14 +483,18 @@ async fn botnet_run(suspects: bool, n_bots: usize, n_ham: usize, msgs: usize) ->
         .await
         .unwrap();
     let dir = TempDir::new().unwrap();
-    let tables = match suspects {
-        true => "[dnsbl]\nsites = [\"bl.test=127.0.0.[2..3]*5\", \"bl.test=127.0.0.[4..11]*3\"]\ntimeout = \"1500ms\"\n",
-        false => "[suspect]\nprotocol_tests = false\n",
+    const DNSBL: &str = "[dnsbl]\nsites = [\"bl.test=127.0.0.[2..3]*5\", \"bl.test=127.0.0.[4..11]*3\"]\ntimeout = \"1500ms\"\n";
+    let tables = match defence {
+        Defence::ThrottleAlone => "[suspect]\nprotocol_tests = false\n".to_string(),
+        Defence::Suspects => DNSBL.to_string(),
+        Defence::SuspectsAndGreylist => {
+            format!("{DNSBL}[greylist]\nenabled = true\nmode = \"unknown\"\ndelay = \"2s\"\n")
+        }
     };
     let extra = Extra {
         smtp: "max_connections = 2000\nmax_connections_per_family = 2000\n".into(),
         throttle: String::new(),
-        tables: tables.into(),
+        tables,
     };
     let nodes = start_nodes(dir.path(), 3, mx.addr.port(), dns.addr, &extra, &stop)
         .await
@@ -574,17 +600,18 @@ async fn botnet() {
         b.iter().filter(|b| b.pregreet).count(),
         b.iter().filter(|b| b.pipelines).count(),
     );
-    for suspects in [false, true] {
-        let r = botnet_run(suspects, n_bots, n_ham, msgs).await;
+    let defences: Vec<Defence> = match std::env::var("DEFENCES").as_deref() {
+        Ok("greylist") => vec![Defence::SuspectsAndGreylist],
+        _ => vec![
+            Defence::ThrottleAlone,
+            Defence::Suspects,
+            Defence::SuspectsAndGreylist,
+        ],
+    };
+    for defence in defences {
+        let r = botnet_run(defence, n_bots, n_ham, msgs).await;
         let pct = |a: usize, b: usize| 100.0 * a as f64 / b.max(1) as f64;
-        println!(
-            "-- {} ({:.0}s)",
-            match suspects {
-                true => "throttle + suspect pipeline",
-                false => "throttle alone",
-            },
-            r.took.as_secs_f64()
-        );
+        println!("-- {} ({:.0}s)", defence.label(), r.took.as_secs_f64());
         println!(
             "spam: {} sent, accepted {}, refused {}, bot gave up {}; relayed to the real MX {} ({:.1} %), never relayed {:.1} %",
             r.spam_sent,
