@@ -357,6 +357,13 @@ struct Slot {
     destinations: Arc<[String]>,
 }
 
+/// The keys of a message in `Index::by_destination`: its pending
+/// destinations, or `""` when it has none.
+fn destination_keys(destinations: &[String]) -> impl Iterator<Item = &str> {
+    let none = destinations.is_empty().then_some("");
+    destinations.iter().map(String::as_str).chain(none)
+}
+
 /// The in-memory index of the spool (see the module comment).
 #[derive(Default)]
 struct Index {
@@ -365,6 +372,10 @@ struct Index {
     due: BTreeSet<(u64, QueueId)>,
     /// Quarantined: by arrival.
     quarantine: BTreeSet<(u64, QueueId)>,
+    /// Not quarantined, per pending destination (`""` for none): by next
+    /// attempt, so that a destination at its concurrency limit costs
+    /// nothing to skip ([`Spool::due_by_destination`]).
+    by_destination: HashMap<String, BTreeSet<(u64, QueueId)>>,
     /// Held (inbound, never tried): by next attempt.
     held: BTreeSet<(u64, QueueId)>,
     deferred: usize,
@@ -392,6 +403,12 @@ impl Index {
             self.quarantine.insert((slot.received_at, e.id.clone()));
         } else {
             self.due.insert((slot.next_attempt, e.id.clone()));
+            for d in destination_keys(&slot.destinations) {
+                self.by_destination
+                    .entry(d.to_string())
+                    .or_default()
+                    .insert((slot.next_attempt, e.id.clone()));
+            }
         }
         if slot.held {
             self.held.insert((slot.next_attempt, e.id.clone()));
@@ -409,6 +426,14 @@ impl Index {
             self.quarantine.remove(&key(slot.received_at));
         } else {
             self.due.remove(&key(slot.next_attempt));
+            for d in destination_keys(&slot.destinations) {
+                if let Some(set) = self.by_destination.get_mut(d) {
+                    set.remove(&key(slot.next_attempt));
+                    if set.is_empty() {
+                        self.by_destination.remove(d);
+                    }
+                }
+            }
         }
         if slot.held {
             self.held.remove(&key(slot.next_attempt));
@@ -616,6 +641,54 @@ impl Spool {
         let index = lock(&self.inner.shared.index);
         let mut out = Vec::new();
         for (_, id) in index.due.range(..(now.saturating_add(1), String::new())) {
+            if out.len() >= max {
+                break;
+            }
+            let Some(slot) = index.slots.get(id) else {
+                continue;
+            };
+            if accept(id, &slot.destinations) {
+                out.push((id.clone(), slot.destinations.clone()));
+            }
+        }
+        out
+    }
+
+    /// Like [`Spool::due`], but destination by destination: a destination
+    /// for which `room(destination)` is 0 is skipped without looking at its
+    /// messages, and at most `room` of each destination's earliest due
+    /// messages that `skip` does not exclude are considered. The candidates
+    /// are then offered to `accept` earliest first, up to `max`. So the
+    /// cost is what can start, plus one look per destination, not the whole
+    /// due queue (one busy destination holding thousands of due messages
+    /// would otherwise be walked after every delivery), and a destination
+    /// with room is never kept waiting behind a full one. A message without
+    /// pending destinations is listed under `""`.
+    pub fn due_by_destination(
+        &self,
+        now: u64,
+        max: usize,
+        room: impl Fn(&str) -> usize,
+        skip: impl Fn(&str) -> bool,
+        mut accept: impl FnMut(&str, &[String]) -> bool,
+    ) -> Vec<(QueueId, Arc<[String]>)> {
+        let index = lock(&self.inner.shared.index);
+        let mut candidates: Vec<&(u64, QueueId)> = Vec::new();
+        for (destination, set) in &index.by_destination {
+            let room = room(destination);
+            if room == 0 {
+                continue;
+            }
+            candidates.extend(
+                set.range(..(now.saturating_add(1), String::new()))
+                    .filter(|(_, id)| !skip(id))
+                    .take(room),
+            );
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        let mut out = Vec::new();
+        for (_, id) in candidates {
             if out.len() >= max {
                 break;
             }
@@ -2386,6 +2459,65 @@ mod tests {
         assert_eq!(spool.len().unwrap(), 0);
         spool.close().await;
         Spool::open(dir.path()).unwrap().close().await;
+    }
+
+    #[tokio::test]
+    async fn a_full_destination_is_skipped_and_others_are_not_kept_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        // 50 due messages for example.net, stored first, then one for
+        // other.test and one whose recipients are all settled.
+        let mut busy = Vec::new();
+        for n in 0..50 {
+            busy.push(spool.store(envelope(n), body(n), 100).await.unwrap());
+        }
+        let mut other = envelope(99);
+        other.recipients.truncate(1);
+        other.recipients[0].address = "x@other.test".into();
+        let other = spool.store(other, body(99), 150).await.unwrap();
+        let mut done = envelope(98);
+        for r in &mut done.recipients {
+            r.state = RcptState::Delivered {
+                reply: "250 ok".into(),
+            };
+        }
+        let done = spool.store(done, body(98), 160).await.unwrap();
+        let room = |d: &str| usize::from(d != "example.net") * 5;
+        let mut looked = 0;
+        let due = spool.due_by_destination(
+            200,
+            10,
+            room,
+            |_| false,
+            |_, _| {
+                looked += 1;
+                true
+            },
+        );
+        let ids: Vec<_> = due.iter().map(|(id, _)| id.clone()).collect();
+        // The full destination's 50 are not even offered.
+        assert_eq!(ids, [other.id.clone(), done.id.clone()]);
+        assert_eq!(looked, 2);
+        // With room, a destination gives its earliest, at most `room`, and
+        // skipped ones (in flight) do not use it.
+        let in_flight = busy[0].id.clone();
+        let due = spool.due_by_destination(200, 10, |_| 2, |id| id == in_flight, |_, _| true);
+        let ids: Vec<_> = due.iter().map(|(id, _)| id.clone()).collect();
+        assert_eq!(
+            ids,
+            [
+                busy[1].id.clone(),
+                busy[2].id.clone(),
+                other.id.clone(),
+                done.id.clone()
+            ]
+        );
+        // Removed messages leave the per-destination index too.
+        for e in &busy {
+            spool.remove(&e.id).await.unwrap();
+        }
+        let due = spool.due_by_destination(200, 10, |_| 5, |_| false, |_, _| true);
+        assert_eq!(due.len(), 2);
     }
 
     #[tokio::test]

@@ -262,22 +262,26 @@ impl QueueRunner {
         let now = relay.now();
         let mut planned: HashMap<String, usize> = HashMap::new();
         let (in_flight, cooldown, busy) = (&self.in_flight, &self.cooldown, &self.per_destination);
-        let ready = relay.spool.due(now, free, |id, destinations| {
-            if in_flight.contains(id) || cooldown.contains_key(id) {
-                return false;
-            }
-            let full = destinations.iter().any(|d| {
-                busy.get(d).copied().unwrap_or(0) + planned.get(d).copied().unwrap_or(0)
-                    >= per_destination
+        let room = |d: &str| per_destination.saturating_sub(busy.get(d).copied().unwrap_or(0));
+        let skip = |id: &str| in_flight.contains(id) || cooldown.contains_key(id);
+        let ready = relay
+            .spool
+            .due_by_destination(now, free, room, skip, |id, destinations| {
+                if skip(id) {
+                    return false;
+                }
+                let full = destinations.iter().any(|d| {
+                    busy.get(d).copied().unwrap_or(0) + planned.get(d).copied().unwrap_or(0)
+                        >= per_destination
+                });
+                if full {
+                    return false;
+                }
+                for d in destinations.iter() {
+                    *planned.entry(d.clone()).or_default() += 1;
+                }
+                true
             });
-            if full {
-                return false;
-            }
-            for d in destinations.iter() {
-                *planned.entry(d.clone()).or_default() += 1;
-            }
-            true
-        });
         for (id, destinations) in ready {
             for d in destinations.iter() {
                 *self.per_destination.entry(d.clone()).or_default() += 1;
