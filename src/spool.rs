@@ -357,6 +357,29 @@ struct Slot {
     destinations: Arc<[String]>,
 }
 
+/// Up to `max` of `candidates` (due, earliest first) that `accept` takes,
+/// with their destinations.
+fn offer<'a>(
+    index: &Index,
+    candidates: impl IntoIterator<Item = &'a (u64, QueueId)>,
+    max: usize,
+    mut accept: impl FnMut(&str, &[String]) -> bool,
+) -> Vec<(QueueId, Arc<[String]>)> {
+    let mut out = Vec::new();
+    for (_, id) in candidates {
+        if out.len() >= max {
+            break;
+        }
+        let Some(slot) = index.slots.get(id) else {
+            continue;
+        };
+        if accept(id, &slot.destinations) {
+            out.push((id.clone(), slot.destinations.clone()));
+        }
+    }
+    out
+}
+
 /// The keys of a message in `Index::by_destination`: its pending
 /// destinations, or `""` when it has none.
 fn destination_keys(destinations: &[String]) -> impl Iterator<Item = &str> {
@@ -636,22 +659,11 @@ impl Spool {
         &self,
         now: u64,
         max: usize,
-        mut accept: impl FnMut(&str, &[String]) -> bool,
+        accept: impl FnMut(&str, &[String]) -> bool,
     ) -> Vec<(QueueId, Arc<[String]>)> {
         let index = lock(&self.inner.shared.index);
-        let mut out = Vec::new();
-        for (_, id) in index.due.range(..(now.saturating_add(1), String::new())) {
-            if out.len() >= max {
-                break;
-            }
-            let Some(slot) = index.slots.get(id) else {
-                continue;
-            };
-            if accept(id, &slot.destinations) {
-                out.push((id.clone(), slot.destinations.clone()));
-            }
-        }
-        out
+        let due = index.due.range(..(now.saturating_add(1), String::new()));
+        offer(&index, due, max, accept)
     }
 
     /// Like [`Spool::due`], but destination by destination: a destination
@@ -670,7 +682,7 @@ impl Spool {
         max: usize,
         room: impl Fn(&str) -> usize,
         skip: impl Fn(&str) -> bool,
-        mut accept: impl FnMut(&str, &[String]) -> bool,
+        accept: impl FnMut(&str, &[String]) -> bool,
     ) -> Vec<(QueueId, Arc<[String]>)> {
         let index = lock(&self.inner.shared.index);
         let mut candidates: Vec<&(u64, QueueId)> = Vec::new();
@@ -687,19 +699,7 @@ impl Spool {
         }
         candidates.sort_unstable();
         candidates.dedup();
-        let mut out = Vec::new();
-        for (_, id) in candidates {
-            if out.len() >= max {
-                break;
-            }
-            let Some(slot) = index.slots.get(id) else {
-                continue;
-            };
-            if accept(id, &slot.destinations) {
-                out.push((id.clone(), slot.destinations.clone()));
-            }
-        }
-        out
+        offer(&index, candidates, max, accept)
     }
 
     /// The earliest `next_attempt` of a message that is not quarantined.

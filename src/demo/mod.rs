@@ -432,15 +432,7 @@ async fn transaction(
     rcpt: &str,
     subject: &str,
 ) -> std::io::Result<String> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(
-        from_ip.parse::<IpAddr>().map_err(std::io::Error::other)?,
-        0,
-    ))?;
-    let stream = socket.connect(server).await?;
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
-    let banner = reply(&mut read).await?;
+    let (mut read, mut write, banner) = greeted(from_ip, server).await?;
     if !banner.starts_with('2') {
         return Ok(banner);
     }
@@ -466,19 +458,31 @@ async fn transaction(
     Ok("no reply".into())
 }
 
+/// Connects to `server` from `from_ip` (any port) and reads the banner.
+async fn greeted(
+    from_ip: &str,
+    server: SocketAddr,
+) -> std::io::Result<(
+    BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+    String,
+)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(
+        from_ip.parse::<IpAddr>().map_err(std::io::Error::other)?,
+        0,
+    ))?;
+    let (read, write) = socket.connect(server).await?.into_split();
+    let mut read = BufReader::new(read);
+    let banner = reply(&mut read).await?;
+    Ok((read, write, banner))
+}
+
 /// Connects from `from_ip`, reads the banner; if it is a 220, writes
 /// `line` and returns the reply to it, else the banner.
 async fn speak(from_ip: &str, server: SocketAddr, line: &str) -> String {
     let talk = async {
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.bind(SocketAddr::new(
-            from_ip.parse::<IpAddr>().map_err(std::io::Error::other)?,
-            0,
-        ))?;
-        let stream = socket.connect(server).await?;
-        let (read, mut write) = stream.into_split();
-        let mut read = BufReader::new(read);
-        let banner = reply(&mut read).await?;
+        let (mut read, mut write, banner) = greeted(from_ip, server).await?;
         if !banner.starts_with("220") {
             return Ok(banner);
         }
