@@ -493,7 +493,7 @@ impl Throttle {
         if let Some(origin) = creator {
             self.peer_blocks
                 .lock()
-                .expect("peer blocks")
+                .unwrap_or_else(|e| e.into_inner())
                 .release(origin);
         }
         Some(r)
@@ -502,7 +502,7 @@ impl Throttle {
     /// Forgets the oldest peer-created block that is under every limit and
     /// not penalised. False if none was found within [`EVICTION_SCAN`].
     fn evict_peer_block(&self, now: u64) -> bool {
-        let mut peers = self.peer_blocks.lock().expect("peer blocks");
+        let mut peers = self.peer_blocks.lock().unwrap_or_else(|e| e.into_inner());
         for _ in 0..EVICTION_SCAN {
             let Some((block, origin)) = peers.order.pop_front() else {
                 return false;
@@ -682,7 +682,7 @@ impl Throttle {
         // A new block from a peer: within that peer's share of the table, and
         // never by evicting anything (local blocks evict peers', not the
         // other way round).
-        let mut peers = self.peer_blocks.lock().expect("peer blocks");
+        let mut peers = self.peer_blocks.lock().unwrap_or_else(|e| e.into_inner());
         let mine = peers.per_origin.get(&origin).copied().unwrap_or(0);
         if mine >= self.peer_blocks_max || self.blocks.len() >= self.cfg.max_tracked_blocks {
             metrics::counter!("magicmx_throttle_untracked_total", "source" => "peer").increment(1);
@@ -962,7 +962,7 @@ impl Throttle {
         });
         // Give the shares back and drop stale eviction candidates, so the
         // queue stays as small as the peer blocks themselves.
-        let mut peers = self.peer_blocks.lock().expect("peer blocks");
+        let mut peers = self.peer_blocks.lock().unwrap_or_else(|e| e.into_inner());
         for origin in released {
             peers.release(origin);
         }

@@ -762,19 +762,16 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     let mut data_due: Option<(u64, Instant)> = None;
     // The last SPF answer for greylisting: (sender, authorised domain).
     let mut spf_cache: Option<(String, Option<String>)> = None;
+    // A reply write may take `command_timeout`, never past the session's deadline.
+    let write_budget = || {
+        cfg.command_timeout
+            .0
+            .min(deadline.saturating_duration_since(Instant::now()))
+    };
     loop {
         match session.next_event() {
             Event::NeedInput => {
-                let now = Instant::now();
-                let left = deadline.saturating_duration_since(now);
-                if !write_out(
-                    stream,
-                    &mut session,
-                    screen,
-                    cfg.command_timeout.0.min(left),
-                )
-                .await
-                {
+                if !write_out(stream, &mut session, screen, write_budget()).await {
                     return Ended::Closed;
                 }
                 // A partial command line is buffered: its clock keeps running.
@@ -786,7 +783,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 if !session.in_data() {
                     data_due = None;
                 } else if data_due.is_none_or(|(n, _)| n != session.data_phases()) {
-                    data_due = Some((session.data_phases(), now + cfg.data_deadline.0));
+                    data_due = Some((session.data_phases(), Instant::now() + cfg.data_deadline.0));
                 }
                 let timeout = match line_started {
                     _ if session.in_data() => cfg.data_timeout.0,
@@ -847,27 +844,12 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Event::Close => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                write_out(
-                    stream,
-                    &mut session,
-                    screen,
-                    cfg.command_timeout.0.min(left),
-                )
-                .await;
+                write_out(stream, &mut session, screen, write_budget()).await;
                 let _ = stream.shutdown().await;
                 return Ended::Closed;
             }
             Event::StartTls => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if !write_out(
-                    stream,
-                    &mut session,
-                    screen,
-                    cfg.command_timeout.0.min(left),
-                )
-                .await
-                {
+                if !write_out(stream, &mut session, screen, write_budget()).await {
                     return Ended::Closed;
                 }
                 return Ended::StartTls(Box::new(session));
