@@ -661,13 +661,10 @@ impl Core {
             dropped("malformed");
             return 0;
         }
-        let members = self.members();
-        if !(members.is_vouched_member(&from.name) || members.live().any(|m| m.name == from.name)) {
-            drop(members);
+        if !self.is_known_sender(from) {
             dropped("unknown_origin");
             return 0;
         }
-        drop(members);
         let now = now_ms();
         let bounds = self.throttle.policy().bounds();
         let mut merged = 0;
@@ -698,6 +695,13 @@ impl Core {
         merged
     }
 
+    /// Is `from` a member this node knows (vouched for, or live)? Only
+    /// members' suspect states and greylist entries are merged.
+    fn is_known_sender(&self, from: &Peer) -> bool {
+        let members = self.members();
+        members.is_vouched_member(&from.name) || members.live().any(|m| m.name == from.name)
+    }
+
     /// Merges the greylist entries and pools of a batch from `from`
     /// (min of first-seen, max of passed). Entries that taught this node
     /// something are forwarded in turn. Returns the number merged.
@@ -709,13 +713,10 @@ impl Core {
             dropped("malformed");
             return 0;
         }
-        let members = self.members();
-        if !(members.is_vouched_member(&from.name) || members.live().any(|m| m.name == from.name)) {
-            drop(members);
+        if !self.is_known_sender(from) {
             dropped("unknown_origin");
             return 0;
         }
-        drop(members);
         let g = self.throttle.greylist();
         let now = now_ms();
         let future = now.saturating_add(MAX_GREYLIST_SKEW_MS);
