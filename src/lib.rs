@@ -132,7 +132,7 @@ impl Node {
                 throttle.clone(),
                 dnsbl.is_enabled().then(|| dnsbl.clone()),
             )?
-            .with_verifier(verifier),
+            .with_verifier(verifier.clone()),
         );
         let listeners = smtp::bind(&config.smtp.listen, "smtp.listen").await?;
         let outbound = smtp::bind(&config.outbound.listen, "outbound.listen").await?;
@@ -178,7 +178,13 @@ impl Node {
             let mut c = (*config).clone();
             c.smtp.listen = smtp_addrs.clone();
             Some(Arc::new(
-                gossip::Gossip::start(Arc::new(c), throttle.clone(), shutdown.clone()).await?,
+                gossip::Gossip::start(
+                    Arc::new(c),
+                    throttle.clone(),
+                    config.verify.enabled.then(|| verifier.clone()),
+                    shutdown.clone(),
+                )
+                .await?,
             ))
         } else {
             None

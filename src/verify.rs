@@ -21,6 +21,14 @@
 //! negative entry ([`Verifier::record_unknown`]).
 //!
 //! Tables are bounded by `max_cache_entries` (addresses, and domains).
+//!
+//! The cache travels over gossip ([`Verifier::take_changes`],
+//! [`Verifier::merge`]): verdicts and accept-all marks keyed by a SHA-256
+//! prefix of the address (or domain), never the address itself, each with
+//! the time it was learnt; the newest wins. So one node's probe serves the
+//! network, and a dictionary attack spread over the nodes costs the real MX
+//! at most `max_probes_per_domain` probes per minute per node (the budget
+//! itself is per node: a shared budget would need agreement on every probe).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -54,24 +62,41 @@ const MAX_IDLE_PROBES: usize = 16;
 /// RCPTs asked on one probe session at most.
 const MAX_RCPTS_PER_PROBE: u32 = 50;
 
-struct Entry {
-    valid: bool,
-    at_ms: u64,
+/// A cache key: the first 16 octets of SHA-256 over a tag and the
+/// lowercased address (or domain).
+pub type Key = [u8; 16];
+
+/// A verdict and when it was learnt (unix ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub valid: bool,
+    pub at_ms: u64,
 }
+
+/// Gossip rounds a changed entry is pushed for.
+const PUSH_ROUNDS: u8 = 3;
+/// A verdict from a peer may be this far ahead of this node's clock.
+const MAX_SKEW_MS: u64 = 60_000;
+
+/// Changed verdicts (address keys) and accept-all marks (domain keys).
+pub type Changes = (Vec<(Key, Entry)>, Vec<(Key, Entry)>);
 
 #[derive(Default)]
 struct Domain {
     /// The minute (unix ms / 60000) `probes` counts.
     minute: u64,
     probes: u32,
-    /// (accepts everything, when that was learnt).
-    accept_all: Option<(bool, u64)>,
 }
 
 #[derive(Default)]
 struct State {
-    addresses: HashMap<String, Entry>,
+    addresses: HashMap<Key, Entry>,
+    /// Probe budgets.
     domains: HashMap<String, Domain>,
+    /// Accepts everything (`valid`), by domain key.
+    accept_all: HashMap<Key, Entry>,
+    /// Keys to push over gossip: (is a domain, key) -> rounds left.
+    changed: HashMap<(bool, Key), u8>,
     /// Domain -> (session, since when idle, generation).
     idle: HashMap<String, (Probe, u64, u64)>,
     generation: u64,
@@ -86,8 +111,43 @@ pub struct Verifier {
     state: Arc<Mutex<State>>,
 }
 
-fn key(address: &str) -> String {
-    address.to_ascii_lowercase()
+fn hash(tag: &[u8], name: &str) -> Key {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(tag);
+    ctx.update(name.to_ascii_lowercase().as_bytes());
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&ctx.finish().as_ref()[..16]);
+    k
+}
+
+fn key(address: &str) -> Key {
+    hash(b"magicmx-verify-address\0", address)
+}
+
+fn domain_key(domain: &str) -> Key {
+    hash(b"magicmx-verify-domain\0", domain)
+}
+
+/// Inserts `e` at `k` in a table bounded by `max`: expired entries go
+/// first, then (still full of fresh ones) a tenth, which are probed again
+/// when asked (the probe budget still applies).
+fn bounded_insert(
+    table: &mut HashMap<Key, Entry>,
+    k: Key,
+    e: Entry,
+    max: usize,
+    fresh: impl Fn(&Entry) -> bool,
+) {
+    if table.len() >= max && !table.contains_key(&k) {
+        table.retain(|_, e| fresh(e));
+        if table.len() >= max {
+            let drop: Vec<Key> = table.keys().take(max / 10 + 1).copied().collect();
+            for k in drop {
+                table.remove(&k);
+            }
+        }
+    }
+    table.insert(k, e);
 }
 
 impl Verifier {
@@ -119,29 +179,91 @@ impl Verifier {
         let now = self.clock.now_ms();
         let st = self.lock();
         let e = st.addresses.get(&key(address))?;
-        (now.saturating_sub(e.at_ms) < self.ttl_ms(e.valid)).then_some(e.valid)
+        self.fresh(false, e, now).then_some(e.valid)
+    }
+
+    /// Is `e` still good? A verdict lives its TTL; an accept-all mark
+    /// (`domain`) lives `positive_ttl` whatever it says.
+    fn fresh(&self, domain: bool, e: &Entry, now_ms: u64) -> bool {
+        now_ms.saturating_sub(e.at_ms) < self.ttl_ms(domain || e.valid)
     }
 
     /// Records a verdict (probe, or the relay's `5.1.1`).
     fn record(&self, address: &str, valid: bool) {
+        let e = Entry {
+            valid,
+            at_ms: self.clock.now_ms(),
+        };
+        self.insert(false, key(address), e);
+    }
+
+    /// Stores `e` at `k` (an address, or a domain's accept-all mark) and
+    /// marks it for gossip.
+    fn insert(&self, domain: bool, k: Key, e: Entry) {
         let now = self.clock.now_ms();
         let max = self.cfg.max_cache_entries;
-        let (pos, neg) = (self.ttl_ms(true), self.ttl_ms(false));
         let mut st = self.lock();
-        if st.addresses.len() >= max && !st.addresses.contains_key(&key(address)) {
-            st.addresses
-                .retain(|_, e| now.saturating_sub(e.at_ms) < if e.valid { pos } else { neg });
-            if st.addresses.len() >= max {
-                // Still full of fresh entries: forget a tenth (they are probed
-                // again when asked; the probe budget still applies).
-                let drop: Vec<String> = st.addresses.keys().take(max / 10 + 1).cloned().collect();
-                for k in drop {
-                    st.addresses.remove(&k);
+        let table = match domain {
+            false => &mut st.addresses,
+            true => &mut st.accept_all,
+        };
+        bounded_insert(table, k, e, max, |e| self.fresh(domain, e, now));
+        if !domain {
+            metrics::gauge!("magicmx_verify_cache_entries").set(st.addresses.len() as f64);
+        }
+        if st.changed.len() < max {
+            st.changed.insert((domain, k), PUSH_ROUNDS);
+        }
+    }
+
+    /// Up to `max` changed verdicts and accept-all marks for gossip (each
+    /// is pushed a few rounds).
+    pub fn take_changes(&self, max: usize) -> Changes {
+        let mut st = self.lock();
+        let keys: Vec<(bool, Key)> = st.changed.keys().take(max).copied().collect();
+        let (mut addresses, mut domains) = (Vec::new(), Vec::new());
+        for k in keys {
+            if let Some(r) = st.changed.get_mut(&k) {
+                *r = r.saturating_sub(1);
+                if *r == 0 {
+                    st.changed.remove(&k);
                 }
             }
+            match k {
+                (false, k) => addresses.extend(st.addresses.get(&k).map(|e| (k, *e))),
+                (true, k) => domains.extend(st.accept_all.get(&k).map(|e| (k, *e))),
+            }
         }
-        st.addresses
-            .insert(key(address), Entry { valid, at_ms: now });
+        (addresses, domains)
+    }
+
+    /// Merges a verdict (`domain`: an accept-all mark) from a peer: the
+    /// newest wins. An entry already expired, or from too far in the
+    /// future, is ignored. True if it taught this node something (it is
+    /// then forwarded in turn).
+    pub fn merge(&self, domain: bool, k: Key, e: Entry) -> bool {
+        let now = self.clock.now_ms();
+        if e.at_ms > now.saturating_add(MAX_SKEW_MS) || !self.fresh(domain, &e, now) {
+            return false;
+        }
+        let newer = {
+            let st = self.lock();
+            let table = match domain {
+                false => &st.addresses,
+                true => &st.accept_all,
+            };
+            table.get(&k).is_none_or(|old| e.at_ms > old.at_ms)
+        };
+        if newer {
+            self.insert(domain, k, e);
+        }
+        newer
+    }
+
+    /// Verdicts and accept-all marks held now.
+    pub fn len(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.addresses.len(), st.accept_all.len())
     }
 
     /// Takes `n` probes of `domain`'s budget for this minute, if there is
@@ -173,16 +295,16 @@ impl Verifier {
     fn accept_all(&self, domain: &str) -> Option<bool> {
         let now = self.clock.now_ms();
         let st = self.lock();
-        let (all, at) = st.domains.get(domain)?.accept_all?;
-        (now.saturating_sub(at) < self.ttl_ms(true)).then_some(all)
+        let e = st.accept_all.get(&domain_key(domain))?;
+        self.fresh(true, e, now).then_some(e.valid)
     }
 
     fn set_accept_all(&self, domain: &str, all: bool) {
-        let now = self.clock.now_ms();
-        let mut st = self.lock();
-        if let Some(d) = st.domains.get_mut(domain) {
-            d.accept_all = Some((all, now));
-        }
+        let e = Entry {
+            valid: all,
+            at_ms: self.clock.now_ms(),
+        };
+        self.insert(true, domain_key(domain), e);
     }
 
     /// Verifies `address` (of `domain`): cache, accept-all mark, then a probe
@@ -421,5 +543,67 @@ mod tests {
         }
         assert!(v.lock().addresses.len() <= 4);
         assert_eq!(v.cached("u99@example.test"), Some(true));
+    }
+
+    #[test]
+    fn verdicts_travel_as_hashes_and_the_newest_wins() {
+        let (a, clock) = verifier();
+        let (b, b_clock) = verifier();
+        b_clock.set_ms(clock.now_ms());
+        a.record("Bob@Example.Test", true);
+        a.set_accept_all("all.test", true);
+        let (verdicts, domains) = a.take_changes(100);
+        assert_eq!(verdicts.len(), 1);
+        assert_eq!(domains.len(), 1);
+        assert_eq!(
+            verdicts[0].0,
+            key("bob@example.test"),
+            "a hash, not the address"
+        );
+        for (k, e) in &verdicts {
+            assert!(b.merge(false, *k, *e));
+            assert!(
+                !b.merge(false, *k, *e),
+                "the same entry again teaches nothing"
+            );
+        }
+        for (k, e) in &domains {
+            assert!(b.merge(true, *k, *e));
+        }
+        assert_eq!(b.cached("bob@example.test"), Some(true));
+        assert_eq!(b.accept_all("all.test"), Some(true));
+        // What b learnt it forwards in turn.
+        assert_eq!(b.take_changes(100).0.len(), 1);
+        // A newer verdict wins; an older one does not.
+        clock.advance(Duration::from_secs(10));
+        b_clock.advance(Duration::from_secs(10));
+        let k = key("bob@example.test");
+        let newer = Entry {
+            valid: false,
+            at_ms: clock.now_ms(),
+        };
+        let older = Entry {
+            valid: true,
+            at_ms: clock.now_ms() - 5_000,
+        };
+        assert!(b.merge(false, k, newer));
+        assert!(!b.merge(false, k, older));
+        assert_eq!(b.cached("bob@example.test"), Some(false));
+        // Expired or from the future: ignored.
+        let stale = Entry {
+            valid: false,
+            at_ms: clock.now_ms() - 4 * 3_600_000,
+        };
+        assert!(!b.merge(false, key("old@example.test"), stale));
+        let future = Entry {
+            valid: true,
+            at_ms: clock.now_ms() + 3_600_000,
+        };
+        assert!(!b.merge(false, key("new@example.test"), future));
+        // Pushed a few rounds, then no more.
+        for _ in 0..PUSH_ROUNDS {
+            a.take_changes(100);
+        }
+        assert_eq!(a.take_changes(100), (vec![], vec![]));
     }
 }

@@ -16,7 +16,9 @@
 //!    they converge once it heals;
 //! 4. a peer without a certificate or with one from another CA cannot
 //!    join or push counts, a sender name must match the certificate, and a
-//!    certified peer's inflated count is capped at its share.
+//!    certified peer's inflated count is capped at its share;
+//! 5. suspect states, greylist entries and recipient verdicts learnt at one
+//!    node are used at another.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -26,6 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_magicmx");
 const LIMIT: u32 = 20;
@@ -92,6 +96,8 @@ struct Spec {
     block_file: Option<PathBuf>,
     /// Appended to the config (more sections).
     extra: String,
+    /// `[dns] nameservers`.
+    dns: String,
 }
 
 struct Node {
@@ -124,7 +130,7 @@ listen = ["127.0.0.1:0"]
 domains = ["example.test"]
 
 [dns]
-nameservers = ["127.0.0.1:9"]
+nameservers = ["{dns}"]
 timeout = "1s"
 
 [admin]
@@ -156,6 +162,7 @@ max_origin_share = 0.5
 {extra}
 "#,
         extra = spec.extra,
+        dns = spec.dns,
         data = data_dir.display(),
         seeds = seeds.join(", "),
     )
@@ -337,17 +344,25 @@ impl Drop for Node {
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Result<Value, String> {
+    let body = http_body(addr, path)?;
+    serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
+}
+
+fn http_body(addr: SocketAddr, path: &str) -> Result<String, String> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
     let mut text = String::new();
     s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .ok_or("no body")?;
-    serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .ok_or_else(|| "no body".to_string())
+}
+
+/// An admin page as text (`/metrics`), empty if it cannot be had.
+fn http_text(addr: SocketAddr, path: &str) -> String {
+    http_body(addr, path).unwrap_or_default()
 }
 
 fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
@@ -368,10 +383,19 @@ fn cluster(ca: &Path, names: &[&str], block_files: bool) -> Vec<Node> {
     cluster_with(ca, names, block_files, "")
 }
 
+/// A DNS server nothing answers at.
+const DEAD_DNS: &str = "127.0.0.1:9";
+
 /// [`cluster`] with `extra` appended to every node's config.
 fn cluster_with(ca: &Path, names: &[&str], block_files: bool, extra: &str) -> Vec<Node> {
+    cluster_dns(ca, names, block_files, extra, DEAD_DNS)
+}
+
+/// [`cluster_with`], resolving with the DNS server at `dns`.
+fn cluster_dns(ca: &Path, names: &[&str], block_files: bool, extra: &str, dns: &str) -> Vec<Node> {
     let spec = |name: &str, seeds: Vec<SocketAddr>| Spec {
         extra: extra.to_string(),
+        dns: dns.to_string(),
         name: name.to_string(),
         ca_dir: ca.to_path_buf(),
         seeds,
@@ -693,6 +717,8 @@ mod peer {
             suspects: Vec::new(),
             greylist: Vec::new(),
             greylist_pools: Vec::new(),
+            verify: Vec::new(),
+            verify_domains: Vec::new(),
         };
         wire::seal(NETWORK, sender, Body::Delta(batch)).encode_to_vec()
     }
@@ -752,6 +778,7 @@ fn only_certified_peers_count_and_each_is_capped() {
         ca_dir: other_ca.path().to_path_buf(),
         seeds: vec![a.gossip],
         block_file: None,
+        dns: DEAD_DNS.to_string(),
         extra: String::new(),
     });
     assert_eq!(flood([127, 4, 4], &[rogue.smtp], 15, 100), 15);
@@ -1015,4 +1042,76 @@ fn a_greylisted_first_attempt_at_one_node_passes_its_retry_at_the_other() {
     // A block that never retried is still greylisted at both.
     let r = rcpt_reply("127.9.4.10", b.smtp, "bot@spam.test", "user@example.test");
     assert!(r.starts_with("451 4.7.1"), "{r}");
+}
+
+#[test]
+fn a_recipient_verified_at_one_node_is_answered_at_the_other_without_a_probe() {
+    let _g = serial();
+    // A real MX that knows only bob.
+    let real = common::Sink::builder()
+        .rcpt_rule(|a| {
+            (!a.eq_ignore_ascii_case("bob@example.test"))
+                .then(|| format!("550 5.1.1 <{a}>: no such user"))
+        })
+        .start("127.0.0.1", 0)
+        .unwrap();
+    let dns = common::DnsServer::start(&[
+        common::Rec::Mx("example.test", 10, "real.example.test"),
+        common::Rec::A("real.example.test", "127.0.0.1"),
+    ]);
+    let ca = network_ca(&["a", "b"]);
+    let extra = format!(
+        "[relay]\nport = {}\ndeny_networks = []\ntls = \"none\"\n[verify]\nenabled = true\n",
+        real.addr.port()
+    );
+    let nodes = cluster_dns(ca.path(), &["a", "b"], false, &extra, &dns.addr.to_string());
+    let (a, b) = (&nodes[0], &nodes[1]);
+    // a probes the real MX for both addresses.
+    let r = rcpt_reply(
+        "127.9.6.10",
+        a.smtp,
+        "alice@sender.test",
+        "bob@example.test",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let r = rcpt_reply(
+        "127.9.6.10",
+        a.smtp,
+        "alice@sender.test",
+        "nobody@example.test",
+    );
+    assert!(r.starts_with("550 5.1.1"), "{r}");
+    let probes = |addr: &str| real.rcpt_attempts(addr);
+    assert_eq!(
+        (probes("bob@example.test"), probes("nobody@example.test")),
+        (1, 1)
+    );
+    // b answers both from the shared cache once a's verdicts reached it:
+    // the real MX sees no further probe. Until then b would probe itself,
+    // so wait on b's cache (its metrics), not on its answers.
+    let learnt = wait_until(Duration::from_secs(5), || {
+        let m = http_text(b.admin, "/metrics");
+        m.lines()
+            .any(|l| l.starts_with("magicmx_verify_cache_entries") && !l.ends_with(" 0"))
+    });
+    assert!(learnt.is_some(), "b never learnt a's verdicts");
+    let r = rcpt_reply(
+        "127.9.7.10",
+        b.smtp,
+        "carol@sender.test",
+        "BOB@example.test",
+    );
+    assert!(r.starts_with("250"), "{r}");
+    let r = rcpt_reply(
+        "127.9.7.10",
+        b.smtp,
+        "carol@sender.test",
+        "nobody@example.test",
+    );
+    assert!(r.starts_with("550 5.1.1"), "{r}");
+    assert_eq!(
+        (probes("bob@example.test"), probes("nobody@example.test")),
+        (1, 1),
+        "b probed the real MX itself"
+    );
 }

@@ -13,6 +13,8 @@
 //!    contacted; a sender not listed in `[outbound] clients` is refused.
 //! 4. `magicmx zone` output loaded into dnsmasq; `magicmx check-domain`
 //!    (with `--probe` against the Postfix of role 1) reports correctly.
+//! 5. Postfix as a real MX that knows its users (`relay_recipient_maps`):
+//!    the node verifies recipients with it at RCPT (`[verify]`).
 //!
 //! Every Postfix is a private instance: its own `config_directory`,
 //! `queue_directory`, `data_directory` and `maillog_file` in a temporary
@@ -769,6 +771,95 @@ fn postfix_real_mx_with_policy_service() {
         t0.elapsed() < Duration::from_secs(60),
         "took {:?}",
         t0.elapsed()
+    );
+}
+
+/// Issue 13, must show 1: Postfix as a real MX that knows its users
+/// (`relay_recipient_maps`). The node verifies recipients with it at RCPT:
+/// an unknown user gets `550 5.1.1` from the node itself, nothing is
+/// accepted for it and no DSN is made; a known user is relayed.
+#[test]
+fn postfix_relay_recipient_maps_are_verified_at_rcpt() {
+    require_root_and_tools("postfix_relay_recipient_maps_are_verified_at_rcpt");
+    // Postfix relays example.test for the users it lists, to a sink.
+    let inner = Sink::start("127.0.0.1");
+    let pf = Postfix::start(
+        PostfixConf::new("mail.example.test")
+            .main("mynetworks = 127.0.0.0/8")
+            .main("relay_domains = example.test")
+            .main("relay_recipient_maps = inline:{ bob@example.test=ok }")
+            .main(format!(
+                "relay_transport = smtp:[127.0.0.1]:{}",
+                inner.addr.port()
+            ))
+            .main("smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination"),
+    );
+    let dns = DnsServer::start(&[
+        Rec::Mx("example.test", 10, "mx1.magic.test"),
+        Rec::Mx("example.test", 20, "mail.example.test"),
+        Rec::A("mx1.magic.test", "127.0.0.1"),
+        Rec::A("mail.example.test", "127.0.0.1"),
+    ]);
+    let mut node = Magicmx::start(
+        &["run"],
+        &node_toml(
+            "127.0.0.1:0",
+            pf.smtpd.port(),
+            dns.addr,
+            "[verify]\nenabled = true\ntimeout = \"10s\"\n",
+        ),
+    );
+    let smtp = node.addr("smtp");
+    let mut c = Client::connect_from("127.0.164.1", smtp);
+    c.ehlo("unknown.sender.test");
+    c.expect("MAIL FROM:<carol@unknown.test>", 250);
+    let r = c.cmd("RCPT TO:<nobody@example.test>");
+    assert_eq!(r.code, 550, "{r}");
+    assert!(r.text().starts_with("5.1.1"), "{r}");
+    let r = c.cmd("RCPT TO:<bob@example.test>");
+    assert_eq!(r.code, 250, "{r}");
+    c.expect("DATA", 354);
+    c.send(&common::client::data_transfer(&simple_message(
+        "carol@unknown.test",
+        "bob@example.test",
+        "verified-by-postfix",
+    )));
+    assert_eq!(c.reply().code, 250);
+    let _ = c.try_send(b"QUIT\r\n");
+    // Postfix refused the probe for the unknown user, from its table.
+    pf.wait_log(
+        &[
+            "NOQUEUE: reject: RCPT from",
+            "<nobody@example.test>",
+            "relay recipient table",
+        ],
+        WAIT,
+    );
+    // The known user's message went through Postfix to the final sink.
+    let got = inner.wait_messages(1, WAIT);
+    assert!(
+        got[0].rcpts.iter().any(|r| r == "bob@example.test"),
+        "{:?}",
+        got[0].rcpts
+    );
+    assert!(String::from_utf8_lossy(&got[0].data).contains("Subject: verified-by-postfix"));
+    // Nothing for the unknown user reached Postfix's queue, and no DSN was
+    // made: the node's queue drains and nothing else arrives at the sink.
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(inner.messages().len(), 1, "{:?}", inner.messages());
+    let log = pf.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("to=<nobody@example.test>") && l.contains("status=")),
+        "{log}"
+    );
+    assert!(
+        node.log_lines_with(&["bounced"]).is_empty(),
+        "a recipient bounced"
+    );
+    assert!(
+        inner.messages().iter().all(|t| !t.mail_from.is_empty()),
+        "a DSN"
     );
 }
 

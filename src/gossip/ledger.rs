@@ -202,6 +202,8 @@ impl<'a> BatchBuilder<'a> {
                 suspects: Vec::new(),
                 greylist: Vec::new(),
                 greylist_pools: Vec::new(),
+                verify: Vec::new(),
+                verify_domains: Vec::new(),
             },
             index: HashMap::new(),
             by_name: HashMap::new(),
@@ -1204,6 +1206,8 @@ mod tests {
                     suspects: Vec::new(),
                     greylist: Vec::new(),
                     greylist_pools: Vec::new(),
+                    verify: Vec::new(),
+                    verify_domains: Vec::new(),
                 },
             )
     }

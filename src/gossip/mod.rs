@@ -60,6 +60,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::throttle::{now_ms, Block, Origin, Throttle, SELF_ORIGIN};
+use crate::verify::{self, Verifier};
 use ledger::{decode_batch, rounds_for, Key, Ledger, OriginId, MAX_BATCH_ENTRIES};
 use membership::{Members, NodeId, Output};
 use transport::{dropped, read_frame, write_frame, Event, Peer, SendError, Transport};
@@ -108,6 +109,9 @@ const MAX_SUSPECT_LIFE_MS: u64 = 24 * 3_600 * 1_000;
 const MAX_GREYLIST: usize = 4_096;
 /// Greylist times from a peer may be this far ahead of this node's clock.
 const MAX_GREYLIST_SKEW_MS: u64 = 60_000;
+/// Most recipient verdicts (and accept-all marks) in one batch (each is
+/// about 30 bytes).
+const MAX_VERIFY: usize = 4_096;
 
 /// The running gossip of this node. All its tasks end when the shutdown
 /// token given to [`Gossip::start`] is cancelled.
@@ -127,6 +131,8 @@ struct Core {
     network: String,
     config: Arc<Config>,
     throttle: Arc<Throttle>,
+    /// Recipient verdicts shared with the peers (`[verify]`).
+    verifier: Option<Arc<Verifier>>,
     transport: Arc<Transport>,
     members: Mutex<Members>,
     members_changed: Notify,
@@ -151,10 +157,11 @@ fn config_err(key: &'static str, message: impl Into<String>) -> GossipError {
 impl Gossip {
     /// Binds the QUIC endpoint, joins through the seeds, starts
     /// dissemination, anti-entropy and membership tasks; all end when
-    /// `shutdown` is cancelled.
+    /// `shutdown` is cancelled. `verifier`'s cache is shared with the peers.
     pub async fn start(
         config: Arc<Config>,
         throttle: Arc<Throttle>,
+        verifier: Option<Arc<Verifier>>,
         shutdown: CancellationToken,
     ) -> Result<Gossip, GossipError> {
         let g = &config.gossip;
@@ -233,6 +240,7 @@ impl Gossip {
             exchange_now: exchange_tx,
             answers: Semaphore::new(MAX_ANSWERS),
             throttle,
+            verifier,
             transport,
             shutdown,
             tasks: tasks.clone(),
@@ -599,7 +607,18 @@ impl Core {
             let suspects = self.throttle.take_suspect_changes(MAX_SUSPECTS);
             // Greylist entries too: a retry may land on a peer a minute later.
             let (grey, pools) = self.throttle.greylist().take_changes(MAX_GREYLIST);
-            if entries.is_empty() && suspects.is_empty() && grey.is_empty() && pools.is_empty() {
+            // And recipient verdicts: one node's probe serves the network.
+            let (verdicts, domains) = match &self.verifier {
+                Some(v) => v.take_changes(MAX_VERIFY),
+                None => Default::default(),
+            };
+            if entries.is_empty()
+                && suspects.is_empty()
+                && grey.is_empty()
+                && pools.is_empty()
+                && verdicts.is_empty()
+                && domains.is_empty()
+            {
                 return;
             }
             let mut batch = state.ledger.encode_batch(&entries, self.epoch_ms);
@@ -627,6 +646,13 @@ impl Core {
                     passed_ms: *t,
                 })
                 .collect();
+            let verdict = |(k, e): &(verify::Key, verify::Entry)| proto::VerifyEntry {
+                key: k.to_vec(),
+                valid: e.valid,
+                at_ms: e.at_ms,
+            };
+            batch.verify = verdicts.iter().map(verdict).collect();
+            batch.verify_domains = domains.iter().map(verdict).collect();
             self.seal(Body::Delta(batch))
         };
         let mut targets = live;
@@ -759,11 +785,48 @@ impl Core {
         merged
     }
 
+    /// Merges the recipient verdicts and accept-all marks of a batch from
+    /// `from` (the newest wins). Those that taught this node something are
+    /// forwarded in turn. Returns the number merged.
+    fn merge_verdicts(&self, from: &Peer, batch: &proto::CountBatch) -> usize {
+        if batch.verify.is_empty() && batch.verify_domains.is_empty() {
+            return 0;
+        }
+        if batch.verify.len() > MAX_VERIFY || batch.verify_domains.len() > MAX_VERIFY {
+            dropped("malformed");
+            return 0;
+        }
+        if !self.is_known_sender(from) {
+            dropped("unknown_origin");
+            return 0;
+        }
+        let Some(v) = &self.verifier else { return 0 };
+        let mut merged = 0;
+        let entries = (batch.verify.iter().map(|e| (false, e)))
+            .chain(batch.verify_domains.iter().map(|e| (true, e)));
+        for (domain, e) in entries {
+            let Ok(key) = <verify::Key>::try_from(e.key.as_slice()) else {
+                dropped("entry");
+                continue;
+            };
+            let entry = verify::Entry {
+                valid: e.valid,
+                at_ms: e.at_ms,
+            };
+            merged += usize::from(v.merge(domain, key, entry));
+        }
+        if merged > 0 {
+            debug!(peer = %from.name, merged, "recipient verdicts merged");
+        }
+        merged
+    }
+
     /// Merges a batch of counts from `from` into the throttle. Returns the
     /// number of counts merged.
     fn merge_counts(&self, from: &Peer, batch: &proto::CountBatch) -> usize {
         self.merge_suspects(from, batch);
         self.merge_greylist(from, batch);
+        self.merge_verdicts(from, batch);
         let (updates, invalid) = match decode_batch(batch, self.epoch_ms) {
             Ok(x) => x,
             Err(e) => {

@@ -28,8 +28,9 @@ pub use proto::Envelope;
 /// Major protocol version: envelopes with another one are dropped.
 pub const VERSION: u32 = 1;
 /// Minor protocol version: informational, additions only (1: suspect
-/// states in count batches; 2: greylist entries and pools in them).
-pub const MINOR: u32 = 2;
+/// states in count batches; 2: greylist entries and pools in them; 3:
+/// recipient verdicts in them).
+pub const MINOR: u32 = 3;
 /// Largest envelope read from a stream.
 pub const MAX_MESSAGE: usize = 4 << 20;
 
