@@ -253,6 +253,11 @@ impl Node {
                 policy::PolicyServer::new(policy::PolicySettings::from_config(&config), peers);
             tasks.spawn("policy listener", server.serve(l, shutdown.clone()));
         }
+        if let Some(g) = gossip.clone() {
+            // Its loops are essential too; joined at shutdown so that the
+            // SWIM leave goes out before exit.
+            tasks.spawn("gossip", async move { g.run().await });
+        }
         tasks.spawn(
             "throttle sweep",
             sweep(throttle.clone(), config.throttle.epoch.0, shutdown.clone()),

@@ -268,6 +268,23 @@ impl Node {
         }
     }
 
+    /// Stops the node as a service manager does (SIGTERM) and waits for it.
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let ok = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill -TERM {}", c.id());
+            let status = c.wait().unwrap();
+            assert!(status.success(), "{} exited with {status}", self.name);
+            self.logs
+                .lock()
+                .unwrap()
+                .push(format!("=== {} stopped (SIGTERM) ===", self.name));
+        }
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -1113,5 +1130,31 @@ fn a_recipient_verified_at_one_node_is_answered_at_the_other_without_a_probe() {
         (probes("bob@example.test"), probes("nobody@example.test")),
         (1, 1),
         "b probed the real MX itself"
+    );
+}
+
+#[test]
+fn a_stopped_node_leaves_and_its_peers_know_at_once() {
+    let _g = serial();
+    let ca = network_ca(&["a", "b", "c"]);
+    let mut nodes = cluster(ca.path(), &["a", "b", "c"], false);
+    // b stops cleanly: its SWIM leave goes out before it exits, so a and c
+    // mark it gone at once, not after the failure timeout (as for a kill).
+    let stopping = Instant::now();
+    nodes[1].terminate();
+    let stopped = stopping.elapsed();
+    let gone = |n: &Node| !n.alive_peers().contains(&"b".to_string());
+    let t = wait_until(Duration::from_secs(10), || {
+        gone(&nodes[0]) && gone(&nodes[2])
+    })
+    .expect("b was never marked gone");
+    eprintln!("b stopped in {stopped:?}; a and c knew {t:?} after it exited");
+    assert!(
+        t < Duration::from_millis(FAILURE_TIMEOUT_MS / 3),
+        "b marked gone {t:?} after it exited: no leave (failure timeout {FAILURE_TIMEOUT_MS} ms)"
+    );
+    assert!(
+        nodes[1].logs_with(&["gossip stopped"]).len() == 1,
+        "b's gossip did not stop cleanly"
     );
 }

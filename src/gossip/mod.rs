@@ -109,6 +109,11 @@ const MAX_SUSPECT_LIFE_MS: u64 = 24 * 3_600 * 1_000;
 const MAX_GREYLIST: usize = 4_096;
 /// Greylist times from a peer may be this far ahead of this node's clock.
 const MAX_GREYLIST_SKEW_MS: u64 = 60_000;
+/// The SWIM leave at shutdown waits at most this long for each peer's
+/// acknowledgement.
+const LEAVE_TIMEOUT: Duration = Duration::from_millis(500);
+/// After shutdown, messages in flight get this long to finish.
+const IN_FLIGHT_DRAIN: Duration = Duration::from_secs(2);
 /// Most recipient verdicts (and accept-all marks) in one batch (each is
 /// about 30 bytes).
 const MAX_VERIFY: usize = 4_096;
@@ -118,6 +123,8 @@ const MAX_VERIFY: usize = 4_096;
 pub struct Gossip {
     core: Arc<Core>,
     local_addr: SocketAddr,
+    /// The long-lived loops, taken by [`Gossip::run`].
+    loops: Mutex<Option<tokio::task::JoinSet<()>>>,
 }
 
 struct LedgerState {
@@ -246,13 +253,39 @@ impl Gossip {
             tasks: tasks.clone(),
             config,
         });
-        tasks.spawn(core.clone().dispatch(events_rx));
-        tasks.spawn(core.clone().membership_loop());
-        tasks.spawn(core.clone().push_loop());
-        tasks.spawn(core.clone().anti_entropy_loop(exchange_rx));
-        tasks.spawn(core.clone().seed_loop());
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(core.clone().dispatch(events_rx));
+        loops.spawn(core.clone().membership_loop());
+        loops.spawn(core.clone().push_loop());
+        loops.spawn(core.clone().anti_entropy_loop(exchange_rx));
+        loops.spawn(core.clone().seed_loop());
         tasks.close();
-        Ok(Gossip { core, local_addr })
+        Ok(Gossip {
+            core,
+            local_addr,
+            loops: Mutex::new(Some(loops)),
+        })
+    }
+
+    /// Runs until shutdown, as one of the node's essential tasks: if a
+    /// gossip loop ends or panics before shutdown, this returns (or panics)
+    /// at once, and the node stops rather than run on with a dead gossip.
+    /// After shutdown it waits for the loops, so the SWIM leave goes out
+    /// before the process exits, then (bounded) for the messages in flight.
+    pub async fn run(&self) {
+        let taken = self.loops.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(mut loops) = taken else { return };
+        while let Some(r) = loops.join_next().await {
+            if let Err(e) = r {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+            if !self.core.shutdown.is_cancelled() {
+                return;
+            }
+        }
+        let _ = tokio::time::timeout(IN_FLIGHT_DRAIN, self.core.tasks.wait()).await;
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -295,11 +328,6 @@ impl Gossip {
         out.sort();
         out.dedup();
         out
-    }
-
-    /// Waits until every gossip task ended (after shutdown).
-    pub async fn wait(&self) {
-        self.core.tasks.wait().await;
     }
 }
 
@@ -451,16 +479,21 @@ impl Core {
             let out = self.members().handle_timers(Instant::now());
             self.after_members(out);
         }
-        // Tell the others we leave, then close the endpoint.
+        // Tell the others we leave (acknowledged, all at once, bounded),
+        // then close the endpoint.
         let out = self.members().leave(Instant::now());
+        let mut sends = tokio::task::JoinSet::new();
         for (addr, _, data) in out.send {
             let bytes = self.seal(Body::Swim(data));
-            let _ = tokio::time::timeout(
-                Duration::from_millis(300),
-                self.transport.send_datagram(addr, bytes, "swim"),
-            )
-            .await;
+            let t = self.transport.clone();
+            sends.spawn(async move {
+                let sent = t.send_acknowledged(addr, &bytes, "swim");
+                if let Ok(Err(e)) = tokio::time::timeout(LEAVE_TIMEOUT, sent).await {
+                    debug!(peer = %addr, reason = %e, "leave not sent");
+                }
+            });
         }
+        while sends.join_next().await.is_some() {}
         self.transport.close().await;
         info!("gossip stopped");
     }

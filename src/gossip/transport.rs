@@ -16,6 +16,8 @@
 //! a file, every socket address listed in it (one per line) is cut off at
 //! this layer: nothing is sent to it and everything from it is dropped. The
 //! file is re-read every 100 ms, so a test can open and heal a partition.
+//! Only debug builds (what `cargo test` runs) read the variable; a release
+//! build ignores it, as it ignores `MAGICMX_TEST_PANIC_TASK`.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -166,7 +168,12 @@ impl Transport {
             tasks,
         });
         t.tasks.spawn(t.clone().accept_loop());
-        if let Some(path) = std::env::var_os(BLOCK_FILE_ENV) {
+        // Test hook (see the module header): never read in release builds.
+        let hook = match cfg!(debug_assertions) {
+            true => std::env::var_os(BLOCK_FILE_ENV),
+            false => None,
+        };
+        if let Some(path) = hook {
             t.tasks
                 .spawn(t.clone().watch_block_file(PathBuf::from(path)));
         }
@@ -455,12 +462,40 @@ impl Transport {
         self.send_uni_on(&peer, bytes, kind).await
     }
 
+    /// Sends one message on its own stream and waits until the peer has
+    /// acknowledged all of it (the SWIM leave at shutdown: a datagram, or
+    /// data still in flight, would be dropped by the close that follows).
+    pub async fn send_acknowledged(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        bytes: &[u8],
+        kind: &'static str,
+    ) -> Result<(), SendError> {
+        let peer = self.connect(addr).await?;
+        let s = self.open_and_write(&peer, bytes, kind).await?;
+        tokio::time::timeout(STREAM_TIMEOUT, s.stopped())
+            .await
+            .map_err(|_| SendError::Timeout)?
+            .map_err(|e| SendError::Stream(e.to_string()))?;
+        Ok(())
+    }
+
     async fn send_uni_on(
         &self,
         peer: &Peer,
         bytes: &[u8],
         kind: &'static str,
     ) -> Result<(), SendError> {
+        self.open_and_write(peer, bytes, kind).await.map(drop)
+    }
+
+    /// Opens a unidirectional stream, writes `bytes` and finishes it.
+    async fn open_and_write(
+        &self,
+        peer: &Peer,
+        bytes: &[u8],
+        kind: &'static str,
+    ) -> Result<quinn::SendStream, SendError> {
         let fut = async {
             let mut s = peer
                 .conn
@@ -471,13 +506,13 @@ impl Transport {
                 .await
                 .map_err(|e| SendError::Stream(e.to_string()))?;
             s.finish().map_err(|e| SendError::Stream(e.to_string()))?;
-            Ok::<(), SendError>(())
+            Ok::<quinn::SendStream, SendError>(s)
         };
-        tokio::time::timeout(STREAM_TIMEOUT, fut)
+        let s = tokio::time::timeout(STREAM_TIMEOUT, fut)
             .await
             .map_err(|_| SendError::Timeout)??;
         count_out(kind, bytes.len());
-        Ok(())
+        Ok(s)
     }
 
     /// Opens a bidirectional stream to `addr` (anti-entropy).
