@@ -119,7 +119,7 @@ impl Node {
         let dnsbl =
             dnsbl::Dnsbl::new(&config.dnsbl, dns.clone()).map_err(|e| anyhow::anyhow!(e))?;
         let relay = relay::Relay::new(config.clone(), spool.clone(), dns.clone())
-            .with_verifier(verifier.clone())
+            .with_verifier(Arc::new(UnknownUsers(verifier.clone(), throttle.clone())))
             .with_gate(Arc::new(ThrottleGate(throttle.clone(), config.clone())))
             .with_clock(clock.clone());
         let wake = relay.wake();
@@ -462,6 +462,26 @@ async fn sweep(
 /// only for inbound mail (the spool records each message's origin), so
 /// outbound clients' mail and DSNs are never held back.
 struct ThrottleGate(Arc<throttle::Throttle>, Arc<Config>);
+
+/// Where the relay's `5.1.1` after acceptance goes: a negative verification
+/// entry, and an invalid recipient for the client's block.
+struct UnknownUsers(Arc<verify::Verifier>, Arc<throttle::Throttle>);
+
+impl relay::UnknownRecipients for UnknownUsers {
+    fn record_unknown(&self, address: &str, client: Option<std::net::IpAddr>) {
+        self.0.record_unknown(address);
+        if let Some(ip) = client {
+            let v = self.1.on_invalid_recipient(ip, address, throttle::now_ms());
+            info!(
+                client = %ip,
+                block = %self.1.block_of(ip),
+                rcpt = address,
+                level = ?v.level,
+                "unknown recipient at relay time counted for the block"
+            );
+        }
+    }
+}
 
 impl relay::ReleaseGate for ThrottleGate {
     fn quarantine_reason(&self, client: std::net::IpAddr) -> Option<String> {

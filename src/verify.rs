@@ -473,10 +473,10 @@ impl Verifier {
     }
 }
 
-impl crate::relay::UnknownRecipients for Verifier {
+impl Verifier {
     /// A relay-time `5.1.1` from the real MX: the next RCPT for `address`
     /// is refused without a probe.
-    fn record_unknown(&self, address: &str) {
+    pub fn record_unknown(&self, address: &str) {
         metrics::counter!("magicmx_verify_relay_unknown_total").increment(1);
         self.record(address, false);
     }
@@ -495,7 +495,6 @@ fn temp_reply(address: &str, why: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::UnknownRecipients;
 
     fn verifier() -> (Verifier, crate::clock::ManualClock) {
         let mut c = Config::parse("[node]\nname = \"n\"\nhostname = \"mx.magic.test\"\n").unwrap();

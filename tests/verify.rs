@@ -222,6 +222,50 @@ fn a_relay_time_unknown_user_is_recorded() {
     assert_eq!(sink.all_rcpt_attempts().len(), before, "probed again");
 }
 
+/// With verification off, unknown users are accepted and then refused by
+/// the real MX with `5.1.1` at relay time: each still makes a DSN, and each
+/// counts as an invalid recipient of the client's block, which becomes a
+/// suspect at `invalid_rcpt_threshold`; another block is untouched.
+#[test]
+fn relay_time_unknown_users_count_for_the_block() {
+    let sink = real_mx(Arc::new(AtomicBool::new(false)));
+    let dns = dns();
+    let node = node(
+        &sink,
+        &dns,
+        "enabled = false\n[suspect]\ninvalid_rcpt_threshold = 2\ntarpit_rate = 0\n",
+    );
+    let explain = |ip: &str| -> serde_json::Value {
+        let text = node.http_get(&format!("/explain?ip={ip}"));
+        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap()
+    };
+    for i in 0..2 {
+        let mut c = Client::connect_from("127.6.1.10", node.smtp);
+        c.ehlo("client.test");
+        let to = format!("nobody{i}@example.test");
+        let r = common::client::transaction(
+            &mut c,
+            "alice@sender.test",
+            &[&to],
+            &simple_message("alice@sender.test", &to, "unknown"),
+        );
+        assert_eq!(r.code, 250, "accepted without verification: {r}");
+    }
+    let suspect = common::wait_until(Duration::from_secs(10), || {
+        explain("127.6.1.99")["suspect"]["level"] == "suspect"
+    });
+    let e = explain("127.6.1.99");
+    assert!(suspect, "the block did not become a suspect: {e}");
+    assert_eq!(
+        e["suspect"]["reasons"][0]["kind"], "invalid_recipients",
+        "{e}"
+    );
+    assert_eq!(explain("127.6.2.10")["suspect"]["level"], "clean");
+    // Both attempts were relayed and refused by the real MX.
+    assert_eq!(sink.rcpt_attempts("nobody0@example.test"), 1);
+    assert_eq!(sink.rcpt_attempts("nobody1@example.test"), 1);
+}
+
 /// A dictionary attack from one block: up to 10,000 RCPTs to random local
 /// parts, over as many sessions as the node allows. The real MX sees at
 /// most `max_probes_per_domain` probes (the test runs well within the

@@ -85,9 +85,12 @@ pub trait ReleaseGate: Send + Sync {
 /// [`Relay::wake`] to the SMTP side, then spawn [`Relay::run`].
 /// Told of each recipient a real MX refused with `5.1.1` (unknown user)
 /// after the node accepted it: recipient verification (`crate::verify`)
-/// records it, without the relay depending on that module.
+/// records it, and the throttle counts it for the client's block (an
+/// invalid recipient, the suspects' signal), without the relay depending on
+/// those modules. `client` is the address the message came from, for mail
+/// taken on the inbound listener only (not outbound clients, not DSNs).
 pub trait UnknownRecipients: Send + Sync {
-    fn record_unknown(&self, address: &str);
+    fn record_unknown(&self, address: &str, client: Option<IpAddr>);
 }
 
 pub struct Relay {
@@ -117,8 +120,8 @@ impl Relay {
         }
     }
 
-    /// Records a relay-time `5.1.1` (unknown user) from a real MX as a
-    /// negative verification entry, so the next RCPT for it is refused.
+    /// Tells `verifier` of every relay-time `5.1.1` (unknown user) from a
+    /// real MX ([`UnknownRecipients`]).
     pub fn with_verifier(mut self, verifier: Arc<dyn UnknownRecipients>) -> Relay {
         self.verifier = Some(verifier);
         self
@@ -541,7 +544,9 @@ async fn settle(relay: &Relay, entry: QueueEntry, body: &[u8], results: Vec<Opti
             {
                 let s = d.status();
                 if d.is_remote() && (s.class, s.subject, s.detail) == (5, 1, 1) {
-                    v.record_unknown(&rcpt.address);
+                    let client = (entry.envelope.origin == crate::spool::Origin::Inbound)
+                        .then_some(entry.envelope.client_ip);
+                    v.record_unknown(&rcpt.address, client);
                 }
             }
         }
