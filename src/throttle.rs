@@ -886,6 +886,25 @@ impl Throttle {
             .collect()
     }
 
+    /// Up to `max` blocks with a live positive suspect score and their
+    /// states, highest score first: what a peer that just came up is told
+    /// (the changes were pushed for a few rounds only, before it was there).
+    pub fn suspect_snapshot(&self, max: usize, now_ms: u64) -> Vec<(Block, SuspectState)> {
+        let mut all: Vec<(i32, Block, SuspectState)> = self
+            .blocks
+            .iter()
+            .filter(|e| !e.suspect.is_empty())
+            .map(|e| {
+                let score = self.policy.verdict(&e.suspect, now_ms).score;
+                (score, *e.key(), e.suspect.clone())
+            })
+            .filter(|(score, _, _)| *score > 0)
+            .collect();
+        all.sort_by_key(|(score, block, _)| (std::cmp::Reverse(*score), *block));
+        all.truncate(max);
+        all.into_iter().map(|(_, b, s)| (b, s)).collect()
+    }
+
     /// Blocks that are suspects (or refused) now.
     pub fn suspects(&self, now_ms: u64) -> usize {
         self.blocks

@@ -1158,3 +1158,43 @@ fn a_stopped_node_leaves_and_its_peers_know_at_once() {
         "b's gossip did not stop cleanly"
     );
 }
+
+#[test]
+fn a_node_that_joins_later_learns_the_suspects_at_once() {
+    let _g = serial();
+    let ca = network_ca(&["a", "b", "c"]);
+    let mut nodes = cluster(ca.path(), &["a", "c"], false);
+    // A scanner at a, before b exists: the change goes to c, for a few
+    // rounds, and is then no longer pushed.
+    let answer = talk(
+        "127.9.3.9",
+        nodes[0].smtp,
+        b"GET / HTTP/1.1\r\nHost: mx\r\n\r\n",
+    );
+    assert!(answer.contains("521 5.5.1"), "{answer:?}");
+    assert!(
+        wait_until(Duration::from_secs(2), || level(&nodes[1], "127.9.3.10")
+            == "refused")
+        .is_some()
+    );
+    std::thread::sleep(Duration::from_millis(10 * INTERVAL_MS));
+    // b joins: a and c tell it the current suspects at once.
+    nodes.push(Node::start(Spec {
+        name: "b".into(),
+        ca_dir: ca.path().to_path_buf(),
+        seeds: vec![nodes[0].gossip],
+        block_file: None,
+        extra: String::new(),
+        dns: DEAD_DNS.to_string(),
+    }));
+    let b = &nodes[2];
+    let t = wait_until(Duration::from_secs(5), || {
+        level(b, "127.9.3.10") == "refused"
+    });
+    assert!(
+        t.is_some(),
+        "b never learnt: {}",
+        b.get("/explain?ip=127.9.3.10")
+    );
+    eprintln!("b knew the old suspect {t:?} after its start");
+}

@@ -59,6 +59,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::suspect::SuspectState;
 use crate::throttle::{now_ms, Block, Origin, Throttle, SELF_ORIGIN};
 use crate::verify::{self, Verifier};
 use ledger::{decode_batch, rounds_for, Key, Ledger, OriginId, MAX_BATCH_ENTRIES};
@@ -456,6 +457,7 @@ impl Core {
         // digests at once rather than at the next anti-entropy tick.
         for id in out.up {
             let _ = self.exchange_now.try_send(id.gossip);
+            self.send_suspect_snapshot(&id);
         }
         if out.joined {
             if let Some(p) = self.live_peers().choose(&mut rand::rng()) {
@@ -655,15 +657,7 @@ impl Core {
                 return;
             }
             let mut batch = state.ledger.encode_batch(&entries, self.epoch_ms);
-            batch.suspects = suspects
-                .iter()
-                .map(|(block, st)| {
-                    wire::suspect_to_wire(block, st, |o| match o {
-                        SELF_ORIGIN => Some(self.name.clone()),
-                        o => self.throttle.origin_name(o),
-                    })
-                })
-                .collect();
+            batch.suspects = self.suspects_to_wire(&suspects);
             batch.greylist = grey
                 .iter()
                 .map(|(k, e)| proto::GreylistEntry {
@@ -700,6 +694,40 @@ impl Core {
                 }
             });
         }
+    }
+
+    fn suspects_to_wire(&self, states: &[(Block, SuspectState)]) -> Vec<proto::SuspectEntry> {
+        states
+            .iter()
+            .map(|(block, st)| {
+                wire::suspect_to_wire(block, st, |o| match o {
+                    SELF_ORIGIN => Some(self.name.clone()),
+                    o => self.throttle.origin_name(o),
+                })
+            })
+            .collect()
+    }
+
+    /// Tells a peer that came up (joined, rejoined, restarted) the blocks
+    /// that are suspects now: their changes were pushed for a few rounds
+    /// only, maybe before it was there. Counts it relearns by anti-entropy.
+    fn send_suspect_snapshot(self: &Arc<Self>, to: &NodeId) {
+        let states = self.throttle.suspect_snapshot(MAX_SUSPECTS, now_ms());
+        if states.is_empty() {
+            return;
+        }
+        let mut batch = {
+            let state = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+            state.ledger.encode_batch(&[], self.epoch_ms)
+        };
+        batch.suspects = self.suspects_to_wire(&states);
+        let bytes = self.seal(Body::Delta(batch));
+        let (t, addr, name) = (self.transport.clone(), to.gossip, to.name.clone());
+        self.tasks.spawn(async move {
+            if let Err(e) = t.send_uni(addr, &bytes, "delta").await {
+                debug!(peer = %name, reason = %e, "suspect snapshot not sent");
+            }
+        });
     }
 
     fn prefix_ok(&self, block: &Block) -> bool {
