@@ -610,12 +610,18 @@ impl PolicyServer {
             .unwrap_or_default();
         let state = request.get("protocol_state").unwrap_or("");
         let rcpt = request.get("recipient").unwrap_or("");
+        // The client certificate's key, if it showed one (`-` if none).
+        let ccert: String = match request.get("ccert_pubkey_fingerprint").map(str::trim) {
+            None | Some("") => "-".to_string(),
+            Some(fp) => fp.chars().take(100).collect(),
+        };
         match &action {
             Action::Dunno => {
                 debug!(
                     client,
                     block,
                     state,
+                    ccert_key = %ccert,
                     action = action.label(),
                     "policy decision"
                 )
@@ -628,6 +634,7 @@ impl PolicyServer {
                 block,
                 state,
                 recipient = rcpt,
+                ccert_key = %ccert,
                 action = action.label(),
                 "policy decision"
             ),
