@@ -420,4 +420,27 @@ mod tests {
         let e = NetworkKeys::open(&path, t7).unwrap_err();
         assert!(e.contains("octets"), "{e}");
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_fingerprint_round_trips(fp in any::<[u8; 32]>(), lower in any::<bool>(), colons in any::<bool>()) {
+            let mut text = format(&fp);
+            if lower {
+                text = text.to_lowercase();
+            }
+            if !colons {
+                text = text.replace(':', "");
+            }
+            prop_assert_eq!(parse(&text), Ok(fp));
+        }
+
+        #[test]
+        fn any_text_parses_or_not_without_panic(text in ".{0,200}") {
+            let _ = parse(&text);
+            let (keys, _) = parse_file(&text);
+            prop_assert!(keys.len() <= 1 + text.lines().count());
+        }
+    }
 }

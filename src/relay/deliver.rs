@@ -18,7 +18,8 @@
 //!
 //! For each host, each address is tried in turn, one stage helper after the
 //! other ([`open`]: connect, greeting, EHLO, opportunistic STARTTLS without
-//! certificate checks like Postfix's `may`, and one reconnect in plain text
+//! certificate checks like Postfix's `may`, presenting the node's network
+//! certificate to a server that asks for one, and one reconnect in plain text
 //! if the TLS handshake fails; then [`transaction`]: MAIL FROM with
 //! BODY=8BITMIME and SMTPUTF8 when the envelope has them, one RCPT per
 //! recipient, pipelined when the server offers PIPELINING; DATA only if a
