@@ -549,6 +549,10 @@ pub struct PolicyConfig {
     pub listen: Option<SocketAddr>,
     /// Addresses of magic nodes (always allowed), besides those learned from gossip.
     pub magic_nodes: Vec<ipnet::IpNet>,
+    /// File of the network's certificate key fingerprints (`magicmx ca
+    /// issue` appends to `DIR/network_keys`): a client whose TLS
+    /// certificate key is listed is allowed. Reloaded when it changes.
+    pub network_keys: Option<PathBuf>,
     /// Requests of a block answered DEFER_IF_PERMIT before REJECT.
     pub polite_refusals: u32,
     /// The polite count is per block per this period.
@@ -569,6 +573,7 @@ impl Default for PolicyConfig {
         PolicyConfig {
             listen: None,
             magic_nodes: Vec::new(),
+            network_keys: None,
             polite_refusals: 3,
             polite_period: Dur::secs(3_600),
             max_connections: 1_000,
@@ -814,6 +819,9 @@ impl Config {
             fix(p);
         }
         if let Some(p) = self.smtp.tls_cert.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.policy.network_keys.as_mut() {
             fix(p);
         }
         if let Some(p) = self.smtp.tls_key.as_mut() {

@@ -17,6 +17,7 @@ pub mod greylist;
 pub mod hops;
 pub mod listener;
 pub mod names;
+pub mod netkeys;
 pub mod policy;
 pub mod relay;
 pub mod reply;
@@ -190,10 +191,15 @@ impl Node {
             None
         };
         let policy_listener = match config.policy.listen {
-            Some(addr) => Some(policy::bind(addr).await?),
+            Some(addr) => Some((
+                policy::bind(addr).await?,
+                policy::open_network_keys(&config)?,
+            )),
             None => None,
         };
-        let policy_addr = policy_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let policy_addr = policy_listener
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok());
         info!(node = %config.node.name, queued = spool.len().unwrap_or(0), "node started");
 
         let mut tasks = Essential::default();
@@ -244,13 +250,19 @@ impl Node {
                 ),
             );
         }
-        if let Some(l) = policy_listener {
+        if let Some((l, network_keys)) = policy_listener {
             let peers: Option<policy::PeerAddrs> = gossip.clone().map(|g| {
                 Arc::new(move || g.member_smtp_addrs().into_iter().map(|a| a.ip()).collect())
                     as policy::PeerAddrs
             });
-            let server =
+            let mut server =
                 policy::PolicyServer::new(policy::PolicySettings::from_config(&config), peers);
+            if let Some(keys) = network_keys {
+                server = server.with_network_keys(keys);
+            }
+            if let Some(g) = gossip.clone() {
+                server = server.with_member_keys(Arc::new(move || g.member_keys()));
+            }
             tasks.spawn("policy listener", server.serve(l, shutdown.clone()));
         }
         if let Some(g) = gossip.clone() {

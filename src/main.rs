@@ -103,7 +103,8 @@ enum CaCommand {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
-    /// Issue a node certificate: DIR/NAME.pem and DIR/NAME.key.
+    /// Issue a node certificate: DIR/NAME.pem and DIR/NAME.key; its key's
+    /// fingerprint is appended to DIR/network_keys (for `[policy] network_keys`).
     Issue {
         name: String,
         #[arg(long, default_value = ".")]
@@ -238,8 +239,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             magicmx::gossip::ca::issue(&name, &dir)?;
             println!(
-                "certificate for {name} written to {}",
-                dir.join(format!("{name}.pem")).display()
+                "certificate for {name} written to {}; its key is listed in {}",
+                dir.join(format!("{name}.pem")).display(),
+                dir.join(magicmx::gossip::ca::NETWORK_KEYS).display()
             );
             Ok(())
         }

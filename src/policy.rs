@@ -21,6 +21,12 @@
 //!   (`[policy] magic_nodes`, plus the addresses of gossip peers when the
 //!   service runs inside a node) get `DUNNO`: the rest of Postfix's
 //!   restrictions decide;
+//! * so does a client whose TLS certificate's public key belongs to the
+//!   network (`ccert_pubkey_fingerprint`, sent by Postfix with
+//!   `smtpd_tls_ask_ccert = yes`): a key pinned in `[policy] network_keys`
+//!   (see [`crate::netkeys`]), or, inside a node, the key of a live gossip
+//!   member's certificate. A node relays with that certificate, so a real
+//!   MX needs no list of the network's addresses;
 //! * any other client, at `protocol_state=RCPT`: the first
 //!   `polite_refusals` requests of its network block within `polite_period`
 //!   get `DEFER_IF_PERMIT 4.7.1` (a sender that bypassed the magic MX by
@@ -50,6 +56,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::listener::{Admission, Bounds};
+use crate::netkeys::{self, Fingerprint, NetworkKeys};
 use crate::slots::KeyedSlots;
 use crate::smtp::canonical_ip;
 use crate::throttle::{block_of, Block};
@@ -127,6 +134,10 @@ impl PolicySettings {
 
 /// Addresses of magic nodes learned at run time (gossip membership).
 pub type PeerAddrs = Arc<dyn Fn() -> Vec<IpAddr> + Send + Sync>;
+
+/// Public-key fingerprints of the live members' certificates and their
+/// names, learned at run time (gossip membership), this node's own included.
+pub type MemberKeys = Arc<dyn Fn() -> Vec<(Fingerprint, String)> + Send + Sync>;
 
 /// One policy request: its attributes, names lower-case as Postfix sends them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -310,6 +321,11 @@ struct Refusals {
 pub struct PolicyServer {
     settings: PolicySettings,
     peers: Option<PeerAddrs>,
+    /// `[policy] network_keys`.
+    network_keys: Option<NetworkKeys>,
+    member_keys: Option<MemberKeys>,
+    /// A fingerprint of another digest than sha256 was seen (logged once).
+    wrong_digest_logged: std::sync::atomic::AtomicBool,
     refusals: Mutex<HashMap<Block, Refusals>>,
 }
 
@@ -318,6 +334,8 @@ impl std::fmt::Debug for PolicyServer {
         f.debug_struct("PolicyServer")
             .field("settings", &self.settings)
             .field("peers", &self.peers.is_some())
+            .field("network_keys", &self.network_keys)
+            .field("member_keys", &self.member_keys.is_some())
             .finish()
     }
 }
@@ -329,8 +347,24 @@ impl PolicyServer {
         PolicyServer {
             settings,
             peers,
+            network_keys: None,
+            member_keys: None,
+            wrong_digest_logged: std::sync::atomic::AtomicBool::new(false),
             refusals: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Also lets in clients whose certificate key is pinned in `keys`.
+    pub fn with_network_keys(mut self, keys: NetworkKeys) -> PolicyServer {
+        self.network_keys = Some(keys);
+        self
+    }
+
+    /// Also lets in clients whose certificate key is one of `keys()` (asked
+    /// at each request that is not let in otherwise).
+    pub fn with_member_keys(mut self, keys: MemberKeys) -> PolicyServer {
+        self.member_keys = Some(keys);
+        self
     }
 
     pub fn settings(&self) -> &PolicySettings {
@@ -364,6 +398,41 @@ impl PolicyServer {
         })
     }
 
+    /// The network node whose key is the client certificate's of `request`
+    /// (`ccert_pubkey_fingerprint`), if any: its pinned name (may be empty)
+    /// or its name as a live member.
+    pub fn network_node(&self, request: &Request, now: Instant) -> Option<String> {
+        if self.network_keys.is_none() && self.member_keys.is_none() {
+            return None;
+        }
+        let text = request.get("ccert_pubkey_fingerprint")?.trim();
+        if text.is_empty() {
+            return None;
+        }
+        let fp = match netkeys::parse(text) {
+            Ok(fp) => fp,
+            Err(e) => {
+                use std::sync::atomic::Ordering;
+                if !self.wrong_digest_logged.swap(true, Ordering::Relaxed) {
+                    warn!(fingerprint = %text.chars().take(200).collect::<String>(), error = ?e, "policy: ccert_pubkey_fingerprint is not a SHA-256 fingerprint; set smtpd_tls_fingerprint_digest = sha256 in Postfix's main.cf");
+                }
+                return None;
+            }
+        };
+        if let Some(name) = self.network_keys.as_ref().and_then(|k| k.lookup(&fp, now)) {
+            metrics::counter!("magicmx_policy_network_key_matches_total", "source" => "pinned")
+                .increment(1);
+            return Some(name);
+        }
+        let member = self
+            .member_keys
+            .as_ref()
+            .and_then(|keys| keys().into_iter().find(|(k, _)| *k == fp))?;
+        metrics::counter!("magicmx_policy_network_key_matches_total", "source" => "member")
+            .increment(1);
+        Some(member.1)
+    }
+
     /// The action for one request at `now` (counts a refusal when it refuses).
     pub fn decide(&self, request: &Request, now: Instant) -> Action {
         if request.get("request") != Some("smtpd_access_policy") {
@@ -379,6 +448,10 @@ impl PolicyServer {
             return Action::malformed("client_address is not an IP address");
         };
         if !state.eq_ignore_ascii_case("RCPT") || self.is_allowed(ip) {
+            return Action::Dunno;
+        }
+        if let Some(node) = self.network_node(request, now) {
+            debug!(client, node = %node, "policy: the client certificate's key belongs to the network");
             return Action::Dunno;
         }
         let s = &self.settings;
@@ -537,12 +610,18 @@ impl PolicyServer {
             .unwrap_or_default();
         let state = request.get("protocol_state").unwrap_or("");
         let rcpt = request.get("recipient").unwrap_or("");
+        // The client certificate's key, if it showed one (`-` if none).
+        let ccert: String = match request.get("ccert_pubkey_fingerprint").map(str::trim) {
+            None | Some("") => "-".to_string(),
+            Some(fp) => fp.chars().take(100).collect(),
+        };
         match &action {
             Action::Dunno => {
                 debug!(
                     client,
                     block,
                     state,
+                    ccert_key = %ccert,
                     action = action.label(),
                     "policy decision"
                 )
@@ -555,6 +634,7 @@ impl PolicyServer {
                 block,
                 state,
                 recipient = rcpt,
+                ccert_key = %ccert,
                 action = action.label(),
                 "policy decision"
             ),
@@ -609,6 +689,17 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("policy.listen: cannot bind {addr}: {e}"))
 }
 
+/// The pinned keys of `[policy] network_keys`, if set; Err if the file
+/// cannot be read at start.
+pub fn open_network_keys(config: &Config) -> anyhow::Result<Option<NetworkKeys>> {
+    let Some(path) = &config.policy.network_keys else {
+        return Ok(None);
+    };
+    NetworkKeys::open(path, Instant::now())
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("policy.network_keys: {e}"))
+}
+
 /// `magicmx policy`: the policy service alone, until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let addr = config.policy.listen.ok_or_else(|| {
@@ -618,9 +709,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     })?;
     crate::telemetry::prometheus();
     let listener = bind(addr).await?;
-    PolicyServer::new(PolicySettings::from_config(&config), None)
-        .serve(listener, shutdown)
-        .await;
+    let mut server = PolicyServer::new(PolicySettings::from_config(&config), None);
+    if let Some(keys) = open_network_keys(&config)? {
+        server = server.with_network_keys(keys);
+    }
+    server.serve(listener, shutdown).await;
     info!("policy service stopped");
     Ok(())
 }
@@ -719,6 +812,84 @@ mod tests {
             "defer_if_permit"
         );
         assert_eq!(p.tracked(), 2);
+    }
+
+    fn rcpt_with_key(client: &str, key: &str) -> Request {
+        let mut r = rcpt(client);
+        r.attrs
+            .insert("ccert_pubkey_fingerprint".into(), key.to_string());
+        r.attrs
+            .insert("ccert_fingerprint".into(), "00:11".to_string());
+        r
+    }
+
+    #[test]
+    fn network_keys_let_clients_in_by_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("network_keys");
+        let (pinned, member, later, stranger) =
+            ([0x11u8; 32], [0x22u8; 32], [0x33u8; 32], [0x44u8; 32]);
+        std::fs::write(&path, netkeys::line(&pinned, "node1")).unwrap();
+        let t0 = Instant::now();
+        let members: MemberKeys = Arc::new(move || vec![(member, "node2".to_string())]);
+        let p = PolicyServer::new(settings(), None)
+            .with_network_keys(NetworkKeys::open(&path, t0).unwrap())
+            .with_member_keys(members);
+        // Postfix's format, and any case, with or without colons.
+        for key in [
+            netkeys::format(&pinned),
+            netkeys::format(&pinned).to_lowercase(),
+            netkeys::format(&pinned).replace(':', ""),
+            netkeys::format(&member),
+        ] {
+            for _ in 0..10 {
+                let r = rcpt_with_key("198.51.100.7", &key);
+                assert_eq!(p.decide(&r, t0), Action::Dunno, "{key}");
+            }
+        }
+        assert_eq!(
+            p.network_node(
+                &rcpt_with_key("198.51.100.7", &netkeys::format(&member)),
+                t0
+            )
+            .as_deref(),
+            Some("node2")
+        );
+        assert_eq!(p.tracked(), 0);
+        // Strangers: a key not in the set, no certificate (empty), a
+        // malformed fingerprint: polite refusals for the block, then
+        // REJECT, as for any stranger (settings: 3 polite refusals).
+        for key in [netkeys::format(&stranger), String::new(), "zz".to_string()] {
+            let a = p.decide(&rcpt_with_key("198.51.101.7", &key), t0);
+            assert_eq!(a.label(), "defer_if_permit", "{key}");
+        }
+        // A fingerprint of another digest (MD5), and no ccert attribute at all.
+        let md5 = "AB:".repeat(15) + "AB";
+        assert_eq!(
+            p.decide(&rcpt_with_key("198.51.101.8", &md5), t0).label(),
+            "reject"
+        );
+        assert_eq!(p.decide(&rcpt("198.51.101.9"), t0).label(), "reject");
+        // A key appended to the file is let in once the file is looked at
+        // again.
+        netkeys::append(&path, &later, "node3").unwrap();
+        let r = rcpt_with_key("198.51.102.7", &netkeys::format(&later));
+        assert_eq!(p.decide(&r, t0).label(), "defer_if_permit");
+        assert_eq!(p.decide(&r, t0 + netkeys::RECHECK), Action::Dunno);
+        // Other protocol states are DUNNO anyway, and not counted.
+        let mut r = rcpt_with_key("198.51.103.7", &netkeys::format(&stranger));
+        r.attrs.insert("protocol_state".into(), "DATA".into());
+        assert_eq!(p.decide(&r, t0), Action::Dunno);
+    }
+
+    #[test]
+    fn without_network_keys_a_certificate_is_nothing() {
+        let p = PolicyServer::new(settings(), None);
+        let r = rcpt_with_key("198.51.100.7", &netkeys::format(&[0x11; 32]));
+        assert_eq!(p.decide(&r, Instant::now()).label(), "defer_if_permit");
+        // Magic nodes by address keep working whatever the certificate.
+        let r = rcpt_with_key("192.0.2.10", &netkeys::format(&[0x11; 32]));
+        assert_eq!(p.decide(&r, Instant::now()), Action::Dunno);
     }
 
     #[test]

@@ -1198,3 +1198,75 @@ fn a_node_that_joins_later_learns_the_suspects_at_once() {
     );
     eprintln!("b knew the old suspect {t:?} after its start");
 }
+
+// ------------------------------------------------------- policy by key
+
+/// Asks the policy service at `addr` about an RCPT from `client` whose TLS
+/// certificate key is `key` (Postfix's `ccert_pubkey_fingerprint`).
+fn ask_policy(addr: SocketAddr, client: &str, key: &str) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\n\
+         client_address={client}\nrecipient=bob@example.test\n\
+         ccert_subject=\nccert_issuer=\nccert_fingerprint=\nccert_pubkey_fingerprint={key}\n\n"
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    line.trim_end()
+        .strip_prefix("action=")
+        .unwrap_or_else(|| panic!("not an answer: {line:?}"))
+        .to_string()
+}
+
+/// Issue 14: a policy service inside a node lets in a client whose
+/// certificate key is a live member's (learned from the certificate of the
+/// member's own gossip connection), this node's own included; a member
+/// that is declared down, or a key from another CA, is a stranger.
+#[test]
+fn policy_inside_a_node_knows_the_live_members_keys() {
+    let _g = serial();
+    let ca = network_ca(&["a", "b"]);
+    let other = network_ca(&["b"]);
+    let keys_of = |dir: &Path| {
+        let text = std::fs::read_to_string(dir.join("network_keys")).unwrap();
+        let (keys, _) = magicmx::netkeys::parse_file(&text);
+        let by_name: std::collections::HashMap<String, String> = keys
+            .into_iter()
+            .map(|(fp, name)| (name, magicmx::netkeys::format(&fp)))
+            .collect();
+        by_name
+    };
+    let (ours, theirs) = (keys_of(ca.path()), keys_of(other.path()));
+    let mut nodes = cluster_with(
+        ca.path(),
+        &["a", "b"],
+        false,
+        "[policy]\nlisten = \"127.0.0.1:0\"\npolite_refusals = 1000\n",
+    );
+    let policy = logged_addr(&nodes[0].logs.lock().unwrap(), "policy listening")
+        .expect("a's policy address");
+    // b vouches for itself with its first SWIM packet on its connection;
+    // the cluster formed, so it did.
+    assert_eq!(ask_policy(policy, "127.0.90.1", &ours["b"]), "DUNNO");
+    assert_eq!(
+        ask_policy(policy, "127.0.90.2", &ours["a"].to_lowercase()),
+        "DUNNO"
+    );
+    let stranger = ask_policy(policy, "127.0.90.3", &theirs["b"]);
+    assert!(stranger.starts_with("DEFER_IF_PERMIT 4.7.1"), "{stranger}");
+    assert!(ask_policy(policy, "127.0.90.4", "").starts_with("DEFER_IF_PERMIT 4.7.1"));
+
+    // b dies: once a declared it down, its key lets nobody in.
+    nodes[1].kill();
+    wait_until(Duration::from_secs(10), || {
+        nodes[0].alive_peers().is_empty()
+    })
+    .expect("b was never declared down");
+    let after = ask_policy(policy, "127.0.90.5", &ours["b"]);
+    assert!(after.starts_with("DEFER_IF_PERMIT 4.7.1"), "{after}");
+    assert_eq!(ask_policy(policy, "127.0.90.6", &ours["a"]), "DUNNO");
+}

@@ -863,6 +863,219 @@ fn postfix_relay_recipient_maps_are_verified_at_rcpt() {
     );
 }
 
+/// `magicmx ca ARGS...` (the binary, as an operator runs it).
+fn magicmx_ca(args: &[&str]) {
+    let out = Command::new(BIN).arg("ca").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "magicmx ca {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// swaks to `server` from `source` up to RCPT (STARTTLS required, plus
+/// `extra`); returns the reply line to RCPT and the transcript.
+fn swaks_rcpt(server: SocketAddr, source: &str, extra: &[&str]) -> (String, String) {
+    let out = Command::new("swaks")
+        .args(["--server", &server.ip().to_string()])
+        .args(["--port", &server.port().to_string()])
+        .args(["--local-interface", source])
+        .args([
+            "--from",
+            "mallory@stranger.test",
+            "--to",
+            "bob@example.test",
+        ])
+        .args(["--ehlo", "stranger.test", "--tls", "--quit-after", "RCPT"])
+        .args(["--timeout", "20"])
+        .args(extra)
+        .output()
+        .expect("run swaks (is it installed? see .ci/run)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = text.lines().map(str::trim);
+    let reply = lines
+        .find(|l| l.contains("> RCPT TO:"))
+        .and_then(|_| lines.find(|l| l.starts_with('<')))
+        .unwrap_or_else(|| panic!("no reply to RCPT in swaks' transcript:\n{text}"))
+        .to_string();
+    (reply, text)
+}
+
+/// Issue 14, must show 1: Postfix as the real MX asks for client
+/// certificates (`smtpd_tls_ask_ccert = yes`) and asks `magicmx policy`,
+/// which has no `magic_nodes` and no trusted network, only the network's
+/// pinned keys (`[policy] network_keys`, written by `magicmx ca issue`).
+/// Mail relayed by a node with its CA-issued certificate is accepted
+/// because of the certificate; a client with a certificate from another CA
+/// and one with none are deferred, then rejected, as strangers.
+#[test]
+fn postfix_real_mx_lets_nodes_in_by_client_certificate() {
+    require_root_and_tools("postfix_real_mx_lets_nodes_in_by_client_certificate");
+    let t0 = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("magicmx-ccert-")
+        .tempdir()
+        .unwrap();
+    let (ca, other_ca) = (dir.path().join("ca"), dir.path().join("other-ca"));
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    magicmx_ca(&["init", "--dir", &path(&ca)]);
+    magicmx_ca(&["issue", "interop", "--dir", &path(&ca)]);
+    magicmx_ca(&["init", "--dir", &path(&other_ca)]);
+    magicmx_ca(&["issue", "intruder", "--dir", &path(&other_ca)]);
+    let keys = ca.join("network_keys");
+    assert!(
+        std::fs::read_to_string(&keys).unwrap().contains(" interop"),
+        "ca issue lists the node's key"
+    );
+
+    let mut policy = Magicmx::start(
+        &["policy"],
+        &format!(
+            r#"
+[node]
+name = "realmx"
+hostname = "mail.example.test"
+data_dir = "DATA_DIR"
+
+[policy]
+listen = "127.0.0.1:0"
+network_keys = {keys:?}
+polite_refusals = 1
+polite_period = "1h"
+"#,
+            keys = path(&keys)
+        ),
+    );
+    let policy_addr = policy.addr("policy");
+    let mx_tls = common::tls::generate(dir.path(), "mx", &["mail.example.test"]);
+    let pf = Postfix::start(PostfixConf {
+        mailbox_domain: Some("example.test".into()),
+        ..PostfixConf::new("mail.example.test")
+            .main("mynetworks = 192.0.2.1/32")
+            .main("smtpd_tls_security_level = may")
+            .main(format!("smtpd_tls_cert_file = {}", mx_tls.cert.display()))
+            .main(format!("smtpd_tls_key_file = {}", mx_tls.key.display()))
+            .main("smtpd_tls_ask_ccert = yes")
+            .main("smtpd_tls_fingerprint_digest = sha256")
+            .main("smtpd_tls_loglevel = 1")
+            .main(format!(
+                "smtpd_recipient_restrictions = check_policy_service inet:{policy_addr}, \
+                 reject_unauth_destination"
+            ))
+    });
+
+    // Strangers, each from its own /24 block: a certificate from another
+    // CA, then none (TLS without a certificate), then plain text.
+    let intruder_cert = path(&other_ca.join("intruder.pem"));
+    let intruder_key = path(&other_ca.join("intruder.key"));
+    let with_foreign_cert = ["--tls-cert", &intruder_cert, "--tls-key", &intruder_key];
+    for (source, extra) in [
+        (["127.0.181.1", "127.0.181.2"], &with_foreign_cert[..]),
+        (["127.0.182.1", "127.0.182.2"], &[][..]),
+    ] {
+        let (first, t) = swaks_rcpt(pf.smtpd, source[0], extra);
+        assert!(first.contains("450 4.7.1"), "{first}\n{t}");
+        assert!(first.contains("published MX"), "{first}");
+        let (second, t) = swaks_rcpt(pf.smtpd, source[1], extra);
+        assert!(second.contains(" 5.7.1"), "{second}\n{t}");
+        assert!(
+            second.starts_with("<** 5") || second.starts_with("<~* 5"),
+            "{second}"
+        );
+    }
+    let foreign = pf.wait_log(&["TLS connection established from", "127.0.181.1"], WAIT);
+    assert!(
+        foreign.contains("client-signature"),
+        "swaks presented its certificate: {foreign}"
+    );
+    let bare = pf.wait_log(&["TLS connection established from", "127.0.182.1"], WAIT);
+    assert!(!bare.contains("client-signature"), "{bare}");
+    assert_eq!(
+        rcpt_from("127.0.183.1", pf.smtpd, "bob@example.test").code,
+        450
+    );
+    assert_eq!(
+        rcpt_from("127.0.183.2", pf.smtpd, "bob@example.test").class(),
+        5
+    );
+
+    // A node with the CA's certificate relays (from 127.0.0.1, in no list):
+    // STARTTLS, its certificate, accepted.
+    let dns = DnsServer::start(&[
+        Rec::Mx("example.test", 10, "mx1.magic.test"),
+        Rec::Mx("example.test", 20, "mail.example.test"),
+        Rec::A("mx1.magic.test", "127.0.0.1"),
+        Rec::A("mail.example.test", "127.0.0.1"),
+    ]);
+    let gossip = format!(
+        r#"
+[gossip]
+enabled = true
+listen = "127.0.0.1:0"
+network = "interop"
+ca = {ca:?}
+cert = {cert:?}
+key = {key:?}
+"#,
+        ca = path(&ca.join("ca.pem")),
+        cert = path(&ca.join("interop.pem")),
+        key = path(&ca.join("interop.key")),
+    );
+    let mut node = Magicmx::start(
+        &["run"],
+        &node_toml("127.0.0.1:0", pf.smtpd.port(), dns.addr, &gossip)
+            .replace("tls = \"none\"", "tls = \"opportunistic\""),
+    );
+    let smtp = node.addr("smtp");
+    let mut c = Client::connect_from("127.0.184.1", smtp);
+    c.ehlo("unknown.sender.test");
+    let r = common::client::transaction(
+        &mut c,
+        "carol@unknown.test",
+        &["bob@example.test"],
+        &simple_message("carol@unknown.test", "bob@example.test", "by-certificate"),
+    );
+    assert_eq!(r.code, 250, "{r}");
+    pf.wait_mailbox("Subject: by-certificate", WAIT);
+    let tls = pf.wait_log(&["TLS connection established from", "[127.0.0.1]"], WAIT);
+    assert!(tls.contains("client-signature"), "{tls}");
+    let matched = policy.log_lines_with(&["certificate's key belongs to the network"]);
+    assert!(
+        matched.iter().any(|l| l.contains("interop")),
+        "{matched:?}\n{}",
+        policy.logs.all().join("\n")
+    );
+    // No deferral on the way: the node's first attempt was accepted.
+    assert!(
+        node.log_lines_with(&["4.7.1"]).is_empty(),
+        "{:?}",
+        node.log_lines_with(&["4.7.1"])
+    );
+    // Refusals: exactly the strangers' (3 blocks, one of each).
+    assert_eq!(
+        policy
+            .log_lines_with(&["policy decision", "defer_if_permit"])
+            .len(),
+        3
+    );
+    assert_eq!(
+        policy
+            .log_lines_with(&["policy decision", "action=\"reject\""])
+            .len(),
+        3
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        t0.elapsed()
+    );
+}
+
 /// Must show 2: an unknown sending MTA follows the MX records to the magic
 /// node, and the node relays to the real MX.
 #[test]

@@ -18,6 +18,7 @@ const LEAVES: &[&str] = &[
     "hops",
     "telemetry",
     "slots",
+    "netkeys",
 ];
 const ROOTS: &[&str] = &["lib", "main", "node"];
 

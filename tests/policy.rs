@@ -117,6 +117,17 @@ impl Postfix {
         self.answer().await.expect("an answer")
     }
 
+    /// [`Postfix::ask`] for a client that showed a TLS certificate whose
+    /// public-key fingerprint is `key` (`smtpd_tls_ask_ccert = yes`).
+    async fn ask_with_key(&mut self, client: &str, key: &str) -> String {
+        let request = Self::rcpt_request(client, "RCPT").replace(
+            "ccert_pubkey_fingerprint=\n",
+            &format!("ccert_pubkey_fingerprint={key}\n"),
+        );
+        self.send(request.as_bytes()).await;
+        self.answer().await.expect("an answer")
+    }
+
     /// True if the server closed the connection (EOF within the timeout).
     async fn closed(&mut self) -> bool {
         let mut buf = [0u8; 64];
@@ -516,4 +527,57 @@ async fn policy_listen_inside_a_node() {
     let mut pf = Postfix::connect(addr).await;
     assert_eq!(pf.ask("127.0.20.1").await, "DUNNO");
     assert!(is_polite(&pf.ask("127.0.81.1").await));
+}
+
+/// `magicmx policy` with `[policy] network_keys` (the file `magicmx ca
+/// issue` writes): a client whose certificate key is listed is let in, by
+/// its key alone, from any address; others are strangers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn magicmx_policy_with_network_keys() {
+    let ca = tempfile::tempdir().unwrap();
+    magicmx::gossip::ca::init(ca.path()).unwrap();
+    magicmx::gossip::ca::issue("node1", ca.path()).unwrap();
+    let keys = ca.path().join("network_keys");
+    let text = std::fs::read_to_string(&keys).unwrap();
+    let node1 = text.split_whitespace().next().unwrap().to_string();
+    let config = format!(
+        "{POLICY_CONFIG}network_keys = {:?}\n",
+        keys.display().to_string()
+    );
+    let (_p, addr) = Process::start(&["policy"], &config);
+    let mut pf = Postfix::connect(addr).await;
+    assert_eq!(pf.ask_with_key("127.0.82.1", &node1).await, "DUNNO");
+    assert_eq!(
+        pf.ask_with_key("127.0.83.1", &node1.to_lowercase().replace(':', ""))
+            .await,
+        "DUNNO"
+    );
+    let other = magicmx::netkeys::format(&[0x5a; 32]);
+    assert!(is_polite(&pf.ask_with_key("127.0.84.1", &other).await));
+    assert!(is_polite(&pf.ask("127.0.84.2").await));
+    assert!(is_reject(&pf.ask_with_key("127.0.84.3", &other).await));
+    // Addresses in magic_nodes keep working.
+    assert_eq!(pf.ask_with_key("127.0.20.1", &other).await, "DUNNO");
+}
+
+/// A `network_keys` file that cannot be read stops `magicmx policy` at
+/// start, naming the key.
+#[test]
+fn magicmx_policy_refuses_a_missing_network_keys_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    let config = format!("{POLICY_CONFIG}network_keys = \"no-such-file\"\n")
+        .replace("DATA_DIR", &dir.path().join("data").display().to_string());
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(common::node::BIN)
+        .args(["policy", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("policy.network_keys") && err.contains("no-such-file"),
+        "{err}"
+    );
 }

@@ -7,6 +7,13 @@
 //! [`COMMON_NAME`], signed by the CA. Existing files are never overwritten.
 //! The CA's distinguished name is fixed, so `issue` rebuilds the issuer from
 //! the key alone, and checks that the new certificate chains to `ca.pem`.
+//!
+//! `issue` also appends the new certificate's public-key fingerprint and
+//! the node's name to `DIR/network_keys` ([`NETWORK_KEYS`]): the file a real
+//! MX's policy service pins (`[policy] network_keys`) to let the nodes in by
+//! the client certificate they relay with. Certificates carry both the
+//! serverAuth and clientAuth extended key usages (they always did, for
+//! mutual TLS in gossip), so the same certificate serves for relaying.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -22,6 +29,9 @@ use super::tls::{verify_chain, COMMON_NAME};
 use super::GossipError;
 
 const CA_NAME: &str = "magicmx network CA";
+
+/// File in the CA directory listing every issued node's key fingerprint.
+pub const NETWORK_KEYS: &str = "network_keys";
 
 fn ca_err(path: &Path, message: impl std::fmt::Display) -> GossipError {
     GossipError::Ca {
@@ -143,7 +153,11 @@ pub fn issue(name: &str, dir: &Path) -> Result<(), GossipError> {
     })?;
     write_new(&key_path, &key.serialize_pem(), 0o600)?;
     write_new(&cert_path, &cert.pem(), 0o644)?;
-    tracing::info!(node = name, dir = %dir.display(), "node certificate issued");
+    let keys_path = dir.join(NETWORK_KEYS);
+    let fp = crate::netkeys::of_cert(cert.der())
+        .ok_or_else(|| ca_err(&cert_path, "the new certificate does not parse"))?;
+    crate::netkeys::append(&keys_path, &fp, name).map_err(|e| ca_err(&keys_path, e))?;
+    tracing::info!(node = name, dir = %dir.display(), key = %crate::netkeys::format(&fp), "node certificate issued");
     Ok(())
 }
 
@@ -194,5 +208,28 @@ mod tests {
         )
         .unwrap();
         assert!(foreign.check("node1").is_err());
+
+        // Each issued node's key is listed in network_keys, under its name.
+        issue("node2", dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(NETWORK_KEYS)).unwrap();
+        let (keys, bad) = crate::netkeys::parse_file(&text);
+        assert!(bad.is_empty(), "{text}");
+        assert_eq!(keys.len(), 2, "{text}");
+        let fp = crate::netkeys::of_cert(&m.chain[0]).unwrap();
+        assert_eq!(keys[&fp], "node1");
+        assert!(text.starts_with(&crate::netkeys::format(&fp)), "{text}");
+        // Refused issues (existing names) added nothing.
+        assert_eq!(text.lines().count(), 2);
+    }
+
+    #[test]
+    fn node_certificates_are_for_client_and_server_use() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path()).unwrap();
+        issue("node1", dir.path()).unwrap();
+        let ca = CertificateDer::from_pem_file(dir.path().join("ca.pem")).unwrap();
+        let leaf = CertificateDer::from_pem_file(dir.path().join("node1.pem")).unwrap();
+        // Both the clientAuth (relaying, gossip client) and serverAuth EKUs.
+        verify_chain(&ca, &leaf, &[]).unwrap();
     }
 }

@@ -45,7 +45,7 @@ pub mod tls;
 pub mod transport;
 pub mod wire;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -59,6 +59,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::netkeys::Fingerprint;
 use crate::suspect::SuspectState;
 use crate::throttle::{now_ms, Block, Origin, Throttle, SELF_ORIGIN};
 use crate::verify::{self, Verifier};
@@ -143,6 +144,11 @@ struct Core {
     verifier: Option<Arc<Verifier>>,
     transport: Arc<Transport>,
     members: Mutex<Members>,
+    /// The key of each member's certificate, from the connection its own
+    /// SWIM packets arrived on (vouched, like its identity), and this
+    /// node's own: the real-MX policy lets these keys in.
+    member_keys: Mutex<HashMap<String, Fingerprint>>,
+    own_key: Option<Fingerprint>,
     members_changed: Notify,
     ledger: Mutex<LedgerState>,
     epoch_ms: u64,
@@ -236,6 +242,8 @@ impl Gossip {
             name: config.node.name.clone(),
             network: g.network.clone(),
             members: Mutex::new(Members::new(me, g, rand::random())),
+            member_keys: Mutex::new(HashMap::new()),
+            own_key: crate::netkeys::of_cert(&material.chain[0]),
             members_changed: Notify::new(),
             ledger: Mutex::new(LedgerState {
                 ledger: Ledger::new(1),
@@ -330,9 +338,52 @@ impl Gossip {
         out.dedup();
         out
     }
+
+    /// The certificate key fingerprints of every live member that vouched
+    /// for itself, with its name, this node's included (for the real-MX
+    /// policy service).
+    pub fn member_keys(&self) -> Vec<(Fingerprint, String)> {
+        let mut out: Vec<(Fingerprint, String)> = self
+            .core
+            .own_key
+            .map(|k| (k, self.core.name.clone()))
+            .into_iter()
+            .collect();
+        let live: Vec<String> = {
+            let m = self.core.members();
+            m.vouched_live().map(|id| id.name.clone()).collect()
+        };
+        let keys = self.core.lock_member_keys();
+        out.extend(
+            live.into_iter()
+                .filter_map(|name| keys.get(&name).map(|k| (*k, name))),
+        );
+        out
+    }
 }
 
 impl Core {
+    fn lock_member_keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, Fingerprint>> {
+        self.member_keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers the key `peer`'s certificate carries as its member's key;
+    /// names no longer in the peer table are forgotten when the table
+    /// doubles, so it stays bounded by the membership.
+    fn vouch_key(&self, peer: &Peer) {
+        let mut keys = self.lock_member_keys();
+        if keys.get(&peer.name) == Some(&peer.key) {
+            return;
+        }
+        keys.insert(peer.name.clone(), peer.key);
+        if keys.len() > 64 {
+            let m = self.members();
+            if keys.len() > 2 * m.peers.len() + 64 {
+                keys.retain(|name, _| m.peers.contains_key(name));
+            }
+        }
+    }
+
     fn members(&self) -> std::sync::MutexGuard<'_, Members> {
         self.members.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -431,6 +482,7 @@ impl Core {
                 return;
             }
         };
+        self.vouch_key(peer);
         let out = self.members().handle_packet(src, packet, Instant::now());
         match out {
             Ok(out) => self.after_members(out),

@@ -51,11 +51,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BLOCK_FILE_ENV: &str = "MAGICMX_GOSSIP_BLOCK_FILE";
 
-/// An established connection and the node name its certificate carries.
+/// An established connection, the node name its certificate carries and
+/// the fingerprint of the certificate's public key.
 #[derive(Clone)]
 pub struct Peer {
     pub conn: quinn::Connection,
     pub name: String,
+    pub key: crate::netkeys::Fingerprint,
 }
 
 impl Peer {
@@ -291,13 +293,18 @@ impl Transport {
             dropped("certificate");
             return None;
         };
+        let Some(key) = crate::netkeys::of_cert(&cert) else {
+            conn.close(1u32.into(), b"certificate does not parse");
+            dropped("certificate");
+            return None;
+        };
         let Some(slot) = self.per_name.try_take(name.clone()) else {
             warn!(peer = %conn.remote_address(), name = %name, reason = "too many connections for one node", "gossip connection refused");
             conn.close(2u32.into(), b"too many connections");
             dropped("connections_per_name");
             return None;
         };
-        let peer = Peer { conn, name };
+        let peer = Peer { conn, name, key };
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.tasks.spawn(self.clone().read_loop(peer.clone(), slot));
         Some(peer)

@@ -18,7 +18,8 @@
 //!
 //! For each host, each address is tried in turn, one stage helper after the
 //! other ([`open`]: connect, greeting, EHLO, opportunistic STARTTLS without
-//! certificate checks like Postfix's `may`, and one reconnect in plain text
+//! certificate checks like Postfix's `may`, presenting the node's network
+//! certificate to a server that asks for one, and one reconnect in plain text
 //! if the TLS handshake fails; then [`transaction`]: MAIL FROM with
 //! BODY=8BITMIME and SMTPUTF8 when the envelope has them, one RCPT per
 //! recipient, pipelined when the server offers PIPELINING; DATA only if a
@@ -459,6 +460,8 @@ struct Params {
     port: u16,
     hello: String,
     tls: RelayTls,
+    /// STARTTLS: with the node's certificate when it has one.
+    tls_config: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
     greeting_timeout: Duration,
     command_timeout: Duration,
@@ -479,6 +482,7 @@ impl Params {
             port: r.port,
             hello: config.node.hostname.clone(),
             tls: r.tls,
+            tls_config: client::tls_config(client_cert(config)),
             connect_timeout: r.connect_timeout.0,
             greeting_timeout: r.greeting_timeout.0,
             command_timeout: r.command_timeout.0,
@@ -495,6 +499,13 @@ impl Params {
             body: msg.body.clone(),
         }
     }
+}
+
+/// The certificate the relay presents at STARTTLS: the node's own
+/// (`[gossip] cert` and `key`), when both are set.
+fn client_cert(config: &Config) -> Option<client::ClientCert<'_>> {
+    let g = &config.gossip;
+    Some((g.cert.as_deref()?, g.key.as_deref()?))
 }
 
 /// How one SMTP session ended.
@@ -839,7 +850,7 @@ async fn starttls(p: &Params, host: &str, mut s: Session) -> Result<Session, Str
     let name = crate::dns::ip_literal(host).map_or_else(|| host.to_string(), |ip| ip.to_string());
     let mut conn = s
         .conn
-        .upgrade(&name, p.greeting_timeout)
+        .upgrade(&name, p.tls_config.clone(), p.greeting_timeout)
         .await
         .map_err(|e| e.to_string())?;
     let r = conn
@@ -1333,7 +1344,7 @@ impl Probe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::testutil::{sink, tls_acceptor, Mode};
+    use crate::relay::testutil::{sink, tls_acceptor, tls_acceptor_asking, Mode};
 
     #[test]
     fn bare_cr_and_lf_are_found() {
@@ -1532,6 +1543,112 @@ mod tests {
             2
         );
         assert_eq!(s[0].data, b"S: t\r\n\r\nbody\r\n");
+    }
+
+    /// The session the sink recorded, once it ended.
+    async fn one_session(
+        sessions: &std::sync::Mutex<Vec<crate::relay::testutil::Seen>>,
+    ) -> crate::relay::testutil::Seen {
+        for _ in 0..500 {
+            if let Some(s) = sessions.lock().unwrap().first() {
+                return s.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the sink saw no session");
+    }
+
+    #[tokio::test]
+    async fn starttls_presents_the_node_certificate_when_asked() {
+        let ca_dir = tempfile::tempdir().unwrap();
+        crate::gossip::ca::init(ca_dir.path()).unwrap();
+        crate::gossip::ca::issue("n1", ca_dir.path()).unwrap();
+        let pem = |name: &str| {
+            use rustls::pki_types::pem::PemObject;
+            rustls::pki_types::CertificateDer::from_pem_file(ca_dir.path().join(name))
+                .unwrap()
+                .to_vec()
+        };
+        let (ca, leaf) = (pem("ca.pem"), pem("n1.pem"));
+        let send = |c: Config| async move {
+            let dns = Dns::new(&c.dns).unwrap();
+            deliver(
+                &c,
+                &dns,
+                &Sessions::new(&c.relay),
+                &message("a@example.com", b"S: t\r\n\r\nbody\r\n"),
+                "example.org",
+                &["127.0.0.1".into()],
+                &["ok@example.org".to_string()],
+            )
+            .await
+        };
+        let with_cert = |port: u16| {
+            let mut c = config_tls(port, "opportunistic");
+            c.gossip.cert = Some(ca_dir.path().join("n1.pem"));
+            c.gossip.key = Some(ca_dir.path().join("n1.key"));
+            c
+        };
+
+        // A server that asks (and checks the chain against the network CA)
+        // gets the node's certificate.
+        let (port, sessions) = sink(
+            "127.0.0.1:0",
+            Mode::StartTls(Some(tls_acceptor_asking(&ca))),
+        )
+        .await;
+        let out = send(with_cert(port)).await;
+        assert!(
+            matches!(&out[0].outcome, RcptOutcome::Delivered(_)),
+            "{out:?}"
+        );
+        let s = one_session(&sessions).await;
+        assert!(s.tls);
+        assert_eq!(s.client_cert.as_deref(), Some(&leaf[..]));
+
+        // A node without a certificate relays as before, without one.
+        let (port, sessions) = sink(
+            "127.0.0.1:0",
+            Mode::StartTls(Some(tls_acceptor_asking(&ca))),
+        )
+        .await;
+        let out = send(config_tls(port, "opportunistic")).await;
+        assert!(
+            matches!(&out[0].outcome, RcptOutcome::Delivered(_)),
+            "{out:?}"
+        );
+        let s = one_session(&sessions).await;
+        assert!(s.tls);
+        assert_eq!(s.client_cert, None);
+
+        // A server that does not ask sees none (and the mail goes as before).
+        let (port, sessions) = sink("127.0.0.1:0", Mode::StartTls(Some(tls_acceptor()))).await;
+        let out = send(with_cert(port)).await;
+        assert!(
+            matches!(&out[0].outcome, RcptOutcome::Delivered(_)),
+            "{out:?}"
+        );
+        let s = one_session(&sessions).await;
+        assert!(s.tls);
+        assert_eq!(s.client_cert, None);
+
+        // A certificate that cannot be read: logged, and relayed without one.
+        let (port, sessions) = sink(
+            "127.0.0.1:0",
+            Mode::StartTls(Some(tls_acceptor_asking(&ca))),
+        )
+        .await;
+        let mut c = config_tls(port, "opportunistic");
+        c.gossip.cert = Some(ca_dir.path().join("missing.pem"));
+        c.gossip.key = Some(ca_dir.path().join("n1.key"));
+        let out = send(c).await;
+        assert!(
+            matches!(&out[0].outcome, RcptOutcome::Delivered(_)),
+            "{out:?}"
+        );
+        let s = one_session(&sessions).await;
+        assert!(s.tls);
+        assert_eq!(s.client_cert, None);
     }
 
     #[tokio::test]

@@ -13,6 +13,8 @@ pub(crate) struct Seen {
     pub(crate) data: Vec<u8>,
     /// The message was sent after a successful STARTTLS.
     pub(crate) tls: bool,
+    /// The client certificate presented in the handshake (DER of the leaf).
+    pub(crate) client_cert: Option<Vec<u8>>,
 }
 
 /// How the sink behaves.
@@ -53,6 +55,12 @@ pub(crate) async fn sink(bind: &str, mode: Mode) -> (u16, Arc<Mutex<Vec<Seen>>>)
                 if let (Some(sock), Mode::StartTls(Some(acceptor))) = (upgrade, mode) {
                     if let Ok(tls) = acceptor.accept(sock).await {
                         seen.tls = true;
+                        seen.client_cert = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| c.to_vec());
                         serve(tls, false, false, &mut seen).await;
                     }
                 }
@@ -128,16 +136,38 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// A TLS acceptor with a fresh self-signed certificate for `localhost`.
 pub(crate) fn tls_acceptor() -> TlsAcceptor {
+    tls_acceptor_with(None)
+}
+
+/// Like [`tls_acceptor`], and asks for a client certificate (a TLS
+/// `CertificateRequest`, as Postfix with `smtpd_tls_ask_ccert = yes`): one
+/// that chains to `ca` (DER) is accepted, and so is a client without one.
+pub(crate) fn tls_acceptor_asking(ca: &[u8]) -> TlsAcceptor {
+    tls_acceptor_with(Some(ca))
+}
+
+fn tls_acceptor_with(ca: Option<&[u8]>) -> TlsAcceptor {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let cert = CertificateDer::from(ck.cert.der().to_vec());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
         .unwrap();
+    let builder = match ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(CertificateDer::from(ca.to_vec())).unwrap();
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .allow_unauthenticated()
+                    .build()
+                    .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder.with_single_cert(vec![cert], key).unwrap();
     TlsAcceptor::from(Arc::new(config))
 }

@@ -14,15 +14,23 @@
 //! certificate is not checked, but the handshake still proves the server
 //! holds the key it presents. Bytes that arrived before the handshake are an
 //! error (response injection, the client side of CVE-2011-0411).
+//!
+//! When the node has a network certificate (`[gossip] cert` and `key`, from
+//! `magicmx ca issue`), the handshake presents it to a server that asks for
+//! one (a TLS `CertificateRequest`, Postfix's `smtpd_tls_ask_ccert = yes`),
+//! so that the real MX's policy service can recognise the node by its key
+//! ([`tls_config`]). A server that does not ask sees nothing different.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -291,10 +299,12 @@ impl Conn {
             .await
     }
 
-    /// After a `220` to STARTTLS: the TLS handshake within `timeout`.
+    /// After a `220` to STARTTLS: the TLS handshake with `config` (see
+    /// [`tls_config`]) within `timeout`.
     pub async fn upgrade(
         mut self,
         server_name: &str,
+        config: Arc<rustls::ClientConfig>,
         timeout: Duration,
     ) -> Result<Conn, ClientError> {
         if !self.buf.is_empty() {
@@ -310,7 +320,7 @@ impl Conn {
             Err(_) => ServerName::try_from(server_name.to_string())
                 .map_err(|e| ClientError::Tls(e.to_string()))?,
         };
-        let connector = TlsConnector::from(tls_config());
+        let connector = TlsConnector::from(config);
         let tls = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
             Err(_) => return Err(ClientError::Timeout("the TLS handshake", timeout)),
             Ok(Err(e)) => return Err(ClientError::Tls(e.to_string())),
@@ -356,20 +366,83 @@ pub fn forbidden_in_data(body: &[u8]) -> Option<&'static str> {
     None
 }
 
-fn tls_config() -> Arc<rustls::ClientConfig> {
-    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .expect("the ring provider supports the default TLS versions")
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-                .with_no_client_auth();
-            Arc::new(config)
+/// The client certificate the relay presents: the node's certificate and
+/// key files (PEM), `[gossip] cert` and `key`.
+pub type ClientCert<'a> = (&'a Path, &'a Path);
+
+/// Distinct certificate pairs whose configs are kept (one per node config
+/// in the process: tests run several nodes in one).
+const MAX_CACHED_CONFIGS: usize = 16;
+
+/// The TLS client config for STARTTLS: any server certificate (see
+/// [`AnyCertificate`]) and, with `cert`, that client certificate offered to
+/// servers that ask for one. Built once per certificate pair and process
+/// (the files are read at the first delivery that needs them; a renewed
+/// certificate takes a restart, as for gossip). A pair that cannot be read
+/// is logged once and the relay goes on without a client certificate:
+/// mail still flows, as from a node that has none.
+pub fn tls_config(cert: Option<ClientCert<'_>>) -> Arc<rustls::ClientConfig> {
+    static NONE: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    type Cache = Vec<((PathBuf, PathBuf), Arc<rustls::ClientConfig>)>;
+    static WITH_CERT: Mutex<Cache> = Mutex::new(Vec::new());
+    let none = || {
+        NONE.get_or_init(|| {
+            Arc::new(build(None).expect("the ring provider supports the default TLS versions"))
         })
         .clone()
+    };
+    let Some((cert, key)) = cert else {
+        return none();
+    };
+    let mut cache = WITH_CERT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, c)) = cache.iter().find(|((c, k), _)| c == cert && k == key) {
+        return c.clone();
+    }
+    let config = match with_identity(cert, key) {
+        Ok(config) => {
+            tracing::info!(cert = %cert.display(), "relay: STARTTLS offers the node certificate to servers that ask for one");
+            Arc::new(config)
+        }
+        Err(e) => {
+            tracing::warn!(cert = %cert.display(), key = %key.display(), error = %e, "relay: cannot use the node certificate as TLS client certificate; relaying without one");
+            metrics::counter!("magicmx_relay_client_cert_errors_total").increment(1);
+            none()
+        }
+    };
+    if cache.len() >= MAX_CACHED_CONFIGS {
+        cache.remove(0);
+    }
+    cache.push(((cert.to_path_buf(), key.to_path_buf()), config.clone()));
+    config
+}
+
+type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// The config presenting the certificate chain in `cert` with `key`.
+fn with_identity(cert: &Path, key: &Path) -> Result<rustls::ClientConfig, String> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate in the file", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    build(Some((chain, key)))
+}
+
+fn build(identity: Option<Identity>) -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)));
+    match identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| e.to_string()),
+    }
 }
 
 /// Accepts any certificate (opportunistic TLS has no name to check against
