@@ -509,6 +509,9 @@ pub struct GossipConfig {
     pub failure_timeout: Dur,
     /// Cap of one peer's contribution to a block's count, as a share of the limit (0 < share <= 1).
     pub max_origin_share: f64,
+    /// Distinct origins (this node included) whose counts a block's count
+    /// must hold before counts that are not this node's own may refuse it.
+    pub min_origins_to_refuse: u32,
 }
 
 impl Default for GossipConfig {
@@ -526,6 +529,7 @@ impl Default for GossipConfig {
             anti_entropy_interval: Dur::secs(10),
             failure_timeout: Dur::secs(10),
             max_origin_share: 0.5,
+            min_origins_to_refuse: 3,
         }
     }
 }
@@ -975,6 +979,12 @@ impl Config {
                 "must be more than 0 and at most 1",
             ));
         }
+        in_range(
+            "gossip.min_origins_to_refuse",
+            g.min_origins_to_refuse,
+            1,
+            16,
+        )?;
         self.validate_dnsbl()?;
         self.validate_suspect()?;
         Ok(())

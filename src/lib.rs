@@ -109,6 +109,7 @@ impl Node {
         let throttle = Arc::new(
             throttle::Throttle::new(&config.throttle, &config.trust, &config.node.name)
                 .with_peer_share(config.gossip.max_origin_share)
+                .with_min_origins(config.gossip.min_origins_to_refuse)
                 .with_suspect(suspect::Policy::from_config(&config))
                 .with_greylist(greylist::Greylist::new(&config.greylist)),
         );

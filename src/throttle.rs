@@ -235,8 +235,13 @@ pub enum Decision {
 #[derive(Debug, Clone, Serialize)]
 pub struct BlockStatus {
     pub block: Block,
+    /// Network-wide, each peer capped at its share.
     pub counts: Counts,
     pub limits: Counts,
+    /// Origins (nodes, this one included) that counted the block in the
+    /// window; with fewer than `gossip.min_origins_to_refuse`, only this
+    /// node's own counts refuse.
+    pub origins: u32,
     pub over: Option<Reason>,
     /// Seconds left in the penalty box (0 = not in it).
     pub penalty_left_secs: u64,
@@ -260,6 +265,9 @@ pub struct Throttle {
     window_epochs: u64,
     /// Most one peer origin may add to a block's count (see `with_peer_share`).
     peer_cap: Counts,
+    /// Distinct origins a block's counts must come from before peers'
+    /// counts may refuse it (see `with_min_origins`).
+    min_origins: u32,
     /// Most blocks one peer origin may create (`peer_block_share` of the table).
     peer_blocks_max: usize,
     peer_blocks: Mutex<PeerBlocks>,
@@ -286,6 +294,7 @@ impl Throttle {
                 messages: u32::MAX,
                 recipients: u32::MAX,
             },
+            min_origins: 1,
             peer_blocks_max: ((cfg.max_tracked_blocks as f64 * cfg.peer_block_share).floor()
                 as usize)
                 .max(1),
@@ -332,6 +341,16 @@ impl Throttle {
             messages: cap(self.cfg.max_messages),
             recipients: cap(self.cfg.max_recipients),
         };
+        self
+    }
+
+    /// Counts that are not this node's own refuse a block only when at
+    /// least `n` distinct origins (this node included) contributed to its
+    /// window: with each peer capped at its share, `n` colluding or lying
+    /// certified peers minus one cannot refuse a block without real traffic
+    /// seen elsewhere. This node's own counts always refuse.
+    pub fn with_min_origins(mut self, n: u32) -> Throttle {
+        self.min_origins = n.max(1);
         self
     }
 
@@ -402,8 +421,17 @@ impl Throttle {
             .cloned()
     }
 
-    /// Network-wide counts of a block inside the window at `now_ms`.
+    /// The counts of a block that decide at `now_ms`: network-wide (each
+    /// peer capped) when enough origins contributed, else this node's own.
     fn totals_of(&self, state: &BlockState, now_ms: u64) -> Counts {
+        let s = self.sums_of(state, now_ms);
+        match s.origins >= self.min_origins {
+            true => s.all,
+            false => s.own,
+        }
+    }
+
+    fn sums_of(&self, state: &BlockState, now_ms: u64) -> Sums {
         capped_window_sum(
             &state.slots,
             self.window_start(now_ms),
@@ -714,14 +742,16 @@ impl Throttle {
     }
 
     pub fn status(&self, block: Block, now_ms: u64) -> BlockStatus {
-        let (counts, limits, penalty, suspect) = match self.blocks.get(&block) {
+        let (sums, deciding, limits, penalty, suspect) = match self.blocks.get(&block) {
             Some(s) => (
+                self.sums_of(&s, now_ms),
                 self.totals_of(&s, now_ms),
                 self.limits_of(&s, now_ms),
                 s.penalty.clone(),
                 self.policy.verdict(&s.suspect, now_ms),
             ),
             None => (
+                Sums::default(),
                 Counts::default(),
                 self.limits(),
                 Penalty::default(),
@@ -730,9 +760,10 @@ impl Throttle {
         };
         BlockStatus {
             block,
-            counts,
+            counts: sums.all,
             limits,
-            over: self.over(counts, limits),
+            origins: sums.origins,
+            over: self.over(deciding, limits),
             penalty_left_secs: penalty.until.saturating_sub(now_ms).div_ceil(1000),
             offenses: penalty.offenses,
             suspect,
@@ -1016,9 +1047,20 @@ fn window_sum(slots: &[Slot], first: u64, current: u64) -> Counts {
         .fold(Counts::default(), |acc, s| acc.saturating_add(s.counts))
 }
 
+/// A block's window counts as [`capped_window_sum`] sees them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Sums {
+    /// Every origin, each peer capped.
+    all: Counts,
+    /// This node's own.
+    own: Counts,
+    /// Origins with a count in the window, this node included.
+    origins: u32,
+}
+
 /// Like [`window_sum`], but each origin other than this node contributes at
 /// most `cap`.
-fn capped_window_sum(slots: &[Slot], first: u64, current: u64, cap: Counts) -> Counts {
+fn capped_window_sum(slots: &[Slot], first: u64, current: u64, cap: Counts) -> Sums {
     // Per-peer sums without allocating in the common case (few origins).
     let mut total = Counts::default();
     let mut peers = [(SELF_ORIGIN, Counts::default()); 8];
@@ -1043,10 +1085,17 @@ fn capped_window_sum(slots: &[Slot], first: u64, current: u64, cap: Counts) -> C
             more.push((s.origin, s.counts));
         }
     }
+    let own = total;
+    let mut origins = u32::from(own != Counts::default());
     for (_, c) in peers[..n].iter().chain(more.iter()) {
         total = total.saturating_add(c.min(cap));
+        origins += u32::from(*c != Counts::default());
     }
-    total
+    Sums {
+        all: total,
+        own,
+        origins,
+    }
 }
 
 /// A plain, ordered counter state: the model of what the network agrees on.
@@ -1255,6 +1304,46 @@ mod tests {
             t.merge(o, b, t.epoch_of(T0), huge, T0);
         }
         assert!(t.over_limit(ip("10.1.1.1"), T0).is_some());
+    }
+
+    #[test]
+    fn two_colluding_peers_cannot_refuse_without_a_third_origin() {
+        let t = Throttle::new(&cfg(), &TrustConfig::default(), "n")
+            .with_peer_share(0.5)
+            .with_min_origins(3);
+        let b = t.block_of(ip("10.1.1.1"));
+        let huge = Counts {
+            connections: 1_000_000,
+            messages: 1_000_000,
+            recipients: 1_000_000,
+        };
+        // Two certified peers at their cap reach every limit together ...
+        for name in ["liar", "accomplice"] {
+            let o = t.origin(name);
+            t.merge(o, b, t.epoch_of(T0), huge, T0);
+        }
+        let st = t.status(b, T0);
+        assert_eq!((st.counts.connections, st.origins), (2, 2));
+        // ... but two origins refuse nothing: the block is served.
+        assert_eq!(st.over, None);
+        assert_eq!(t.over_limit(ip("10.1.1.1"), T0), None);
+        assert_eq!(t.on_connect(ip("10.1.1.1"), T0), Decision::Accept);
+        // That connection is this node's own count: a third origin, and the
+        // network-wide count (1 + 1 + 1 = 3, limit 3) now decides.
+        assert_eq!(t.status(b, T0).origins, 3);
+        assert!(matches!(
+            t.on_connect(ip("10.1.1.2"), T0),
+            Decision::Refuse { .. }
+        ));
+        // A node's own counts always refuse, whatever the origins.
+        let lone = Throttle::new(&cfg(), &TrustConfig::default(), "n").with_min_origins(3);
+        for _ in 0..3 {
+            assert_eq!(lone.on_connect(ip("10.9.1.1"), T0), Decision::Accept);
+        }
+        assert!(matches!(
+            lone.on_connect(ip("10.9.1.1"), T0),
+            Decision::Refuse { .. }
+        ));
     }
 
     #[test]

@@ -894,6 +894,59 @@ fn only_certified_peers_count_and_each_is_capped() {
     drop(rogue);
 }
 
+/// Issue 15, must show 3 (on the live design): one certified peer reports
+/// 100 times the true count of a victim block to every node. Its share is
+/// capped at `max_origin_share` x limit, so the victim (whose true count is
+/// under the rest of the limit) is refused nowhere, while a real flood of
+/// another block is still refused.
+#[test]
+fn a_lying_peer_alone_gets_a_victim_refused_nowhere() {
+    let _g = serial();
+    let ca = network_ca(&["a", "b", "c", "liar"]);
+    let nodes = cluster(ca.path(), &["a", "b", "c"], false);
+    let targets: Vec<SocketAddr> = nodes.iter().map(|n| n.smtp).collect();
+    // The victim's true traffic: 6 connections over the three nodes.
+    assert_eq!(flood([127, 3, 3], &targets, 6, 100), 6);
+    let liar = || {
+        peer::client_config(
+            &ca.path().join("ca.pem"),
+            Some((&ca.path().join("liar.pem"), &ca.path().join("liar.key"))),
+        )
+    };
+    for n in &nodes {
+        peer::push(
+            liar(),
+            n.gossip,
+            vec![peer::delta("liar", &[("liar", [127, 3, 3, 0], 600)])],
+        )
+        .expect("the certified liar connects");
+    }
+    // Every node holds the lie (capped) and the true counts ...
+    let want = 6 + (LIMIT / 2) as u64;
+    let t = wait_until(Duration::from_secs(5), || {
+        nodes.iter().all(|n| n.connections("127.3.3.1") == want)
+    });
+    let seen: Vec<u64> = nodes.iter().map(|n| n.connections("127.3.3.1")).collect();
+    assert!(t.is_some(), "counts {seen:?}, want {want} everywhere");
+    // ... and refuses the victim nowhere: more of its mail is served at each.
+    for n in &nodes {
+        let e = n.get("/explain?ip=127.3.3.77");
+        assert!(
+            e["verdict"].as_str().unwrap_or("").starts_with("accepted"),
+            "{}: {e}",
+            n.name
+        );
+    }
+    assert_eq!(
+        flood([127, 3, 3], &targets, 3, 100),
+        3,
+        "the victim was refused"
+    );
+    // A true flood of another block is still refused.
+    let admitted = flood([127, 3, 4], &targets, 3 * LIMIT as usize, 100);
+    assert!(admitted < 2 * LIMIT as usize, "flood admitted {admitted}");
+}
+
 /// Sends `bytes` from `src` to `to` after reading the banner; returns
 /// everything the node answered until it closed (or 5 s passed).
 fn talk(src: &str, to: SocketAddr, bytes: &[u8]) -> String {
