@@ -666,6 +666,25 @@ async fn connection(
         Ended::Closed => return,
         Ended::StartTls(s) => *s,
     };
+    // After STARTTLS: boxed, so that the TLS stream and its session's
+    // future are allocated only by sessions that use TLS.
+    Box::pin(after_starttls(
+        stream, ip, session, ctx, screen, shutdown, deadline,
+    ))
+    .await;
+}
+
+/// The rest of a session after `STARTTLS`: the handshake (bounded by the
+/// command timeout and the session deadline), then the session over TLS.
+async fn after_starttls(
+    stream: TcpStream,
+    ip: IpAddr,
+    session: Session,
+    ctx: Arc<Context>,
+    screen: screen::Screen,
+    shutdown: CancellationToken,
+    deadline: tokio::time::Instant,
+) {
     let Some(acceptor) = ctx.tls.clone() else {
         return;
     };
@@ -861,7 +880,10 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     true => Verdict::Refuse(format!(
                         "550 5.1.1 <{address}>: Recipient address rejected: User unknown"
                     )),
-                    false => ctx.check_recipient(peer, &address, &domain).await,
+                    // Boxed, like the greylist check: their futures (DNS,
+                    // a verification probe, SPF) are kilobytes, and every
+                    // session, a tarpitted one too, would carry that size.
+                    false => Box::pin(ctx.check_recipient(peer, &address, &domain)).await,
                 };
                 // Greylisting comes last: only a recipient the node would
                 // take is worth a retry.
@@ -869,8 +891,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                     Verdict::Accept if screen.scored && ctx.mode == Mode::Inbound => {
                         let sender = session.sender().unwrap_or_default().to_string();
                         let helo = session.helo().unwrap_or_default().to_string();
-                        ctx.greylist(peer, &sender, &helo, &address, &mut spf_cache)
-                            .await
+                        Box::pin(ctx.greylist(peer, &sender, &helo, &address, &mut spf_cache)).await
                     }
                     v => v,
                 };
