@@ -216,19 +216,31 @@ impl fmt::Display for Reason {
     }
 }
 
-/// A throttle decision.
+/// A throttle decision: what and why, never the words of a reply (the SMTP
+/// side writes those, `smtp::throttle_reply`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Accept,
-    /// Refuse with this reply line (no CRLF).
+    /// Refuse: the limit the block passed (or [`Reason::PenaltyBox`]), and,
+    /// when it is refused at connect for sitting in the penalty box, what put
+    /// it there and how long is left.
     Refuse {
         reason: Reason,
-        reply: String,
+        penalty: Option<Penalised>,
     },
     /// Close at once, without a banner: the block has had its polite refusals.
     Drop {
         reason: Reason,
     },
+}
+
+/// A block in the penalty box, as a refusal says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Penalised {
+    /// The limit that put it there (none if unknown).
+    pub cause: Option<Reason>,
+    /// Time left, rounded up to whole seconds.
+    pub left: std::time::Duration,
 }
 
 /// What `/status` and `magicmx explain` show about a block.
@@ -589,12 +601,12 @@ impl Throttle {
             return Decision::Drop { reason };
         }
         let left = p.until.saturating_sub(now_ms).div_ceil(1000);
-        let why = p.reason.map(|r| r.as_str()).unwrap_or("over limit");
         Decision::Refuse {
             reason,
-            reply: format!(
-                "421 4.7.0 Too much mail from your network ({why}); try again in {left} seconds"
-            ),
+            penalty: Some(Penalised {
+                cause: p.reason,
+                left: std::time::Duration::from_secs(left),
+            }),
         }
     }
 
@@ -625,9 +637,7 @@ impl Throttle {
                     self.refuse_penalised(state, now_ms);
                     Decision::Refuse {
                         reason,
-                        reply: format!(
-                            "421 4.7.0 Too much mail from your network ({reason}); try again later"
-                        ),
+                        penalty: None,
                     }
                 }
             }
@@ -671,9 +681,7 @@ impl Throttle {
                 };
                 return Decision::Refuse {
                     reason,
-                    reply: format!(
-                        "450 4.7.1 Too much mail from your network ({reason}); try again later"
-                    ),
+                    penalty: None,
                 };
             }
             let mut add = Counts::default();
@@ -1181,17 +1189,27 @@ mod tests {
         assert_eq!(t.on_connect(ip("10.2.2.1"), T0), Decision::Accept);
         let d = t.on_connect(ip("10.1.1.9"), T0);
         assert!(
-            matches!(d, Decision::Refuse { reason: Reason::TooManyConnections, ref reply } if reply.starts_with("421 4.7.0")),
+            matches!(
+                d,
+                Decision::Refuse {
+                    reason: Reason::TooManyConnections,
+                    penalty: None
+                }
+            ),
             "{d:?}"
         );
-        // One more polite refusal, then silence.
-        assert!(matches!(
+        // One more polite refusal, saying what put it in the box and how
+        // long is left (30 s, the first penalty), then silence.
+        assert_eq!(
             t.on_connect(ip("10.1.1.9"), T0 + 1),
             Decision::Refuse {
                 reason: Reason::PenaltyBox,
-                ..
+                penalty: Some(Penalised {
+                    cause: Some(Reason::TooManyConnections),
+                    left: std::time::Duration::from_secs(30),
+                }),
             }
-        ));
+        );
         assert_eq!(
             t.on_connect(ip("10.1.1.9"), T0 + 2),
             Decision::Drop {
@@ -1225,7 +1243,13 @@ mod tests {
         }
         let d = t.on_rcpt(ip("10.1.1.1"), T0);
         assert!(
-            matches!(d, Decision::Refuse { reason: Reason::TooManyRecipients, ref reply } if reply.starts_with("450 4.7.1")),
+            matches!(
+                d,
+                Decision::Refuse {
+                    reason: Reason::TooManyRecipients,
+                    penalty: None
+                }
+            ),
             "{d:?}"
         );
         assert_eq!(t.on_message(ip("10.3.3.3"), T0), Decision::Accept);

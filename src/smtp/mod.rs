@@ -191,11 +191,12 @@ impl Context {
         let d = ask(&self.throttle);
         match &d {
             Decision::Accept => {}
-            Decision::Refuse { reason, reply } => {
+            Decision::Refuse { reason, penalty } => {
                 metrics::counter!("magicmx_throttle_refusals_total", "stage" => stage, "reason" => reason.as_str()).increment(1);
                 crate::telemetry::history()
                     .record(crate::telemetry::Tally::Refused, now_ms() / 1000);
-                info!(client = %peer, block = %self.throttle.block_of(peer), stage, %reason, reply = %reply, "throttled");
+                let left = penalty.map(|p| p.left.as_secs());
+                info!(client = %peer, block = %self.throttle.block_of(peer), stage, %reason, penalty_left_secs = ?left, "throttled");
             }
             Decision::Drop { reason } => {
                 metrics::counter!("magicmx_throttle_drops_total", "stage" => stage, "reason" => reason.as_str()).increment(1);
@@ -223,7 +224,9 @@ impl Context {
         }
         match self.throttle("rcpt", peer, |t| t.on_rcpt(peer, now_ms())) {
             Decision::Accept => {}
-            Decision::Refuse { reply, .. } => return Verdict::Refuse(reply),
+            d @ Decision::Refuse { .. } => {
+                return Verdict::Refuse(throttle_reply(Stage::Transaction, &d))
+            }
             Decision::Drop { reason } => {
                 return Verdict::Refuse(format!(
                     "450 4.7.1 Too much mail from your network ({reason})"
@@ -393,10 +396,9 @@ impl Context {
 
     /// Stores an accepted message with its `Received:` header; returns the queue id.
     pub async fn store(&self, m: Message) -> Result<String, String> {
-        if let Decision::Refuse { reply, .. } =
-            self.throttle("data", m.peer, |t| t.on_message(m.peer, now_ms()))
-        {
-            return Err(reply);
+        let d = self.throttle("data", m.peer, |t| t.on_message(m.peer, now_ms()));
+        if let Decision::Refuse { .. } = d {
+            return Err(throttle_reply(Stage::Transaction, &d));
         }
         let now = unix_now();
         let mut body = received_header(&self.config.node.hostname, &m, now).into_bytes();
@@ -593,6 +595,36 @@ pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<Context>, shutdown: Can
     crate::listener::serve(listeners, bounds, admit, handle, shutdown).await;
 }
 
+/// Where a throttle refusal is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Instead of the banner: `421`, and the session ends.
+    Connect,
+    /// At RCPT or the end of DATA: `450`, the session goes on.
+    Transaction,
+}
+
+/// The reply line (no CRLF) for a throttle refusal at `stage`; empty for a
+/// decision that is not one.
+fn throttle_reply(stage: Stage, d: &Decision) -> String {
+    let Decision::Refuse { reason, penalty } = d else {
+        return String::new();
+    };
+    match (stage, penalty) {
+        (Stage::Connect, Some(p)) => format!(
+            "421 4.7.0 Too much mail from your network ({}); try again in {} seconds",
+            p.cause.map_or("over limit", |r| r.as_str()),
+            p.left.as_secs()
+        ),
+        (Stage::Connect, None) => {
+            format!("421 4.7.0 Too much mail from your network ({reason}); try again later")
+        }
+        (Stage::Transaction, _) => {
+            format!("450 4.7.1 Too much mail from your network ({reason}); try again later")
+        }
+    }
+}
+
 /// How a driven stream ended.
 enum Ended {
     Closed,
@@ -627,8 +659,8 @@ async fn connection(
     };
     match ctx.throttle("connect", ip, |t| t.on_connect(ip, now_ms())) {
         Decision::Accept => {}
-        Decision::Refuse { reply, .. } => {
-            let line = format!("{reply}\r\n");
+        d @ Decision::Refuse { .. } => {
+            let line = format!("{}\r\n", throttle_reply(Stage::Connect, &d));
             let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes()))
                 .await;
             let _ = stream.shutdown().await;
@@ -928,7 +960,7 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
-    use super::sender_routed;
+    use super::{sender_routed, throttle_reply, Stage};
 
     #[test]
     fn sender_specified_routing_is_recognised() {
@@ -937,5 +969,35 @@ mod tests {
         assert!(sender_routed("\"victim@elsewhere.test\"@example.test"));
         assert!(!sender_routed("bob@example.test"));
         assert!(!sender_routed("bob.smith+tag@example.test"));
+    }
+
+    #[test]
+    fn throttle_refusals_are_worded_by_stage() {
+        use crate::throttle::{Decision, Penalised, Reason};
+        use std::time::Duration;
+        let over = Decision::Refuse {
+            reason: Reason::TooManyConnections,
+            penalty: None,
+        };
+        assert_eq!(
+            throttle_reply(Stage::Connect, &over),
+            "421 4.7.0 Too much mail from your network (too_many_connections); try again later"
+        );
+        assert_eq!(
+            throttle_reply(Stage::Transaction, &over),
+            "450 4.7.1 Too much mail from your network (too_many_connections); try again later"
+        );
+        let boxed = Decision::Refuse {
+            reason: Reason::PenaltyBox,
+            penalty: Some(Penalised {
+                cause: Some(Reason::TooManyMessages),
+                left: Duration::from_secs(42),
+            }),
+        };
+        assert_eq!(
+            throttle_reply(Stage::Connect, &boxed),
+            "421 4.7.0 Too much mail from your network (too_many_messages); try again in 42 seconds"
+        );
+        assert_eq!(throttle_reply(Stage::Connect, &Decision::Accept), "");
     }
 }
