@@ -398,54 +398,6 @@ fn system_nameservers(resolv_conf: &str) -> Vec<SocketAddr> {
     out
 }
 
-/// A real DNS server for unit tests of this module and of the relay.
-#[cfg(test)]
-pub(crate) mod testutil {
-    use std::net::SocketAddr;
-    use std::str::FromStr;
-    use std::sync::Arc;
-
-    use hickory_resolver::proto::rr::rdata::SOA;
-    use hickory_resolver::proto::rr::{LowerName, Name, RData, Record};
-    use hickory_server::store::in_memory::InMemoryZoneHandler;
-    use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneHandler, ZoneType};
-
-    /// Serves the zone `test.` with `records` (owner names relative to the
-    /// root, no trailing dot) on 127.0.0.1 over UDP, in the current runtime.
-    /// Unknown names get NXDOMAIN, known names without the type NODATA, and
-    /// names outside `test.` REFUSED.
-    pub(crate) async fn server(records: Vec<(&str, RData)>) -> SocketAddr {
-        let fqdn = |n: &str| Name::from_str(&format!("{}.", n.trim_end_matches('.'))).unwrap();
-        let origin = fqdn("test");
-        let mut zone: InMemoryZoneHandler =
-            InMemoryZoneHandler::empty(origin.clone(), ZoneType::Primary, AxfrPolicy::Deny);
-        let soa = SOA::new(
-            fqdn("ns.test"),
-            fqdn("hostmaster.test"),
-            1,
-            3600,
-            600,
-            86400,
-            5,
-        );
-        assert!(zone.upsert_mut(Record::from_rdata(origin.clone(), 60, RData::SOA(soa)), 1));
-        for (owner, data) in records {
-            assert!(zone.upsert_mut(Record::from_rdata(fqdn(owner), 60, data), 1));
-        }
-        let mut catalog = Catalog::new();
-        let handler: Arc<dyn ZoneHandler> = Arc::new(zone);
-        catalog.upsert(LowerName::new(&origin), vec![handler]);
-        let mut server = hickory_server::Server::new(catalog);
-        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = udp.local_addr().unwrap();
-        server.register_socket(udp);
-        tokio::spawn(async move {
-            let _ = server.block_until_done().await;
-        });
-        addr
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,34 +485,19 @@ mod tests {
         assert_eq!(negative(&servfail), None);
     }
 
-    /// The zone of [`answers_from_a_real_server`].
-    async fn test_server() -> SocketAddr {
-        use hickory_resolver::proto::rr::rdata::{A, AAAA, MX};
-        testutil::server(vec![
-            (
-                "example.test",
-                RData::MX(MX::new(20, name("Mail.Example.test."))),
-            ),
-            (
-                "example.test",
-                RData::MX(MX::new(10, name("mx1.magic.test."))),
-            ),
-            (
-                "mail.example.test",
-                RData::A(A("192.0.2.25".parse().unwrap())),
-            ),
-            (
-                "mail.example.test",
-                RData::AAAA(AAAA("2001:db8::25".parse().unwrap())),
-            ),
-            (
-                "v6only.test",
-                RData::AAAA(AAAA("2001:db8::6".parse().unwrap())),
-            ),
-            ("nomx.test", RData::A(A("192.0.2.26".parse().unwrap()))),
-            ("null.test", RData::MX(MX::new(0, Name::root()))),
+    /// The zone of [`answers_from_a_real_server`], on the tests' one DNS
+    /// server (`demo::dns`, shared with the integration tests).
+    fn test_server() -> crate::demo::dns::DnsServer {
+        use crate::demo::dns::{DnsServer, Rec};
+        DnsServer::start(&[
+            Rec::Mx("example.test", 20, "Mail.Example.test"),
+            Rec::Mx("example.test", 10, "mx1.magic.test"),
+            Rec::A("mail.example.test", "192.0.2.25"),
+            Rec::Aaaa("mail.example.test", "2001:db8::25"),
+            Rec::Aaaa("v6only.test", "2001:db8::6"),
+            Rec::A("nomx.test", "192.0.2.26"),
+            Rec::NullMx("null.test"),
         ])
-        .await
     }
 
     fn dns_at(addr: SocketAddr) -> Dns {
@@ -573,7 +510,8 @@ mod tests {
 
     #[tokio::test]
     async fn answers_from_a_real_server() {
-        let dns = dns_at(test_server().await);
+        let server = test_server();
+        let dns = dns_at(server.addr);
         let mut hosts = match dns.mx("EXAMPLE.test").await.unwrap() {
             MxAnswer::Hosts(h) => h,
             other => panic!("{other:?}"),

@@ -1084,22 +1084,13 @@ mod tests {
         c
     }
 
-    async fn relay_dns() -> std::net::SocketAddr {
-        use hickory_resolver::proto::rr::rdata::{A, MX};
-        use hickory_resolver::proto::rr::{Name, RData};
-        use std::str::FromStr;
-        crate::dns::testutil::server(vec![
-            (
-                "relay.test",
-                RData::MX(MX::new(10, Name::from_str("mx7.magic.test.").unwrap())),
-            ),
-            (
-                "relay.test",
-                RData::MX(MX::new(20, Name::from_str("mail.relay.test.").unwrap())),
-            ),
-            ("mail.relay.test", RData::A(A(Ipv4Addr::LOCALHOST))),
+    fn relay_dns() -> crate::demo::dns::DnsServer {
+        use crate::demo::dns::{DnsServer, Rec};
+        DnsServer::start(&[
+            Rec::Mx("relay.test", 10, "mx7.magic.test"),
+            Rec::Mx("relay.test", 20, "mail.relay.test"),
+            Rec::A("mail.relay.test", "127.0.0.1"),
         ])
-        .await
     }
 
     fn envelope(sender: &str, rcpts: &[&str], received_at: u64) -> Envelope {
@@ -1127,7 +1118,8 @@ mod tests {
     #[tokio::test]
     async fn runner_delivers_defers_bounces_and_stops() {
         let (port, sessions) = testutil::sink("127.0.0.1:0", testutil::Mode::Plain).await;
-        let config = node_config(port, relay_dns().await);
+        let dns = relay_dns();
+        let config = node_config(port, dns.addr);
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let dns = Dns::new(&config.dns).unwrap();
@@ -1234,7 +1226,8 @@ mod tests {
     #[tokio::test]
     async fn the_relay_never_emits_nul_or_bare_cr_lf() {
         let (port, sessions) = testutil::sink("127.0.0.1:0", testutil::Mode::Plain).await;
-        let config = node_config(port, relay_dns().await);
+        let dns = relay_dns();
+        let config = node_config(port, dns.addr);
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let dns = Dns::new(&config.dns).unwrap();
@@ -1296,9 +1289,6 @@ mod tests {
     /// to a healthy domain leaves at once behind three stalled messages.
     #[tokio::test]
     async fn a_stalling_destination_does_not_delay_another() {
-        use hickory_resolver::proto::rr::rdata::{A, MX};
-        use hickory_resolver::proto::rr::{Name, RData};
-        use std::str::FromStr;
         let (port, sessions) = testutil::sink("127.0.0.1:0", testutil::Mode::Plain).await;
         let stall = tokio::net::TcpListener::bind(("127.0.0.2", port))
             .await
@@ -1310,20 +1300,13 @@ mod tests {
                 keep.lock().unwrap().push(sock);
             }
         });
-        let dns = crate::dns::testutil::server(vec![
-            (
-                "slow.test",
-                RData::MX(MX::new(10, Name::from_str("mx.slow.test.").unwrap())),
-            ),
-            ("mx.slow.test", RData::A(A(Ipv4Addr::new(127, 0, 0, 2)))),
-            (
-                "fast.test",
-                RData::MX(MX::new(10, Name::from_str("mx.fast.test.").unwrap())),
-            ),
-            ("mx.fast.test", RData::A(A(Ipv4Addr::LOCALHOST))),
-        ])
-        .await;
-        let mut config = node_config(port, dns);
+        let dns = crate::demo::dns::DnsServer::start(&[
+            crate::demo::dns::Rec::Mx("slow.test", 10, "mx.slow.test"),
+            crate::demo::dns::Rec::A("mx.slow.test", "127.0.0.2"),
+            crate::demo::dns::Rec::Mx("fast.test", 10, "mx.fast.test"),
+            crate::demo::dns::Rec::A("mx.fast.test", "127.0.0.1"),
+        ]);
+        let mut config = node_config(port, dns.addr);
         config.relay.concurrency = 2;
         config.relay.destination_concurrency = 1;
         config.relay.command_timeout = crate::config::Dur::secs(30);
@@ -1379,7 +1362,8 @@ mod tests {
     #[tokio::test]
     async fn gate_quarantines_and_old_quarantine_expires() {
         let (port, sessions) = testutil::sink("127.0.0.1:0", testutil::Mode::Plain).await;
-        let config = node_config(port, relay_dns().await);
+        let dns = relay_dns();
+        let config = node_config(port, dns.addr);
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path()).unwrap();
         let dns = Dns::new(&config.dns).unwrap();
