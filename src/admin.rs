@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::spool::Spool;
-use crate::throttle::{now_ms, BlockStatus, Throttle};
+use crate::throttle::{BlockStatus, Throttle};
 
 pub use crate::telemetry::prometheus;
 
@@ -52,6 +52,8 @@ pub struct Admin {
     pub hosts: Vec<String>,
     /// Required in `X-Magicmx-Token` for every state change.
     pub token: String,
+    /// The node's clock (what the throttle decides by).
+    pub clock: crate::clock::Clock,
 }
 
 /// File under `data_dir` holding the running node's admin token.
@@ -224,8 +226,9 @@ impl Admin {
         };
         metrics::gauge!("magicmx_throttle_tracked_blocks").set(self.throttle.tracked() as f64);
         metrics::gauge!("magicmx_throttle_penalised_blocks")
-            .set(self.throttle.penalised(now_ms()) as f64);
-        metrics::gauge!("magicmx_suspect_blocks").set(self.throttle.suspects(now_ms()) as f64);
+            .set(self.throttle.penalised(self.clock.now_ms()) as f64);
+        metrics::gauge!("magicmx_suspect_blocks")
+            .set(self.throttle.suspects(self.clock.now_ms()) as f64);
         for z in self.dnsbl.iter().flat_map(|d| d.status()) {
             metrics::gauge!("magicmx_dnsbl_zone_active", "zone" => z.zone.clone())
                 .set(f64::from(u8::from(z.state == "active")));
@@ -234,7 +237,7 @@ impl Admin {
     }
 
     pub fn explain(&self, ip: IpAddr) -> Explanation {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let status = self.throttle.status(self.throttle.block_of(ip), now);
         let trusted = self.throttle.is_trusted(ip);
         let verdict = if trusted {
@@ -354,7 +357,7 @@ impl Admin {
             }
             ("GET", "/status") => {
                 let queue = self.gauges();
-                let now = now_ms();
+                let now = self.clock.now_ms();
                 let s = Status {
                     node: self.node.clone(),
                     queue,
@@ -728,6 +731,7 @@ mod tests {
             gossip: None,
             dnsbl: None,
             hosts: vec!["mgmt.example.net".into()],
+            clock: crate::clock::Clock::system(),
             token: "s3cret".into(),
         };
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -790,6 +794,7 @@ mod tests {
             gossip: None,
             dnsbl: None,
             hosts: vec!["mgmt.example.net".into()],
+            clock: crate::clock::Clock::system(),
             token: "s3cret".into(),
         };
         let rt = tokio::runtime::Builder::new_current_thread()

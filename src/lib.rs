@@ -121,8 +121,16 @@ impl Node {
         let dnsbl =
             dnsbl::Dnsbl::new(&config.dnsbl, dns.clone()).map_err(|e| anyhow::anyhow!(e))?;
         let relay = relay::Relay::new(config.clone(), spool.clone(), dns.clone())
-            .with_verifier(Arc::new(UnknownUsers(verifier.clone(), throttle.clone())))
-            .with_gate(Arc::new(ThrottleGate(throttle.clone(), config.clone())))
+            .with_verifier(Arc::new(UnknownUsers(
+                verifier.clone(),
+                throttle.clone(),
+                clock.clone(),
+            )))
+            .with_gate(Arc::new(ThrottleGate(
+                throttle.clone(),
+                config.clone(),
+                clock.clone(),
+            )))
             .with_clock(clock.clone());
         let wake = relay.wake();
         let ctx = Arc::new(
@@ -134,7 +142,8 @@ impl Node {
                 throttle.clone(),
                 dnsbl.is_enabled().then(|| dnsbl.clone()),
             )?
-            .with_verifier(verifier.clone()),
+            .with_verifier(verifier.clone())
+            .with_clock(clock.clone()),
         );
         let listeners = smtp::bind(&config.smtp.listen, "smtp.listen").await?;
         let outbound = smtp::bind(&config.outbound.listen, "outbound.listen").await?;
@@ -239,6 +248,7 @@ impl Node {
                     .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
                     .collect(),
                 token: admin_token.clone().unwrap_or_default(),
+                clock: clock.clone(),
             };
             tasks.spawn(
                 "admin listener",
@@ -273,7 +283,12 @@ impl Node {
         }
         tasks.spawn(
             "throttle sweep",
-            sweep(throttle.clone(), config.throttle.epoch.0, shutdown.clone()),
+            sweep(
+                throttle.clone(),
+                config.throttle.epoch.0,
+                clock.clone(),
+                shutdown.clone(),
+            ),
         );
         Ok(Node {
             config,
@@ -450,6 +465,7 @@ pub async fn run_with(
 async fn sweep(
     throttle: Arc<throttle::Throttle>,
     every: std::time::Duration,
+    clock: Clock,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(100)));
@@ -457,7 +473,7 @@ async fn sweep(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {
-                let now = throttle::now_ms();
+                let now = clock.now_ms();
                 let gone = throttle.sweep(now);
                 if throttle.greylist().is_enabled() {
                     throttle.greylist().sweep(now);
@@ -474,17 +490,17 @@ async fn sweep(
 /// limit network-wide when its hold ends goes to quarantine. The relay asks
 /// only for inbound mail (the spool records each message's origin), so
 /// outbound clients' mail and DSNs are never held back.
-struct ThrottleGate(Arc<throttle::Throttle>, Arc<Config>);
+struct ThrottleGate(Arc<throttle::Throttle>, Arc<Config>, Clock);
 
 /// Where the relay's `5.1.1` after acceptance goes: a negative verification
 /// entry, and an invalid recipient for the client's block.
-struct UnknownUsers(Arc<verify::Verifier>, Arc<throttle::Throttle>);
+struct UnknownUsers(Arc<verify::Verifier>, Arc<throttle::Throttle>, Clock);
 
 impl relay::UnknownRecipients for UnknownUsers {
     fn record_unknown(&self, address: &str, client: Option<std::net::IpAddr>) {
         self.0.record_unknown(address);
         if let Some(ip) = client {
-            let v = self.1.on_invalid_recipient(ip, address, throttle::now_ms());
+            let v = self.1.on_invalid_recipient(ip, address, self.2.now_ms());
             info!(
                 client = %ip,
                 block = %self.1.block_of(ip),
@@ -502,7 +518,7 @@ impl relay::ReleaseGate for ThrottleGate {
             return None;
         }
         self.0
-            .over_limit(client, throttle::now_ms())
+            .over_limit(client, self.2.now_ms())
             .map(|r| format!("block {} over its limit ({r})", self.0.block_of(client)))
     }
 }

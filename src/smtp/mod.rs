@@ -33,7 +33,7 @@ use crate::dns::{Dns, MxAnswer};
 use crate::listener::{Admission, Bounds};
 use crate::slots::{KeyedSlots, Slot};
 use crate::spool::{Envelope, Origin, RcptState, Recipient, Spool};
-use crate::throttle::{block_of, now_ms, Block, Decision, Throttle};
+use crate::throttle::{block_of, Block, Decision, Throttle};
 use session::{Event, Message, Session, SessionConfig, Verdict};
 
 /// Which door a connection came through.
@@ -69,6 +69,9 @@ pub struct Context {
     pub throttle: Arc<Throttle>,
     /// Recipient verification with the real MX (None: off).
     pub verifier: Option<Arc<crate::verify::Verifier>>,
+    /// The node's clock: throttle windows, penalties and greylisting are
+    /// read from it (tests advance a manual one).
+    pub clock: crate::clock::Clock,
     /// `[dnsbl]` lookups at connect (None: no sites).
     pub dnsbl: Option<crate::dnsbl::Dnsbl>,
     /// Bounds of the tarpit (shared by both doors; only inbound tarpits).
@@ -145,9 +148,20 @@ impl Context {
             tls,
             throttle,
             verifier: None,
+            clock: crate::clock::Clock::system(),
             dnsbl,
             tarpits,
         })
+    }
+
+    /// Reads time from `clock` (the node's).
+    pub fn with_clock(mut self, clock: crate::clock::Clock) -> Context {
+        self.clock = clock;
+        self
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     /// Verifies recipients with the real MX (when `verify.enabled`).
@@ -171,6 +185,7 @@ impl Context {
             throttle: self.throttle.clone(),
             // Trusted senders' mail for any domain: not verified.
             verifier: None,
+            clock: self.clock.clone(),
             dnsbl: self.dnsbl.clone(),
             tarpits: self.tarpits.clone(),
             // Outbound clients are never greylisted.
@@ -194,7 +209,7 @@ impl Context {
             Decision::Refuse { reason, penalty } => {
                 metrics::counter!("magicmx_throttle_refusals_total", "stage" => stage, "reason" => reason.as_str()).increment(1);
                 crate::telemetry::history()
-                    .record(crate::telemetry::Tally::Refused, now_ms() / 1000);
+                    .record(crate::telemetry::Tally::Refused, self.now_ms() / 1000);
                 let left = penalty.map(|p| p.left.as_secs());
                 info!(client = %peer, block = %self.throttle.block_of(peer), stage, %reason, penalty_left_secs = ?left, "throttled");
             }
@@ -222,7 +237,7 @@ impl Context {
             Verdict::Accept => {}
             refuse => return refuse,
         }
-        match self.throttle("rcpt", peer, |t| t.on_rcpt(peer, now_ms())) {
+        match self.throttle("rcpt", peer, |t| t.on_rcpt(peer, self.now_ms())) {
             Decision::Accept => {}
             d @ Decision::Refuse { .. } => {
                 return Verdict::Refuse(throttle_reply(Stage::Transaction, &d))
@@ -253,7 +268,7 @@ impl Context {
         if !g.is_enabled() {
             return Verdict::Accept;
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let score = self.throttle.suspect_verdict(peer, now).score;
         if g.config().mode == crate::config::GreylistMode::Suspects && score <= 0 {
             // Not a suspect: not greylisted whatever the pool, no SPF lookup.
@@ -396,7 +411,7 @@ impl Context {
 
     /// Stores an accepted message with its `Received:` header; returns the queue id.
     pub async fn store(&self, m: Message) -> Result<String, String> {
-        let d = self.throttle("data", m.peer, |t| t.on_message(m.peer, now_ms()));
+        let d = self.throttle("data", m.peer, |t| t.on_message(m.peer, self.now_ms()));
         if let Decision::Refuse { .. } = d {
             return Err(throttle_reply(Stage::Transaction, &d));
         }
@@ -445,7 +460,7 @@ impl Context {
                 if self.mode == Mode::Inbound && !self.throttle.is_trusted(m.peer) {
                     // A delivery: its pool is known to greylisting.
                     let pool = self.throttle.block_of(m.peer).to_string();
-                    self.throttle.greylist().delivered(&pool, now_ms());
+                    self.throttle.greylist().delivered(&pool, self.now_ms());
                 }
                 self.relay_wake.notify_one();
                 Ok(entry.id)
@@ -657,7 +672,7 @@ async fn connection(
             }
         },
     };
-    match ctx.throttle("connect", ip, |t| t.on_connect(ip, now_ms())) {
+    match ctx.throttle("connect", ip, |t| t.on_connect(ip, ctx.now_ms())) {
         Decision::Accept => {}
         d @ Decision::Refuse { .. } => {
             let line = format!("{}\r\n", throttle_reply(Stage::Connect, &d));

@@ -30,7 +30,7 @@ use tracing::info;
 use super::Context;
 use crate::slots::{KeyedSlots, Slot};
 use crate::suspect::{ProtocolTest, Verdict};
-use crate::throttle::{now_ms, Block};
+use crate::throttle::Block;
 
 /// Longest a tarpit may run (`[suspect] tarpit_time` is validated below it).
 pub const MAX_TARPIT: Duration = Duration::from_secs(60);
@@ -93,7 +93,7 @@ pub async fn at_connect(ctx: &Context, ip: IpAddr) -> Connect {
         let score = tokio::time::timeout(budget, d.lookup(ip))
             .await
             .unwrap_or_default();
-        let now = now_ms();
+        let now = ctx.clock.now_ms();
         let (allow, list): (Vec<_>, Vec<_>) = policy
             .dnsbl_signals(&score, now)
             .into_iter()
@@ -103,7 +103,7 @@ pub async fn at_connect(ctx: &Context, ip: IpAddr) -> Connect {
         }
         own = allow;
     }
-    let v = throttle.suspect_verdict_with(ip, &own, now_ms());
+    let v = throttle.suspect_verdict_with(ip, &own, ctx.clock.now_ms());
     metrics::counter!("magicmx_suspect_connections_total", "level" => level_name(&v)).increment(1);
     if let Some(r) = v.refusal() {
         info!(client = %ip, block = %throttle.block_of(ip), score = v.score, reason = %r, "suspect refused at connect");
@@ -211,7 +211,7 @@ impl Screen {
         if !self.tests {
             return None;
         }
-        let now = now_ms();
+        let now = ctx.clock.now_ms();
         let detail = match test {
             ProtocolTest::Pregreet => "sent before the banner",
             ProtocolTest::Pipelining => "pipelined without PIPELINING",
@@ -238,7 +238,9 @@ impl Screen {
             return None;
         }
         metrics::counter!("magicmx_suspect_invalid_recipients_total", "trap" => if trap { "yes" } else { "no" }).increment(1);
-        let v = ctx.throttle.on_invalid_recipient(ip, address, now_ms());
+        let v = ctx
+            .throttle
+            .on_invalid_recipient(ip, address, ctx.clock.now_ms());
         if v.is_suspect() {
             info!(client = %ip, block = %ctx.throttle.block_of(ip), rcpt = address, trap, score = v.score, "invalid recipient");
         }

@@ -32,6 +32,17 @@ impl InProc {
 
     /// Like `start`, with extra `[smtp]` lines.
     pub fn start_with_smtp(smtp: &str, toml_tail: &str) -> InProc {
+        InProc::start_on(magicmx::clock::Clock::system(), smtp, toml_tail)
+    }
+
+    /// Like `start_with_smtp`, on a manual clock the test advances (throttle
+    /// windows and penalties, greylisting, hold and retries follow it).
+    pub fn start_manual(smtp: &str, toml_tail: &str) -> (InProc, magicmx::clock::ManualClock) {
+        let (clock, manual) = magicmx::clock::Clock::manual_now();
+        (InProc::start_on(clock, smtp, toml_tail), manual)
+    }
+
+    fn start_on(clock: magicmx::clock::Clock, smtp: &str, toml_tail: &str) -> InProc {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("node.toml");
         // Recipient verification needs a reachable real MX; the tests that
@@ -53,7 +64,9 @@ impl InProc {
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async move {
-                let node = magicmx::Node::start(config, stop).await.unwrap();
+                let node = magicmx::Node::start_with_clock(config, stop, clock)
+                    .await
+                    .unwrap();
                 tx.send((
                     node.throttle.clone(),
                     node.smtp_addrs[0],
