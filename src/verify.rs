@@ -200,6 +200,12 @@ impl Verifier {
     /// Stores `e` at `k` (an address, or a domain's accept-all mark) and
     /// marks it for gossip.
     fn insert(&self, domain: bool, k: Key, e: Entry) {
+        self.insert_if(domain, k, e, false);
+    }
+
+    /// [`Verifier::insert`], or (`only_newer`) only if `e` is newer than
+    /// what is held, checked and stored under one lock. True if stored.
+    fn insert_if(&self, domain: bool, k: Key, e: Entry, only_newer: bool) -> bool {
         let now = self.clock.now_ms();
         let max = self.cfg.max_cache_entries;
         let mut st = self.lock();
@@ -207,6 +213,9 @@ impl Verifier {
             false => &mut st.addresses,
             true => &mut st.accept_all,
         };
+        if only_newer && table.get(&k).is_some_and(|old| e.at_ms <= old.at_ms) {
+            return false;
+        }
         bounded_insert(table, k, e, max, |e| self.fresh(domain, e, now));
         if !domain {
             metrics::gauge!("magicmx_verify_cache_entries").set(st.addresses.len() as f64);
@@ -214,6 +223,7 @@ impl Verifier {
         if st.changed.len() < max {
             st.changed.insert((domain, k), PUSH_ROUNDS);
         }
+        true
     }
 
     /// Up to `max` changed verdicts and accept-all marks for gossip (each
@@ -246,18 +256,7 @@ impl Verifier {
         if e.at_ms > now.saturating_add(MAX_SKEW_MS) || !self.fresh(domain, &e, now) {
             return false;
         }
-        let newer = {
-            let st = self.lock();
-            let table = match domain {
-                false => &st.addresses,
-                true => &st.accept_all,
-            };
-            table.get(&k).is_none_or(|old| e.at_ms > old.at_ms)
-        };
-        if newer {
-            self.insert(domain, k, e);
-        }
-        newer
+        self.insert_if(domain, k, e, true)
     }
 
     /// Verdicts and accept-all marks held now.
