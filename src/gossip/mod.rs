@@ -763,7 +763,17 @@ impl Core {
     /// Tells a peer that came up (joined, rejoined, restarted) the blocks
     /// that are suspects now: their changes were pushed for a few rounds
     /// only, maybe before it was there. Counts it relearns by anti-entropy.
+    ///
+    /// Every member sees the same peer come up, so each one tells it with
+    /// probability `fanout / live members`: about `fanout` snapshots reach
+    /// a joiner whatever the network's size, not one from every member (and
+    /// not a scan of the block table at every node per join).
     fn send_suspect_snapshot(self: &Arc<Self>, to: &NodeId) {
+        let live = self.members().live_count().max(1);
+        let fanout = self.config.gossip.fanout.max(1);
+        if live > fanout && rand::random_range(0..live) >= fanout {
+            return;
+        }
         let states = self.throttle.suspect_snapshot(MAX_SUSPECTS, now_ms());
         if states.is_empty() {
             return;
