@@ -33,7 +33,7 @@ use crate::dns::{Dns, MxAnswer};
 use crate::listener::{Admission, Bounds};
 use crate::slots::{KeyedSlots, Slot};
 use crate::spool::{Envelope, Origin, RcptState, Recipient, Spool};
-use crate::throttle::{block_of, Block, Decision, Throttle};
+use crate::throttle::{block_of, Block, Decision, Penalised, Reason, Throttle};
 use session::{Event, Message, Session, SessionConfig, Verdict};
 
 /// Which door a connection came through.
@@ -239,8 +239,8 @@ impl Context {
         }
         match self.throttle("rcpt", peer, |t| t.on_rcpt(peer, self.now_ms())) {
             Decision::Accept => {}
-            d @ Decision::Refuse { .. } => {
-                return Verdict::Refuse(throttle_reply(Stage::Transaction, &d))
+            Decision::Refuse { reason, penalty } => {
+                return Verdict::Refuse(throttle_reply(Stage::Transaction, reason, penalty))
             }
             Decision::Drop { reason } => {
                 return Verdict::Refuse(format!(
@@ -412,8 +412,8 @@ impl Context {
     /// Stores an accepted message with its `Received:` header; returns the queue id.
     pub async fn store(&self, m: Message) -> Result<String, String> {
         let d = self.throttle("data", m.peer, |t| t.on_message(m.peer, self.now_ms()));
-        if let Decision::Refuse { .. } = d {
-            return Err(throttle_reply(Stage::Transaction, &d));
+        if let Decision::Refuse { reason, penalty } = d {
+            return Err(throttle_reply(Stage::Transaction, reason, penalty));
         }
         let now = unix_now();
         let mut body = received_header(&self.config.node.hostname, &m, now).into_bytes();
@@ -619,12 +619,9 @@ enum Stage {
     Transaction,
 }
 
-/// The reply line (no CRLF) for a throttle refusal at `stage`; empty for a
-/// decision that is not one.
-fn throttle_reply(stage: Stage, d: &Decision) -> String {
-    let Decision::Refuse { reason, penalty } = d else {
-        return String::new();
-    };
+/// The reply line (no CRLF) for a throttle refusal (`Decision::Refuse`'s
+/// fields) at `stage`.
+fn throttle_reply(stage: Stage, reason: Reason, penalty: Option<Penalised>) -> String {
     match (stage, penalty) {
         (Stage::Connect, Some(p)) => format!(
             "421 4.7.0 Too much mail from your network ({}); try again in {} seconds",
@@ -674,8 +671,8 @@ async fn connection(
     };
     match ctx.throttle("connect", ip, |t| t.on_connect(ip, ctx.now_ms())) {
         Decision::Accept => {}
-        d @ Decision::Refuse { .. } => {
-            let line = format!("{}\r\n", throttle_reply(Stage::Connect, &d));
+        Decision::Refuse { reason, penalty } => {
+            let line = format!("{}\r\n", throttle_reply(Stage::Connect, reason, penalty));
             let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(line.as_bytes()))
                 .await;
             let _ = stream.shutdown().await;
@@ -988,31 +985,24 @@ mod tests {
 
     #[test]
     fn throttle_refusals_are_worded_by_stage() {
-        use crate::throttle::{Decision, Penalised, Reason};
+        use crate::throttle::{Penalised, Reason};
         use std::time::Duration;
-        let over = Decision::Refuse {
-            reason: Reason::TooManyConnections,
-            penalty: None,
-        };
+        let over = (Reason::TooManyConnections, None);
         assert_eq!(
-            throttle_reply(Stage::Connect, &over),
+            throttle_reply(Stage::Connect, over.0, over.1),
             "421 4.7.0 Too much mail from your network (too_many_connections); try again later"
         );
         assert_eq!(
-            throttle_reply(Stage::Transaction, &over),
+            throttle_reply(Stage::Transaction, over.0, over.1),
             "450 4.7.1 Too much mail from your network (too_many_connections); try again later"
         );
-        let boxed = Decision::Refuse {
-            reason: Reason::PenaltyBox,
-            penalty: Some(Penalised {
-                cause: Some(Reason::TooManyMessages),
-                left: Duration::from_secs(42),
-            }),
-        };
+        let boxed = Some(Penalised {
+            cause: Some(Reason::TooManyMessages),
+            left: Duration::from_secs(42),
+        });
         assert_eq!(
-            throttle_reply(Stage::Connect, &boxed),
+            throttle_reply(Stage::Connect, Reason::PenaltyBox, boxed),
             "421 4.7.0 Too much mail from your network (too_many_messages); try again in 42 seconds"
         );
-        assert_eq!(throttle_reply(Stage::Connect, &Decision::Accept), "");
     }
 }
