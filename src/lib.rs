@@ -272,7 +272,7 @@ impl Node {
                 server = server.with_network_keys(keys);
             }
             if let Some(g) = gossip.clone() {
-                server = server.with_member_keys(Arc::new(move || g.member_keys()));
+                server = server.with_member_keys(Arc::new(move |key| g.member_with_key(key)));
             }
             tasks.spawn("policy listener", server.serve(l, shutdown.clone()));
         }

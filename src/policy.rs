@@ -135,9 +135,11 @@ impl PolicySettings {
 /// Addresses of magic nodes learned at run time (gossip membership).
 pub type PeerAddrs = Arc<dyn Fn() -> Vec<IpAddr> + Send + Sync>;
 
-/// Public-key fingerprints of the live members' certificates and their
-/// names, learned at run time (gossip membership), this node's own included.
-pub type MemberKeys = Arc<dyn Fn() -> Vec<(Fingerprint, String)> + Send + Sync>;
+/// The live member (this node included) whose certificate's public key
+/// has this fingerprint, by name: learned at run time (gossip membership).
+/// Asked once per request with a client certificate, so a lookup, not a
+/// list of every member.
+pub type MemberKeys = Arc<dyn Fn(&Fingerprint) -> Option<String> + Send + Sync>;
 
 /// One policy request: its attributes, names lower-case as Postfix sends them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -424,13 +426,10 @@ impl PolicyServer {
                 .increment(1);
             return Some(name);
         }
-        let member = self
-            .member_keys
-            .as_ref()
-            .and_then(|keys| keys().into_iter().find(|(k, _)| *k == fp))?;
+        let member = self.member_keys.as_ref().and_then(|keys| keys(&fp))?;
         metrics::counter!("magicmx_policy_network_key_matches_total", "source" => "member")
             .increment(1);
-        Some(member.1)
+        Some(member)
     }
 
     /// The action for one request at `now` (counts a refusal when it refuses).
@@ -831,7 +830,8 @@ mod tests {
             ([0x11u8; 32], [0x22u8; 32], [0x33u8; 32], [0x44u8; 32]);
         std::fs::write(&path, netkeys::line(&pinned, "node1")).unwrap();
         let t0 = Instant::now();
-        let members: MemberKeys = Arc::new(move || vec![(member, "node2".to_string())]);
+        let members: MemberKeys =
+            Arc::new(move |fp: &Fingerprint| (*fp == member).then(|| "node2".to_string()));
         let p = PolicyServer::new(settings(), None)
             .with_network_keys(NetworkKeys::open(&path, t0).unwrap())
             .with_member_keys(members);

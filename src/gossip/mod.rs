@@ -339,26 +339,20 @@ impl Gossip {
         out
     }
 
-    /// The certificate key fingerprints of every live member that vouched
-    /// for itself, with its name, this node's included (for the real-MX
-    /// policy service).
-    pub fn member_keys(&self) -> Vec<(Fingerprint, String)> {
-        let mut out: Vec<(Fingerprint, String)> = self
-            .core
-            .own_key
-            .map(|k| (k, self.core.name.clone()))
-            .into_iter()
-            .collect();
-        let live: Vec<String> = {
-            let m = self.core.members();
-            m.vouched_live().map(|id| id.name.clone()).collect()
+    /// The live member that vouched for itself (this node included) whose
+    /// certificate key is `key`, by name (for the real-MX policy service).
+    pub fn member_with_key(&self, key: &Fingerprint) -> Option<String> {
+        if self.core.own_key.as_ref() == Some(key) {
+            return Some(self.core.name.clone());
+        }
+        let name = {
+            let keys = self.core.lock_member_keys();
+            keys.iter()
+                .find(|(_, k)| *k == key)
+                .map(|(n, _)| n.clone())?
         };
-        let keys = self.core.lock_member_keys();
-        out.extend(
-            live.into_iter()
-                .filter_map(|name| keys.get(&name).map(|k| (*k, name))),
-        );
-        out
+        let live = self.core.members().vouched_live().any(|id| id.name == name);
+        live.then_some(name)
     }
 }
 
