@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod dns;
 pub mod dnsbl;
+pub mod dnslist;
 pub mod gossip;
 pub mod greylist;
 pub mod hops;
@@ -415,10 +416,11 @@ fn describe(e: tokio::task::JoinError) -> String {
     format!("panicked: {msg}")
 }
 
-/// A test-only fault: in a debug build, `MAGICMX_TEST_PANIC_TASK=NAME`
-/// makes the task of that name panic shortly after the node started, so
-/// tests can check that the node goes down with it. Release builds do not
-/// read the variable.
+/// A test-only fault: in a build with the `fault-hooks` feature,
+/// `MAGICMX_TEST_PANIC_TASK=NAME` makes the task of that name panic shortly
+/// after the node started, so tests can check that the node goes down with
+/// it. A build without the feature (every build for use) does not read the
+/// variable.
 mod fault {
     use std::future::Future;
     use std::pin::Pin;
@@ -427,7 +429,7 @@ mod fault {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        #[cfg(debug_assertions)]
+        #[cfg(feature = "fault-hooks")]
         if std::env::var("MAGICMX_TEST_PANIC_TASK").is_ok_and(|v| v == name) {
             return Box::pin(async move {
                 tokio::select! {
@@ -438,7 +440,7 @@ mod fault {
                 }
             });
         }
-        #[cfg(not(debug_assertions))]
+        #[cfg(not(feature = "fault-hooks"))]
         let _ = name;
         Box::pin(task)
     }

@@ -612,6 +612,38 @@ fn membership_learns_detects_and_rejoins() {
     assert!(wait_until(Duration::from_secs(5), || all_see(&nodes, 10)).is_some());
 }
 
+/// Issue 10: a build without the `fault-hooks` feature (every build for
+/// use) ignores the block file: a node told to cut itself off from its
+/// peers still gossips with them.
+#[cfg(not(feature = "fault-hooks"))]
+#[test]
+fn a_build_without_fault_hooks_ignores_the_block_file() {
+    let _g = serial();
+    let ca = network_ca(&["a", "b"]);
+    let nodes = cluster(ca.path(), &["a", "b"], true);
+    for (n, other) in [(&nodes[0], &nodes[1]), (&nodes[1], &nodes[0])] {
+        std::fs::write(n.block_file.as_ref().unwrap(), other.gossip.to_string()).unwrap();
+    }
+    // The hook re-reads its file every 100 ms; give it a few rounds.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(flood([127, 3, 4], &[nodes[0].smtp], 3, 100), 3);
+    let views = || {
+        nodes
+            .iter()
+            .map(|n| n.connections("127.3.4.1"))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || views() == [3, 3]).is_some(),
+        "the block file cut the nodes apart: {:?}",
+        views()
+    );
+    assert_eq!(nodes[0].alive_peers(), ["b"]);
+}
+
+/// Needs the block-file fault hook: `cargo test --features fault-hooks`
+/// (or `interop`, which CI runs).
+#[cfg(feature = "fault-hooks")]
 #[test]
 fn partition_heals_and_counts_converge() {
     let _g = serial();

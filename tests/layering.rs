@@ -19,6 +19,7 @@ const LEAVES: &[&str] = &[
     "telemetry",
     "slots",
     "netkeys",
+    "dnslist",
 ];
 const ROOTS: &[&str] = &["lib", "main", "node"];
 
@@ -158,19 +159,9 @@ fn leaf_modules_import_nothing_from_the_crate() {
     }
 }
 
-/// Edges not followed by the cycle check, each a known debt to repay:
-/// `config` validates `[dnsbl] sites` with the DNSBL site parser, which
-/// itself reads `DnsblConfig` (the parser should move to a leaf).
-const KNOWN_EDGES: &[(&str, &str)] = &[("config", "dnsbl")];
-
 #[test]
 fn modules_form_no_cycle() {
-    let mut g = graph();
-    for (from, to) in KNOWN_EDGES {
-        if let Some(out) = g.get_mut(*from) {
-            out.remove(*to);
-        }
-    }
+    let g = graph();
     // Depth-first search for a back edge, roots excluded (they may know all).
     fn visit(
         m: &str,
@@ -235,4 +226,73 @@ fn the_parser_sees_groups_and_skips_tests() {
         refs.into_iter().collect::<Vec<_>>(),
         ["a", "b", "e", "g"].map(String::from)
     );
+}
+
+/// The paths in backquotes in the first column of the README's layout
+/// table.
+fn layout_paths() -> Vec<String> {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let section = readme
+        .split("\n## Layout\n")
+        .nth(1)
+        .expect("the README has a ## Layout section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let mut paths = Vec::new();
+    for row in section.lines().filter(|l| l.starts_with("| `")) {
+        let first = row.split('|').nth(1).unwrap_or("");
+        paths.extend(first.split('`').skip(1).step_by(2).map(String::from));
+    }
+    paths
+}
+
+/// Issue 10: the README's layout table matches the tree: every path it
+/// names exists, and every file under `src/` is named, by itself or by
+/// its folder together with its file name in the row's description.
+#[test]
+fn the_readme_layout_table_matches_the_tree() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let paths = layout_paths();
+    assert!(!paths.is_empty(), "no layout table found");
+    for p in &paths {
+        assert!(
+            root.join(p).exists(),
+            "the layout table names {p}, which does not exist"
+        );
+    }
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let mut stack = vec![root.join("src")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if paths.contains(&rel) {
+                continue;
+            }
+            // A file in a folder row: the row names the folder and the
+            // file's path inside it.
+            let row = paths
+                .iter()
+                .filter(|p| p.ends_with('/') && rel.starts_with(p.as_str()))
+                .find_map(|folder| {
+                    let inside = &rel[folder.len()..];
+                    readme.lines().find(|l| {
+                        l.starts_with(&format!("| `{folder}`"))
+                            && l.contains(&format!("`{inside}`"))
+                    })
+                });
+            assert!(
+                row.is_some(),
+                "the README's layout table does not name {rel}"
+            );
+        }
+    }
 }

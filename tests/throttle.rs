@@ -196,7 +196,17 @@ fn mail_from_a_block_that_goes_over_during_the_hold_is_quarantined() {
         }),
         "message {id} never showed up in quarantine"
     );
-    std::thread::sleep(Duration::from_secs(2));
+    // The queue holds the quarantined message alone (a DSN would be there
+    // until sent): nothing more can reach the sink.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let (_, text) = node.cli(&["queue", "list"]);
+            let rows = common::node::queue_rows(&text);
+            rows.len() == 1 && rows[0].contains(&id) && rows[0].contains("[quarantined]")
+        }),
+        "the queue holds more than the quarantined message:\n{}",
+        node.cli(&["queue", "list"]).1
+    );
     assert!(
         sink.transactions().is_empty(),
         "quarantined mail (or a DSN) was sent: {:?}",

@@ -16,8 +16,10 @@
 //! a file, every socket address listed in it (one per line) is cut off at
 //! this layer: nothing is sent to it and everything from it is dropped. The
 //! file is re-read every 100 ms, so a test can open and heal a partition.
-//! Only debug builds (what `cargo test` runs) read the variable; a release
-//! build ignores it, as it ignores `MAGICMX_TEST_PANIC_TASK`.
+//! Only a build with the `fault-hooks` cargo feature reads the variable
+//! (`cargo test --features fault-hooks`, or `interop`, which implies it); a
+//! build without it, as every build for use is, ignores it, as it ignores
+//! `MAGICMX_TEST_PANIC_TASK`.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -170,8 +172,9 @@ impl Transport {
             tasks,
         });
         t.tasks.spawn(t.clone().accept_loop());
-        // Test hook (see the module header): never read in release builds.
-        let hook = match cfg!(debug_assertions) {
+        // Test hook (see the module header): read only in a build with the
+        // `fault-hooks` feature, which no build for use turns on.
+        let hook = match cfg!(feature = "fault-hooks") {
             true => std::env::var_os(BLOCK_FILE_ENV),
             false => None,
         };

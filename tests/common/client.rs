@@ -188,15 +188,6 @@ impl Client {
         self.expect(&format!("EHLO {name}"), 250)
     }
 
-    /// Asserts that nothing arrives within `wait` (no stray reply).
-    pub fn expect_silence(&mut self, wait: Duration, context: &str) -> SilenceEnd {
-        match self.next(wait) {
-            Next::Timeout => SilenceEnd::Open,
-            Next::Closed => SilenceEnd::Closed,
-            Next::Reply(r) => panic!("{context}: unexpected extra reply {r}"),
-        }
-    }
-
     /// Bytes received and not consumed yet.
     pub fn pending(&self) -> Vec<u8> {
         self.conn.pending().to_vec()
@@ -215,12 +206,6 @@ impl Client {
         );
         self.conn.upgrade_client(config, server_name)
     }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum SilenceEnd {
-    Open,
-    Closed,
 }
 
 /// RFC 5321 4.5.2 transparency: a leading `.` on a line is doubled.

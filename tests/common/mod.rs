@@ -19,7 +19,7 @@ pub mod tls;
 
 use std::time::{Duration, Instant};
 
-pub use client::{send_mail, simple_message, Client, Next, Reply, SilenceEnd};
+pub use client::{send_mail, simple_message, Client, Next, Reply};
 pub use dns::{DnsServer, Rec};
 pub use node::{Node, NodeConf};
 pub use sink::{Sink, Txn};

@@ -416,6 +416,25 @@ impl Node {
             .unwrap_or_else(|e| panic!("cannot run {BIN} {args:?}: {e}"))
     }
 
+    /// Waits until `magicmx queue list` shows no message; panics after
+    /// `timeout`. A message that is no longer queued can never be sent
+    /// again, so a test that checks that nothing more happens (no second
+    /// delivery, no DSN, no retry) waits for this instead of sleeping.
+    pub fn wait_queue_empty(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let listing = self.queue_list();
+            if queue_rows(&listing).is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the queue did not drain within {timeout:?}:\n{listing}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `magicmx queue list`, asserting success; returns stdout.
     pub fn queue_list(&self) -> String {
         let out = self.cli(&["queue", "list"]);
