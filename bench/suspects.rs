@@ -114,19 +114,26 @@ fn summary(mut v: Vec<Duration>) -> String {
 
 // ------------------------------------------------------------ tarpit
 
-/// The address of tarpitted client `i`: one per /24, 250 /24s per /16.
-fn tarpit_ip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(127, 20 + (i / 250) as u8, (i % 250) as u8, 10)
+/// The address of tarpitted client `i` of `blocks` /24s (250 /24s per
+/// /16): client `i` is in block `i % blocks`, host `10 + i / blocks`.
+fn tarpit_ip(i: usize, blocks: usize) -> Ipv4Addr {
+    let b = i % blocks;
+    Ipv4Addr::new(
+        127,
+        20 + (b / 250) as u8,
+        (b % 250) as u8,
+        (10 + i / blocks) as u8,
+    )
 }
 
 /// The child: opens `n` sessions to `to`, prints `ready`, holds them until
 /// stdin closes. It reads nothing (the tarpit writes a byte a second).
-async fn tarpit_clients(to: SocketAddr, n: usize) {
+async fn tarpit_clients(to: SocketAddr, n: usize, blocks: usize) {
     raise_nofile();
     let mut held = Vec::with_capacity(n);
     let mut failed = 0;
     for i in 0..n {
-        match connect_from(tarpit_ip(i), to).await {
+        match connect_from(tarpit_ip(i, blocks), to).await {
             Ok(s) => held.push(s),
             Err(_) => failed += 1,
         }
@@ -157,12 +164,21 @@ async fn metric(admin: SocketAddr, name: &str) -> f64 {
 
 async fn tarpit() {
     let n = env_usize("SESSIONS", 5_000);
+    // BLOCKS < SESSIONS puts several sessions in each /24, so that the
+    // per-session figure leaves out the per-block state (throttle entry,
+    // suspect state): several per block.
+    // (At most 90 per block: the demo's throttle.max_connections is 100,
+    // kept whole for suspects by limit_factor = 1 in that case.)
+    let blocks = env_usize("BLOCKS", n).clamp(n.div_ceil(90).max(1), n.max(1));
     let limit = raise_nofile();
-    println!("== tarpit: {n} tarpitted sessions (RLIMIT_NOFILE now {limit})");
+    println!("== tarpit: {n} tarpitted sessions from {blocks} /24s (RLIMIT_NOFILE now {limit})");
     let mut recs = vec![Rec::A("2.0.0.127.bl.test", "127.0.0.2")];
     for i in 0..n {
         // 127.0.0.4 weighs 3: a suspect (tarpitted), not refused.
-        recs.push(Rec::A(reversed(tarpit_ip(i), "bl.test"), "127.0.0.4"));
+        recs.push(Rec::A(
+            reversed(tarpit_ip(i, blocks), "bl.test"),
+            "127.0.0.4",
+        ));
     }
     let dns = DnsServer::start(&recs);
     let stop = CancellationToken::new();
@@ -173,15 +189,18 @@ async fn tarpit() {
     let dir = TempDir::new().unwrap();
     let extra = Extra {
         smtp: format!(
-            "max_connections = {}\nmax_connections_per_family = {}\n",
+            "max_connections = {}\nmax_connections_per_family = {}\nmax_connections_per_block = {}\n",
+            n + 100,
             n + 100,
             n + 100
         ),
         throttle: String::new(),
         tables: format!(
             "[dnsbl]\nsites = [\"bl.test=127.0.0.[2..11]*3\"]\ntimeout = \"2s\"\n\
-             [suspect]\ntarpit_time = \"60s\"\nmax_tarpitted = {}\n",
-            n + 100
+             [suspect]\ntarpit_time = \"60s\"\nmax_tarpitted = {}\nmax_tarpitted_per_block = {}\n{}",
+            n + 100,
+            n.div_ceil(blocks) + 1,
+            if blocks < n { "limit_factor = 1.0\n" } else { "" }
         ),
     };
     let nodes = start_nodes(dir.path(), 1, mx.addr.port(), dns.addr, &extra, &stop)
@@ -199,7 +218,12 @@ async fn tarpit() {
     let cpu0 = cpu_time();
 
     let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["tarpit-clients", &smtp.to_string(), &n.to_string()])
+        .args([
+            "tarpit-clients",
+            &smtp.to_string(),
+            &n.to_string(),
+            &blocks.to_string(),
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -659,7 +683,8 @@ fn main() {
         Some("tarpit-clients") => {
             let to = args[1].parse().unwrap();
             let n = args[2].parse().unwrap();
-            rt.block_on(tarpit_clients(to, n));
+            let blocks = args[3].parse().unwrap();
+            rt.block_on(tarpit_clients(to, n, blocks));
         }
         Some("tarpit") => rt.block_on(tarpit()),
         Some("botnet") => rt.block_on(botnet()),

@@ -16,7 +16,14 @@
 //! [`MAX_BATCH`] operations), applies it all in one write transaction,
 //! commits once with [`Durability::Immediate`] and only then answers each
 //! waiter. While one commit is being fsynced the next batch piles up, so the
-//! batch grows with the load. The file is opened in redb's `ExclusiveWriter`
+//! batch grows with the load. A batch of removals alone (delivered mail) is
+//! committed without an fsync ([`Durability::None`]): the next durable
+//! commit (the next store, or at most [`LAZY_REMOVALS_FOR`] later, or at
+//! close) makes it durable. A crash in between brings those messages back
+//! and they are delivered again: a duplicate, never a loss, as when Postfix
+//! unlinks a delivered queue file without an fsync. "Acknowledged means
+//! fsynced" is untouched: every store, update and damage record is durable
+//! before its waiter hears back. The file is opened in redb's `ExclusiveWriter`
 //! mode with one-phase commits (checksummed commit slots): one fsync per
 //! commit, where the multi-process mode needs two. Another process therefore
 //! cannot open a running node's spool: `magicmx queue list` asks the node
@@ -86,6 +93,9 @@ pub const CONTROL_SOCKET: &str = "queue.sock";
 
 /// Most operations applied in one write transaction (one fsync).
 pub const MAX_BATCH: usize = 512;
+/// At most this long between a removal committed without fsync and the
+/// durable commit that covers it (bounds the duplicates after a crash).
+pub const LAZY_REMOVALS_FOR: Duration = Duration::from_millis(200);
 
 /// Capacity of the channel to the writer thread; senders wait beyond it.
 const CHANNEL_CAPACITY: usize = 2048;
@@ -823,8 +833,9 @@ impl Spool {
         Ok(self.len()? == 0)
     }
 
-    /// Number of write transactions committed since [`Spool::open`], each
-    /// one fsync. With group commit this grows much slower than [`Spool::writes`].
+    /// Number of durable commits (each one fsync) since [`Spool::open`].
+    /// With group commit, and removals riding on the next durable commit,
+    /// this grows much slower than [`Spool::writes`].
     pub fn commits(&self) -> u64 {
         self.inner.shared.commits.load(Ordering::Relaxed)
     }
@@ -1432,7 +1443,33 @@ fn writer_thread(shared: Arc<Shared>, mut receiver: mpsc::Receiver<Op>, done: wa
     // Set after a failed commit: redb refuses every write after an I/O
     // error until the file is reopened.
     let mut broken = false;
-    while let Some(first) = receiver.blocking_recv() {
+    // A timer for the wait while removals are committed but not yet synced;
+    // without one (it cannot fail short of resource exhaustion) every
+    // commit is durable.
+    let timer = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .map_err(|e| warn!(error = %e, "spool writer: no timer; every commit is durable"))
+        .ok();
+    // When the oldest removal not yet synced was committed.
+    let mut unsynced: Option<std::time::Instant> = None;
+    loop {
+        let first = match (&timer, unsynced) {
+            (Some(rt), Some(since)) => {
+                let left = LAZY_REMOVALS_FOR.saturating_sub(since.elapsed());
+                match rt.block_on(async { tokio::time::timeout(left, receiver.recv()).await }) {
+                    Ok(op) => op,
+                    Err(_) => {
+                        // Idle: make the removals durable now.
+                        broken = broken || !sync(&shared);
+                        unsynced = None;
+                        continue;
+                    }
+                }
+            }
+            _ => receiver.blocking_recv(),
+        };
+        let Some(first) = first else { break };
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -1461,10 +1498,23 @@ fn writer_thread(shared: Arc<Shared>, mut receiver: mpsc::Receiver<Op>, done: wa
             continue;
         };
         let size = batch.len();
+        let removals_only = batch.iter().all(|op| matches!(op, Op::Remove { .. }));
+        let lazy = timer.is_some()
+            && removals_only
+            && unsynced.is_none_or(|t| t.elapsed() < LAZY_REMOVALS_FOR);
+        let durability = match lazy {
+            true => Durability::None,
+            false => Durability::Immediate,
+        };
         // A panic inside redb (a damaged file) drops the batch's reply
         // channels, so its waiters get an error; the thread carries on.
-        match catch_unwind(AssertUnwindSafe(|| apply_batch(&db, batch, &shared))) {
-            Ok(true) => {}
+        match catch_unwind(AssertUnwindSafe(|| {
+            apply_batch(&db, batch, &shared, durability)
+        })) {
+            Ok(true) if lazy => {
+                unsynced.get_or_insert_with(std::time::Instant::now);
+            }
+            Ok(true) => unsynced = None,
             Ok(false) => broken = true,
             Err(_) => {
                 error!(batch = size, "spool writer panicked during a batch");
@@ -1473,9 +1523,43 @@ fn writer_thread(shared: Arc<Shared>, mut receiver: mpsc::Receiver<Op>, done: wa
             }
         }
     }
+    if unsynced.is_some() && !broken {
+        sync(&shared);
+    }
     // Release the file before telling close() that the writer is done.
     drop(write_lock(&shared.db).take());
     done.send_replace(true);
+}
+
+/// An empty durable commit: makes every commit before it durable (one
+/// fsync). False (and the spool marked failing) if it failed.
+fn sync(shared: &Shared) -> bool {
+    let Some(db) = read_lock(&shared.db).clone() else {
+        return false;
+    };
+    let commit = || -> Result<(), String> {
+        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| e.to_string())?;
+        txn.set_two_phase_commit(false);
+        txn.commit().map_err(|e| e.to_string())
+    };
+    match catch_unwind(AssertUnwindSafe(commit)) {
+        Ok(Ok(())) => {
+            shared.commits.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("magicmx_spool_commits_total").increment(1);
+            true
+        }
+        Ok(Err(msg)) => {
+            error!(error = %msg, "spool sync of committed removals failed");
+            set_failing(shared, &msg);
+            false
+        }
+        Err(_) => {
+            set_failing(shared, "the store panicked during a sync");
+            false
+        }
+    }
 }
 
 fn set_failing(shared: &Shared, reason: &str) {
@@ -1624,15 +1708,14 @@ struct Tables<'t> {
 
 /// Applies the batch in one transaction, updates the index, answers every
 /// waiter. Returns false if the transaction failed (the file needs a reopen).
-fn apply_batch(db: &Database, batch: Vec<Op>, shared: &Shared) -> bool {
+fn apply_batch(db: &Database, batch: Vec<Op>, shared: &Shared, durability: Durability) -> bool {
     let mut answers = Vec::with_capacity(batch.len());
     let mut changes = Vec::with_capacity(batch.len());
     let mut probes = Vec::new();
     let mut ops = batch.into_iter();
     let outcome = (|| -> Result<bool, String> {
         let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| e.to_string())?;
+        txn.set_durability(durability).map_err(|e| e.to_string())?;
         // One-phase commit: one fsync, and redb's checksummed commit slots
         // make the last commit valid after a crash. No quick-repair: it
         // saves the allocator state at every commit, a cost that grows with
@@ -1670,10 +1753,12 @@ fn apply_batch(db: &Database, batch: Vec<Op>, shared: &Shared) -> bool {
     match outcome {
         Ok(committed) => {
             if committed {
-                shared.commits.fetch_add(1, Ordering::Relaxed);
                 let writes = changes.len() as u64;
                 shared.writes.fetch_add(writes, Ordering::Relaxed);
-                metrics::counter!("magicmx_spool_commits_total").increment(1);
+                if matches!(durability, Durability::Immediate) {
+                    shared.commits.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("magicmx_spool_commits_total").increment(1);
+                }
                 metrics::counter!("magicmx_spool_writes_total").increment(writes);
                 set_ok(shared);
             }
@@ -2201,6 +2286,42 @@ mod tests {
         assert_eq!(spool.len().unwrap(), 200);
         assert!(commits >= 1);
         assert!(commits < 200 / 4, "200 stores took {commits} commits");
+    }
+
+    /// Issue 17: removals alone ride without an fsync, and are made
+    /// durable by one sync once the writer has been idle for
+    /// `LAZY_REMOVALS_FOR`, or at close; a store is always durable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn removals_alone_are_synced_later_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let stored = store_some(&spool, 20).await;
+        let before = spool.commits();
+        for e in &stored[..10] {
+            spool.remove(&e.id).await.unwrap();
+        }
+        assert_eq!(spool.commits(), before, "a removal alone was fsynced");
+        assert_eq!(spool.len().unwrap(), 10);
+        // A store after the removals: durable, and it covers them.
+        spool.store(envelope(99), body(99), 0).await.unwrap();
+        assert_eq!(spool.commits(), before + 1);
+        // Removals, then idle: one sync within the bound.
+        for e in &stored[10..15] {
+            spool.remove(&e.id).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while spool.commits() == before + 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(spool.commits(), before + 2, "the idle removals were not synced");
+        // The last removals before close are synced by close.
+        for e in &stored[15..] {
+            spool.remove(&e.id).await.unwrap();
+        }
+        spool.close().await;
+        drop(spool);
+        let spool = Spool::open(dir.path()).unwrap();
+        assert_eq!(spool.len().unwrap(), 1, "removals lost or stores gone");
     }
 
     async fn store_some(spool: &Spool, count: u64) -> Vec<QueueEntry> {
