@@ -294,10 +294,10 @@ pub struct RelayConfig {
     /// First retry delay; doubles per attempt up to `retry_max`.
     pub retry_initial: Dur,
     pub retry_max: Dur,
-    /// Simultaneous deliveries.
+    /// Simultaneous deliveries (Postfix's `default_process_limit`, 100).
     pub concurrency: usize,
     /// Simultaneous deliveries to one recipient domain (Postfix's
-    /// `default_destination_concurrency_limit`): a slow or stalling
+    /// `default_destination_concurrency_limit`, 20): a slow or stalling
     /// destination holds at most this many of the `concurrency` slots.
     pub destination_concurrency: usize,
     /// TCP connection to a real MX.
@@ -365,8 +365,8 @@ impl Default for RelayConfig {
             max_age: Dur::secs(5 * 86_400),
             retry_initial: Dur::secs(60),
             retry_max: Dur::secs(3_600),
-            concurrency: 20,
-            destination_concurrency: 5,
+            concurrency: 100,
+            destination_concurrency: 20,
             connect_timeout: Dur::secs(30),
             greeting_timeout: Dur::secs(120),
             command_timeout: Dur::secs(300),

@@ -370,7 +370,8 @@ domains = ["{DOMAIN}"]
 port = {sink_port}
 # The real MX is on loopback.
 deny_networks = []
-concurrency = 20
+# concurrency and destination_concurrency: the defaults, Postfix's (100 in
+# all, 20 per destination).
 retry_initial = "1s"
 retry_max = "5s"
 tls = "none"
