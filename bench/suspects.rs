@@ -3,7 +3,9 @@
 //! over QUIC, the in-process DNS and the in-process real MX):
 //!
 //! - `tarpit`: one node holds `SESSIONS` (default 5,000) tarpitted sessions
-//!   from as many listed 127.x blocks; the node's RSS per session and CPU
+//!   from as many listed 127.x blocks (or from `BLOCKS` blocks, several
+//!   sessions in each, to leave per-block state out of the per-session
+//!   figure); the node's RSS per session and CPU
 //!   are measured, and how fast a clean block still gets its banner. The
 //!   clients live in a child process (this bench run again), so the RSS
 //!   measured is the node's (plus the in-process DNS and MX, measured

@@ -2313,7 +2313,11 @@ mod tests {
         while spool.commits() == before + 1 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(spool.commits(), before + 2, "the idle removals were not synced");
+        assert_eq!(
+            spool.commits(),
+            before + 2,
+            "the idle removals were not synced"
+        );
         // The last removals before close are synced by close.
         for e in &stored[15..] {
             spool.remove(&e.id).await.unwrap();
