@@ -837,9 +837,12 @@ pub struct Signing {
 
 /// A DKIM selector: one or more dot-separated labels of letters, digits
 /// and hyphens (RFC 6376 3.1).
+/// Room is left in the last label for the key type the node appends
+/// (`-ed25519`).
 pub fn is_selector(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63 * 4
+        && s.rsplit('.').next().is_some_and(|l| l.len() <= 63 - 8)
         && s.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
@@ -1099,7 +1102,10 @@ impl Config {
                 ("sign.authserv_id", s.authserv_id.is_some()),
             ] {
                 if set {
-                    return Err(invalid(key, "needs sign.domain (signing is off without it)"));
+                    return Err(invalid(
+                        key,
+                        "needs sign.domain (signing is off without it)",
+                    ));
                 }
             }
             return Ok(());

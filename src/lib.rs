@@ -116,9 +116,8 @@ impl Node {
         );
         let signer = match config.signing() {
             Some(signing) => {
-                let (keys, _made) =
-                    sign::load_or_create(&signing, &config.node.data_dir, true)
-                        .context("sign: cannot load the DKIM keys")?;
+                let (keys, _made) = sign::load_or_create(&signing, &config.node.data_dir, true)
+                    .context("sign: cannot load the DKIM keys")?;
                 info!(domain = %signing.domain, selector = %signing.selector, keys = keys.keys.len(), "DKIM signing on");
                 Some(Arc::new(sign::Signer::new(
                     signing,

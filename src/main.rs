@@ -346,11 +346,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })?;
             print!("{report}");
             if !report.ok() {
-                anyhow::bail!(
-                    "{}: {} check(s) failed",
-                    report.domain,
-                    report.failures()
-                );
+                anyhow::bail!("{}: {} check(s) failed", report.domain, report.failures());
             }
             Ok(())
         }

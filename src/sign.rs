@@ -5,8 +5,9 @@
 //! it can check a DKIM signature instead. Each node signs the mail it
 //! accepts for the network's domains with `d=` the network's signing domain
 //! (`[sign] domain`) and `s=` its own selector (`[sign] selector`, default
-//! the node name), once with Ed25519 and once with RSA-2048 (RFC 8463 dual
-//! signing: not every verifier knows Ed25519).
+//! the node name) with the key type appended (`n1-ed25519`, `n1-rsa`: one
+//! record per name), once with Ed25519 and once with RSA-2048 (RFC 8463
+//! dual signing: not every verifier knows Ed25519).
 //!
 //! Data enters at acceptance: [`Signer::seal`] takes the client's message
 //! and the node's `Received:` header just before the spool stores them, so
@@ -168,7 +169,7 @@ impl Key {
                 let public = key.public_key();
                 let s = DkimSigner::from_key(key)
                     .domain(&signing.domain)
-                    .selector(&signing.selector)
+                    .selector(key_selector(signing, algorithm))
                     .headers(headers);
                 (public, KeySigner::Ed25519(s))
             }
@@ -177,7 +178,7 @@ impl Key {
                 let public = rsa_spki(&key.public_key());
                 let s = DkimSigner::from_key(key)
                     .domain(&signing.domain)
-                    .selector(&signing.selector)
+                    .selector(key_selector(signing, algorithm))
                     .headers(headers);
                 (public, KeySigner::Rsa(s))
             }
@@ -274,16 +275,27 @@ fn write_new_key(path: &Path, pem: &str) -> Result<(), SignError> {
 /// One selector TXT record to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRecord {
-    /// `<selector>._domainkey.<domain>.`
+    /// `<selector>-<k>._domainkey.<domain>.`
     pub name: String,
     pub algorithm: SignAlgorithm,
     /// `v=DKIM1; k=...; p=...`
     pub value: String,
 }
 
-/// The name of the selector records.
-pub fn record_name(signing: &Signing) -> String {
-    format!("{}._domainkey.{}.", signing.selector, signing.domain)
+/// The selector of one key: `<selector>-<k>` (`n1-ed25519`, `n1-rsa`).
+/// One name per key, because a verifier that finds several key records at
+/// one name may try only the first (RFC 6376 3.6.2.2; dkimpy does).
+pub fn key_selector(signing: &Signing, algorithm: SignAlgorithm) -> String {
+    format!("{}-{}", signing.selector, algorithm.key_type())
+}
+
+/// The name of one key's record: `<selector>-<k>._domainkey.<domain>.`
+pub fn record_name(signing: &Signing, algorithm: SignAlgorithm) -> String {
+    format!(
+        "{}._domainkey.{}.",
+        key_selector(signing, algorithm),
+        signing.domain
+    )
 }
 
 /// The TXT records that publish `keys` (pure).
@@ -291,7 +303,7 @@ pub fn records(signing: &Signing, keys: &Keys) -> Vec<KeyRecord> {
     keys.keys
         .iter()
         .map(|k| KeyRecord {
-            name: record_name(signing),
+            name: record_name(signing, k.algorithm()),
             algorithm: k.algorithm(),
             value: format!(
                 "v=DKIM1; k={}; p={}",
@@ -577,6 +589,9 @@ impl Signer {
         sender: &str,
     ) -> String {
         let helo_name = if helo.is_empty() { "unknown" } else { helo };
+        let id = self.signing.authserv_id.as_str();
+        // mail-auth writes `<id>; result...`; the results alone, to join.
+        let results = |r: AuthenticationResults| r.to_string()[id.len()..].to_string();
         let dkim = async {
             let Some(parsed) = AuthenticatedMessage::parse(message) else {
                 return ";\r\n\tdkim=permerror (unparsable message)".to_string();
@@ -585,9 +600,9 @@ impl Signer {
             match tokio::time::timeout(self.budget, verify).await {
                 Err(_) => ";\r\n\tdkim=temperror (timed out)".to_string(),
                 Ok(out) if out.is_empty() => ";\r\n\tdkim=none".to_string(),
-                Ok(out) => AuthenticationResults::new("")
-                    .with_dkim_results(&out, parsed.from())
-                    .to_string(),
+                Ok(out) => {
+                    results(AuthenticationResults::new(id).with_dkim_results(&out, parsed.from()))
+                }
             }
         };
         let spf = async {
@@ -602,16 +617,14 @@ impl Signer {
                     let from = if sender.is_empty() { "<>" } else { sender };
                     format!(";\r\n\tspf=temperror (timed out) smtp.mailfrom={from}")
                 }
-                Ok(out) => AuthenticationResults::new("")
-                    .with_spf_mailfrom_result(&out, peer, sender, helo_name)
-                    .to_string(),
+                Ok(out) => results(
+                    AuthenticationResults::new(id)
+                        .with_spf_mailfrom_result(&out, peer, sender, helo_name),
+                ),
             }
         };
         let (dkim, spf) = tokio::join!(dkim, spf);
-        format!(
-            "Authentication-Results: {}{dkim}{spf}\r\n",
-            self.signing.authserv_id
-        )
+        format!("Authentication-Results: {id}{dkim}{spf}\r\n")
     }
 }
 
@@ -732,9 +745,12 @@ mod tests {
         let (again, made) = load_or_create(&s, dir.path(), false).unwrap();
         assert!(made.is_empty());
         assert_eq!(records(&s, &again), first);
-        assert_eq!(first[0].name, "n1._domainkey.net.test.");
+        assert_eq!(first[0].name, "n1-ed25519._domainkey.net.test.");
+        assert_eq!(first[1].name, "n1-rsa._domainkey.net.test.");
         assert!(first[0].value.starts_with("v=DKIM1; k=ed25519; p="));
-        assert!(first[1].value.starts_with("v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8A"));
+        assert!(first[1]
+            .value
+            .starts_with("v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8A"));
         // A missing key without `create` names the file.
         let other = Signing {
             selector: "n2".into(),
@@ -744,8 +760,11 @@ mod tests {
         assert!(e.to_string().contains("n2.ed25519.pem"), "{e}");
         // A damaged key names the file and not its contents.
         let p = key_path(dir.path(), "n1", SignAlgorithm::Rsa);
-        std::fs::write(&p, "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n")
-            .unwrap();
+        std::fs::write(
+            &p,
+            "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+        )
+        .unwrap();
         let e = load_or_create(&s, dir.path(), false).unwrap_err();
         assert!(e.to_string().contains("n1.rsa.pem"), "{e}");
         assert!(!e.to_string().contains("AAAA"), "{e}");
@@ -759,7 +778,9 @@ mod tests {
         let text = zone_text(&recs, 300);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("n1._domainkey.net.test.\t300\tIN\tTXT\t\"v=DKIM1; k=ed25519; p="));
+        assert!(lines[0].starts_with(
+            "n1-ed25519._domainkey.net.test.\t300\tIN\tTXT\t\"v=DKIM1; k=ed25519; p="
+        ));
         let rsa_strings = txt_strings(&recs[1].value);
         assert!(rsa_strings.len() >= 2 && rsa_strings.iter().all(|s| s.len() <= 255));
         assert_eq!(rsa_strings.concat(), recs[1].value);

@@ -355,64 +355,54 @@ pub fn assess(config: &Config, answer: &MxAnswer, report: &mut Report) -> Split 
     split
 }
 
-/// Looks up the selector records of `[sign]` and checks that they publish
-/// exactly the node's keys: one record per key, with its `k=` and `p=`.
+/// Looks up the selector record of each of the node's keys
+/// (`<selector>-<k>._domainkey.<domain>`) and checks that it publishes
+/// exactly that key (`k=` and `p=`).
 pub async fn check_dkim(
     dns: &Dns,
     signing: &crate::config::Signing,
     keys: &crate::sign::Keys,
 ) -> Report {
-    let name = crate::sign::record_name(signing);
-    let mut report = Report::new(name.trim_end_matches('.'));
-    let found = match dns.txt(&name).await {
-        Ok(found) => found,
-        Err(e) => {
-            report.push(Status::Fail, format!("cannot look up {name}: {e}"));
-            return report;
-        }
-    };
-    let published: Vec<(String, Option<String>)> = found
-        .iter()
-        .filter(|t| t.trim_start().starts_with("v=DKIM1") || t.contains("p="))
-        .map(|t| crate::sign::parse_record(t))
-        .collect();
-    if published.is_empty() {
-        report.push(
-            Status::Fail,
-            format!("no DKIM key record at {name} (publish the output of `magicmx zone --dkim`)"),
-        );
-        return report;
-    }
+    let mut report = Report::new(&signing.domain);
     for key in &keys.keys {
         let k = key.algorithm().key_type();
-        let p = crate::sign::base64(key.public_key());
-        let same_type: Vec<&Option<String>> = published
-            .iter()
-            .filter(|(kk, _)| kk == k)
-            .map(|(_, pp)| pp)
-            .collect();
-        if same_type.iter().any(|pp| pp.as_deref() == Some(p.as_str())) {
-            report.push(Status::Ok, format!("{name} publishes the node's {k} key"));
-        } else if same_type.is_empty() {
-            report.push(Status::Fail, format!("{name} has no k={k} record"));
-        } else {
-            report.push(
-                Status::Fail,
-                format!("{name} has a k={k} record with another key than the node's"),
-            );
-        }
-    }
-    for (k, p) in &published {
-        let ours = keys.keys.iter().any(|key| {
-            key.algorithm().key_type() == k
-                && p.as_deref() == Some(crate::sign::base64(key.public_key()).as_str())
-        });
-        if !ours {
-            match p.as_deref() {
-                Some("") => report.push(Status::Info, format!("{name}: a revoked k={k} key (empty p=)")),
-                _ if keys.keys.iter().any(|key| key.algorithm().key_type() == k) => {}
-                _ => report.push(Status::Warn, format!("{name}: a k={k} record the node does not sign with")),
+        let name = crate::sign::record_name(signing, key.algorithm());
+        let found = match dns.txt(&name).await {
+            Ok(found) => found,
+            Err(e) => {
+                report.push(Status::Fail, format!("cannot look up {name}: {e}"));
+                continue;
             }
+        };
+        let keys_found: Vec<(String, Option<String>)> = found
+            .iter()
+            .filter(|t| t.trim_start().starts_with("v=DKIM1") || t.contains("p="))
+            .map(|t| crate::sign::parse_record(t))
+            .collect();
+        let ours = crate::sign::base64(key.public_key());
+        match keys_found.as_slice() {
+            [] => report.push(
+                Status::Fail,
+                format!("{name}: no DKIM key record (publish the output of `magicmx zone --dkim`)"),
+            ),
+            [(kk, Some(p))] if kk == k && *p == ours => {
+                report.push(Status::Ok, format!("{name} publishes the node's {k} key"))
+            }
+            [(kk, _)] if kk != k => report.push(
+                Status::Fail,
+                format!("{name}: the record is k={kk}, the node's key is k={k}"),
+            ),
+            [_] => report.push(
+                Status::Fail,
+                format!("{name}: the record publishes another key than the node's {k} key"),
+            ),
+            _ => report.push(
+                Status::Fail,
+                format!(
+                    "{name}: {} key records; verifiers may try only one: publish one",
+                    keys_found.len()
+                ),
+            ),
         }
     }
     report

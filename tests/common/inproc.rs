@@ -42,8 +42,22 @@ impl InProc {
         (InProc::start_on(clock, smtp, toml_tail), manual)
     }
 
+    /// Like `start_with_smtp`, in `dir` (its `node.toml` is overwritten;
+    /// files already under `dir/data`, e.g. keys, are the node's).
+    pub fn start_in(dir: tempfile::TempDir, smtp: &str, toml_tail: &str) -> InProc {
+        InProc::start_in_on(dir, magicmx::clock::Clock::system(), smtp, toml_tail)
+    }
+
     fn start_on(clock: magicmx::clock::Clock, smtp: &str, toml_tail: &str) -> InProc {
-        let dir = tempfile::tempdir().unwrap();
+        InProc::start_in_on(tempfile::tempdir().unwrap(), clock, smtp, toml_tail)
+    }
+
+    fn start_in_on(
+        dir: tempfile::TempDir,
+        clock: magicmx::clock::Clock,
+        smtp: &str,
+        toml_tail: &str,
+    ) -> InProc {
         let config_path = dir.path().join("node.toml");
         // Recipient verification needs a reachable real MX; the tests that
         // are about it (tests/verify.rs) give their own `[verify]`.
