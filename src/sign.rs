@@ -76,6 +76,10 @@ pub const SIGNED_HEADERS: &[&str] = &[
     "Received",
 ];
 
+/// A message with more `DKIM-Signature` headers than this is not verified
+/// (`dkim=permerror`): each may cost a body hash and a DNS lookup.
+pub const MAX_VERIFIED_SIGNATURES: usize = 8;
+
 /// Why keys cannot be loaded or made. Never carries key material.
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
@@ -529,7 +533,33 @@ impl Signer {
     /// The message to store: signatures, the node's
     /// `Authentication-Results`, `received` (the node's trace header), then
     /// `message` without forged `Authentication-Results`.
+    ///
+    /// Runs on the blocking pool: parsing and hashing a large message
+    /// (the client's signatures, then the node's) must not stall the
+    /// runtime; its DNS lookups are driven from there. Err only if that task
+    /// died (the session answers a temporary failure).
     pub async fn seal(
+        self: &Arc<Self>,
+        received: String,
+        message: Vec<u8>,
+        peer: IpAddr,
+        helo: String,
+        sender: String,
+    ) -> Result<Vec<u8>, String> {
+        let this = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        let task = tokio::task::spawn_blocking(move || {
+            handle.block_on(this.seal_here(&received, &message, peer, &helo, &sender))
+        });
+        task.await.map_err(|e| {
+            metrics::counter!("magicmx_sign_errors_total").increment(1);
+            warn!(error = %e, "DKIM signing task failed");
+            e.to_string()
+        })
+    }
+
+    /// [`Signer::seal`] on the current thread.
+    pub async fn seal_here(
         &self,
         received: &str,
         message: &[u8],
@@ -547,33 +577,17 @@ impl Signer {
         out.extend_from_slice(results.as_bytes());
         out.extend_from_slice(received.as_bytes());
         out.extend_from_slice(&message);
-        let keys = self.keys.clone();
-        // Hashing a large body and an RSA signature: off the runtime.
-        let task = tokio::task::spawn_blocking(move || {
-            let sigs = sign(&keys, &out);
-            (out, sigs)
-        });
-        match task.await {
-            Ok((body, Ok(sigs))) => {
+        match sign(&self.keys, &out) {
+            Ok(sigs) => {
                 metrics::counter!("magicmx_sign_signed_total").increment(1);
                 let mut signed = sigs.into_bytes();
-                signed.extend_from_slice(&body);
+                signed.extend_from_slice(&out);
                 signed
             }
-            Ok((body, Err(e))) => {
+            Err(e) => {
                 metrics::counter!("magicmx_sign_errors_total").increment(1);
                 warn!(error = %e, "DKIM signing failed; relaying unsigned");
-                body
-            }
-            Err(e) => {
-                // The blocking task panicked or was cancelled: the message
-                // moved into it is gone, so sign nothing and rebuild it.
-                metrics::counter!("magicmx_sign_errors_total").increment(1);
-                warn!(error = %e, "DKIM signing task failed; relaying unsigned");
-                let mut body = results.into_bytes();
-                body.extend_from_slice(received.as_bytes());
-                body.extend_from_slice(&message);
-                body
+                out
             }
         }
     }
@@ -593,6 +607,18 @@ impl Signer {
         // mail-auth writes `<id>; result...`; the results alone, to join.
         let results = |r: AuthenticationResults| r.to_string()[id.len()..].to_string();
         let dkim = async {
+            // Each signature may ask for its own body hash (`l=`) and lookup.
+            let (fields, _) = header_fields(message);
+            let signatures = fields
+                .iter()
+                .filter(|(a, b)| {
+                    let f = &message[*a..*b];
+                    f.len() > 15 && f[..15].eq_ignore_ascii_case(b"DKIM-Signature:")
+                })
+                .count();
+            if signatures > MAX_VERIFIED_SIGNATURES {
+                return ";\r\n\tdkim=permerror (too many signatures)".to_string();
+            }
             let Some(parsed) = AuthenticatedMessage::parse(message) else {
                 return ";\r\n\tdkim=permerror (unparsable message)".to_string();
             };
@@ -787,5 +813,86 @@ mod tests {
         let (k, p) = parse_record(&rsa_strings.concat());
         assert_eq!(k, "rsa");
         assert_eq!(p.unwrap(), base64(keys.keys[1].public_key()));
+    }
+
+    /// A DNS server that never answers: every check must end within the
+    /// budget, as `temperror`, and the message is still signed.
+    #[tokio::test]
+    async fn checks_fail_open_within_the_budget_when_dns_is_silent() {
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let cfg = crate::config::DnsConfig {
+            nameservers: vec![silent.local_addr().unwrap()],
+            timeout: crate::config::Dur(Duration::from_millis(200)),
+        };
+        let dns = crate::dns::Dns::new(&cfg).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (s, keys) = signing(dir.path());
+        let signer = Arc::new(Signer::new(
+            s,
+            keys,
+            &dns,
+            "node1.magic.test",
+            Duration::from_millis(200),
+        ));
+        // A signature whose body hash matches, so that only its key lookup
+        // remains (and never answers).
+        let bh = base64(ring::digest::digest(&ring::digest::SHA256, b"body\r\n").as_ref());
+        let msg = format!(
+            "DKIM-Signature: v=1; a=ed25519-sha256; d=sender.test; s=s1; h=From; bh={bh}; b=AAAA\r\n\
+             From: a@sender.test\r\nSubject: x\r\n\r\nbody\r\n"
+        )
+        .into_bytes();
+        let start = std::time::Instant::now();
+        let out = signer
+            .seal(
+                "Received: from h ([127.0.0.1])\r\n\tby node1.magic.test; now\r\n".into(),
+                msg,
+                "127.0.0.1".parse().unwrap(),
+                "h".into(),
+                "a@sender.test".into(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("dkim=temperror"), "{text}");
+        assert!(text.contains("spf=temperror"), "{text}");
+        assert_eq!(text.matches("DKIM-Signature: v=1; a=").count(), 3, "{text}");
+        assert!(text.ends_with("\r\n\r\nbody\r\n"), "{text}");
+        drop(silent);
+    }
+
+    #[tokio::test]
+    async fn too_many_client_signatures_are_not_verified() {
+        let cfg = crate::config::DnsConfig {
+            nameservers: vec!["127.0.0.1:9".parse().unwrap()],
+            timeout: crate::config::Dur(Duration::from_millis(200)),
+        };
+        let dns = crate::dns::Dns::new(&cfg).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (s, keys) = signing(dir.path());
+        let signer = Signer::new(s, keys, &dns, "n", Duration::from_millis(200));
+        let mut msg = Vec::new();
+        for i in 0..=MAX_VERIFIED_SIGNATURES {
+            msg.extend_from_slice(
+                format!("DKIM-Signature: v=1; a=rsa-sha256; d=x.test; s=s; l={i}; h=From; bh=AA; b=AA\r\n")
+                    .as_bytes(),
+            );
+        }
+        msg.extend_from_slice(b"From: a@x.test\r\n\r\nbody\r\n");
+        let ar = signer
+            .auth_results(&msg, "127.0.0.1".parse().unwrap(), "h", "")
+            .await;
+        assert!(
+            ar.starts_with(
+                "Authentication-Results: net.test;\r\n\tdkim=permerror (too many signatures)"
+            ),
+            "{ar}"
+        );
+        assert!(ar.contains("smtp.mailfrom=<>"), "{ar}");
     }
 }

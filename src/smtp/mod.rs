@@ -423,7 +423,7 @@ impl Context {
     }
 
     /// Stores an accepted message with its `Received:` header; returns the queue id.
-    pub async fn store(&self, m: Message) -> Result<String, String> {
+    pub async fn store(&self, mut m: Message) -> Result<String, String> {
         let d = self.throttle("data", m.peer, |t| t.on_message(m.peer, self.now_ms()));
         if let Decision::Refuse { reason, penalty } = d {
             return Err(throttle_reply(Stage::Transaction, reason, penalty));
@@ -433,11 +433,16 @@ impl Context {
         let body = match &self.signer {
             // Signed once here, before the spool, so the signature covers
             // the node's `Received:` and survives every retry unchanged.
-            Some(signer) => {
-                signer
-                    .seal(&received, &m.body, m.peer, &m.helo, &m.sender)
-                    .await
-            }
+            Some(signer) => signer
+                .seal(
+                    received,
+                    std::mem::take(&mut m.body),
+                    m.peer,
+                    m.helo.clone(),
+                    m.sender.clone(),
+                )
+                .await
+                .map_err(|_| "451 4.3.0 Error: local error in processing".to_string())?,
             None => {
                 let mut body = received.into_bytes();
                 body.extend_from_slice(&m.body);
