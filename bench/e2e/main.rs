@@ -414,11 +414,7 @@ async fn throughput(opts: &Opts) -> anyhow::Result<()> {
     };
     let node_b = match std::env::var("E2E_MAGICMX_BIN_B") {
         Ok(b) => Some(MagicNode::start_bin(&b, "throughput-b", &toml_b)?),
-        Err(_) if sign_b => Some(MagicNode::start_bin(
-            &node::bin(),
-            "throughput-b",
-            &toml_b,
-        )?),
+        Err(_) if sign_b => Some(MagicNode::start_bin(&node::bin(), "throughput-b", &toml_b)?),
         Err(_) => None,
     };
     let postfix = match postfix_ok {
