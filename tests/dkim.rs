@@ -158,6 +158,7 @@ fn world() -> World {
              [relay]\nport = {}\ndeny_networks = []\ntls = \"none\"\nretry_initial = \"1s\"\n\
              [throttle]\nhold = \"100ms\"\n\
              [suspect]\npregreet_wait = \"0s\"\ntarpit_rate = 0\n\
+             [outbound]\nlisten = [\"127.0.0.1:0\"]\nclients = [\"127.0.0.0/8\"]\n\
              [sign]\ndomain = \"{DOMAIN}\"\n",
             dns.addr,
             sink.addr.port(),
@@ -369,6 +370,30 @@ fn forged_network_auth_results_never_reach_the_real_mx() {
         "{own}"
     );
     assert!(own.contains("smtp.mailfrom=alice@sender.test"), "{own}");
+}
+
+/// Trusted senders' mail through the outbound door is theirs: not signed
+/// by the network, its headers untouched (even an A-R with the network's id).
+#[test]
+fn the_outbound_door_does_not_sign() {
+    let mut w = world();
+    let msg = client_message(&mut w, "outbound-1");
+    let door = w.node.outbound.expect("outbound door");
+    let r = send_mail(door, "alice@sender.test", &["user@example.test"], &msg);
+    assert_eq!(r.code, 250, "{}", r.text());
+    let got = w.sink.wait_messages(1, DELIVERY);
+    assert_eq!(got.len(), 1);
+    let h = headers(&got[0].data);
+    assert!(h[0].starts_with("Received: from "), "{h:#?}");
+    assert!(!h.iter().any(|l| l.contains("d=net.test")), "{h:#?}");
+    assert!(got[0].text().contains("header.d=bank.test"), "left as sent");
+    // The sender's own signature still verifies.
+    let verdicts = verify(&w.dns, &got[0].data);
+    assert_eq!(verdicts.len(), 1, "{verdicts:?}");
+    assert!(
+        verdicts[0].0 == "sender.test" && verdicts[0].3,
+        "{verdicts:?}"
+    );
 }
 
 #[test]

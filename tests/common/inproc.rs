@@ -19,6 +19,8 @@ pub struct InProc {
     pub config_path: PathBuf,
     pub throttle: Arc<Throttle>,
     pub smtp: SocketAddr,
+    /// The outbound door (`[outbound] listen`), when configured.
+    pub outbound: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -84,18 +86,20 @@ impl InProc {
                 tx.send((
                     node.throttle.clone(),
                     node.smtp_addrs[0],
+                    node.outbound_addrs.first().copied(),
                     node.admin_addr.unwrap(),
                 ))
                 .unwrap();
                 node.wait().await.unwrap();
             });
         });
-        let (throttle, smtp, admin) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        let (throttle, smtp, outbound, admin) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
         InProc {
             dir,
             config_path,
             throttle,
             smtp,
+            outbound,
             admin,
             shutdown,
             thread: Some(thread),
