@@ -171,6 +171,8 @@ pub struct Config {
     pub verify: VerifyConfig,
     #[serde(default)]
     pub greylist: GreylistConfig,
+    #[serde(default)]
+    pub sign: SignConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -777,6 +779,79 @@ impl Default for VerifyConfig {
     }
 }
 
+/// A DKIM signing algorithm (`sign.algorithms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SignAlgorithm {
+    /// RFC 8463 `ed25519-sha256`.
+    Ed25519,
+    /// RFC 6376 `rsa-sha256`, 2048-bit keys.
+    Rsa,
+}
+
+impl SignAlgorithm {
+    /// The `k=` tag of the key record, also the key file's middle name.
+    pub fn key_type(self) -> &'static str {
+        match self {
+            SignAlgorithm::Ed25519 => "ed25519",
+            SignAlgorithm::Rsa => "rsa",
+        }
+    }
+}
+
+/// DKIM signing of relayed mail (`src/sign.rs`). Off while `domain` is unset.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignConfig {
+    /// The network's signing domain (`d=`); signing is off when unset.
+    pub domain: Option<String>,
+    /// The node's selector (`s=`); default `node.name`.
+    pub selector: Option<String>,
+    /// The authserv-id of the `Authentication-Results` headers the node
+    /// removes (forged by a client) and adds; default `domain`.
+    pub authserv_id: Option<String>,
+    /// One signature per algorithm (RFC 8463: both, since not every
+    /// verifier knows Ed25519).
+    pub algorithms: Vec<SignAlgorithm>,
+}
+
+impl Default for SignConfig {
+    fn default() -> Self {
+        SignConfig {
+            domain: None,
+            selector: None,
+            authserv_id: None,
+            algorithms: vec![SignAlgorithm::Ed25519, SignAlgorithm::Rsa],
+        }
+    }
+}
+
+/// What `[sign]` means once defaults are filled in (see [`Config::signing`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signing {
+    pub domain: String,
+    pub selector: String,
+    pub authserv_id: String,
+    pub algorithms: Vec<SignAlgorithm>,
+}
+
+/// A DKIM selector: one or more dot-separated labels of letters, digits
+/// and hyphens (RFC 6376 3.1).
+/// Room is left in the last label for the key type the node appends
+/// (`-ed25519`).
+pub fn is_selector(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63 * 4
+        && s.rsplit('.').next().is_some_and(|l| l.len() <= 63 - 8)
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrustConfig {
@@ -855,6 +930,98 @@ impl Config {
             return Err(invalid(
                 "accept.mx_delegation",
                 "needs node.magic_suffixes to know which MX hosts are magic",
+            ));
+        }
+        self.validate_sign()?;
+        Ok(())
+    }
+
+    /// `[sign]` with its defaults filled in; None when signing is off.
+    pub fn signing(&self) -> Option<Signing> {
+        let s = &self.sign;
+        let domain = normalize_name(s.domain.as_deref()?);
+        let selector = s
+            .selector
+            .clone()
+            .unwrap_or_else(|| self.node.name.trim().to_string())
+            .to_ascii_lowercase();
+        let authserv_id = s
+            .authserv_id
+            .clone()
+            .map(|a| a.trim().to_string())
+            .unwrap_or_else(|| domain.clone());
+        let mut algorithms = Vec::new();
+        for a in &s.algorithms {
+            if !algorithms.contains(a) {
+                algorithms.push(*a);
+            }
+        }
+        Some(Signing {
+            domain,
+            selector,
+            authserv_id,
+            algorithms,
+        })
+    }
+
+    fn validate_sign(&self) -> Result<(), ConfigError> {
+        let s = &self.sign;
+        let Some(domain) = &s.domain else {
+            for (key, set) in [
+                ("sign.selector", s.selector.is_some()),
+                ("sign.authserv_id", s.authserv_id.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        key,
+                        "needs sign.domain (signing is off without it)",
+                    ));
+                }
+            }
+            return Ok(());
+        };
+        if !is_hostname(domain) {
+            return Err(invalid(
+                "sign.domain",
+                format!("{domain:?} is not a domain name"),
+            ));
+        }
+        match &s.selector {
+            Some(sel) if !is_selector(sel) => {
+                return Err(invalid(
+                    "sign.selector",
+                    format!("{sel:?} is not a DKIM selector (labels of letters, digits and hyphens)"),
+                ))
+            }
+            Some(_) => {}
+            None if !is_selector(self.node.name.trim()) => {
+                return Err(invalid(
+                    "sign.selector",
+                    format!(
+                        "is needed: node.name {:?} is not a DKIM selector (labels of letters, digits and hyphens)",
+                        self.node.name
+                    ),
+                ))
+            }
+            None => {}
+        }
+        if let Some(id) = &s.authserv_id {
+            // RFC 8601: a token; the header is parsed by its first word.
+            let ok = !id.trim().is_empty()
+                && id.trim().bytes().all(|b| {
+                    b.is_ascii_graphic() && !matches!(b, b';' | b'(' | b')' | b'"' | b'\\')
+                });
+            if !ok {
+                return Err(invalid(
+                    "sign.authserv_id",
+                    format!("{id:?} is not an authserv-id (one word, no ; ( ) or quotes)"),
+                ));
+            }
+        }
+        if s.algorithms.is_empty() {
+            return Err(invalid(
+                "sign.algorithms",
+                "needs at least one of \"ed25519\", \"rsa\" (unset sign.domain to turn signing off)",
             ));
         }
         Ok(())

@@ -257,6 +257,34 @@ impl Dns {
     }
 }
 
+impl Dns {
+    /// The TXT records at `name`, each record's strings joined (RFC 7208
+    /// 3.3, RFC 6376 3.6.2.2). NXDOMAIN and NODATA give no records.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
+        let fqdn = absolute_name(name)?;
+        match tokio::time::timeout(self.deadline, self.resolver.txt_lookup(fqdn)).await {
+            Err(_) => Err(DnsError::Temporary(format!("TXT {name}: timed out"))),
+            Ok(Ok(lookup)) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::TXT(t) => Some(
+                        t.txt_data
+                            .iter()
+                            .map(|s| String::from_utf8_lossy(s))
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Ok(Err(err)) => match negative(&err) {
+                Some(_) => Ok(Vec::new()),
+                None => Err(DnsError::Temporary(format!("TXT {name}: {err}"))),
+            },
+        }
+    }
+}
+
 /// The A records at a name, for DNSBL lookups: each address with its TTL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ARecords {

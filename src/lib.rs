@@ -22,6 +22,7 @@ pub mod netkeys;
 pub mod policy;
 pub mod relay;
 pub mod reply;
+pub mod sign;
 pub mod slots;
 pub mod smtp;
 pub mod spool;
@@ -114,6 +115,21 @@ impl Node {
                 .with_suspect(suspect::Policy::from_config(&config))
                 .with_greylist(greylist::Greylist::new(&config.greylist)),
         );
+        let signer = match config.signing() {
+            Some(signing) => {
+                let (keys, _made) = sign::load_or_create(&signing, &config.node.data_dir, true)
+                    .context("sign: cannot load the DKIM keys")?;
+                info!(domain = %signing.domain, selector = %signing.selector, keys = keys.keys.len(), "DKIM signing on");
+                Some(Arc::new(sign::Signer::new(
+                    signing,
+                    keys,
+                    &dns,
+                    &config.node.hostname,
+                    config.dns.timeout.0,
+                )))
+            }
+            None => None,
+        };
         let verifier = Arc::new(verify::Verifier::new(
             config.clone(),
             dns.clone(),
@@ -144,6 +160,7 @@ impl Node {
                 dnsbl.is_enabled().then(|| dnsbl.clone()),
             )?
             .with_verifier(verifier.clone())
+            .with_signer(signer)
             .with_clock(clock.clone()),
         );
         let listeners = smtp::bind(&config.smtp.listen, "smtp.listen").await?;

@@ -41,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// DKIM keys of the node (`[sign]`).
+    Sign {
+        #[command(subcommand)]
+        command: SignCommand,
+    },
     /// The network CA and node certificates for gossip.
     Ca {
         #[command(subcommand)]
@@ -51,12 +56,17 @@ enum Command {
         #[arg(long, short, default_value = "node.toml")]
         config: PathBuf,
     },
-    /// Print the MX records to publish for DOMAIN (zone-file syntax).
+    /// Print the MX records to publish for DOMAIN (zone-file syntax); with
+    /// --dkim, the node's DKIM selector records for `[sign] domain` instead.
     Zone {
-        domain: String,
+        #[arg(required_unless_present = "dkim")]
+        domain: Option<String>,
         /// The domain's real MX host (repeatable).
-        #[arg(long = "real-mx", required = true, num_args = 1..)]
+        #[arg(long = "real-mx", required_unless_present = "dkim", num_args = 1..)]
         real_mx: Vec<String>,
+        /// Print the TXT records of the node's DKIM keys (`[sign]` in --config).
+        #[arg(long, conflicts_with_all = ["domain", "real_mx", "magic"])]
+        dkim: bool,
         /// Preference of the real MX; must be greater than the magic hosts' (10).
         #[arg(long, default_value_t = magicmx::zone::DEFAULT_REAL_PREFERENCE)]
         real_preference: u16,
@@ -73,9 +83,13 @@ enum Command {
     /// Check a domain's MX records (and with --probe, that its real MX
     /// refuses direct mail from this host); exits non-zero on a failure.
     CheckDomain {
-        domain: String,
+        #[arg(required_unless_present = "dkim")]
+        domain: Option<String>,
         #[arg(long)]
         probe: bool,
+        /// Check that the DNS publishes the node's DKIM keys (`[sign]`).
+        #[arg(long, conflicts_with_all = ["domain", "probe"])]
+        dkim: bool,
         #[arg(long, short, default_value = "node.toml")]
         config: PathBuf,
     },
@@ -93,6 +107,16 @@ enum Command {
         /// Stop this many seconds after the start (Ctrl-C stops it sooner).
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum SignCommand {
+    /// Make the keys `[sign]` needs under `data_dir/dkim/` (those missing;
+    /// existing keys are kept) and print their TXT records.
+    Init {
+        #[arg(long, short, default_value = "node.toml")]
+        config: PathBuf,
     },
 }
 
@@ -261,13 +285,43 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Zone {
+            dkim: true,
+            ttl,
+            config,
+            ..
+        } => {
+            let c = load(&config)?;
+            let (signing, keys) = dkim_keys(&c, false)?;
+            print!(
+                "{}",
+                magicmx::sign::zone_text(&magicmx::sign::records(&signing, &keys), ttl)
+            );
+            Ok(())
+        }
+        Command::Sign {
+            command: SignCommand::Init { config },
+        } => {
+            let c = load(&config)?;
+            let (signing, keys) = dkim_keys(&c, true)?;
+            print!(
+                "{}",
+                magicmx::sign::zone_text(
+                    &magicmx::sign::records(&signing, &keys),
+                    magicmx::zone::DEFAULT_TTL
+                )
+            );
+            Ok(())
+        }
+        Command::Zone {
             domain,
             real_mx,
             real_preference,
             magic,
             ttl,
             config,
+            dkim: false,
         } => {
+            let domain = domain.unwrap_or_default();
             let magic = if magic.is_empty() {
                 vec![load(&config)?.node.hostname]
             } else {
@@ -282,10 +336,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckDomain {
+            dkim: true, config, ..
+        } => {
+            let c = load(&config)?;
+            let (signing, keys) = dkim_keys(&c, false)?;
+            let report = block_on(async {
+                let dns = magicmx::dns::Dns::new(&c.dns)?;
+                anyhow::Ok(magicmx::zone::check_dkim(&dns, &signing, &keys).await)
+            })?;
+            print!("{report}");
+            if !report.ok() {
+                anyhow::bail!("{}: {} check(s) failed", report.domain, report.failures());
+            }
+            Ok(())
+        }
+        Command::CheckDomain {
             domain,
             probe,
             config,
+            dkim: false,
         } => {
+            let domain = domain.unwrap_or_default();
             let c = load(&config)?;
             let report = block_on(async {
                 let dns = magicmx::dns::Dns::new(&c.dns)?;
@@ -384,6 +455,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `[sign]` and the node's keys (made when missing, with `create`).
+fn dkim_keys(
+    c: &Config,
+    create: bool,
+) -> anyhow::Result<(magicmx::config::Signing, magicmx::sign::Keys)> {
+    let signing = c
+        .signing()
+        .ok_or_else(|| anyhow::anyhow!("sign.domain: is not set (signing is off)"))?;
+    let (keys, made) = magicmx::sign::load_or_create(&signing, &c.node.data_dir, create)?;
+    for p in made {
+        eprintln!("made {}", p.display());
+    }
+    Ok((signing, keys))
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {

@@ -355,6 +355,59 @@ pub fn assess(config: &Config, answer: &MxAnswer, report: &mut Report) -> Split 
     split
 }
 
+/// Looks up the selector record of each of the node's keys
+/// (`<selector>-<k>._domainkey.<domain>`) and checks that it publishes
+/// exactly that key (`k=` and `p=`).
+pub async fn check_dkim(
+    dns: &Dns,
+    signing: &crate::config::Signing,
+    keys: &crate::sign::Keys,
+) -> Report {
+    let mut report = Report::new(&signing.domain);
+    for key in &keys.keys {
+        let k = key.algorithm().key_type();
+        let name = crate::sign::record_name(signing, key.algorithm());
+        let found = match dns.txt(&name).await {
+            Ok(found) => found,
+            Err(e) => {
+                report.push(Status::Fail, format!("cannot look up {name}: {e}"));
+                continue;
+            }
+        };
+        let keys_found: Vec<(String, Option<String>)> = found
+            .iter()
+            .filter(|t| t.trim_start().starts_with("v=DKIM1") || t.contains("p="))
+            .map(|t| crate::sign::parse_record(t))
+            .collect();
+        let ours = crate::sign::base64(key.public_key());
+        match keys_found.as_slice() {
+            [] => report.push(
+                Status::Fail,
+                format!("{name}: no DKIM key record (publish the output of `magicmx zone --dkim`)"),
+            ),
+            [(kk, Some(p))] if kk == k && *p == ours => {
+                report.push(Status::Ok, format!("{name} publishes the node's {k} key"))
+            }
+            [(kk, _)] if kk != k => report.push(
+                Status::Fail,
+                format!("{name}: the record is k={kk}, the node's key is k={k}"),
+            ),
+            [_] => report.push(
+                Status::Fail,
+                format!("{name}: the record publishes another key than the node's {k} key"),
+            ),
+            _ => report.push(
+                Status::Fail,
+                format!(
+                    "{name}: {} key records; verifiers may try only one: publish one",
+                    keys_found.len()
+                ),
+            ),
+        }
+    }
+    report
+}
+
 /// Looks `domain` up and reports on its setup; with `probe`, also checks
 /// that its real MX refuses a direct transaction from this host.
 pub async fn check_domain(dns: &Dns, config: &Config, domain: &str, probe: bool) -> Report {

@@ -22,7 +22,8 @@
 //! part, replaced in place; other sections are left alone), plots to
 //! `bench/*.png`. Sizes: `E2E_MESSAGES` (5000), `E2E_ROUNDS` (3),
 //! `E2E_CONNECTIONS` (10000); `E2E_OUT=DIR` writes RESULTS.md and the plots
-//! there instead (for trial runs).
+//! there instead (for trial runs). `E2E_MAGICMX_BIN_B=path` adds another
+//! build as "build B"; `E2E_SIGN_B=1` makes build B sign with DKIM (`[sign]`).
 
 /// The test suite's in-process DNS server (hickory-server), shared as is.
 #[allow(dead_code)]
@@ -400,12 +401,21 @@ async fn throughput(opts: &Opts) -> anyhow::Result<()> {
         "throughput",
         &throughput_node_toml(sink.addr.port(), dns.addr, 2000),
     )?;
+    // `E2E_SIGN_B=1`: build B (the same binary unless E2E_MAGICMX_BIN_B
+    // says otherwise) signs every message with DKIM (`[sign]`, Ed25519 and
+    // RSA-2048; keys made at its start), to compare signing on and off.
+    let sign_b = std::env::var("E2E_SIGN_B").is_ok_and(|v| v == "1");
+    let toml_b = if sign_b {
+        format!(
+            "{}\n[sign]\ndomain = \"sign.{DOMAIN}\"\n",
+            throughput_node_toml(sink.addr.port(), dns.addr, 2000)
+        )
+    } else {
+        throughput_node_toml(sink.addr.port(), dns.addr, 2000)
+    };
     let node_b = match std::env::var("E2E_MAGICMX_BIN_B") {
-        Ok(b) => Some(MagicNode::start_bin(
-            &b,
-            "throughput-b",
-            &throughput_node_toml(sink.addr.port(), dns.addr, 2000),
-        )?),
+        Ok(b) => Some(MagicNode::start_bin(&b, "throughput-b", &toml_b)?),
+        Err(_) if sign_b => Some(MagicNode::start_bin(&node::bin(), "throughput-b", &toml_b)?),
         Err(_) => None,
     };
     let postfix = match postfix_ok {

@@ -29,6 +29,9 @@ pub enum Rec {
     A(&'static str, &'static str),
     Aaaa(&'static str, &'static str),
     Txt(&'static str, &'static str),
+    /// A TXT record of several character-strings (each at most 255
+    /// octets), e.g. a DKIM RSA key.
+    TxtStrings(&'static str, Vec<String>),
 }
 
 const TTL: u32 = 60;
@@ -45,7 +48,12 @@ fn fqdn(name: &str) -> Name {
 impl Rec {
     fn owner(&self) -> &'static str {
         match self {
-            Rec::Mx(n, ..) | Rec::NullMx(n) | Rec::A(n, _) | Rec::Aaaa(n, _) | Rec::Txt(n, _) => n,
+            Rec::Mx(n, ..)
+            | Rec::NullMx(n)
+            | Rec::A(n, _)
+            | Rec::Aaaa(n, _)
+            | Rec::Txt(n, _)
+            | Rec::TxtStrings(n, _) => n,
         }
     }
 
@@ -56,6 +64,7 @@ impl Rec {
             Rec::A(_, ip) => RData::A(A(ip.parse::<Ipv4Addr>().expect("IPv4 address"))),
             Rec::Aaaa(_, ip) => RData::AAAA(AAAA(ip.parse::<Ipv6Addr>().expect("IPv6 address"))),
             Rec::Txt(_, text) => RData::TXT(TXT::new(vec![text.to_string()])),
+            Rec::TxtStrings(_, strings) => RData::TXT(TXT::new(strings.clone())),
         };
         Record::from_rdata(fqdn(self.owner()), TTL, data)
     }

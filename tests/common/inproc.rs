@@ -19,6 +19,8 @@ pub struct InProc {
     pub config_path: PathBuf,
     pub throttle: Arc<Throttle>,
     pub smtp: SocketAddr,
+    /// The outbound door (`[outbound] listen`), when configured.
+    pub outbound: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -42,8 +44,22 @@ impl InProc {
         (InProc::start_on(clock, smtp, toml_tail), manual)
     }
 
+    /// Like `start_with_smtp`, in `dir` (its `node.toml` is overwritten;
+    /// files already under `dir/data`, e.g. keys, are the node's).
+    pub fn start_in(dir: tempfile::TempDir, smtp: &str, toml_tail: &str) -> InProc {
+        InProc::start_in_on(dir, magicmx::clock::Clock::system(), smtp, toml_tail)
+    }
+
     fn start_on(clock: magicmx::clock::Clock, smtp: &str, toml_tail: &str) -> InProc {
-        let dir = tempfile::tempdir().unwrap();
+        InProc::start_in_on(tempfile::tempdir().unwrap(), clock, smtp, toml_tail)
+    }
+
+    fn start_in_on(
+        dir: tempfile::TempDir,
+        clock: magicmx::clock::Clock,
+        smtp: &str,
+        toml_tail: &str,
+    ) -> InProc {
         let config_path = dir.path().join("node.toml");
         // Recipient verification needs a reachable real MX; the tests that
         // are about it (tests/verify.rs) give their own `[verify]`.
@@ -70,18 +86,20 @@ impl InProc {
                 tx.send((
                     node.throttle.clone(),
                     node.smtp_addrs[0],
+                    node.outbound_addrs.first().copied(),
                     node.admin_addr.unwrap(),
                 ))
                 .unwrap();
                 node.wait().await.unwrap();
             });
         });
-        let (throttle, smtp, admin) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        let (throttle, smtp, outbound, admin) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
         InProc {
             dir,
             config_path,
             throttle,
             smtp,
+            outbound,
             admin,
             shutdown,
             thread: Some(thread),
