@@ -1,0 +1,277 @@
+//! Gossip simulation: the old design (every count change to every node,
+//! `old.rs`, the real `gossip::ledger`) and the new one (owners per block,
+//! signed increments, a broadcast hot set, `new.rs`, the real
+//! `gossip::owners`), over a simulated network: virtual time, 5-50 ms
+//! latency, 1 % message loss, no sockets; every byte counted is an encoded
+//! protobuf envelope (v1 for the old design, v2 for the new).
+//!
+//! Run: `cargo bench --bench gossip_sim` (writes the `## Gossip simulation`
+//! section of `bench/RESULTS.md`); `-- --quick` runs small N and only
+//! prints. One run: `-- --new=N,BLOCKS,RATE[,key=value...]` (keys: fanout,
+//! relay_ms, interval_ms, refresh_ms, report_step, again, again_ms, handoff_min, churn, verify_every,
+//! zipf, duration_ms, floods) or `-- --old=N,BLOCKS,RATE,FRESH`.
+//!
+//! Load of the new design's runs (issue 15): N nodes, 1,000,000 active
+//! blocks whose 1 h window starts at Poisson(36) past connections each
+//! (= 10,000/s x 3600 s / 1M: the steady state of the background), kept by
+//! their owners; background 10,000 connection attempts/s network-wide
+//! (Poisson), each from a uniformly random block (the `zipf` key gives a
+//! Zipf skew instead) at a uniformly random running node; 20 floods of 20
+//! connections/s for 10 s from new blocks, each connection at a random
+//! node, limit 120 connections per window (the default); 10 % of the nodes
+//! fail during the run (at random times, detected by everyone 2 s later)
+//! and as many new nodes join (seen at once); one owner of a victim block
+//! (true window 80 plus one connection every 2 s, under the limit) reports
+//! 100 times its count and 100 times its origins in every report. 30 s of
+//! virtual time.
+//!
+//! The protocol as simulated (the sans-IO core decides what, this decides
+//! when): each node notes every own count change in its `Outbox` and, every
+//! `interval` (1 s), signs each changed (block, epoch) count with its
+//! Ed25519 key and sends one `IncrementBatch` per owner (rendezvous top 3
+//! of the live members); a change of a block the node knows is hot is sent
+//! after `relay_ms` (50 ms) instead. An owner merges verified counts in its
+//! `OwnerTable`; when a block it owns is hot (window >= 0.5 x limit) and
+//! its count changed, it signs a `HotReport` of its changed hot blocks
+//! after `relay_ms`, and re-reports all its hot blocks every 20 s. Reports
+//! spread epidemically: a node that gets a report with something new keeps
+//! it in its `HotView` and forwards the report unchanged, after `relay_ms`
+//! (all new reports in one `HotRelay`), to `fanout` (4) random members. A
+//! node decides with `decide(own, sent, median of the owners' reports,
+//! limits, min_origins_to_refuse = 3)`. When owners change, the best
+//! surviving old owner (on a failure) or the displaced owner (on a join)
+//! sends a `Handoff` of its table of each block whose window is at least
+//! `handoff_min` (0.25) x limit to the new owner.
+
+mod new;
+mod old;
+
+use std::fmt::Write as _;
+
+const KB: f64 = 1000.0;
+
+fn pctf(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((v.len() as f64 * q) as usize).min(v.len() - 1);
+    v[i]
+}
+
+fn pct_ms(v: &[u64], q: f64) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    let i = ((v.len() as f64 * q) as usize).min(v.len() - 1);
+    format!("{:.2}", v[i] as f64 / 1000.0)
+}
+
+const HEADER: &str = "| design | nodes | active blocks | attempts/s (network) | churn | KB/s per node p50 / p99 | mean KB/s: increments or deltas / hot or anti-entropy / handoff | crossing to a node refusing p50 / p99 (s) | crossing to every node refusing p50 / p99 (s) | floods never refused everywhere | leak max (mean) | victim refused | sim time |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+
+fn leak(v: &[f64]) -> String {
+    let max = v.iter().copied().fold(0.0, f64::max);
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    format!("{max:.3} ({mean:.3})")
+}
+
+fn new_row(o: &new::Outcome) -> String {
+    let n = o.p.nodes as f64;
+    let secs = o.p.duration_ms as f64 / 1000.0;
+    let mean = |b: u64| b as f64 / n / secs / KB;
+    let mut every: Vec<u64> = o.every.iter().flatten().copied().collect();
+    every.sort_unstable();
+    let never = o.every.iter().filter(|e| e.is_none()).count();
+    format!(
+        "| new (owners, r = {}, fanout {}, relay {} ms) | {} | {} | {:.0} | {:.0} % | {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} / {} | {} / {} | {} of {} | {} | {} of {} checks | {:.0} s |",
+        o.p.owners,
+        o.p.fanout,
+        o.p.relay_ms,
+        o.p.nodes,
+        o.p.blocks,
+        o.p.rate,
+        o.p.churn * 100.0,
+        pctf(&o.bps, 0.5) / KB,
+        pctf(&o.bps, 0.99) / KB,
+        mean(o.bytes.increments),
+        mean(o.bytes.hot),
+        mean(o.bytes.handoff),
+        pct_ms(&o.per_node, 0.5),
+        pct_ms(&o.per_node, 0.99),
+        pct_ms(&every, 0.5),
+        pct_ms(&every, 0.99),
+        never,
+        o.every.len(),
+        leak(&o.leaks),
+        o.victim_refusals,
+        o.victim_checks,
+        o.wall,
+    )
+}
+
+fn new_detail(o: &new::Outcome) -> String {
+    format!(
+        "  - new, N = {}: {} signatures made, {} verified (1 increment batch in {} checked with `decode_increments`, every distinct hot report once with `decode_report`); {} owner changes, {} blocks handed off; hot blocks in a node's view at the end: {}; victim's true window {} (limit {}); {} samples of the cached owners equal to `owners()` over the live view; setup {:.0} s.",
+        o.p.nodes,
+        o.signed,
+        o.verified,
+        o.p.verify_every,
+        o.owner_changes,
+        o.handed_off,
+        o.hot_blocks,
+        o.victim_true,
+        o.p.limit,
+        o.owner_checks,
+        o.setup,
+    )
+}
+
+fn old_row(o: &old::Outcome) -> String {
+    let mut all = o.all_nodes.clone();
+    all.sort_unstable();
+    format!(
+        "| old (every change to every node, 4 pushes per interval) | {} | {} | {:.0} | 0 % | {:.2} / {:.2} | {:.2} / {:.2} / - | {} / {} | {} / {} | {} nodes x floods | {} | - | {:.0} s |",
+        o.p.nodes,
+        o.p.active_blocks,
+        o.p.rate + (o.p.floods as f64 * 200.0 / (o.p.duration_ms as f64 / 1000.0)),
+        pctf(&o.bps, 0.5) / KB,
+        pctf(&o.bps, 0.99) / KB,
+        o.delta_bps / KB,
+        o.ae_bps / KB,
+        pct_ms(&o.per_node, 0.5),
+        pct_ms(&o.per_node, 0.99),
+        pct_ms(&all, 0.5),
+        pct_ms(&all, 0.99),
+        o.undetected,
+        leak(&o.leaks),
+        o.wall,
+    )
+}
+
+fn new_params(spec: &str) -> new::Params {
+    let mut it = spec.split(',');
+    let mut num = || -> f64 {
+        it.next()
+            .and_then(|x| x.parse().ok())
+            .expect("--new=N,BLOCKS,RATE[,key=value...]")
+    };
+    let mut p = new::Params::new(num() as usize, num() as usize, num());
+    for kv in spec.split(',').skip(3) {
+        let (k, v) = kv.split_once('=').expect("key=value");
+        let f: f64 = v.parse().expect("a number");
+        match k {
+            "fanout" => p.fanout = f as usize,
+            "relay_ms" => p.relay_ms = f as u64,
+            "interval_ms" => p.interval_ms = f as u64,
+            "refresh_ms" => p.refresh_ms = f as u64,
+            "report_step" => p.report_step = f,
+            "again" => p.again = f as u32,
+            "again_ms" => p.again_ms = f as u64,
+            "handoff_min" => p.handoff_min = f,
+            "churn" => p.churn = f,
+            "verify_every" => p.verify_every = f as u64,
+            "zipf" => p.zipf = f,
+            "duration_ms" => p.duration_ms = f as u64,
+            "floods" => p.floods = f as usize,
+            "min_origins" => p.min_origins = f as u32,
+            _ => panic!("unknown key {k}"),
+        }
+    }
+    p
+}
+
+fn old_params(spec: &str) -> old::Params {
+    let v: Vec<f64> = spec
+        .split(',')
+        .map(|x| x.parse().expect("--old=N,BLOCKS,RATE,FRESH"))
+        .collect();
+    let mut p = old::Params::new(v[0] as usize, v[1] as usize, 1000, v[3] as u64);
+    p.rate = v[2];
+    p.floods = 20;
+    p.duration_ms = 30_000;
+    p
+}
+
+fn write_results(table: &str, notes: &str, command: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/RESULTS.md");
+    let old =
+        std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmark results\n".to_string());
+    let mut section = String::new();
+    let _ = writeln!(section, "## Gossip simulation\n");
+    let _ = writeln!(
+        section,
+        "Command: `{command}` (source: `bench/gossip_sim/`, model in the header of `main.rs`, `old.rs` and `new.rs`).\n"
+    );
+    let _ = writeln!(section, "{HEADER}");
+    section.push_str(table);
+    section.push('\n');
+    section.push_str(notes);
+    section.push('\n');
+    let new = match old.find("## Gossip simulation") {
+        Some(start) => {
+            let after = &old[start + 1..];
+            match after.find("\n## ") {
+                Some(i) => format!("{}{}\n{}", &old[..start], section, &after[i + 1..]),
+                None => format!("{}{}", &old[..start], section),
+            }
+        }
+        None => format!("{}\n\n{}", old.trim_end(), section),
+    };
+    std::fs::write(&path, new).expect("write bench/RESULTS.md");
+    println!("wrote {}", path.display());
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    if let Some(spec) = args.iter().find_map(|a| a.strip_prefix("--new=")) {
+        let o = new::simulate(new_params(spec));
+        println!("{HEADER}\n{}\n{}", new_row(&o), new_detail(&o));
+        return;
+    }
+    if let Some(spec) = args.iter().find_map(|a| a.strip_prefix("--old=")) {
+        println!("{HEADER}\n{}", old_row(&old::simulate(old_params(spec))));
+        return;
+    }
+    let (news, olds): (Vec<new::Params>, Vec<old::Params>) = if quick {
+        (
+            vec![new_params("100,100000,1000"), new_params("300,100000,1000")],
+            vec![old_params("100,10000,1000,4")],
+        )
+    } else {
+        (
+            vec![
+                new_params("1000,1000000,10000"),
+                new_params("10000,1000000,10000"),
+            ],
+            vec![
+                old_params("100,100000,10000,4"),
+                old_params("1000,10000,1000,4"),
+            ],
+        )
+    };
+    println!("{HEADER}");
+    let mut table = String::new();
+    let mut notes = String::new();
+    for p in olds {
+        let r = old_row(&old::simulate(p));
+        println!("{r}");
+        table.push_str(&r);
+        table.push('\n');
+    }
+    for p in news {
+        let o = new::simulate(p);
+        let r = new_row(&o);
+        println!("{r}");
+        table.push_str(&r);
+        table.push('\n');
+        let d = new_detail(&o);
+        println!("{d}");
+        notes.push_str(&d);
+        notes.push('\n');
+    }
+    if quick {
+        println!("(--quick: printed only, bench/RESULTS.md left alone)");
+        return;
+    }
+    write_results(&table, &notes, "cargo bench --bench gossip_sim");
+}
