@@ -88,7 +88,7 @@ fn new_row(o: &new::Outcome) -> String {
         o.p.relay_ms,
         o.p.nodes,
         o.p.blocks,
-        o.p.rate,
+        o.p.rate + (o.p.floods as f64 * (o.p.flood_rate * o.p.flood_secs) as f64 / (o.p.duration_ms as f64 / 1000.0)),
         o.p.churn * 100.0,
         pctf(&o.bps, 0.5) / KB,
         pctf(&o.bps, 0.99) / KB,
@@ -145,6 +145,32 @@ fn old_row(o: &old::Outcome) -> String {
         leak(&o.leaks),
         o.wall,
     )
+}
+
+/// The old design at the load, extrapolated from a measured run:
+/// its delta bytes per node per distinct changed count, times the distinct
+/// counts that 10,000 attempts/s over 1M blocks change (each attempt a new
+/// (origin, block, epoch) count, nearly always), times the growth of the
+/// rounds (ceil(log2 N) + 1) to the target N.
+fn old_extrapolation(o: &old::Outcome) -> String {
+    let per_count = o.delta_bps / o.changed_per_sec.max(1e-9);
+    let rounds = |n: usize| (n as f64).log2().ceil() + 1.0;
+    let mut s = format!(
+        "  - old, N = {} measured: {:.0} distinct counts changed per s network-wide, {:.0} delta bytes per node per changed count",
+        o.p.nodes, o.changed_per_sec, per_count
+    );
+    for n in [1000usize, 10_000] {
+        if n < o.p.nodes {
+            continue;
+        }
+        let _ = write!(
+            s,
+            "; **extrapolated** to N = {n} at 10,000 changed counts/s: {:.0} KB/s per node",
+            per_count * 10_000.0 * rounds(n) / rounds(o.p.nodes) / KB
+        );
+    }
+    s.push('.');
+    s
 }
 
 fn new_params(spec: &str) -> new::Params {
@@ -253,10 +279,15 @@ fn main() {
     let mut table = String::new();
     let mut notes = String::new();
     for p in olds {
-        let r = old_row(&old::simulate(p));
+        let o = old::simulate(p);
+        let r = old_row(&o);
         println!("{r}");
         table.push_str(&r);
         table.push('\n');
+        let d = old_extrapolation(&o);
+        println!("{d}");
+        notes.push_str(&d);
+        notes.push('\n');
     }
     for p in news {
         let o = new::simulate(p);
