@@ -73,6 +73,8 @@ pub struct Params {
     /// e^-fanout of the nodes).
     pub again: u32,
     pub again_ms: u64,
+    /// Reports kept per block in a `HotView` (2r: see `main.rs`).
+    pub hot_rmax: usize,
     /// Fraction of nodes leaving, and as many joining, during the run.
     pub churn: f64,
     /// SWIM's failure detection delay (a leave is seen this much later).
@@ -108,9 +110,11 @@ impl Params {
             report_step: 0.1,
             again: 2,
             again_ms: 200,
+            hot_rmax: 2 * owners::DEFAULT_OWNERS,
             churn: 0.1,
             detect_ms: 2_000,
-            handoff_min: 0.25,
+            // Only hot blocks: see "Handoff" in main.rs.
+            handoff_min: owners::DEFAULT_HOT_FRACTION,
             verify_every: 10,
             latency_ms: (5, 50),
             loss: 0.01,
@@ -404,7 +408,7 @@ impl Sim {
                 // Room for the reports of owners that were replaced (see
                 // the note on `HotView::merge` in main.rs: with exactly r,
                 // an owner change makes reports evict each other).
-                hot: HotView::new(100_000, 2 * p.owners),
+                hot: HotView::new(100_000, p.hot_rmax),
                 dirty: HashSet::new(),
                 levels: HashMap::new(),
                 report_at: false,
