@@ -30,7 +30,7 @@
 //! `interval` (1 s), signs each changed (block, epoch) count with its
 //! Ed25519 key and sends one `IncrementBatch` per owner (rendezvous top 3
 //! of the live members); a change of a block the node knows is hot is sent
-//! after `relay_ms` (50 ms) instead. An owner merges verified counts in its
+//! after `relay_ms` (25 ms; 50 ms measured too) instead. An owner merges verified counts in its
 //! `OwnerTable`; when a block it owns is hot (window >= 0.5 x limit) and
 //! its count changed, it signs a `HotReport` of its changed hot blocks
 //! after `relay_ms`, and re-reports all its hot blocks every 20 s. Reports

@@ -104,7 +104,7 @@ impl Params {
             hot_fraction: owners::DEFAULT_HOT_FRACTION,
             min_origins: owners::DEFAULT_MIN_ORIGINS_TO_REFUSE,
             interval_ms: 1000,
-            relay_ms: 50,
+            relay_ms: 25,
             fanout: 4,
             refresh_ms: 20_000,
             report_step: 0.1,
