@@ -1,19 +1,17 @@
-//! Gossip simulation: the real delta selection, digest and merge code of
+//! The old design (today's live node): every count change to every node.
+//! The real delta selection, digest and merge code of
 //! `magicmx::gossip::ledger`, and the real wire codec, run over a simulated
-//! network (virtual time, latency, loss; no sockets) of N = 10, 100, 1000
-//! nodes with 1,000 and 10,000 active blocks.
-//!
-//! Run: `cargo bench --bench gossip_sim` (add `-- --quick` for N <= 100).
-//! It prints a table and writes it to the `## Gossip simulation` section of
-//! `bench/RESULTS.md` (other sections are left alone).
+//! network (virtual time, latency, loss; no sockets).
 //!
 //! Model, per run:
 //! - every node starts with the same converged state: each active block has
 //!   counts from one random origin in one random epoch of the window
 //!   (1 h window of 1 min epochs, as the defaults);
-//! - background: each active block gets one connection every 5 minutes on
-//!   average, at a random node;
-//! - floods: 10 new blocks each start between 2 s and 12 s, sending 20
+//! - background: `rate` connections per second network-wide (by default
+//!   one per active block every 5 minutes), each from a uniformly random
+//!   active block at a random node;
+//! - floods: 10 new blocks (20 in the combined table) each start at a
+//!   random time, sending 20
 //!   connections/s for 10 s, each connection to a uniformly random node
 //!   (the worst case: the counts are spread as thin as possible); the limit
 //!   is 120 connections (the default `max_connections`);
@@ -35,7 +33,6 @@
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -53,29 +50,32 @@ const WINDOW_EPOCHS: u64 = 60;
 const T0: u64 = 1_800_000_000_000 + 30_000;
 
 #[derive(Clone, Debug)]
-struct Params {
-    nodes: usize,
-    active_blocks: usize,
-    floods: usize,
+pub struct Params {
+    pub nodes: usize,
+    pub active_blocks: usize,
+    /// Background connections per second, network-wide.
+    pub rate: f64,
+    pub floods: usize,
     flood_rate: u64,
     flood_secs: u64,
-    limit: u32,
-    interval_ms: u64,
+    pub limit: u32,
+    pub interval_ms: u64,
     /// Pushes of fresh counts per interval (1 = only the interval's round).
-    fresh_ticks: u64,
+    pub fresh_ticks: u64,
     fanout: usize,
     ae_interval_ms: u64,
     latency_ms: (u64, u64),
     loss: f64,
-    duration_ms: u64,
+    pub duration_ms: u64,
     seed: u64,
 }
 
 impl Params {
-    fn new(nodes: usize, active_blocks: usize, interval_ms: u64, fresh_ticks: u64) -> Params {
+    pub fn new(nodes: usize, active_blocks: usize, interval_ms: u64, fresh_ticks: u64) -> Params {
         Params {
             nodes,
             active_blocks,
+            rate: active_blocks as f64 / 300.0,
             floods: 10,
             flood_rate: 20,
             flood_secs: 10,
@@ -171,6 +171,8 @@ struct Sim {
     flood_blocks: HashMap<Block, usize>,
     truth: Vec<u64>,
     crossed: Vec<Option<u64>>,
+    /// Flood connections accepted (the node's view was not over the limit).
+    admitted: Vec<u64>,
     /// Every (origin, block, epoch) count that a connection changed: what
     /// the network has to spread, whatever the protocol.
     changed: std::collections::HashSet<Key>,
@@ -198,7 +200,12 @@ impl Sim {
         let now_epoch = epoch(T0);
         for b in 0..p.active_blocks {
             let block = block_of(
-                IpAddr::V4(Ipv4Addr::new(10, (b >> 8) as u8, b as u8, 1)),
+                IpAddr::V4(Ipv4Addr::new(
+                    10 + (b >> 16) as u8,
+                    (b >> 8) as u8,
+                    b as u8,
+                    1,
+                )),
                 24,
                 48,
             );
@@ -246,6 +253,7 @@ impl Sim {
             flood_blocks,
             truth: vec![0; p.floods],
             crossed: vec![None; p.floods],
+            admitted: vec![0; p.floods],
             changed: std::collections::HashSet::new(),
             p,
         };
@@ -271,7 +279,12 @@ impl Sim {
             self.at(T0 + phase, Ev::AntiEntropy(i));
         }
         for f in 0..p.floods {
-            let start = self.rng.random_range(2_000..12_000);
+            let start = self.rng.random_range(
+                2_000
+                    ..p.duration_ms
+                        .saturating_sub(p.flood_secs * 1000 + 3_000)
+                        .max(2_001),
+            );
             for k in 0..p.flood_rate * p.flood_secs {
                 let node = self.rng.random_range(0..p.nodes);
                 self.at(
@@ -280,8 +293,8 @@ impl Sim {
                 );
             }
         }
-        // Background: one connection per block every 300 s on average.
-        let rate_per_ms = p.active_blocks as f64 / 300_000.0;
+        // Background: `rate` connections per second.
+        let rate_per_ms = p.rate / 1000.0;
         let mut t = 0.0;
         loop {
             let u: f64 = self.rng.random_range(f64::EPSILON..1.0);
@@ -291,7 +304,12 @@ impl Sim {
             }
             let b = self.rng.random_range(0..p.active_blocks);
             let block = block_of(
-                IpAddr::V4(Ipv4Addr::new(10, (b >> 8) as u8, b as u8, 1)),
+                IpAddr::V4(Ipv4Addr::new(
+                    10 + (b >> 16) as u8,
+                    (b >> 8) as u8,
+                    b as u8,
+                    1,
+                )),
                 24,
                 48,
             );
@@ -398,6 +416,9 @@ impl Sim {
                     self.truth[flood] += 1;
                     if self.truth[flood] == self.p.limit as u64 + 1 {
                         self.crossed[flood] = Some(t);
+                    }
+                    if self.nodes[node].views[flood] <= self.p.limit as u64 {
+                        self.admitted[flood] += 1;
                     }
                     let block =
                         block_of(IpAddr::V4(Ipv4Addr::new(172, 16, flood as u8, 1)), 24, 48);
@@ -514,27 +535,22 @@ impl Sim {
     }
 }
 
-struct Outcome {
-    p: Params,
-    per_node: Vec<u64>,
-    all_nodes: Vec<u64>,
-    undetected: usize,
-    delta_bps: f64,
-    ae_bps: f64,
+pub struct Outcome {
+    pub p: Params,
+    pub per_node: Vec<u64>,
+    pub all_nodes: Vec<u64>,
+    pub undetected: usize,
+    pub delta_bps: f64,
+    pub ae_bps: f64,
+    /// Bytes sent per node per second, sorted.
+    pub bps: Vec<f64>,
+    pub leaks: Vec<f64>,
     /// Distinct counts changed per second, network-wide.
-    changed_per_sec: f64,
-    wall: f64,
+    pub changed_per_sec: f64,
+    pub wall: f64,
 }
 
-fn pct(v: &[u64], q: usize) -> String {
-    if v.is_empty() {
-        return "-".into();
-    }
-    let i = (v.len() * q / 100).min(v.len() - 1);
-    format!("{:.2}", v[i] as f64 / 1000.0)
-}
-
-fn simulate(p: Params) -> Outcome {
+pub fn simulate(p: Params) -> Outcome {
     let start = Instant::now();
     let mut sim = Sim::new(p.clone());
     sim.run();
@@ -569,7 +585,20 @@ fn simulate(p: Params) -> Outcome {
     let n = p.nodes as f64;
     let delta_bps = sim.nodes.iter().map(|x| x.delta_bytes).sum::<u64>() as f64 / n / secs;
     let ae_bps = sim.nodes.iter().map(|x| x.ae_bytes).sum::<u64>() as f64 / n / secs;
+    let mut bps: Vec<f64> = sim
+        .nodes
+        .iter()
+        .map(|x| (x.delta_bytes + x.ae_bytes) as f64 / secs)
+        .collect();
+    bps.sort_by(f64::total_cmp);
+    let leaks = sim
+        .admitted
+        .iter()
+        .map(|a| *a as f64 / p.limit as f64)
+        .collect();
     Outcome {
+        bps,
+        leaks,
         p,
         per_node,
         all_nodes,
@@ -579,168 +608,4 @@ fn simulate(p: Params) -> Outcome {
         changed_per_sec: sim.changed.len() as f64 / secs,
         wall: start.elapsed().as_secs_f64(),
     }
-}
-
-fn row(o: &Outcome) -> String {
-    format!(
-        "| {} | {} | {} ms | {} | {} | {} / {} | {} / {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} s |",
-        o.p.nodes,
-        o.p.active_blocks,
-        o.p.interval_ms,
-        o.p.fresh_ticks,
-        rounds_for(o.p.nodes),
-        pct(&o.per_node, 50),
-        pct(&o.per_node, 99),
-        pct(&o.all_nodes, 50),
-        pct(&o.all_nodes, 99),
-        o.undetected,
-        (o.delta_bps + o.ae_bps) / 1024.0,
-        o.delta_bps / 1024.0,
-        o.ae_bps / 1024.0,
-        o.changed_per_sec,
-        o.delta_bps / o.changed_per_sec.max(1e-9),
-        o.wall,
-    )
-}
-
-const HEADER: &str = "| nodes | active blocks | interval | fresh pushes per interval | rounds | seen by a node p50 / p99 (s) | seen by every node p50 / p99 (s) | never seen | KiB/s per node | of which deltas | of which anti-entropy | counts changed per s (network) | delta bytes per node per changed count | sim time |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
-
-/// How p99 and bandwidth grow with N, from the runs with 10,000 blocks
-/// and the live node's 4 pushes per interval.
-fn summary(outcomes: &[Outcome]) -> String {
-    let find = |n: usize| {
-        outcomes
-            .iter()
-            .find(|o| o.p.nodes == n && o.p.active_blocks == 10_000 && o.p.fresh_ticks == 4)
-    };
-    let mut out = String::new();
-    let mut prev: Option<&Outcome> = None;
-    for n in [10usize, 100, 1000] {
-        let Some(o) = find(n) else { continue };
-        let bw = o.delta_bps + o.ae_bps;
-        let _ = write!(
-            out,
-            "- N = {n}: every node sees a flood over its limit within {} s (p99), {:.1} KiB/s per node",
-            pct(&o.all_nodes, 99),
-            bw / 1024.0
-        );
-        if let Some(p) = prev {
-            let pbw = p.delta_bps + p.ae_bps;
-            let _ = write!(
-                out,
-                "; x{:.2} the bandwidth of N = {} for x{:.2} in log2 N and x{:.2} in rounds; \
-                 x{:.2} in distinct counts changed per second (the same connections, spread over \
-                 more origins) and x{:.2} in delta bytes per node per changed count",
-                bw / pbw,
-                p.p.nodes,
-                (n as f64).log2() / (p.p.nodes as f64).log2(),
-                rounds_for(n) as f64 / rounds_for(p.p.nodes) as f64,
-                o.changed_per_sec / p.changed_per_sec.max(1e-9),
-                (o.delta_bps / o.changed_per_sec.max(1e-9))
-                    / (p.delta_bps / p.changed_per_sec.max(1e-9)).max(1e-9)
-            );
-        }
-        out.push_str(".\n");
-        prev = Some(o);
-    }
-    out
-}
-
-fn write_results(table: &str, summary: &str, command: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/RESULTS.md");
-    let old =
-        std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmark results\n".to_string());
-    let mut section = String::new();
-    let _ = writeln!(section, "## Gossip simulation\n");
-    let _ = writeln!(
-        section,
-        "Command: `{command}` (source: `bench/gossip_sim.rs`, model in its header).\n"
-    );
-    let _ = writeln!(
-        section,
-        "The real `gossip::ledger` delta selection, digests and merge, and the real protobuf codec, over a \
-         simulated network: 5-50 ms latency, 1% message loss, virtual time. Each run: the active blocks start \
-         converged on every node; background traffic of one connection per active block per 5 minutes; 10 floods \
-         of 20 connections/s for 10 s, each connection to a random node, limit 120. Delays are from the moment a \
-         flood truly passed the limit network-wide to the moment a node's view passed it. Bandwidth is bytes sent \
-         per node per second over the 25 s run (deltas + anti-entropy every 10 s; SWIM not included). \
-         fanout 3, each change pushed for ceil(log2 N) + 1 rounds; \"fresh pushes\" = pushes per interval, the \
-         extra ones carrying only counts not pushed since they changed (the live node does 4; 1 = plain \
-         interval-paced epidemic, for comparison). \"Counts changed\" are the distinct (origin, block, epoch) \
-         counts that connections changed during the run, network-wide: each node counts what it sees itself, so \
-         the same connections spread over more nodes make more counts to carry; delta bytes per node per changed \
-         count is the protocol's own cost, which should grow like the rounds (log N).\n"
-    );
-    let _ = writeln!(section, "{HEADER}");
-    section.push_str(table);
-    section.push('\n');
-    section.push_str(summary);
-    if !summary.is_empty() {
-        section.push('\n');
-    }
-    let new = match old.find("## Gossip simulation") {
-        Some(start) => {
-            let after = &old[start + 1..];
-            match after.find("\n## ") {
-                Some(i) => format!("{}{}\n{}", &old[..start], section, &after[i + 1..]),
-                None => format!("{}{}", &old[..start], section),
-            }
-        }
-        None => format!("{}\n\n{}", old.trim_end(), section),
-    };
-    std::fs::write(&path, new).expect("write bench/RESULTS.md");
-    println!("wrote {}", path.display());
-}
-
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    // `--only=N,BLOCKS,INTERVAL_MS,FRESH`: one run, printed, nothing written.
-    if let Some(spec) = args.iter().find_map(|a| a.strip_prefix("--only=")) {
-        let v: Vec<u64> = spec
-            .split(',')
-            .map(|x| x.parse().expect("--only=N,BLOCKS,INTERVAL_MS,FRESH"))
-            .collect();
-        println!("{HEADER}");
-        println!(
-            "{}",
-            row(&simulate(Params::new(
-                v[0] as usize,
-                v[1] as usize,
-                v[2],
-                v[3]
-            )))
-        );
-        return;
-    }
-    let sizes: &[usize] = if quick { &[10, 100] } else { &[10, 100, 1000] };
-    let mut runs = Vec::new();
-    for &nodes in sizes {
-        for &blocks in &[1_000usize, 10_000] {
-            runs.push(Params::new(nodes, blocks, 1000, 4));
-        }
-    }
-    // Without the fresh pushes: one push per interval.
-    for &nodes in sizes {
-        runs.push(Params::new(nodes, 10_000, 1000, 1));
-    }
-    println!("{HEADER}");
-    let mut table = String::new();
-    let mut outcomes = Vec::new();
-    for p in runs {
-        let o = simulate(p);
-        let r = row(&o);
-        println!("{r}");
-        table.push_str(&r);
-        table.push('\n');
-        outcomes.push(o);
-    }
-    let summary = summary(&outcomes);
-    print!("{summary}");
-    let command = if quick {
-        "cargo bench --bench gossip_sim -- --quick"
-    } else {
-        "cargo bench --bench gossip_sim"
-    };
-    write_results(&table, &summary, command);
 }
