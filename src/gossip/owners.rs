@@ -501,6 +501,12 @@ pub struct HotView<B, O> {
 }
 
 impl<B: Copy + Eq + Hash, O: Copy + Eq> HotView<B, O> {
+    /// `r_max` must leave room beyond the `r` owners (2 × r is what
+    /// `bench/gossip_sim` uses): with exactly `r`, an owner change makes the
+    /// reports of the old and the new owner push each other out, each
+    /// coming back as "new", and a broadcast that forwards new reports
+    /// never ends (found by the simulation: `--new=100,10000,100,
+    /// duration_ms=20000,hot_rmax=3`).
     pub fn new(max_blocks: usize, r_max: usize) -> Self {
         HotView {
             blocks: HashMap::new(),
