@@ -1285,19 +1285,7 @@ impl Sim {
 fn decode_report_unverified(rep: &proto::HotReport) -> Vec<(Block, Window)> {
     rep.blocks
         .iter()
-        .filter_map(|h| {
-            Some((
-                block_from_wire(&h.block, h.prefix_len)?,
-                Window {
-                    counts: Counts {
-                        connections: h.connections,
-                        messages: h.messages,
-                        recipients: h.recipients,
-                    },
-                    origins: h.origins,
-                },
-            ))
-        })
+        .filter_map(owners::hot_block_from_wire)
         .collect()
 }
 

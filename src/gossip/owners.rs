@@ -860,6 +860,22 @@ pub fn encode_report(
     }
 }
 
+/// One hot block of a report as (block, window); None if the block is
+/// malformed. The signature is not checked here (see [`decode_report`]).
+pub fn hot_block_from_wire(h: &proto::HotCount) -> Option<(Block, Window)> {
+    Some((
+        block_from_wire(&h.block, h.prefix_len)?,
+        Window {
+            counts: Counts {
+                connections: h.connections,
+                messages: h.messages,
+                recipients: h.recipients,
+            },
+            origins: h.origins,
+        },
+    ))
+}
+
 /// Decodes a hot report and verifies it with its owner's key (looked up by
 /// the caller from `report.owner`'s certificate).
 pub fn decode_report(
@@ -878,20 +894,7 @@ pub fn decode_report(
     let blocks = report
         .blocks
         .iter()
-        .map(|h| {
-            let b = block_from_wire(&h.block, h.prefix_len).ok_or(DecodeError::Malformed)?;
-            Ok((
-                b,
-                Window {
-                    counts: Counts {
-                        connections: h.connections,
-                        messages: h.messages,
-                        recipients: h.recipients,
-                    },
-                    origins: h.origins,
-                },
-            ))
-        })
+        .map(|h| hot_block_from_wire(h).ok_or(DecodeError::Malformed))
         .collect::<Result<Vec<_>, DecodeError>>()?;
     let msg = report_message(network, &report.owner, report.epoch, report.seq, &blocks);
     verify(alg, public_key, &msg, &report.signature).map_err(|_| DecodeError::Signature)?;
