@@ -8,7 +8,7 @@
 //! know everything.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const LEAVES: &[&str] = &[
     "addr",
@@ -118,34 +118,42 @@ fn split_top(group: &str) -> Vec<&str> {
     parts
 }
 
-fn graph() -> BTreeMap<String, BTreeSet<String>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut stack = vec![src.clone()];
+/// Every file under `src/`, at any depth.
+fn src_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
     while let Some(dir) = stack.pop() {
         for e in std::fs::read_dir(&dir).unwrap() {
             let path = e.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
+            match path.is_dir() {
+                true => stack.push(path),
+                false => files.push(path),
             }
-            if path.extension().is_none_or(|x| x != "rs") {
-                continue;
-            }
-            let rel = path.strip_prefix(&src).unwrap();
-            let module = rel
-                .components()
-                .next()
-                .unwrap()
-                .as_os_str()
-                .to_string_lossy()
-                .trim_end_matches(".rs")
-                .to_string();
-            let text = std::fs::read_to_string(&path).unwrap();
-            let refs = crate_refs(&production_text(&text));
-            let out = edges.entry(module.clone()).or_default();
-            out.extend(refs.into_iter().filter(|r| *r != module));
         }
+    }
+    files
+}
+
+fn graph() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for path in src_files() {
+        if path.extension().is_none_or(|x| x != "rs") {
+            continue;
+        }
+        let rel = path.strip_prefix(&src).unwrap();
+        let module = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy()
+            .trim_end_matches(".rs")
+            .to_string();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let refs = crate_refs(&production_text(&text));
+        let out = edges.entry(module.clone()).or_default();
+        out.extend(refs.into_iter().filter(|r| *r != module));
     }
     edges
 }
@@ -261,38 +269,29 @@ fn the_readme_layout_table_matches_the_tree() {
         );
     }
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let mut stack = vec![root.join("src")];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let path = e.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let rel = path
-                .strip_prefix(root)
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            if paths.contains(&rel) {
-                continue;
-            }
-            // A file in a folder row: the row names the folder and the
-            // file's path inside it.
-            let row = paths
-                .iter()
-                .filter(|p| p.ends_with('/') && rel.starts_with(p.as_str()))
-                .find_map(|folder| {
-                    let inside = &rel[folder.len()..];
-                    readme.lines().find(|l| {
-                        l.starts_with(&format!("| `{folder}`"))
-                            && l.contains(&format!("`{inside}`"))
-                    })
-                });
-            assert!(
-                row.is_some(),
-                "the README's layout table does not name {rel}"
-            );
+    for path in src_files() {
+        let rel = path
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        if paths.contains(&rel) {
+            continue;
         }
+        // A file in a folder row: the row names the folder and the
+        // file's path inside it.
+        let row = paths
+            .iter()
+            .filter(|p| p.ends_with('/') && rel.starts_with(p.as_str()))
+            .find_map(|folder| {
+                let inside = &rel[folder.len()..];
+                readme.lines().find(|l| {
+                    l.starts_with(&format!("| `{folder}`")) && l.contains(&format!("`{inside}`"))
+                })
+            });
+        assert!(
+            row.is_some(),
+            "the README's layout table does not name {rel}"
+        );
     }
 }
