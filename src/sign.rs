@@ -29,6 +29,7 @@
 //! (`magicmx zone --dkim`); `crate::zone::check_dkim` compares what the DNS
 //! says with them.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io::Write as _;
 use std::net::IpAddr;
@@ -449,10 +450,11 @@ fn authserv_id(value: &[u8]) -> &[u8] {
 
 /// `message` without its `Authentication-Results` header fields whose
 /// authserv-id is `id` (case-insensitive), and how many were removed.
-/// The body and every other header are kept byte for byte.
-pub fn strip_auth_results(message: &[u8], id: &str) -> (Vec<u8>, usize) {
+/// The body and every other header are kept byte for byte; with nothing to
+/// remove (the usual case), the message itself, not a copy.
+pub fn strip_auth_results<'m>(message: &'m [u8], id: &str) -> (Cow<'m, [u8]>, usize) {
     let (fields, _) = header_fields(message);
-    let mut out = Vec::with_capacity(message.len());
+    let mut out = Vec::new();
     let mut removed = 0;
     let mut last = 0;
     for (start, end) in fields {
@@ -464,13 +466,19 @@ pub fn strip_auth_results(message: &[u8], id: &str) -> (Vec<u8>, usize) {
         if name.eq_ignore_ascii_case(b"Authentication-Results")
             && authserv_id(&field[colon + 1..]).eq_ignore_ascii_case(id.as_bytes())
         {
+            if removed == 0 {
+                out.reserve(message.len());
+            }
             out.extend_from_slice(&message[last..start]);
             last = end;
             removed += 1;
         }
     }
+    if removed == 0 {
+        return (Cow::Borrowed(message), 0);
+    }
     out.extend_from_slice(&message[last..]);
-    (out, removed)
+    (Cow::Owned(out), removed)
 }
 
 /// Signs accepted mail (see the module docs). Cheap to share.
@@ -685,6 +693,7 @@ mod tests {
             \r\n\
             Authentication-Results: net.test; in the body\r\n";
         let (out, n) = strip_auth_results(msg, "net.test");
+        let out = out.into_owned();
         assert_eq!(n, 2);
         assert_eq!(
             out,
@@ -698,13 +707,24 @@ mod tests {
         );
         // Nothing to remove: the same bytes.
         let (same, n) = strip_auth_results(&out, "net.test");
-        assert_eq!((same, n), (out.clone(), 0));
+        assert!(
+            matches!(same, Cow::Borrowed(_)),
+            "copied with nothing to remove"
+        );
+        assert_eq!((same.into_owned(), n), (out.clone(), 0));
         // A message with no body separator, and an empty one.
         assert_eq!(
-            strip_auth_results(b"Authentication-Results: net.test", "net.test"),
+            owned(strip_auth_results(
+                b"Authentication-Results: net.test",
+                "net.test"
+            )),
             (Vec::new(), 1)
         );
-        assert_eq!(strip_auth_results(b"", "net.test"), (Vec::new(), 0));
+        assert_eq!(owned(strip_auth_results(b"", "net.test")), (Vec::new(), 0));
+    }
+
+    fn owned((m, n): (Cow<'_, [u8]>, usize)) -> (Vec<u8>, usize) {
+        (m.into_owned(), n)
     }
 
     #[test]
