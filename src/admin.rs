@@ -162,6 +162,17 @@ struct Status {
     dnsbl_zones: Vec<crate::dnsbl::ZoneStatus>,
     greylist: GreylistStatus,
     peers: Vec<crate::gossip::PeerStatus>,
+    /// `gossip.counts = "owners"`: what this node holds of the design.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owners: Option<OwnersStatus>,
+}
+
+#[derive(Serialize)]
+struct OwnersStatus {
+    /// Hot blocks this node has owners' reports of.
+    hot_blocks: usize,
+    /// Signed counts it keeps for the blocks it owns.
+    owned_counts: usize,
 }
 
 #[derive(Serialize)]
@@ -183,6 +194,10 @@ pub struct Explanation {
     pub verdict: String,
     /// Would a recipient from this address be greylisted now, and why.
     pub greylist: crate::greylist::Applies,
+    /// The block's owner nodes in this node's view (`gossip.counts =
+    /// "owners"`): they sum its counts network-wide.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub owners: Vec<String>,
     #[serde(flatten)]
     pub status: BlockStatus,
 }
@@ -270,11 +285,16 @@ impl Admin {
                 now,
             ),
         };
+        let owners = match (&self.gossip, trusted) {
+            (Some(g), false) => g.owners_of(&status.block).unwrap_or_default(),
+            _ => Vec::new(),
+        };
         Explanation {
             ip,
             trusted,
             verdict,
             greylist,
+            owners,
             status,
         }
     }
@@ -378,6 +398,12 @@ impl Admin {
                         }
                     },
                     peers: self.gossip.as_ref().map(|g| g.peers()).unwrap_or_default(),
+                    owners: self.gossip.as_ref().and_then(|g| g.owners_sizes()).map(
+                        |(hot_blocks, owned_counts)| OwnersStatus {
+                            hot_blocks,
+                            owned_counts,
+                        },
+                    ),
                 };
                 (200, JSON, json(&s))
             }

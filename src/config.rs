@@ -514,6 +514,26 @@ pub struct GossipConfig {
     /// Distinct origins (this node included) whose counts a block's count
     /// must hold before counts that are not this node's own may refuse it.
     pub min_origins_to_refuse: u32,
+    /// How counts travel: to each block's owners, with hot blocks broadcast
+    /// (`owners`), or every count to every node (`all`, the design before).
+    pub counts: GossipCounts,
+    /// Owner nodes per block (`counts = "owners"`).
+    pub owners: usize,
+    /// Owners broadcast a block once its network-wide count reaches this
+    /// fraction of any limit (`counts = "owners"`).
+    pub hot_fraction: f64,
+}
+
+/// `gossip.counts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GossipCounts {
+    /// Each node sends its counts of a block to the block's owners; owners
+    /// broadcast the blocks near a limit. A node's cost follows its own
+    /// traffic, not the network's.
+    Owners,
+    /// Every count change goes to every node (epidemic).
+    All,
 }
 
 impl Default for GossipConfig {
@@ -532,6 +552,9 @@ impl Default for GossipConfig {
             failure_timeout: Dur::secs(10),
             max_origin_share: 0.5,
             min_origins_to_refuse: 3,
+            counts: GossipCounts::Owners,
+            owners: 3,
+            hot_fraction: 0.5,
         }
     }
 }
@@ -1369,6 +1392,13 @@ impl GossipConfig {
             1,
             16,
         )?;
+        in_range("gossip.owners", g.owners, 1, 16)?;
+        if !(g.hot_fraction > 0.0 && g.hot_fraction <= 1.0) {
+            return Err(invalid(
+                "gossip.hot_fraction",
+                "must be more than 0 and at most 1",
+            ));
+        }
         if g.enabled {
             for (key, p) in [
                 ("gossip.ca", &g.ca),

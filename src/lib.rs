@@ -108,13 +108,16 @@ impl Node {
                 )
             })?;
         let dns = dns::Dns::new(&config.dns).context("dns: cannot create the resolver")?;
-        let throttle = Arc::new(
+        let mut throttle =
             throttle::Throttle::new(&config.throttle, &config.trust, &config.node.name)
                 .with_peer_share(config.gossip.max_origin_share)
                 .with_min_origins(config.gossip.min_origins_to_refuse)
                 .with_suspect(suspect::Policy::from_config(&config))
-                .with_greylist(greylist::Greylist::new(&config.greylist)),
-        );
+                .with_greylist(greylist::Greylist::new(&config.greylist));
+        if config.gossip.enabled && config.gossip.counts == config::GossipCounts::Owners {
+            throttle = throttle.with_change_feed();
+        }
+        let throttle = Arc::new(throttle);
         let signer = match config.signing() {
             Some(signing) => {
                 let (keys, _made) = sign::load_or_create(&signing, &config.node.data_dir, true)

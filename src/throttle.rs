@@ -162,6 +162,30 @@ struct BlockState {
     /// seen the block itself (None: a local block).
     creator: Option<Origin>,
     suspect: SuspectState,
+    /// The network-wide window of a hot block, as its owners report it
+    /// (`gossip.counts = "owners"`; see [`Throttle::set_hot`]).
+    hot: Option<Hot>,
+}
+
+/// A hot block's network-wide window: the median of its owners' reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hot {
+    counts: Counts,
+    origins: u32,
+    /// Unix ms; not used from then on.
+    until: u64,
+}
+
+/// Own changes kept for gossip between two takes (`Throttle::take_own_changes`);
+/// past this, the next take scans the table instead.
+const MAX_OWN_CHANGES: usize = 1 << 20;
+
+/// This node's own (block, epoch) counts that changed since gossip last took
+/// them.
+#[derive(Debug, Default)]
+struct OwnChanges {
+    changed: std::collections::HashSet<(Block, u64)>,
+    overflow: bool,
 }
 
 /// Blocks created by peers' counts: how many per origin, and in creation
@@ -288,6 +312,10 @@ pub struct Throttle {
     suspect_changed: Mutex<HashMap<Block, u8>>,
     /// `[greylist]`, keyed by the block as its pool (gossiped with the counts).
     greylist: Arc<crate::greylist::Greylist>,
+    /// Own count changes, for gossip to its block owners (off unless
+    /// [`Throttle::with_change_feed`]).
+    own_changes: Mutex<OwnChanges>,
+    feed: std::sync::atomic::AtomicBool,
 }
 
 impl Throttle {
@@ -320,7 +348,20 @@ impl Throttle {
             greylist: Arc::new(crate::greylist::Greylist::new(
                 &crate::config::GreylistConfig::default(),
             )),
+            own_changes: Mutex::new(OwnChanges::default()),
+            feed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Records which of this node's own (block, epoch) counts change, for
+    /// [`Throttle::take_own_changes`] (gossip to block owners).
+    pub fn with_change_feed(self) -> Throttle {
+        self.feed.store(true, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
+    fn lock_changes(&self) -> std::sync::MutexGuard<'_, OwnChanges> {
+        self.own_changes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Greylists with `greylist` (`[greylist]`).
@@ -444,12 +485,27 @@ impl Throttle {
     }
 
     fn sums_of(&self, state: &BlockState, now_ms: u64) -> Sums {
-        capped_window_sum(
+        let mut s = capped_window_sum(
             &state.slots,
             self.window_start(now_ms),
             self.epoch_of(now_ms),
             self.peer_cap,
-        )
+        );
+        // A hot block's owners report the network-wide window (this node's
+        // own counts included, each origin capped at the peer share).
+        if let Some(h) = state.hot.filter(|h| h.until > now_ms) {
+            s.all = s.all.max(h.counts);
+            s.origins = s.origins.max(h.origins);
+        }
+        s
+    }
+
+    /// The limits of `block` now (lower for a suspect).
+    pub fn limits_for(&self, block: &Block, now_ms: u64) -> Counts {
+        match self.blocks.get(block) {
+            Some(s) => self.limits_of(&s, now_ms),
+            None => self.limits(),
+        }
     }
 
     /// The limits of a block: the normal ones, lower for a suspect.
@@ -571,8 +627,18 @@ impl Throttle {
         false
     }
 
-    fn add_own(&self, state: &mut BlockState, now_ms: u64, add: Counts) {
+    fn add_own(&self, block: Block, state: &mut BlockState, now_ms: u64, add: Counts) {
         let epoch = self.epoch_of(now_ms);
+        if self.feed.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut ch = self.lock_changes();
+            if !ch.overflow {
+                if ch.changed.len() < MAX_OWN_CHANGES {
+                    ch.changed.insert((block, epoch));
+                } else {
+                    ch.overflow = true;
+                }
+            }
+        }
         match state
             .slots
             .iter_mut()
@@ -622,6 +688,7 @@ impl Throttle {
                 return self.refuse_penalised(state, now_ms);
             }
             self.add_own(
+                block,
                 state,
                 now_ms,
                 Counts {
@@ -686,7 +753,7 @@ impl Throttle {
             }
             let mut add = Counts::default();
             *field(&mut add) = 1;
-            self.add_own(state, now_ms, add);
+            self.add_own(block, state, now_ms, add);
             Decision::Accept
         });
         decision.unwrap_or(Decision::Accept)
@@ -1012,7 +1079,13 @@ impl Throttle {
         self.blocks.retain(|_, s| {
             s.slots.retain(|sl| sl.epoch >= first);
             s.suspect.prune(now_ms, suspect_first);
-            let keep = !s.slots.is_empty() || s.penalty.until > now_ms || !s.suspect.is_empty();
+            if s.hot.is_some_and(|h| h.until <= now_ms) {
+                s.hot = None;
+            }
+            let keep = !s.slots.is_empty()
+                || s.penalty.until > now_ms
+                || !s.suspect.is_empty()
+                || s.hot.is_some();
             if let (false, Some(origin)) = (keep, s.creator) {
                 released.push(origin);
             }
@@ -1029,6 +1102,78 @@ impl Throttle {
             .retain(|(b, o)| self.blocks.get(b).is_some_and(|s| s.creator == Some(*o)));
         // Sessions add blocks while the sweep runs: the map may have grown.
         before.saturating_sub(self.blocks.len())
+    }
+
+    /// This node's own (block, epoch) counts that changed since the last
+    /// take (all of them inside the window after an overflow), with their
+    /// current values: what gossip sends the blocks' owners.
+    pub fn take_own_changes(&self, now_ms: u64) -> Vec<(Block, u64, Counts)> {
+        let (changed, overflow) = {
+            let mut ch = self.lock_changes();
+            let overflow = std::mem::take(&mut ch.overflow);
+            (std::mem::take(&mut ch.changed), overflow)
+        };
+        if overflow {
+            return self.own_counts(now_ms);
+        }
+        let first = self.window_start(now_ms);
+        let mut out = Vec::with_capacity(changed.len());
+        for (block, epoch) in changed {
+            if epoch < first {
+                continue;
+            }
+            let Some(st) = self.blocks.get(&block) else {
+                continue;
+            };
+            if let Some(sl) = st
+                .slots
+                .iter()
+                .find(|sl| sl.origin == SELF_ORIGIN && sl.epoch == epoch)
+            {
+                out.push((block, epoch, sl.counts));
+            }
+        }
+        out
+    }
+
+    /// Every own (block, epoch) count inside the window (a re-send to new
+    /// owners after a membership change).
+    pub fn own_counts(&self, now_ms: u64) -> Vec<(Block, u64, Counts)> {
+        let first = self.window_start(now_ms);
+        let mut out = Vec::new();
+        for e in self.blocks.iter() {
+            for sl in e.slots.iter().filter(|sl| sl.origin == SELF_ORIGIN) {
+                if sl.epoch >= first {
+                    out.push((*e.key(), sl.epoch, sl.counts));
+                }
+            }
+        }
+        out
+    }
+
+    /// Sets (or with `None` clears) the network-wide window of a hot block
+    /// as its owners report it, used until `until_ms`. It refuses the block
+    /// only with at least `gossip.min_origins_to_refuse` origins, like any
+    /// count that is not this node's own. A block new to this node is added
+    /// only while the table has room (peers' blocks never evict).
+    pub fn set_hot(&self, block: Block, hot: Option<(Counts, u32)>, until_ms: u64) {
+        let value = hot.map(|(counts, origins)| Hot {
+            counts,
+            origins,
+            until: until_ms,
+        });
+        if let Some(mut s) = self.blocks.get_mut(&block) {
+            s.hot = value;
+            return;
+        }
+        if value.is_none() {
+            return;
+        }
+        if self.blocks.len() >= self.cfg.max_tracked_blocks {
+            metrics::counter!("magicmx_throttle_untracked_total", "source" => "peer").increment(1);
+            return;
+        }
+        self.blocks.entry(block).or_default().hot = value;
     }
 
     /// Every (origin, block, epoch) count inside the window: what gossip sends.

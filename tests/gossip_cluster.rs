@@ -33,6 +33,8 @@ mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_magicmx");
 const LIMIT: u32 = 20;
+/// `[gossip]` extra: every count to every node (the design before owners).
+const ALL_COUNTS: &str = "counts = \"all\"";
 const INTERVAL_MS: u64 = 200;
 const FAILURE_TIMEOUT_MS: u64 = 3000;
 const NETWORK: &str = "test-net";
@@ -816,7 +818,9 @@ mod peer {
 fn only_certified_peers_count_and_each_is_capped() {
     let _g = serial();
     let ca = network_ca(&["a", "b", "evil"]);
-    let nodes = cluster(ca.path(), &["a", "b"], false);
+    // Counts as unsigned per-origin copies (`counts = "all"`): the
+    // defences of that design. tests/gossip_owners.rs has those of owners.
+    let nodes = cluster_with(ca.path(), &["a", "b"], false, ALL_COUNTS);
     let a = &nodes[0];
 
     // A real node whose certificate comes from another CA, seeded with a:
@@ -935,7 +939,9 @@ fn only_certified_peers_count_and_each_is_capped() {
 fn a_lying_peer_alone_gets_a_victim_refused_nowhere() {
     let _g = serial();
     let ca = network_ca(&["a", "b", "c", "liar"]);
-    let nodes = cluster(ca.path(), &["a", "b", "c"], false);
+    // With `counts = "owners"` a peer's unsigned copy is never merged at
+    // all; tests/gossip_owners.rs lets a real owner lie instead.
+    let nodes = cluster_with(ca.path(), &["a", "b", "c"], false, ALL_COUNTS);
     let targets: Vec<SocketAddr> = nodes.iter().map(|n| n.smtp).collect();
     // The victim's true traffic: 6 connections over the three nodes.
     assert_eq!(flood([127, 3, 3], &targets, 6, 100), 6);

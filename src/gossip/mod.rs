@@ -38,6 +38,7 @@
 //! counts. Signed per-origin batches would close that.
 
 pub mod ca;
+mod hot;
 pub mod ledger;
 pub mod membership;
 pub mod owners;
@@ -150,6 +151,11 @@ struct Core {
     member_keys: Mutex<HashMap<String, Fingerprint>>,
     own_key: Option<Fingerprint>,
     members_changed: Notify,
+    /// Owners per block (`gossip.counts = "owners"`); None: every count to
+    /// every node through the ledger.
+    hot: Option<hot::Hot>,
+    /// When the owners last re-reported all their hot blocks.
+    last_refresh: Mutex<Instant>,
     ledger: Mutex<LedgerState>,
     epoch_ms: u64,
     window_epochs: u64,
@@ -238,6 +244,24 @@ impl Gossip {
         let epoch_ms = (config.throttle.epoch.0.as_millis() as u64).max(1);
         let window_epochs = ((config.throttle.window.0.as_millis() as u64) / epoch_ms).max(1);
         let (exchange_tx, exchange_rx) = mpsc::channel(64);
+        let hot = match g.counts {
+            crate::config::GossipCounts::All => None,
+            crate::config::GossipCounts::Owners => Some(
+                hot::Hot::new(
+                    &config.node.name,
+                    &g.network,
+                    g.owners,
+                    g.hot_fraction,
+                    epoch_ms,
+                    window_epochs,
+                    g.interval.0.as_millis() as u64,
+                    material.key.secret_der(),
+                    &material.chain[0],
+                    material.ca.clone(),
+                )
+                .map_err(|m| config_err("gossip.key", m))?,
+            ),
+        };
         let core = Arc::new(Core {
             name: config.node.name.clone(),
             network: g.network.clone(),
@@ -245,6 +269,8 @@ impl Gossip {
             member_keys: Mutex::new(HashMap::new()),
             own_key: crate::netkeys::of_cert(&material.chain[0]),
             members_changed: Notify::new(),
+            hot,
+            last_refresh: Mutex::new(Instant::now()),
             ledger: Mutex::new(LedgerState {
                 ledger: Ledger::new(1),
                 ids: Vec::new(),
@@ -341,6 +367,18 @@ impl Gossip {
 
     /// The live member that vouched for itself (this node included) whose
     /// certificate key is `key`, by name (for the real-MX policy service).
+    /// The owners of `block` in this node's view (`gossip.counts =
+    /// "owners"`; None with `all`).
+    pub fn owners_of(&self, block: &Block) -> Option<Vec<String>> {
+        self.core.hot.as_ref().map(|h| h.owner_names(block))
+    }
+
+    /// With `gossip.counts = "owners"`: (hot blocks this node has reports
+    /// of, signed counts it keeps as an owner).
+    pub fn owners_sizes(&self) -> Option<(usize, usize)> {
+        self.core.hot.as_ref().map(|h| h.sizes())
+    }
+
     pub fn member_with_key(&self, key: &Fingerprint) -> Option<String> {
         if self.core.own_key.as_ref() == Some(key) {
             return Some(self.core.name.clone());
@@ -451,6 +489,11 @@ impl Core {
         if self.transport.drop_from(&peer.addr()) {
             return;
         }
+        if let Some(hot) = &self.hot {
+            if let Ok((sender, body)) = owners::open(bytes, &self.network) {
+                return self.on_v2(hot, &peer, &sender, body);
+            }
+        }
         let Some(body) = self.open(&peer, bytes) else {
             return;
         };
@@ -464,6 +507,112 @@ impl Core {
                 dropped("unexpected");
                 debug!(peer = %peer.name, kind = wire::kind(&other), reason = "outside an exchange", "gossip message dropped");
             }
+        }
+    }
+
+    /// A v2 message (owners per block): signed increments for blocks this
+    /// node owns, or hot reports to keep and forward.
+    fn on_v2(
+        self: &Arc<Self>,
+        hot: &hot::Hot,
+        peer: &Peer,
+        sender: &str,
+        body: proto::envelope_v2::Body,
+    ) {
+        use proto::envelope_v2::Body as V2;
+        if !peer.accepts(sender) {
+            dropped("sender");
+            warn!(peer = %peer.name, claimed = %sender, reason = "sender does not match the certificate", "gossip message dropped");
+            return;
+        }
+        if !self.is_known_sender(peer) {
+            dropped("unknown_origin");
+            return;
+        }
+        let now = now_ms();
+        match body {
+            V2::Increments(batch) => {
+                metrics::counter!("magicmx_gossip_messages_total", "direction" => "in", "kind" => "increments").increment(1);
+                let Some(cert) = tls::peer_cert(&peer.conn) else {
+                    dropped("certificate");
+                    return;
+                };
+                match hot.on_increments(&self.throttle, &peer.name, &cert, &batch, now) {
+                    Ok(n) => debug!(peer = %peer.name, counts = batch.counts.len(), merged = n, "gossip increments"),
+                    Err(reason) => {
+                        dropped(reason);
+                        debug!(peer = %peer.name, reason, "gossip increments dropped");
+                    }
+                }
+            }
+            V2::Hot(relay) => {
+                metrics::counter!("magicmx_gossip_messages_total", "direction" => "in", "kind" => "hot").increment(1);
+                let fresh = hot.on_reports(&self.throttle, relay, now);
+                if fresh.is_empty() {
+                    return;
+                }
+                debug!(peer = %peer.name, reports = fresh.len(), "hot reports forwarded");
+                let bytes = Arc::new(hot.relay_bytes(fresh));
+                let mut targets: Vec<NodeId> = self
+                    .live_peers()
+                    .into_iter()
+                    .filter(|p| p.name != peer.name)
+                    .collect();
+                targets.shuffle(&mut rand::rng());
+                targets.truncate(self.config.gossip.fanout);
+                for id in targets {
+                    self.send_later(id.gossip, bytes.clone(), "hot");
+                }
+            }
+            V2::Handoff(handoff) => {
+                metrics::counter!("magicmx_gossip_messages_total", "direction" => "in", "kind" => "handoff").increment(1);
+                if Instant::now() >= self.relearn_until {
+                    dropped("late");
+                    return;
+                }
+                let n = hot.on_handoff(&self.throttle, &handoff, now);
+                debug!(peer = %peer.name, merged = n, "own counts relearned from an owner");
+            }
+            V2::Swim(_) => {
+                dropped("unexpected");
+                debug!(peer = %peer.name, kind = "swim", reason = "not in a v2 envelope", "gossip message dropped");
+            }
+        }
+    }
+
+    /// Sends `bytes` to `addr` on a stream of its own, in a task.
+    fn send_later(&self, addr: SocketAddr, bytes: Arc<Vec<u8>>, kind: &'static str) {
+        let t = self.transport.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = t.send_uni(addr, &bytes, kind).await {
+                debug!(peer = %addr, reason = %e, kind, "gossip message not sent");
+            }
+        });
+    }
+
+    /// One owners round (see [`hot`]): after the members changed, with
+    /// everything on a full round, and all hot blocks again every
+    /// `anti_entropy_interval`.
+    fn owners_round(self: &Arc<Self>, hot: &hot::Hot, full: bool) {
+        let live = self.live_peers();
+        let changed = hot.set_members(live.iter().map(|id| (id.name.as_str(), id.gossip)));
+        let refresh = full && {
+            let mut last = self.last_refresh.lock().unwrap_or_else(|e| e.into_inner());
+            let due = last.elapsed() >= self.config.gossip.anti_entropy_interval.0;
+            if due {
+                *last = Instant::now();
+            }
+            due
+        };
+        let mut peers: Vec<SocketAddr> = live.iter().map(|id| id.gossip).collect();
+        peers.shuffle(&mut rand::rng());
+        peers.truncate(self.config.gossip.fanout);
+        let (out, stats) = hot.round(&self.throttle, now_ms(), full || changed, refresh, changed, &peers);
+        if stats.counts_sent > 0 || stats.hot_reported > 0 {
+            debug!(counts = stats.counts_sent, hot = stats.hot_reported, messages = out.len(), members_changed = changed, "owners round");
+        }
+        for (addr, bytes, kind) in out {
+            self.send_later(addr, Arc::new(bytes), kind);
         }
     }
 
@@ -504,6 +653,11 @@ impl Core {
         for id in out.up {
             let _ = self.exchange_now.try_send(id.gossip);
             self.send_suspect_snapshot(&id);
+            // A node that restarted relearns its own counts from the
+            // owners that kept them.
+            if let Some(bytes) = self.hot.as_ref().and_then(|h| h.counts_of_origin(&id.name, now_ms())) {
+                self.send_later(id.gossip, Arc::new(bytes), "handoff");
+            }
         }
         if out.joined {
             if let Some(p) = self.live_peers().choose(&mut rand::rng()) {
@@ -601,6 +755,11 @@ impl Core {
     /// member (it never joined) influences the nodes it talks to directly,
     /// capped, and goes no further.
     fn observe_throttle(&self, state: &mut LedgerState, now: u64) {
+        if self.hot.is_some() {
+            // Owners per block: counts travel to their owners, not through
+            // the ledger to everyone.
+            return;
+        }
         state.ledger.prune(self.first_epoch(now));
         let members: HashSet<String> = self.members().peers.keys().cloned().collect();
         let mut travels: Vec<Option<bool>> = Vec::new();
@@ -669,6 +828,9 @@ impl Core {
     /// One dissemination round to `fanout` random live peers: every hot
     /// count (`full`), or only the fresh ones.
     fn push_round(self: &Arc<Self>, full: bool) {
+        if let Some(hot) = &self.hot {
+            self.owners_round(hot, full);
+        }
         let live = self.live_peers();
         let bytes = {
             let mut state = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
@@ -944,6 +1106,16 @@ impl Core {
         self.merge_suspects(from, batch);
         self.merge_greylist(from, batch);
         self.merge_verdicts(from, batch);
+        if self.hot.is_some() {
+            // Owners per block: counts come as signed increments, never as
+            // a peer's unsigned copy (a node with `gossip.counts = "all"`
+            // shares membership and signals with this one, not counts).
+            if !batch.entries.is_empty() {
+                metrics::counter!("magicmx_gossip_dropped_total", "reason" => "counts_mode")
+                    .increment(batch.entries.len() as u64);
+            }
+            return 0;
+        }
         let (updates, invalid) = match decode_batch(batch, self.epoch_ms) {
             Ok(x) => x,
             Err(e) => {

@@ -456,8 +456,17 @@ impl<B: Copy + Eq + Hash> Outbox<B> {
 
     /// The changes to send this interval; they count as sent.
     pub fn take(&mut self) -> Vec<(B, u64, Counts)> {
-        let out: Vec<(B, u64, Counts)> =
-            self.pending.drain().map(|((b, e), c)| (b, e, c)).collect();
+        self.take_where(|_| true)
+    }
+
+    /// The changes of the blocks `pick` chooses (hot ones, sent sooner than
+    /// the interval); they count as sent.
+    pub fn take_where(&mut self, mut pick: impl FnMut(&B) -> bool) -> Vec<(B, u64, Counts)> {
+        let keys: Vec<(B, u64)> = self.pending.keys().filter(|(b, _)| pick(b)).copied().collect();
+        let out: Vec<(B, u64, Counts)> = keys
+            .into_iter()
+            .filter_map(|k| self.pending.remove(&k).map(|c| (k.0, k.1, c)))
+            .collect();
         for (b, e, c) in &out {
             let s = self.sent.entry((*b, *e)).or_default();
             *s = s.max(*c);
@@ -562,6 +571,15 @@ impl<B: Copy + Eq + Hash, O: Copy + Eq> HotView<B, O> {
             return None;
         }
         Some(median(&vals, owners.len()))
+    }
+
+    /// The blocks with at least one report.
+    pub fn blocks(&self) -> impl Iterator<Item = &B> {
+        self.blocks.keys()
+    }
+
+    pub fn contains(&self, block: &B) -> bool {
+        self.blocks.contains_key(block)
     }
 
     /// Drops reports made before `first_epoch`.
@@ -723,6 +741,39 @@ impl Signer {
     }
 }
 
+/// SubjectPublicKeyInfo prefixes of the two key kinds a network certificate
+/// may carry; the raw key follows.
+const P256_SPKI: &[u8] = &[
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+const ED25519_SPKI: &[u8] = &[
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// The algorithm and raw public key of a certificate (DER), as
+/// [`verify`] takes them; None for other key kinds or a certificate that
+/// does not parse.
+pub fn public_key_of_cert(cert: &[u8]) -> Option<(KeyAlg, Vec<u8>)> {
+    let der = rustls_pki_types::CertificateDer::from(cert);
+    let ee = webpki::EndEntityCert::try_from(&der).ok()?;
+    let spki = ee.subject_public_key_info();
+    let spki: &[u8] = spki.as_ref();
+    // webpki gives the SPKI without its outer SEQUENCE header on some
+    // versions: accept both shapes.
+    for (alg, prefix, len) in [
+        (KeyAlg::EcdsaP256, P256_SPKI, 65),
+        (KeyAlg::Ed25519, ED25519_SPKI, 32),
+    ] {
+        for p in [prefix, &prefix[2..]] {
+            if spki.len() == p.len() + len && spki.starts_with(p) {
+                return Some((alg, spki[p.len()..].to_vec()));
+            }
+        }
+    }
+    None
+}
+
 /// Verifies `sig` over `msg` with a member's public key.
 pub fn verify(
     alg: KeyAlg,
@@ -857,6 +908,7 @@ pub fn encode_report(
             })
             .collect(),
         signature: sig.to_vec(),
+        certificate: Vec::new(),
     }
 }
 
@@ -899,6 +951,28 @@ pub fn decode_report(
     let msg = report_message(network, &report.owner, report.epoch, report.seq, &blocks);
     verify(alg, public_key, &msg, &report.signature).map_err(|_| DecodeError::Signature)?;
     Ok(blocks)
+}
+
+/// Decodes and checks a v2 envelope as [`super::wire::open`] does a v1
+/// one: returns the claimed sender and the body.
+pub fn open(
+    bytes: &[u8],
+    network: &str,
+) -> Result<(String, proto::envelope_v2::Body), super::wire::Reject> {
+    use super::wire::Reject;
+    use prost::Message as _;
+    let e = proto::EnvelopeV2::decode(bytes).map_err(|_| Reject::Decode)?;
+    if e.network != network {
+        return Err(Reject::Network);
+    }
+    if e.version != VERSION {
+        return Err(Reject::Version);
+    }
+    if e.sender.is_empty() {
+        return Err(Reject::NoSender);
+    }
+    let body = e.body.ok_or(Reject::NoBody)?;
+    Ok((e.sender, body))
 }
 
 /// A v2 envelope from `sender` on `network`.

@@ -1,0 +1,688 @@
+//! The live side of owners per block (`gossip.counts = "owners"`, the
+//! default): [`owners`](super::owners) is the sans-IO core, this is its
+//! state in a running node. No sockets here either: each step returns the
+//! messages to send, and [`super::Core`] sends them.
+//!
+//! * Every interval a node takes its own count changes from the throttle
+//!   ([`Throttle::take_own_changes`]: (block, epoch) pairs, not snapshots),
+//!   signs each with the key of its network certificate and sends them to
+//!   the block's `gossip.owners` owners (rendezvous hashing over the live
+//!   members, this node included). Changes of blocks known to be hot go
+//!   out at every quarter interval.
+//! * An owner merges the signed counts it gets for the blocks it owns (per
+//!   origin, block and epoch, the largest) and so knows the network-wide
+//!   window. A block at `gossip.hot_fraction` of any of its limits is
+//!   reported: a signed report, with the owner's certificate so that any
+//!   member can check it, goes to `fanout` peers, and each node forwards a
+//!   report the first time it sees it (epidemic, every node once). Cold
+//!   blocks are never broadcast; a block that cools is reported once more
+//!   with its lower count, and every hot block again every
+//!   `anti_entropy_interval`.
+//! * A node keeps each owner's latest report per block and hands the
+//!   median of the current owners' reports to the throttle
+//!   ([`Throttle::set_hot`]), which decides on max(own, median) once that
+//!   many origins counted the block (`gossip.min_origins_to_refuse`): one
+//!   lying owner cannot move the median of three.
+//! * When the members change, each node sends its window counts of every
+//!   block again (to the owners of now) and owners forget the blocks they
+//!   no longer own: new owners learn a block from its origins within one
+//!   interval, and meanwhile the other owners still count.
+//!
+//! Known limits: a restarted node does not relearn its own counts (the
+//! `all` design did, through anti-entropy); it starts its own count of each
+//! block again, and the owners' sums, which keep its signed counts of
+//! before, still count them network-wide.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Mutex, MutexGuard};
+
+use rustls_pki_types::CertificateDer;
+
+use super::owners::{
+    self, block_key, decode_increments, decode_report, encode_increments, encode_report,
+    increment_message, is_hot, member_key, public_key_of_cert, report_message, HotView, KeyAlg,
+    Merge, Outbox, OwnerTable, Report, Signature, Signer, Window,
+};
+use super::transport::dropped;
+use super::wire::proto;
+use crate::throttle::{Block, Counts, Throttle};
+
+/// Signed counts an owner keeps (all the blocks it owns, every origin and
+/// epoch of the window).
+const MAX_TABLE: usize = 1 << 20;
+/// Own changes waiting for the next send.
+const MAX_OUTBOX: usize = 1 << 20;
+/// Hot blocks a node keeps reports of.
+const MAX_HOT: usize = 1 << 16;
+/// Most counts in one increment batch, and blocks in one report.
+const MAX_BATCH: usize = 4_096;
+/// Most reports in one relay message.
+const MAX_REPORTS: usize = 64;
+/// Member names (and owner certificates) kept.
+const MAX_NAMES: usize = 1 << 16;
+/// Cached owner lists (cleared when members change or when full).
+const MAX_OWNER_CACHE: usize = 1 << 18;
+/// Reports already seen, to skip duplicates before their signature check.
+const MAX_SEEN: usize = 1 << 16;
+
+/// A message for a peer: its gossip address, the sealed bytes, the metric
+/// kind.
+pub(super) type Out = (SocketAddr, Vec<u8>, &'static str);
+
+/// A node's owners state (one per node).
+pub(super) struct Hot {
+    name: String,
+    network: String,
+    r: usize,
+    hot_fraction: f64,
+    epoch_ms: u64,
+    window_epochs: u64,
+    /// How long a value handed to the throttle is used (3 intervals).
+    hold_ms: u64,
+    signer: Signer,
+    certificate: Vec<u8>,
+    ca: CertificateDer<'static>,
+    state: Mutex<State>,
+}
+
+/// A member as owners are computed over it: rendezvous key, name id and
+/// gossip address (None: this node).
+type Member = (u64, u32, Option<SocketAddr>);
+
+#[derive(Default)]
+struct Names {
+    ids: HashMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl Names {
+    fn id(&mut self, name: &str) -> Option<u32> {
+        if let Some(id) = self.ids.get(name) {
+            return Some(*id);
+        }
+        if self.names.len() >= MAX_NAMES {
+            return None;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(name.to_string());
+        self.ids.insert(name.to_string(), id);
+        Some(id)
+    }
+}
+
+struct State {
+    names: Names,
+    me: u32,
+    members: Vec<Member>,
+    owners_cache: HashMap<Block, Vec<u32>>,
+    outbox: Outbox<Block>,
+    table: OwnerTable<Block, u32, Signature>,
+    view: HotView<Block, u32>,
+    /// Owned blocks whose count changed since they were last looked at.
+    dirty: HashSet<Block>,
+    /// Owned blocks last reported hot.
+    reported: HashSet<Block>,
+    /// Owner certificates checked: name -> (certificate, key).
+    keys: HashMap<String, (Vec<u8>, KeyAlg, Vec<u8>)>,
+    seen: HashSet<(String, u64)>,
+    seq: u64,
+}
+
+impl State {
+    fn owners_of(&mut self, block: &Block, r: usize) -> Vec<u32> {
+        if let Some(o) = self.owners_cache.get(block) {
+            return o.clone();
+        }
+        let o = owners::owners(
+            block_key(block),
+            self.members.iter().map(|m| (m.0, m.1)),
+            r,
+        );
+        if self.owners_cache.len() >= MAX_OWNER_CACHE {
+            self.owners_cache.clear();
+        }
+        self.owners_cache.insert(*block, o.clone());
+        o
+    }
+
+    fn addr_of(&self, id: u32) -> Option<SocketAddr> {
+        self.members.iter().find(|m| m.1 == id).and_then(|m| m.2)
+    }
+}
+
+/// What one round did, for the debug log.
+#[derive(Debug, Default)]
+pub(super) struct RoundStats {
+    pub counts_sent: usize,
+    pub hot_reported: usize,
+}
+
+impl Hot {
+    /// `key` is the node's private key (PKCS#8 DER) and `certificate` its
+    /// network certificate.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: &str,
+        network: &str,
+        r: usize,
+        hot_fraction: f64,
+        epoch_ms: u64,
+        window_epochs: u64,
+        interval_ms: u64,
+        key: &[u8],
+        certificate: &[u8],
+        ca: CertificateDer<'static>,
+    ) -> Result<Hot, String> {
+        let (alg, _) = public_key_of_cert(certificate)
+            .ok_or("the certificate's key is neither ECDSA P-256 nor Ed25519")?;
+        let signer = Signer::from_pkcs8(alg, key).map_err(|e| format!("gossip.key: {e}"))?;
+        let mut names = Names::default();
+        let me = names.id(name).unwrap_or(0);
+        Ok(Hot {
+            name: name.to_string(),
+            network: network.to_string(),
+            r: r.max(1),
+            hot_fraction,
+            epoch_ms,
+            window_epochs,
+            hold_ms: interval_ms.saturating_mul(3).max(1),
+            signer,
+            certificate: certificate.to_vec(),
+            ca,
+            state: Mutex::new(State {
+                names,
+                me,
+                members: vec![(member_key(name), me, None)],
+                owners_cache: HashMap::new(),
+                outbox: Outbox::new(MAX_OUTBOX),
+                table: OwnerTable::new(MAX_TABLE),
+                view: HotView::new(MAX_HOT, 2 * r.max(1)),
+                dirty: HashSet::new(),
+                reported: HashSet::new(),
+                keys: HashMap::new(),
+                seen: HashSet::new(),
+                seq: 0,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn epoch(&self, now_ms: u64) -> u64 {
+        now_ms / self.epoch_ms
+    }
+
+    fn first_epoch(&self, now_ms: u64) -> u64 {
+        self.epoch(now_ms)
+            .saturating_sub(self.window_epochs.saturating_sub(1))
+    }
+
+    fn seal(&self, body: proto::envelope_v2::Body) -> Vec<u8> {
+        use prost::Message as _;
+        owners::seal(&self.network, &self.name, body).encode_to_vec()
+    }
+
+    /// Sets the live members (besides this node). True if they changed.
+    pub fn set_members<'a>(&self, live: impl Iterator<Item = (&'a str, SocketAddr)>) -> bool {
+        let mut st = self.lock();
+        let mut members: Vec<Member> = vec![(member_key(&self.name), st.me, None)];
+        for (name, addr) in live {
+            if name == self.name {
+                continue;
+            }
+            let Some(id) = st.names.id(name) else {
+                continue;
+            };
+            members.push((member_key(name), id, Some(addr)));
+        }
+        members.sort_unstable();
+        members.dedup_by_key(|m| m.1);
+        if members == st.members {
+            return false;
+        }
+        st.members = members;
+        st.owners_cache.clear();
+        true
+    }
+
+    /// The owners of `block` in this node's view, by name (`/explain`).
+    pub fn owner_names(&self, block: &Block) -> Vec<String> {
+        let mut st = self.lock();
+        let o = st.owners_of(block, self.r);
+        o.iter()
+            .filter_map(|id| st.names.names.get(*id as usize).cloned())
+            .collect()
+    }
+
+    /// Sizes for `/status`: (hot blocks known, signed counts kept as owner).
+    pub fn sizes(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.view.len(), st.table.len())
+    }
+
+    /// One round: send this node's count changes to their owners (all of
+    /// them on a full round, the hot blocks' otherwise), report hot blocks
+    /// it owns (every hot block when `refresh`), and after a membership
+    /// change re-send its window to the new owners. `peers` are where this
+    /// node's own reports go.
+    pub fn round(
+        &self,
+        throttle: &Throttle,
+        now_ms: u64,
+        full: bool,
+        refresh: bool,
+        members_changed: bool,
+        peers: &[SocketAddr],
+    ) -> (Vec<Out>, RoundStats) {
+        let mut stats = RoundStats::default();
+        let first = self.first_epoch(now_ms);
+        let mut st = self.lock();
+        let st = &mut *st;
+        for (b, e, c) in throttle.take_own_changes(now_ms) {
+            if !st.outbox.note(b, e, c) {
+                dropped("outbox");
+            }
+        }
+        if members_changed {
+            for (b, e, c) in throttle.own_counts(now_ms) {
+                st.outbox.note(b, e, c);
+            }
+            let owned: Vec<Block> = st.table.blocks().copied().collect();
+            for b in owned {
+                if !st.owners_of(&b, self.r).contains(&st.me) {
+                    st.table.remove(&b);
+                    st.reported.remove(&b);
+                    st.dirty.remove(&b);
+                }
+            }
+        }
+        if full {
+            st.outbox.prune(first);
+            st.table.prune(first);
+            st.view.prune(first);
+        }
+        let entries = match full {
+            true => st.outbox.take(),
+            false => {
+                let view = &st.view;
+                let reported = &st.reported;
+                st.outbox
+                    .take_where(|b| view.contains(b) || reported.contains(b))
+            }
+        };
+        let mut out = Vec::new();
+        let mut per_owner: HashMap<u32, Vec<(Block, u64, Counts, Signature)>> = HashMap::new();
+        for (b, e, c) in entries {
+            let msg = increment_message(&self.network, &self.name, &b, e, &c);
+            let Ok(sig) = self.signer.sign(&msg) else {
+                dropped("sign");
+                continue;
+            };
+            stats.counts_sent += 1;
+            for o in st.owners_of(&b, self.r) {
+                if o == st.me {
+                    if matches!(
+                        st.table.merge(b, st.me, e, c, sig),
+                        Merge::New | Merge::Grew
+                    ) {
+                        st.dirty.insert(b);
+                    }
+                } else {
+                    per_owner.entry(o).or_default().push((b, e, c, sig));
+                }
+            }
+        }
+        for (o, list) in per_owner {
+            let Some(addr) = st.addr_of(o) else { continue };
+            for chunk in list.chunks(MAX_BATCH) {
+                let body =
+                    proto::envelope_v2::Body::Increments(encode_increments(self.epoch_ms, chunk));
+                out.push((addr, self.seal(body), "increments"));
+            }
+        }
+        let reports = self.report(st, throttle, now_ms, refresh);
+        stats.hot_reported = reports.iter().map(|r| r.blocks.len()).sum();
+        if full {
+            self.apply_view(st, throttle, now_ms, None);
+        }
+        for chunk in reports.chunks(MAX_REPORTS) {
+            let body = proto::envelope_v2::Body::Hot(proto::HotRelay {
+                reports: chunk.to_vec(),
+            });
+            let bytes = self.seal(body);
+            for p in peers {
+                out.push((*p, bytes.clone(), "hot"));
+            }
+        }
+        (out, stats)
+    }
+
+    /// This node's reports of the owned blocks that changed (all hot ones
+    /// when `refresh`), already merged into its own view.
+    fn report(
+        &self,
+        st: &mut State,
+        throttle: &Throttle,
+        now_ms: u64,
+        refresh: bool,
+    ) -> Vec<proto::HotReport> {
+        let first = self.first_epoch(now_ms);
+        let cap = throttle.peer_cap();
+        let candidates: Vec<Block> = match refresh {
+            true => {
+                st.dirty.clear();
+                st.table.blocks().copied().collect()
+            }
+            false => st.dirty.drain().collect(),
+        };
+        let mut blocks: Vec<(Block, Window)> = Vec::new();
+        for b in candidates {
+            let w = st.table.window(&b, first, &cap);
+            self.apply_view(st, throttle, now_ms, Some(b));
+            if is_hot(&w.counts, &throttle.limits_for(&b, now_ms), self.hot_fraction) {
+                st.reported.insert(b);
+                blocks.push((b, w));
+            } else if st.reported.remove(&b) {
+                // Cooled: once more with its count now.
+                blocks.push((b, w));
+            }
+        }
+        if blocks.is_empty() {
+            return Vec::new();
+        }
+        blocks.sort_unstable_by_key(|(b, _)| *b);
+        let epoch = self.epoch(now_ms);
+        let mut reports = Vec::new();
+        for chunk in blocks.chunks(MAX_BATCH) {
+            // Sequence numbers from the clock, so that a restarted owner's
+            // reports are newer than those it made before.
+            st.seq = (st.seq + 1).max(now_ms.saturating_mul(1_000));
+            let msg = report_message(&self.network, &self.name, epoch, st.seq, chunk);
+            let Ok(sig) = self.signer.sign(&msg) else {
+                dropped("sign");
+                continue;
+            };
+            let mut rep = encode_report(&self.name, self.epoch_ms, epoch, st.seq, chunk, &sig);
+            rep.certificate = self.certificate.clone();
+            for (b, w) in chunk {
+                let report = Report {
+                    owner: st.me,
+                    seq: st.seq,
+                    epoch,
+                    window: *w,
+                };
+                if st.view.merge(*b, report) {
+                    self.apply_view(st, throttle, now_ms, Some(*b));
+                }
+            }
+            st.seen.insert((self.name.clone(), st.seq));
+            reports.push(rep);
+        }
+        reports
+    }
+
+    /// What this node knows of `block` network-wide: the median of its
+    /// current owners' reports and, for a block it owns, its own sum of the
+    /// signed counts (field-wise maximum of the two).
+    fn value_of(&self, st: &mut State, throttle: &Throttle, block: &Block, now_ms: u64) -> Option<Window> {
+        let first = self.first_epoch(now_ms);
+        let owners = st.owners_of(block, self.r);
+        let median = st.view.value(block, &owners, first);
+        let owned = owners
+            .contains(&st.me)
+            .then(|| st.table.window(block, first, &throttle.peer_cap()))
+            .filter(|w| w.origins > 0);
+        match (median, owned) {
+            (Some(a), Some(b)) => Some(Window {
+                counts: a.counts.max(b.counts),
+                origins: a.origins.max(b.origins),
+            }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Hands [`Hot::value_of`] to the throttle: for `only` or, on `None`,
+    /// for every block of the view and every block owned.
+    fn apply_view(&self, st: &mut State, throttle: &Throttle, now_ms: u64, only: Option<Block>) {
+        let blocks: Vec<Block> = match only {
+            Some(b) => vec![b],
+            None => {
+                let mut v: Vec<Block> = st.view.blocks().copied().collect();
+                v.extend(st.table.blocks().copied());
+                v.sort_unstable();
+                v.dedup();
+                v
+            }
+        };
+        // Used for a few intervals; every full round recomputes it.
+        let until = now_ms.saturating_add(self.hold_ms);
+        for b in blocks {
+            let value = self.value_of(st, throttle, &b, now_ms);
+            throttle.set_hot(b, value.map(|w| (w.counts, w.origins)), until);
+        }
+    }
+
+    /// The signed counts this node keeps of `origin`'s own (as one of their
+    /// blocks' owners), for `origin` to relearn after a restart (a v2
+    /// handoff; None if there are none).
+    pub fn counts_of_origin(&self, origin: &str, now_ms: u64) -> Option<Vec<u8>> {
+        let first = self.first_epoch(now_ms);
+        let st = self.lock();
+        let id = *st.names.ids.get(origin)?;
+        let mut counts = Vec::new();
+        for b in st.table.blocks() {
+            for slot in st.table.slots(b) {
+                if slot.origin == id && slot.epoch >= first {
+                    counts.push((*b, slot.epoch, slot.counts, slot.sig));
+                }
+            }
+        }
+        if counts.is_empty() {
+            return None;
+        }
+        counts.truncate(MAX_BATCH);
+        let batch = encode_increments(self.epoch_ms, &counts);
+        let handoff = proto::Handoff {
+            epoch_ms: batch.epoch_ms,
+            base_epoch: batch.base_epoch,
+            origins: vec![proto::OriginCounts {
+                origin: origin.to_string(),
+                counts: batch.counts,
+            }],
+        };
+        Some(self.seal(proto::envelope_v2::Body::Handoff(handoff)))
+    }
+
+    /// A handoff from an owner: this node's own signed counts of before a
+    /// restart (checked with its own key), merged into its own counts.
+    /// Others' counts in it are ignored. Returns how many were merged.
+    pub fn on_handoff(&self, throttle: &Throttle, handoff: &proto::Handoff, now_ms: u64) -> usize {
+        let mut merged = 0;
+        for oc in handoff.origins.iter().filter(|o| o.origin == self.name) {
+            let batch = proto::IncrementBatch {
+                epoch_ms: handoff.epoch_ms,
+                base_epoch: handoff.base_epoch,
+                counts: oc.counts.clone(),
+            };
+            let Ok(counts) = decode_increments(
+                &batch,
+                self.epoch_ms,
+                &self.network,
+                &self.name,
+                self.signer.alg(),
+                self.signer.public_key(),
+            ) else {
+                dropped("signature");
+                continue;
+            };
+            for (b, e, c, _) in counts {
+                throttle.merge(crate::throttle::SELF_ORIGIN, b, e, c, now_ms);
+                merged += 1;
+            }
+        }
+        merged
+    }
+
+    /// Signed counts from `origin` (the peer whose certificate `cert` is):
+    /// merged for the blocks this node owns. Returns how many were new.
+    pub fn on_increments(
+        &self,
+        throttle: &Throttle,
+        origin: &str,
+        cert: &[u8],
+        batch: &proto::IncrementBatch,
+        now_ms: u64,
+    ) -> Result<usize, &'static str> {
+        let (alg, key) = public_key_of_cert(cert).ok_or("key")?;
+        let counts = decode_increments(
+            batch,
+            self.epoch_ms,
+            &self.network,
+            origin,
+            alg,
+            &key,
+        )
+        .map_err(decode_reason)?;
+        let first = self.first_epoch(now_ms);
+        let current = self.epoch(now_ms);
+        let mut st = self.lock();
+        let st = &mut *st;
+        let id = st.names.id(origin).ok_or("names")?;
+        let mut merged = 0;
+        for (b, e, c, sig) in counts {
+            if e < first || e > current + 1 || !throttle_prefix_ok(throttle, &b) {
+                dropped("entry");
+                continue;
+            }
+            if !st.owners_of(&b, self.r).contains(&st.me) {
+                // Not ours in this view (members differ for a moment).
+                continue;
+            }
+            match st.table.merge(b, id, e, c, sig) {
+                Merge::New | Merge::Grew => {
+                    st.dirty.insert(b);
+                    merged += 1;
+                }
+                Merge::Unchanged => {}
+                Merge::Full => dropped("table_full"),
+            }
+        }
+        Ok(merged)
+    }
+
+    /// Reports relayed by a peer: those of current owners are checked
+    /// (certificate against the network CA, signature) and kept. Returns
+    /// the reports new to this node, to forward.
+    pub fn on_reports(
+        &self,
+        throttle: &Throttle,
+        relay: proto::HotRelay,
+        now_ms: u64,
+    ) -> Vec<proto::HotReport> {
+        if relay.reports.len() > MAX_REPORTS {
+            dropped("malformed");
+            return Vec::new();
+        }
+        let first = self.first_epoch(now_ms);
+        let current = self.epoch(now_ms);
+        let mut fresh = Vec::new();
+        for rep in relay.reports {
+            if rep.owner == self.name {
+                continue;
+            }
+            if rep.epoch < first || rep.epoch > current + 1 {
+                dropped("stale");
+                continue;
+            }
+            let seen_key = (rep.owner.clone(), rep.seq);
+            if self.lock().seen.contains(&seen_key) {
+                continue;
+            }
+            let Some((alg, key)) = self.owner_key(&rep.owner, &rep.certificate) else {
+                dropped("certificate");
+                continue;
+            };
+            let blocks = match decode_report(&rep, self.epoch_ms, &self.network, alg, &key) {
+                Ok(b) => b,
+                Err(e) => {
+                    dropped(decode_reason(e));
+                    continue;
+                }
+            };
+            let mut st = self.lock();
+            let st = &mut *st;
+            if st.seen.len() >= MAX_SEEN {
+                st.seen.clear();
+            }
+            st.seen.insert(seen_key);
+            let Some(owner) = st.names.id(&rep.owner) else {
+                continue;
+            };
+            let mut new = false;
+            for (b, w) in blocks {
+                if !throttle_prefix_ok(throttle, &b) || !st.owners_of(&b, self.r).contains(&owner)
+                {
+                    continue;
+                }
+                let report = Report {
+                    owner,
+                    seq: rep.seq,
+                    epoch: rep.epoch,
+                    window: w,
+                };
+                if st.view.merge(b, report) {
+                    new = true;
+                    self.apply_view(st, throttle, now_ms, Some(b));
+                }
+            }
+            if new {
+                fresh.push(rep);
+            }
+        }
+        fresh
+    }
+
+    /// The key of `owner`'s certificate, checked against the network CA
+    /// and the name once per certificate.
+    fn owner_key(&self, owner: &str, cert: &[u8]) -> Option<(KeyAlg, Vec<u8>)> {
+        if let Some((c, alg, key)) = self.lock().keys.get(owner) {
+            if c.as_slice() == cert {
+                return Some((*alg, key.clone()));
+            }
+        }
+        let der = CertificateDer::from(cert);
+        super::tls::verify_chain(&self.ca, &der, &[]).ok()?;
+        if super::tls::node_name_of(&der).as_deref() != Some(owner) {
+            return None;
+        }
+        let (alg, key) = public_key_of_cert(cert)?;
+        let mut st = self.lock();
+        if st.keys.len() >= MAX_NAMES {
+            st.keys.clear();
+        }
+        st.keys
+            .insert(owner.to_string(), (cert.to_vec(), alg, key.clone()));
+        Some((alg, key))
+    }
+
+    /// A relay message of `reports` (forwarding).
+    pub fn relay_bytes(&self, reports: Vec<proto::HotReport>) -> Vec<u8> {
+        self.seal(proto::envelope_v2::Body::Hot(proto::HotRelay { reports }))
+    }
+}
+
+fn throttle_prefix_ok(throttle: &Throttle, b: &Block) -> bool {
+    // The throttle's own block of the network address: same prefix.
+    throttle.block_of(b.0.network()) == *b
+}
+
+fn decode_reason(e: owners::DecodeError) -> &'static str {
+    match e {
+        owners::DecodeError::EpochLength => "epoch_ms",
+        owners::DecodeError::Malformed => "malformed",
+        owners::DecodeError::Signature => "signature",
+    }
+}
