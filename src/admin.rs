@@ -198,6 +198,10 @@ pub struct Explanation {
     /// "owners"`): they sum its counts network-wide.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub owners: Vec<String>,
+    /// The owners' latest reports of the block, if it is hot: the node
+    /// uses their median (one lying owner cannot move it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub owner_reports: Vec<crate::gossip::HotReportStatus>,
     #[serde(flatten)]
     pub status: BlockStatus,
 }
@@ -285,9 +289,12 @@ impl Admin {
                 now,
             ),
         };
-        let owners = match (&self.gossip, trusted) {
-            (Some(g), false) => g.owners_of(&status.block).unwrap_or_default(),
-            _ => Vec::new(),
+        let (owners, owner_reports) = match (&self.gossip, trusted) {
+            (Some(g), false) => (
+                g.owners_of(&status.block).unwrap_or_default(),
+                g.hot_reports(&status.block),
+            ),
+            _ => (Vec::new(), Vec::new()),
         };
         Explanation {
             ip,
@@ -295,6 +302,7 @@ impl Admin {
             verdict,
             greylist,
             owners,
+            owner_reports,
             status,
         }
     }

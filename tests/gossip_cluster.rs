@@ -224,6 +224,11 @@ impl Node {
         if let Some(f) = &self.block_file {
             cmd.env("MAGICMX_GOSSIP_BLOCK_FILE", f);
         }
+        // A node named "liar…" is an owner that reports 100 times what it
+        // counted (a fault hook: builds with `fault-hooks` only).
+        if self.name.starts_with("liar") {
+            cmd.env("MAGICMX_TEST_LIE_FACTOR", "100");
+        }
         let mut child = cmd.spawn().expect("start magicmx");
         {
             let mut l = self.logs.lock().unwrap();
@@ -1360,4 +1365,153 @@ fn policy_inside_a_node_knows_the_live_members_keys() {
     let after = ask_policy(policy, "127.0.90.5", &ours["b"]);
     assert!(after.starts_with("DEFER_IF_PERMIT 4.7.1"), "{after}");
     assert_eq!(ask_policy(policy, "127.0.90.6", &ours["a"]), "DUNNO");
+}
+
+// ------------------------------------------------------- owners per block
+
+/// The owners of the block of `ip` in `node`'s view (`/explain`).
+fn owners_of(node: &Node, ip: &str) -> Vec<String> {
+    let e = node.get(&format!("/explain?ip={ip}"));
+    e["owners"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn hot_blocks(node: &Node) -> u64 {
+    node.get("/status")["owners"]["hot_blocks"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Issue 15 (`gossip.counts = "owners"`, the default), over five real
+/// nodes: a cold block's counts reach only its three owners (and stay
+/// with the node that counted them); a flood spread over all five is
+/// refused everywhere once its owners see it hot, within the same bound
+/// as the epidemic design.
+#[test]
+fn owners_keep_cold_blocks_and_broadcast_hot_ones() {
+    let _g = serial();
+    let names = ["a", "b", "c", "d", "e"];
+    let ca = network_ca(&names);
+    let nodes = cluster(ca.path(), &names, false);
+    let a = &nodes[0];
+
+    // Cold: 3 connections, all at a.
+    assert_eq!(flood([127, 9, 1], &[a.smtp], 3, 100), 3);
+    let owners = owners_of(a, "127.9.1.1");
+    assert_eq!(owners.len(), 3, "owners {owners:?}");
+    for n in &nodes {
+        assert_eq!(owners_of(n, "127.9.1.1"), owners, "{} sees other owners", n.name);
+    }
+    let want = |n: &Node| match owners.contains(&n.name) || n.name == "a" {
+        true => 3,
+        false => 0,
+    };
+    let t = wait_until(Duration::from_secs(5), || {
+        nodes.iter().all(|n| n.connections("127.9.1.1") == want(n))
+    });
+    let seen: Vec<(String, u64)> = nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.connections("127.9.1.1")))
+        .collect();
+    assert!(t.is_some(), "owners {owners:?}, counts {seen:?}");
+    // The other nodes never get the cold block's counts.
+    std::thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    for n in nodes.iter().filter(|n| want(n) == 0) {
+        assert_eq!(n.connections("127.9.1.1"), 0, "{} got a cold block", n.name);
+    }
+    assert!(nodes.iter().all(|n| hot_blocks(n) == 0), "a cold block was broadcast");
+
+    // Hot: a flood over all five nodes.
+    let targets: Vec<SocketAddr> = nodes.iter().map(|n| n.smtp).collect();
+    let (rate, total) = (50u64, 150usize);
+    let admitted = flood([127, 9, 2], &targets, total, rate);
+    let slack = (rate * 2 * INTERVAL_MS).div_ceil(1000) as usize;
+    let bound = LIMIT as usize + slack;
+    eprintln!(
+        "owners: {total} connections at {rate}/s over 5 nodes, limit {LIMIT}: admitted {admitted}, bound {bound}"
+    );
+    assert!(admitted >= LIMIT as usize, "refused under the limit: {admitted}");
+    assert!(admitted <= bound, "admitted {admitted} > bound {bound}");
+    let t = wait_until(Duration::from_secs(5), || {
+        nodes.iter().all(|n| {
+            n.get("/explain?ip=127.9.2.1")["verdict"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("refused")
+        })
+    });
+    let verdicts: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("{}: {}", n.name, n.get("/explain?ip=127.9.2.1")["verdict"]))
+        .collect();
+    assert!(t.is_some(), "not refused everywhere: {verdicts:?}");
+    assert!(nodes.iter().all(|n| hot_blocks(n) >= 1));
+}
+
+/// Issue 15, must show 3, on the owners design: a certified member that
+/// owns the victim's block reports 100 times its true count (from 100
+/// times the origins) to the whole network. Every honest node takes the
+/// median of the three owners, so the victim is refused nowhere, while a
+/// real flood is still refused. Needs the lie hook: `--features
+/// fault-hooks` (or `interop`, which CI runs).
+#[cfg(feature = "fault-hooks")]
+#[test]
+fn a_lying_owner_gets_a_victim_refused_nowhere() {
+    let _g = serial();
+    let names = ["a", "b", "c", "d", "liar"];
+    let ca = network_ca(&names);
+    let nodes = cluster(ca.path(), &names, false);
+    let honest = &nodes[..4];
+    // A victim block that the liar owns.
+    let victim = (1..=250u8)
+        .find(|i| owners_of(&nodes[0], &format!("127.8.{i}.1")).contains(&"liar".to_string()))
+        .expect("the liar owns some block");
+    let ip = format!("127.8.{victim}.1");
+    eprintln!("victim 127.8.{victim}.0/24, owners {:?}", owners_of(&nodes[0], &ip));
+    // Its true traffic: 12 connections over the honest nodes, past the
+    // hot fraction (10 of 20), so the honest owners report it too.
+    let targets: Vec<SocketAddr> = honest.iter().map(|n| n.smtp).collect();
+    assert_eq!(flood([127, 8, victim], &targets, 12, 100), 12);
+    // Every honest node has the reports (the lie among them) ...
+    let t = wait_until(Duration::from_secs(5), || {
+        honest.iter().all(|n| hot_blocks(n) >= 1 && n.connections(&ip) == 12)
+    });
+    let seen: Vec<(u64, u64)> = honest
+        .iter()
+        .map(|n| (hot_blocks(n), n.connections(&ip)))
+        .collect();
+    assert!(t.is_some(), "(hot blocks, victim count) at the honest nodes: {seen:?}");
+    // The liar's report of 100 times the truth is in every honest view.
+    let lie_seen = |n: &Node| {
+        let e = n.get(&format!("/explain?ip={ip}"));
+        e["owner_reports"].as_array().is_some_and(|r| {
+            r.iter().any(|x| {
+                x["owner"] == "liar" && x["counts"]["connections"].as_u64() == Some(1200)
+            })
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || honest.iter().all(lie_seen)).is_some(),
+        "the lie did not reach every honest node: {}",
+        honest[0].get(&format!("/explain?ip={ip}"))
+    );
+    // ... and refuses the victim nowhere: more of its mail is served.
+    for n in honest {
+        let e = n.get(&format!("/explain?ip={ip}"));
+        assert!(
+            e["verdict"].as_str().unwrap_or("").starts_with("accepted"),
+            "{}: {e}",
+            n.name
+        );
+    }
+    assert_eq!(flood([127, 8, victim], &targets, 4, 100), 4, "the victim was refused");
+    // A true flood of another block is still refused.
+    let admitted = flood([127, 8, 0], &targets, 3 * LIMIT as usize, 100);
+    assert!(admitted < 2 * LIMIT as usize, "flood admitted {admitted}");
 }

@@ -257,6 +257,20 @@ impl Hot {
             .collect()
     }
 
+    /// The owners' latest reports of `block` (`/explain`): who, and the
+    /// window they reported.
+    pub fn reports_of(&self, block: &Block) -> Vec<(String, Window)> {
+        let st = self.lock();
+        st.view
+            .reports(block)
+            .iter()
+            .filter_map(|r| {
+                let name = st.names.names.get(r.owner as usize)?;
+                Some((name.clone(), r.window))
+            })
+            .collect()
+    }
+
     /// Sizes for `/status`: (hot blocks known, signed counts kept as owner).
     pub fn sizes(&self) -> (usize, usize) {
         let st = self.lock();
@@ -382,6 +396,13 @@ impl Hot {
         for b in candidates {
             let w = st.table.window(&b, first, &cap);
             self.apply_view(st, throttle, now_ms, Some(b));
+            if let Some(f) = lie_factor() {
+                if w.origins > 0 {
+                    st.reported.insert(b);
+                    blocks.push((b, lie(w, f)));
+                }
+                continue;
+            }
             if is_hot(&w.counts, &throttle.limits_for(&b, now_ms), self.hot_fraction) {
                 st.reported.insert(b);
                 blocks.push((b, w));
@@ -671,6 +692,37 @@ impl Hot {
     /// A relay message of `reports` (forwarding).
     pub fn relay_bytes(&self, reports: Vec<proto::HotReport>) -> Vec<u8> {
         self.seal(proto::envelope_v2::Body::Hot(proto::HotRelay { reports }))
+    }
+}
+
+/// A test-only fault: in a build with the `fault-hooks` feature,
+/// `MAGICMX_TEST_LIE_FACTOR=N` makes this node an owner that lies, reporting
+/// every block it owns as N times what it counted, from N times the origins
+/// (tests check that the median of the owners outvotes it). A build without
+/// the feature (every build for use) does not read the variable.
+fn lie_factor() -> Option<u32> {
+    #[cfg(feature = "fault-hooks")]
+    {
+        static FACTOR: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+        *FACTOR.get_or_init(|| {
+            std::env::var("MAGICMX_TEST_LIE_FACTOR")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        })
+    }
+    #[cfg(not(feature = "fault-hooks"))]
+    None
+}
+
+fn lie(w: Window, f: u32) -> Window {
+    let m = |n: u32| n.saturating_mul(f);
+    Window {
+        counts: Counts {
+            connections: m(w.counts.connections),
+            messages: m(w.counts.messages),
+            recipients: m(w.counts.recipients),
+        },
+        origins: m(w.origins),
     }
 }
 

@@ -95,6 +95,14 @@ pub struct PeerStatus {
     pub last_heard_secs: Option<f64>,
 }
 
+/// One owner's report of a hot block, as `/explain` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HotReportStatus {
+    pub owner: String,
+    pub counts: crate::throttle::Counts,
+    pub origins: u32,
+}
+
 /// Down peers stay in `/status` this long.
 const SHOW_DOWN_FOR: Duration = Duration::from_secs(600);
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -371,6 +379,22 @@ impl Gossip {
     /// "owners"`; None with `all`).
     pub fn owners_of(&self, block: &Block) -> Option<Vec<String>> {
         self.core.hot.as_ref().map(|h| h.owner_names(block))
+    }
+
+    /// The owners' latest reports of a hot `block`: (owner, connections,
+    /// messages, recipients, origins).
+    pub fn hot_reports(&self, block: &Block) -> Vec<HotReportStatus> {
+        let Some(h) = &self.core.hot else {
+            return Vec::new();
+        };
+        h.reports_of(block)
+            .into_iter()
+            .map(|(owner, w)| HotReportStatus {
+                owner,
+                counts: w.counts,
+                origins: w.origins,
+            })
+            .collect()
     }
 
     /// With `gossip.counts = "owners"`: (hot blocks this node has reports

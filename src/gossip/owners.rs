@@ -582,6 +582,11 @@ impl<B: Copy + Eq + Hash, O: Copy + Eq> HotView<B, O> {
         self.blocks.contains_key(block)
     }
 
+    /// The reports kept for `block`.
+    pub fn reports(&self, block: &B) -> &[Report<O>] {
+        self.blocks.get(block).map(Vec::as_slice).unwrap_or(&[])
+    }
+
     /// Drops reports made before `first_epoch`.
     pub fn prune(&mut self, first_epoch: u64) {
         self.blocks.retain(|_, r| {
