@@ -1515,3 +1515,75 @@ fn a_lying_owner_gets_a_victim_refused_nowhere() {
     let admitted = flood([127, 8, 0], &targets, 3 * LIMIT as usize, 100);
     assert!(admitted < 2 * LIMIT as usize, "flood admitted {admitted}");
 }
+
+/// Issue 15, membership change: an owner of a hot block dies; once the
+/// others see it down, the block has a new owner, which learns the counts
+/// from the origins (each re-sends its window to the owners of now), and
+/// the rest of the flood is still held to the limit.
+#[test]
+fn owners_move_when_an_owner_fails_and_the_flood_stays_counted() {
+    let _g = serial();
+    let names = ["a", "b", "c", "d", "e"];
+    let ca = network_ca(&names);
+    let mut nodes = cluster(ca.path(), &names, false);
+    // A block that a does not own (a stays up to be asked).
+    let i = (1..=250u8)
+        .find(|i| !owners_of(&nodes[0], &format!("127.7.{i}.1")).contains(&"a".to_string()))
+        .expect("a block that a does not own");
+    let ip = format!("127.7.{i}.1");
+    let before = owners_of(&nodes[0], &ip);
+    let targets: Vec<SocketAddr> = nodes.iter().map(|n| n.smtp).collect();
+    assert_eq!(flood([127, 7, i], &targets, 12, 100), 12);
+    assert!(
+        wait_until(Duration::from_secs(5), || nodes
+            .iter()
+            .all(|n| n.connections(&ip) == 12))
+        .is_some(),
+        "the hot block did not reach every node"
+    );
+    // One of its owners dies.
+    let dead = before[0].clone();
+    let k = nodes.iter().position(|n| n.name == dead).unwrap();
+    nodes[k].kill();
+    let alive: Vec<usize> = (0..nodes.len()).filter(|j| *j != k).collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || alive
+            .iter()
+            .all(|j| !nodes[*j].alive_peers().contains(&dead)))
+        .is_some(),
+        "{dead} was never declared down"
+    );
+    let after = owners_of(&nodes[0], &ip);
+    let new_owner = after
+        .iter()
+        .find(|o| !before.contains(o))
+        .expect("a new owner")
+        .clone();
+    eprintln!("owners {before:?} -> {after:?} after {dead} died");
+    // The new owner learns the block from its origins (all but the dead
+    // one, whose own counts the surviving owners keep).
+    let m = nodes.iter().position(|n| n.name == new_owner).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(3), || (9..=12)
+            .contains(&nodes[m].connections(&ip)))
+        .is_some(),
+        "new owner {new_owner} sees {}",
+        nodes[m].connections(&ip)
+    );
+    // The rest of the flood: held to what the limit leaves.
+    let targets: Vec<SocketAddr> = alive.iter().map(|j| nodes[*j].smtp).collect();
+    let (rate, total) = (50u64, 40usize);
+    let admitted = flood([127, 7, i], &targets, total, rate);
+    let slack = (rate * 2 * INTERVAL_MS).div_ceil(1000) as usize;
+    let bound = (LIMIT as usize - 12) + slack;
+    eprintln!("after the owner change: admitted {admitted} of {total}, bound {bound}");
+    assert!(admitted <= bound, "admitted {admitted} > bound {bound}");
+    for j in &alive {
+        let e = nodes[*j].get(&format!("/explain?ip={ip}"));
+        assert!(
+            e["verdict"].as_str().unwrap_or("").starts_with("refused"),
+            "{}: {e}",
+            nodes[*j].name
+        );
+    }
+}
