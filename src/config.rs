@@ -1396,7 +1396,7 @@ impl GossipConfig {
         if !(g.hot_fraction > 0.0 && g.hot_fraction <= 1.0) {
             return Err(invalid(
                 "gossip.hot_fraction",
-                "must be more than 0 and at most 1",
+                "out of range: must be more than 0 and at most 1",
             ));
         }
         if g.enabled {
@@ -1780,6 +1780,10 @@ mod tests {
             ("throttle", "max_connections", "4294967295"),
             ("throttle", "hold", "\"100000d\""),
             ("gossip", "fanout", "1000000"),
+            ("gossip", "owners", "0"),
+            ("gossip", "owners", "100"),
+            ("gossip", "hot_fraction", "0.0"),
+            ("gossip", "hot_fraction", "1.5"),
             ("policy", "max_connections", "4611686018427387904"),
             ("admin", "max_connections", "4611686018427387904"),
             ("dnsbl", "max_cache_entries", "18446744073709551615"),

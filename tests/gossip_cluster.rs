@@ -1406,7 +1406,12 @@ fn owners_keep_cold_blocks_and_broadcast_hot_ones() {
     let owners = owners_of(a, "127.9.1.1");
     assert_eq!(owners.len(), 3, "owners {owners:?}");
     for n in &nodes {
-        assert_eq!(owners_of(n, "127.9.1.1"), owners, "{} sees other owners", n.name);
+        assert_eq!(
+            owners_of(n, "127.9.1.1"),
+            owners,
+            "{} sees other owners",
+            n.name
+        );
     }
     let want = |n: &Node| match owners.contains(&n.name) || n.name == "a" {
         true => 3,
@@ -1425,7 +1430,10 @@ fn owners_keep_cold_blocks_and_broadcast_hot_ones() {
     for n in nodes.iter().filter(|n| want(n) == 0) {
         assert_eq!(n.connections("127.9.1.1"), 0, "{} got a cold block", n.name);
     }
-    assert!(nodes.iter().all(|n| hot_blocks(n) == 0), "a cold block was broadcast");
+    assert!(
+        nodes.iter().all(|n| hot_blocks(n) == 0),
+        "a cold block was broadcast"
+    );
 
     // Hot: a flood over all five nodes.
     let targets: Vec<SocketAddr> = nodes.iter().map(|n| n.smtp).collect();
@@ -1436,7 +1444,10 @@ fn owners_keep_cold_blocks_and_broadcast_hot_ones() {
     eprintln!(
         "owners: {total} connections at {rate}/s over 5 nodes, limit {LIMIT}: admitted {admitted}, bound {bound}"
     );
-    assert!(admitted >= LIMIT as usize, "refused under the limit: {admitted}");
+    assert!(
+        admitted >= LIMIT as usize,
+        "refused under the limit: {admitted}"
+    );
     assert!(admitted <= bound, "admitted {admitted} > bound {bound}");
     let t = wait_until(Duration::from_secs(5), || {
         nodes.iter().all(|n| {
@@ -1473,27 +1484,34 @@ fn a_lying_owner_gets_a_victim_refused_nowhere() {
         .find(|i| owners_of(&nodes[0], &format!("127.8.{i}.1")).contains(&"liar".to_string()))
         .expect("the liar owns some block");
     let ip = format!("127.8.{victim}.1");
-    eprintln!("victim 127.8.{victim}.0/24, owners {:?}", owners_of(&nodes[0], &ip));
+    eprintln!(
+        "victim 127.8.{victim}.0/24, owners {:?}",
+        owners_of(&nodes[0], &ip)
+    );
     // Its true traffic: 12 connections over the honest nodes, past the
     // hot fraction (10 of 20), so the honest owners report it too.
     let targets: Vec<SocketAddr> = honest.iter().map(|n| n.smtp).collect();
     assert_eq!(flood([127, 8, victim], &targets, 12, 100), 12);
     // Every honest node has the reports (the lie among them) ...
     let t = wait_until(Duration::from_secs(5), || {
-        honest.iter().all(|n| hot_blocks(n) >= 1 && n.connections(&ip) == 12)
+        honest
+            .iter()
+            .all(|n| hot_blocks(n) >= 1 && n.connections(&ip) == 12)
     });
     let seen: Vec<(u64, u64)> = honest
         .iter()
         .map(|n| (hot_blocks(n), n.connections(&ip)))
         .collect();
-    assert!(t.is_some(), "(hot blocks, victim count) at the honest nodes: {seen:?}");
+    assert!(
+        t.is_some(),
+        "(hot blocks, victim count) at the honest nodes: {seen:?}"
+    );
     // The liar's report of 100 times the truth is in every honest view.
     let lie_seen = |n: &Node| {
         let e = n.get(&format!("/explain?ip={ip}"));
         e["owner_reports"].as_array().is_some_and(|r| {
-            r.iter().any(|x| {
-                x["owner"] == "liar" && x["counts"]["connections"].as_u64() == Some(1200)
-            })
+            r.iter()
+                .any(|x| x["owner"] == "liar" && x["counts"]["connections"].as_u64() == Some(1200))
         })
     };
     assert!(
@@ -1510,7 +1528,11 @@ fn a_lying_owner_gets_a_victim_refused_nowhere() {
             n.name
         );
     }
-    assert_eq!(flood([127, 8, victim], &targets, 4, 100), 4, "the victim was refused");
+    assert_eq!(
+        flood([127, 8, victim], &targets, 4, 100),
+        4,
+        "the victim was refused"
+    );
     // A true flood of another block is still refused.
     let admitted = flood([127, 8, 0], &targets, 3 * LIMIT as usize, 100);
     assert!(admitted < 2 * LIMIT as usize, "flood admitted {admitted}");

@@ -134,11 +134,7 @@ impl State {
         if let Some(o) = self.owners_cache.get(block) {
             return o.clone();
         }
-        let o = owners::owners(
-            block_key(block),
-            self.members.iter().map(|m| (m.0, m.1)),
-            r,
-        );
+        let o = owners::owners(block_key(block), self.members.iter().map(|m| (m.0, m.1)), r);
         if self.owners_cache.len() >= MAX_OWNER_CACHE {
             self.owners_cache.clear();
         }
@@ -403,7 +399,11 @@ impl Hot {
                 }
                 continue;
             }
-            if is_hot(&w.counts, &throttle.limits_for(&b, now_ms), self.hot_fraction) {
+            if is_hot(
+                &w.counts,
+                &throttle.limits_for(&b, now_ms),
+                self.hot_fraction,
+            ) {
                 st.reported.insert(b);
                 blocks.push((b, w));
             } else if st.reported.remove(&b) {
@@ -448,7 +448,13 @@ impl Hot {
     /// What this node knows of `block` network-wide: the median of its
     /// current owners' reports and, for a block it owns, its own sum of the
     /// signed counts (field-wise maximum of the two).
-    fn value_of(&self, st: &mut State, throttle: &Throttle, block: &Block, now_ms: u64) -> Option<Window> {
+    fn value_of(
+        &self,
+        st: &mut State,
+        throttle: &Throttle,
+        block: &Block,
+        now_ms: u64,
+    ) -> Option<Window> {
         let first = self.first_epoch(now_ms);
         let owners = st.owners_of(block, self.r);
         let median = st.view.value(block, &owners, first);
@@ -558,15 +564,8 @@ impl Hot {
         now_ms: u64,
     ) -> Result<usize, &'static str> {
         let (alg, key) = public_key_of_cert(cert).ok_or("key")?;
-        let counts = decode_increments(
-            batch,
-            self.epoch_ms,
-            &self.network,
-            origin,
-            alg,
-            &key,
-        )
-        .map_err(decode_reason)?;
+        let counts = decode_increments(batch, self.epoch_ms, &self.network, origin, alg, &key)
+            .map_err(decode_reason)?;
         let first = self.first_epoch(now_ms);
         let current = self.epoch(now_ms);
         let mut st = self.lock();
@@ -644,8 +643,7 @@ impl Hot {
             };
             let mut new = false;
             for (b, w) in blocks {
-                if !throttle_prefix_ok(throttle, &b) || !st.owners_of(&b, self.r).contains(&owner)
-                {
+                if !throttle_prefix_ok(throttle, &b) || !st.owners_of(&b, self.r).contains(&owner) {
                     continue;
                 }
                 let report = Report {

@@ -562,7 +562,9 @@ impl Core {
                     return;
                 };
                 match hot.on_increments(&self.throttle, &peer.name, &cert, &batch, now) {
-                    Ok(n) => debug!(peer = %peer.name, counts = batch.counts.len(), merged = n, "gossip increments"),
+                    Ok(n) => {
+                        debug!(peer = %peer.name, counts = batch.counts.len(), merged = n, "gossip increments")
+                    }
                     Err(reason) => {
                         dropped(reason);
                         debug!(peer = %peer.name, reason, "gossip increments dropped");
@@ -631,9 +633,22 @@ impl Core {
         let mut peers: Vec<SocketAddr> = live.iter().map(|id| id.gossip).collect();
         peers.shuffle(&mut rand::rng());
         peers.truncate(self.config.gossip.fanout);
-        let (out, stats) = hot.round(&self.throttle, now_ms(), full || changed, refresh, changed, &peers);
+        let (out, stats) = hot.round(
+            &self.throttle,
+            now_ms(),
+            full || changed,
+            refresh,
+            changed,
+            &peers,
+        );
         if stats.counts_sent > 0 || stats.hot_reported > 0 {
-            debug!(counts = stats.counts_sent, hot = stats.hot_reported, messages = out.len(), members_changed = changed, "owners round");
+            debug!(
+                counts = stats.counts_sent,
+                hot = stats.hot_reported,
+                messages = out.len(),
+                members_changed = changed,
+                "owners round"
+            );
         }
         for (addr, bytes, kind) in out {
             self.send_later(addr, Arc::new(bytes), kind);
@@ -679,7 +694,11 @@ impl Core {
             self.send_suspect_snapshot(&id);
             // A node that restarted relearns its own counts from the
             // owners that kept them.
-            if let Some(bytes) = self.hot.as_ref().and_then(|h| h.counts_of_origin(&id.name, now_ms())) {
+            if let Some(bytes) = self
+                .hot
+                .as_ref()
+                .and_then(|h| h.counts_of_origin(&id.name, now_ms()))
+            {
                 self.send_later(id.gossip, Arc::new(bytes), "handoff");
             }
         }

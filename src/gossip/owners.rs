@@ -462,7 +462,12 @@ impl<B: Copy + Eq + Hash> Outbox<B> {
     /// The changes of the blocks `pick` chooses (hot ones, sent sooner than
     /// the interval); they count as sent.
     pub fn take_where(&mut self, mut pick: impl FnMut(&B) -> bool) -> Vec<(B, u64, Counts)> {
-        let keys: Vec<(B, u64)> = self.pending.keys().filter(|(b, _)| pick(b)).copied().collect();
+        let keys: Vec<(B, u64)> = self
+            .pending
+            .keys()
+            .filter(|(b, _)| pick(b))
+            .copied()
+            .collect();
         let out: Vec<(B, u64, Counts)> = keys
             .into_iter()
             .filter_map(|k| self.pending.remove(&k).map(|c| (k.0, k.1, c)))
@@ -1523,5 +1528,23 @@ mod tests {
             let b = block_key(&block(blk));
             prop_assert_eq!(owners(b, members, 3), owners(b, rotated, 3));
         }
+    }
+
+    #[test]
+    fn a_certificates_key_is_the_key_its_signer_signs_with() {
+        for alg in [&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ED25519] {
+            let kp = rcgen::KeyPair::generate_for(alg).unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["n1".to_string()])
+                .unwrap()
+                .self_signed(&kp)
+                .unwrap();
+            let (kind, key) = public_key_of_cert(cert.der()).expect("a key");
+            let signer = Signer::from_pkcs8(kind, &kp.serialize_der()).unwrap();
+            assert_eq!(key, signer.public_key());
+            let sig = signer.sign(b"m").unwrap();
+            assert!(verify(kind, &key, b"m", &sig).is_ok());
+            assert!(verify(kind, &key, b"n", &sig).is_err());
+        }
+        assert!(public_key_of_cert(b"not a certificate").is_none());
     }
 }
