@@ -12,12 +12,16 @@
 //! * An owner merges the signed counts it gets for the blocks it owns (per
 //!   origin, block and epoch, the largest) and so knows the network-wide
 //!   window. A block at `gossip.hot_fraction` of any of its limits is
-//!   reported: a signed report, with the owner's certificate so that any
-//!   member can check it, goes to `fanout` peers, and each node forwards a
-//!   report the first time it sees it (epidemic, every node once). Cold
-//!   blocks are never broadcast; a block that cools is reported once more
-//!   with its lower count, and every hot block again every
-//!   `anti_entropy_interval`.
+//!   reported: a signed report goes to `fanout` peers, and each node
+//!   forwards a report the first time it sees it (epidemic, every node
+//!   once). A hot block is reported again at each further tenth of its
+//!   limit and when it passes the limit, not at every change. Cold blocks
+//!   are never broadcast; a block that cools is reported once more with its
+//!   lower count, and every hot block again every `anti_entropy_interval`.
+//! * Reports carry no certificate: a node checks a report with the owner's
+//!   key, learnt from the mutual-TLS connections it has with the owner
+//!   (SWIM, increments), or, for an owner it never talked to, from a
+//!   connection it opens to the owner for the purpose.
 //! * A node keeps each owner's latest report per block and hands the
 //!   median of the current owners' reports to the throttle
 //!   ([`Throttle::set_hot`]), which decides on max(own, median) once that
@@ -81,7 +85,6 @@ pub(super) struct Hot {
     /// How long a value handed to the throttle is used (3 intervals).
     hold_ms: u64,
     signer: Signer,
-    certificate: Vec<u8>,
     ca: CertificateDer<'static>,
     state: Mutex<State>,
 }
@@ -121,8 +124,9 @@ struct State {
     view: HotView<Block, u32>,
     /// Owned blocks whose count changed since they were last looked at.
     dirty: HashSet<Block>,
-    /// Owned blocks last reported hot.
-    reported: HashSet<Block>,
+    /// Owned blocks last reported hot, with the level reported (see
+    /// [`level`]).
+    reported: HashMap<Block, u32>,
     /// Owner certificates checked: name -> (certificate, key).
     keys: HashMap<String, (Vec<u8>, KeyAlg, Vec<u8>)>,
     seen: HashSet<(String, u64)>,
@@ -184,7 +188,6 @@ impl Hot {
             window_epochs,
             hold_ms: interval_ms.saturating_mul(3).max(1),
             signer,
-            certificate: certificate.to_vec(),
             ca,
             state: Mutex::new(State {
                 names,
@@ -195,7 +198,7 @@ impl Hot {
                 table: OwnerTable::new(MAX_TABLE),
                 view: HotView::new(MAX_HOT, 2 * r.max(1)),
                 dirty: HashSet::new(),
-                reported: HashSet::new(),
+                reported: HashMap::new(),
                 keys: HashMap::new(),
                 seen: HashSet::new(),
                 seq: 0,
@@ -320,7 +323,7 @@ impl Hot {
                 let view = &st.view;
                 let reported = &st.reported;
                 st.outbox
-                    .take_where(|b| view.contains(b) || reported.contains(b))
+                    .take_where(|b| view.contains(b) || reported.contains_key(b))
             }
         };
         let mut out = Vec::new();
@@ -394,19 +397,21 @@ impl Hot {
             self.apply_view(st, throttle, now_ms, Some(b));
             if let Some(f) = lie_factor() {
                 if w.origins > 0 {
-                    st.reported.insert(b);
+                    st.reported.insert(b, u32::MAX);
                     blocks.push((b, lie(w, f)));
                 }
                 continue;
             }
-            if is_hot(
-                &w.counts,
-                &throttle.limits_for(&b, now_ms),
-                self.hot_fraction,
-            ) {
-                st.reported.insert(b);
-                blocks.push((b, w));
-            } else if st.reported.remove(&b) {
+            let limits = throttle.limits_for(&b, now_ms);
+            if is_hot(&w.counts, &limits, self.hot_fraction) {
+                // Reported again only at the next step towards the limit,
+                // and when it passes the limit (every change of a block in
+                // a flood would be a broadcast to every node).
+                let l = level(&w.counts, &limits);
+                if st.reported.insert(b, l) != Some(l) || refresh {
+                    blocks.push((b, w));
+                }
+            } else if st.reported.remove(&b).is_some() {
                 // Cooled: once more with its count now.
                 blocks.push((b, w));
             }
@@ -426,8 +431,9 @@ impl Hot {
                 dropped("sign");
                 continue;
             };
-            let mut rep = encode_report(&self.name, self.epoch_ms, epoch, st.seq, chunk, &sig);
-            rep.certificate = self.certificate.clone();
+            // Without the certificate (most of a small report's bytes): a
+            // node that does not know this owner's key yet connects to it.
+            let rep = encode_report(&self.name, self.epoch_ms, epoch, st.seq, chunk, &sig);
             for (b, w) in chunk {
                 let report = Report {
                     owner: st.me,
@@ -563,7 +569,7 @@ impl Hot {
         batch: &proto::IncrementBatch,
         now_ms: u64,
     ) -> Result<usize, &'static str> {
-        let (alg, key) = public_key_of_cert(cert).ok_or("key")?;
+        let (alg, key) = self.learn_key(origin, cert).ok_or("key")?;
         let counts = decode_increments(batch, self.epoch_ms, &self.network, origin, alg, &key)
             .map_err(decode_reason)?;
         let first = self.first_epoch(now_ms);
@@ -594,21 +600,23 @@ impl Hot {
     }
 
     /// Reports relayed by a peer: those of current owners are checked
-    /// (certificate against the network CA, signature) and kept. Returns
-    /// the reports new to this node, to forward.
+    /// (signature, with the owner's key) and kept. Returns the reports new
+    /// to this node, to forward, and those of owners whose key this node
+    /// does not know yet (the caller learns it from a connection to the
+    /// owner, [`Hot::learn_key`], and hands them back).
     pub fn on_reports(
         &self,
         throttle: &Throttle,
         relay: proto::HotRelay,
         now_ms: u64,
-    ) -> Vec<proto::HotReport> {
+    ) -> (Vec<proto::HotReport>, Vec<proto::HotReport>) {
         if relay.reports.len() > MAX_REPORTS {
             dropped("malformed");
-            return Vec::new();
+            return Default::default();
         }
         let first = self.first_epoch(now_ms);
         let current = self.epoch(now_ms);
-        let mut fresh = Vec::new();
+        let (mut fresh, mut unknown) = (Vec::new(), Vec::new());
         for rep in relay.reports {
             if rep.owner == self.name {
                 continue;
@@ -621,9 +629,16 @@ impl Hot {
             if self.lock().seen.contains(&seen_key) {
                 continue;
             }
-            let Some((alg, key)) = self.owner_key(&rep.owner, &rep.certificate) else {
-                dropped("certificate");
-                continue;
+            let (alg, key) = match self.owner_key(&rep.owner, &rep.certificate) {
+                Ok(k) => k,
+                Err(KeyError::Unknown) => {
+                    unknown.push(rep);
+                    continue;
+                }
+                Err(KeyError::Bad) => {
+                    dropped("certificate");
+                    continue;
+                }
             };
             let blocks = match decode_report(&rep, self.epoch_ms, &self.network, alg, &key) {
                 Ok(b) => b,
@@ -661,30 +676,54 @@ impl Hot {
                 fresh.push(rep);
             }
         }
-        fresh
+        (fresh, unknown)
     }
 
-    /// The key of `owner`'s certificate, checked against the network CA
-    /// and the name once per certificate.
-    fn owner_key(&self, owner: &str, cert: &[u8]) -> Option<(KeyAlg, Vec<u8>)> {
+    /// The key of `owner`: from the certificate a report carries (checked
+    /// against the network CA and the name, once per certificate), else the
+    /// one learnt from a connection to the owner.
+    fn owner_key(&self, owner: &str, cert: &[u8]) -> Result<(KeyAlg, Vec<u8>), KeyError> {
         if let Some((c, alg, key)) = self.lock().keys.get(owner) {
-            if c.as_slice() == cert {
-                return Some((*alg, key.clone()));
+            if cert.is_empty() || c.as_slice() == cert {
+                return Ok((*alg, key.clone()));
             }
         }
-        let der = CertificateDer::from(cert);
-        super::tls::verify_chain(&self.ca, &der, &[]).ok()?;
-        if super::tls::node_name_of(&der).as_deref() != Some(owner) {
-            return None;
+        if cert.is_empty() {
+            return Err(KeyError::Unknown);
         }
+        let der = CertificateDer::from(cert);
+        super::tls::verify_chain(&self.ca, &der, &[]).map_err(|_| KeyError::Bad)?;
+        if super::tls::node_name_of(&der).as_deref() != Some(owner) {
+            return Err(KeyError::Bad);
+        }
+        self.learn_key(owner, cert).ok_or(KeyError::Bad)
+    }
+
+    /// Keeps the key of `member`'s certificate, which a connection with
+    /// mutual TLS (network CA, exact name) has just vouched for.
+    pub fn learn_key(&self, member: &str, cert: &[u8]) -> Option<(KeyAlg, Vec<u8>)> {
         let (alg, key) = public_key_of_cert(cert)?;
         let mut st = self.lock();
+        if st
+            .keys
+            .get(member)
+            .is_some_and(|(c, _, _)| c.as_slice() == cert)
+        {
+            return Some((alg, key));
+        }
         if st.keys.len() >= MAX_NAMES {
             st.keys.clear();
         }
         st.keys
-            .insert(owner.to_string(), (cert.to_vec(), alg, key.clone()));
+            .insert(member.to_string(), (cert.to_vec(), alg, key.clone()));
         Some((alg, key))
+    }
+
+    /// The gossip address of a live member (None: not one, or this node).
+    pub fn member_addr(&self, name: &str) -> Option<SocketAddr> {
+        let st = self.lock();
+        let id = *st.names.ids.get(name)?;
+        st.addr_of(id)
     }
 
     /// A relay message of `reports` (forwarding).
@@ -722,6 +761,35 @@ fn lie(w: Window, f: u32) -> Window {
         },
         origins: m(w.origins),
     }
+}
+
+/// Steps between reports of a hot block, as a fraction of its limit.
+const REPORT_STEP: f64 = 0.1;
+
+/// The report level of a window: which step of [`REPORT_STEP`] × limit its
+/// highest field reached, and a level of its own once over a limit.
+fn level(c: &Counts, limits: &Counts) -> u32 {
+    let fields = [
+        (c.connections, limits.connections),
+        (c.messages, limits.messages),
+        (c.recipients, limits.recipients),
+    ];
+    if fields.iter().any(|(n, l)| n > l) {
+        return u32::MAX;
+    }
+    let ratio = fields
+        .iter()
+        .map(|(n, l)| *n as f64 / (*l).max(1) as f64)
+        .fold(0.0, f64::max);
+    (ratio / REPORT_STEP) as u32
+}
+
+/// Why a report's key is missing.
+enum KeyError {
+    /// No certificate in the report and none learnt yet.
+    Unknown,
+    /// A certificate that is not the network's or not the owner's.
+    Bad,
 }
 
 fn throttle_prefix_ok(throttle: &Throttle, b: &Block) -> bool {

@@ -164,6 +164,8 @@ struct Core {
     hot: Option<hot::Hot>,
     /// When the owners last re-reported all their hot blocks.
     last_refresh: Mutex<Instant>,
+    /// Connections made at once to learn an owner's key.
+    key_fetches: Arc<Semaphore>,
     ledger: Mutex<LedgerState>,
     epoch_ms: u64,
     window_epochs: u64,
@@ -279,6 +281,7 @@ impl Gossip {
             members_changed: Notify::new(),
             hot,
             last_refresh: Mutex::new(Instant::now()),
+            key_fetches: Arc::new(Semaphore::new(16)),
             ledger: Mutex::new(LedgerState {
                 ledger: Ledger::new(1),
                 ids: Vec::new(),
@@ -432,6 +435,10 @@ impl Core {
             return;
         }
         keys.insert(peer.name.clone(), peer.key);
+        // The same certificate's key checks the member's hot reports.
+        if let (Some(hot), Some(cert)) = (&self.hot, tls::peer_cert(&peer.conn)) {
+            hot.learn_key(&peer.name, &cert);
+        }
         if keys.len() > 64 {
             let m = self.members();
             if keys.len() > 2 * m.peers.len() + 64 {
@@ -573,22 +580,7 @@ impl Core {
             }
             V2::Hot(relay) => {
                 metrics::counter!("magicmx_gossip_messages_total", "direction" => "in", "kind" => "hot").increment(1);
-                let fresh = hot.on_reports(&self.throttle, relay, now);
-                if fresh.is_empty() {
-                    return;
-                }
-                debug!(peer = %peer.name, reports = fresh.len(), "hot reports forwarded");
-                let bytes = Arc::new(hot.relay_bytes(fresh));
-                let mut targets: Vec<NodeId> = self
-                    .live_peers()
-                    .into_iter()
-                    .filter(|p| p.name != peer.name)
-                    .collect();
-                targets.shuffle(&mut rand::rng());
-                targets.truncate(self.config.gossip.fanout);
-                for id in targets {
-                    self.send_later(id.gossip, bytes.clone(), "hot");
-                }
+                self.take_reports(hot, &peer.name, relay, true);
             }
             V2::Handoff(handoff) => {
                 metrics::counter!("magicmx_gossip_messages_total", "direction" => "in", "kind" => "handoff").increment(1);
@@ -603,6 +595,75 @@ impl Core {
                 dropped("unexpected");
                 debug!(peer = %peer.name, kind = "swim", reason = "not in a v2 envelope", "gossip message dropped");
             }
+        }
+    }
+
+    /// Keeps the new reports of a relay from `from` and forwards them; for
+    /// owners whose key is not known yet, connects to the owner (mutual
+    /// TLS vouches for its certificate), learns it, and takes those
+    /// reports again (`fetch`: once).
+    fn take_reports(
+        self: &Arc<Self>,
+        hot: &hot::Hot,
+        from: &str,
+        relay: proto::HotRelay,
+        fetch: bool,
+    ) {
+        let (fresh, unknown) = hot.on_reports(&self.throttle, relay, now_ms());
+        if !fresh.is_empty() {
+            debug!(peer = %from, reports = fresh.len(), "hot reports forwarded");
+            let bytes = Arc::new(hot.relay_bytes(fresh));
+            let mut targets: Vec<NodeId> = self
+                .live_peers()
+                .into_iter()
+                .filter(|p| p.name != from)
+                .collect();
+            targets.shuffle(&mut rand::rng());
+            targets.truncate(self.config.gossip.fanout);
+            for id in targets {
+                self.send_later(id.gossip, bytes.clone(), "hot");
+            }
+        }
+        if unknown.is_empty() {
+            return;
+        }
+        if !fetch {
+            dropped("owner_key");
+            return;
+        }
+        let mut by_owner: HashMap<String, Vec<proto::HotReport>> = HashMap::new();
+        for r in unknown {
+            by_owner.entry(r.owner.clone()).or_default().push(r);
+        }
+        for (owner, reports) in by_owner {
+            let Some(addr) = hot.member_addr(&owner) else {
+                dropped("owner_key");
+                continue;
+            };
+            let Ok(permit) = self.key_fetches.clone().try_acquire_owned() else {
+                dropped("overload");
+                continue;
+            };
+            let (me, from) = (self.clone(), from.to_string());
+            self.tasks.spawn(async move {
+                let _permit = permit;
+                let peer = match tokio::time::timeout(EXCHANGE_TIMEOUT, me.transport.connect(addr))
+                    .await
+                {
+                    Ok(Ok(p)) if p.name == owner => p,
+                    _ => {
+                        dropped("owner_key");
+                        debug!(owner = %owner, "owner's key not learnt");
+                        return;
+                    }
+                };
+                let (Some(hot), Some(cert)) = (me.hot.as_ref(), tls::peer_cert(&peer.conn)) else {
+                    return;
+                };
+                if hot.learn_key(&owner, &cert).is_some() {
+                    me.take_reports(hot, &from, proto::HotRelay { reports }, false);
+                }
+            });
         }
     }
 
