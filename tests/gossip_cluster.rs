@@ -1575,6 +1575,14 @@ fn owners_move_when_an_owner_fails_and_the_flood_stays_counted() {
         .is_some(),
         "{dead} was never declared down"
     );
+    // Suspected members still own their blocks (no churn on a slow
+    // answer); once SWIM declares the dead one down, the owners move.
+    assert!(
+        wait_until(Duration::from_secs(10), || !owners_of(&nodes[0], &ip)
+            .contains(&dead))
+        .is_some(),
+        "{dead} still owns the block"
+    );
     let after = owners_of(&nodes[0], &ip);
     let new_owner = after
         .iter()

@@ -322,8 +322,12 @@ impl Hot {
             false => {
                 let view = &st.view;
                 let reported = &st.reported;
-                st.outbox
-                    .take_where(|b| view.contains(b) || reported.contains_key(b))
+                // Hot blocks, and blocks with a burst here (two or more
+                // since the last send: a flood, not the background's one
+                // attempt per block).
+                st.outbox.take_where(|b, c, sent| {
+                    view.contains(b) || reported.contains_key(b) || grew_by(c, sent) >= BURST
+                })
             }
         };
         let mut out = Vec::new();
@@ -761,6 +765,16 @@ fn lie(w: Window, f: u32) -> Window {
         },
         origins: m(w.origins),
     }
+}
+
+/// A block whose own count grew by this much since it was last sent goes
+/// to its owners at the next quick round rather than the interval.
+const BURST: u32 = 2;
+
+fn grew_by(c: &Counts, sent: &Counts) -> u32 {
+    (c.connections.saturating_sub(sent.connections))
+        .max(c.messages.saturating_sub(sent.messages))
+        .max(c.recipients.saturating_sub(sent.recipients))
 }
 
 /// Steps between reports of a hot block, as a fraction of its limit.

@@ -108,6 +108,9 @@ const SHOW_DOWN_FOR: Duration = Duration::from_secs(600);
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Anti-entropy exchanges answered at once.
 const MAX_ANSWERS: usize = 8;
+/// Quick owners rounds: hot and bursting blocks to their owners, and the
+/// owners' reports, at most this much later.
+const OWNERS_TICK: Duration = Duration::from_millis(50);
 /// Pushes per interval: one full round and the rest for fresh counts.
 const FRESH_PUSHES: u32 = 4;
 /// Most suspect states in one batch (each is at most a few hundred bytes).
@@ -303,6 +306,9 @@ impl Gossip {
         loops.spawn(core.clone().dispatch(events_rx));
         loops.spawn(core.clone().membership_loop());
         loops.spawn(core.clone().push_loop());
+        if core.hot.is_some() {
+            loops.spawn(core.clone().owners_loop());
+        }
         loops.spawn(core.clone().anti_entropy_loop(exchange_rx));
         loops.spawn(core.clone().seed_loop());
         tasks.close();
@@ -916,6 +922,31 @@ impl Core {
     /// of the interval (see `bench/gossip_sim.rs`: this divides the time
     /// for a flood to be seen everywhere by about three, for a few percent
     /// more bytes).
+    /// Owners rounds (`gossip.counts = "owners"`): a quick one every
+    /// [`OWNERS_TICK`] (hot and bursting blocks, reports of the hot blocks
+    /// that changed level), a full one every `interval`.
+    async fn owners_loop(self: Arc<Self>) {
+        let Some(hot) = &self.hot else { return };
+        let interval = self.config.gossip.interval.0;
+        let quick = OWNERS_TICK
+            .min(interval / FRESH_PUSHES)
+            .max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval(quick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last_full = Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let full = last_full.elapsed() >= interval;
+            if full {
+                last_full = Instant::now();
+            }
+            self.owners_round(hot, full);
+        }
+    }
+
     async fn push_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.gossip.interval.0 / FRESH_PUSHES);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -932,9 +963,6 @@ impl Core {
     /// One dissemination round to `fanout` random live peers: every hot
     /// count (`full`), or only the fresh ones.
     fn push_round(self: &Arc<Self>, full: bool) {
-        if let Some(hot) = &self.hot {
-            self.owners_round(hot, full);
-        }
         let live = self.live_peers();
         let bytes = {
             let mut state = self.ledger.lock().unwrap_or_else(|e| e.into_inner());

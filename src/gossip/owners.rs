@@ -456,17 +456,22 @@ impl<B: Copy + Eq + Hash> Outbox<B> {
 
     /// The changes to send this interval; they count as sent.
     pub fn take(&mut self) -> Vec<(B, u64, Counts)> {
-        self.take_where(|_| true)
+        self.take_where(|_, _, _| true)
     }
 
-    /// The changes of the blocks `pick` chooses (hot ones, sent sooner than
-    /// the interval); they count as sent.
-    pub fn take_where(&mut self, mut pick: impl FnMut(&B) -> bool) -> Vec<(B, u64, Counts)> {
+    /// The changes that `pick` chooses, given (block, its pending count,
+    /// what was sent of it): hot or busy blocks, sent sooner than the
+    /// interval. They count as sent.
+    pub fn take_where(
+        &mut self,
+        mut pick: impl FnMut(&B, &Counts, &Counts) -> bool,
+    ) -> Vec<(B, u64, Counts)> {
+        let none = Counts::default();
         let keys: Vec<(B, u64)> = self
             .pending
-            .keys()
-            .filter(|(b, _)| pick(b))
-            .copied()
+            .iter()
+            .filter(|(k, c)| pick(&k.0, c, self.sent.get(k).unwrap_or(&none)))
+            .map(|(k, _)| *k)
             .collect();
         let out: Vec<(B, u64, Counts)> = keys
             .into_iter()
