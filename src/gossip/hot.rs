@@ -27,10 +27,13 @@
 //!   ([`Throttle::set_hot`]), which decides on max(own, median) once that
 //!   many origins counted the block (`gossip.min_origins_to_refuse`): one
 //!   lying owner cannot move the median of three.
-//! * When the members change, each node sends its window counts of every
-//!   block again (to the owners of now) and owners forget the blocks they
-//!   no longer own: new owners learn a block from its origins within one
-//!   interval, and meanwhile the other owners still count.
+//! * When the members change, only the blocks whose owners changed move
+//!   (a member that left owned them, or one that joined outweighs their
+//!   last owner: about r/N of them). Each node sends what it sent of them
+//!   again, to the owners of now (hot blocks at once, cold ones a few
+//!   hundred per interval), and owners forget the blocks they no longer
+//!   own: a new owner learns a hot block from its origins within one quick
+//!   round, and meanwhile the other two owners still count it.
 //!
 //! Known limits: a restarted node does not relearn its own counts (the
 //! `all` design did, through anti-entropy); it starts its own count of each
@@ -67,6 +70,10 @@ const MAX_REPORTS: usize = 64;
 const MAX_NAMES: usize = 1 << 16;
 /// Cached owner lists (cleared when members change or when full).
 const MAX_OWNER_CACHE: usize = 1 << 18;
+/// Cold blocks whose owners changed, sent again to their new owners per
+/// interval (a bound on the cost of churn), and most waiting.
+const COLD_RESEND_PER_ROUND: usize = 256;
+const MAX_COLD_MOVED: usize = 1 << 16;
 /// Reports already seen, to skip duplicates before their signature check.
 const MAX_SEEN: usize = 1 << 16;
 
@@ -118,7 +125,13 @@ struct State {
     names: Names,
     me: u32,
     members: Vec<Member>,
-    owners_cache: HashMap<Block, Vec<u32>>,
+    /// Per block, its owners ranked (weight, member key, id); kept across
+    /// membership changes that do not move the block.
+    owners_cache: HashMap<Block, Vec<(u64, u64, u32)>>,
+    /// Blocks whose owners changed since the last round.
+    moved: HashSet<Block>,
+    /// Cold blocks that moved, whose counts are still to be sent again.
+    cold_moved: std::collections::VecDeque<Block>,
     outbox: Outbox<Block>,
     table: OwnerTable<Block, u32, Signature>,
     view: HotView<Block, u32>,
@@ -136,14 +149,51 @@ struct State {
 impl State {
     fn owners_of(&mut self, block: &Block, r: usize) -> Vec<u32> {
         if let Some(o) = self.owners_cache.get(block) {
-            return o.clone();
+            return o.iter().map(|x| x.2).collect();
         }
-        let o = owners::owners(block_key(block), self.members.iter().map(|m| (m.0, m.1)), r);
+        let o = owners::owners_ranked(block_key(block), self.members.iter().map(|m| (m.0, m.1)), r);
         if self.owners_cache.len() >= MAX_OWNER_CACHE {
             self.owners_cache.clear();
         }
-        self.owners_cache.insert(*block, o.clone());
-        o
+        let ids = o.iter().map(|x| x.2).collect();
+        self.owners_cache.insert(*block, o);
+        ids
+    }
+
+    /// After the members changed from `old` to `self.members`: forgets the
+    /// cached owners of the blocks that moved (a member that left owned
+    /// them, or one that joined outweighs their last owner) and notes them
+    /// in `moved`. One weight per cached block and joined member.
+    fn members_moved(&mut self, old: &[Member], r: usize) {
+        let now: HashSet<u32> = self.members.iter().map(|m| m.1).collect();
+        let before: HashSet<u32> = old.iter().map(|m| m.1).collect();
+        let left: HashSet<u32> = before.difference(&now).copied().collect();
+        let joined: Vec<u64> = self
+            .members
+            .iter()
+            .filter(|m| !before.contains(&m.1))
+            .map(|m| m.0)
+            .collect();
+        let mut moved = Vec::new();
+        for (b, ranked) in &self.owners_cache {
+            let gone = ranked.iter().any(|o| left.contains(&o.2));
+            let outweighed = || {
+                let bk = block_key(b);
+                joined.iter().any(|k| match ranked.last() {
+                    Some(last) if ranked.len() >= r => {
+                        (owners::weight(*k, bk), *k) > (last.0, last.1)
+                    }
+                    _ => true,
+                })
+            };
+            if gone || outweighed() {
+                moved.push(*b);
+            }
+        }
+        for b in moved {
+            self.owners_cache.remove(&b);
+            self.moved.insert(b);
+        }
     }
 
     fn addr_of(&self, id: u32) -> Option<SocketAddr> {
@@ -156,6 +206,9 @@ impl State {
 pub(super) struct RoundStats {
     pub counts_sent: usize,
     pub hot_reported: usize,
+    /// Blocks whose owners changed, and own counts sent again for them.
+    pub moved: usize,
+    pub resent: usize,
 }
 
 impl Hot {
@@ -194,6 +247,8 @@ impl Hot {
                 me,
                 members: vec![(member_key(name), me, None)],
                 owners_cache: HashMap::new(),
+                moved: HashSet::new(),
+                cold_moved: Default::default(),
                 outbox: Outbox::new(MAX_OUTBOX),
                 table: OwnerTable::new(MAX_TABLE),
                 view: HotView::new(MAX_HOT, 2 * r.max(1)),
@@ -242,8 +297,8 @@ impl Hot {
         if members == st.members {
             return false;
         }
-        st.members = members;
-        st.owners_cache.clear();
+        let old = std::mem::replace(&mut st.members, members);
+        st.members_moved(&old, self.r);
         true
     }
 
@@ -287,7 +342,6 @@ impl Hot {
         now_ms: u64,
         full: bool,
         refresh: bool,
-        members_changed: bool,
         peers: &[SocketAddr],
     ) -> (Vec<Out>, RoundStats) {
         let mut stats = RoundStats::default();
@@ -299,18 +353,35 @@ impl Hot {
                 dropped("outbox");
             }
         }
-        if members_changed {
-            for (b, e, c) in throttle.own_counts(now_ms) {
-                st.outbox.note(b, e, c);
-            }
-            let owned: Vec<Block> = st.table.blocks().copied().collect();
-            for b in owned {
-                if !st.owners_of(&b, self.r).contains(&st.me) {
-                    st.table.remove(&b);
-                    st.reported.remove(&b);
-                    st.dirty.remove(&b);
+        if !st.moved.is_empty() {
+            // Blocks whose owners changed. Their new owners learn them from
+            // this node (what it sent of them, again): hot blocks at once,
+            // cold ones a few hundred per interval (the two owners that
+            // stayed still count them, and the median needs only two).
+            // What this node no longer owns it forgets.
+            let moved = std::mem::take(&mut st.moved);
+            let hot: HashSet<Block> = moved
+                .iter()
+                .filter(|b| st.view.contains(b) || st.reported.contains_key(b))
+                .copied()
+                .collect();
+            stats.resent += st.outbox.resend_where(|b| hot.contains(b));
+            for b in &moved {
+                if !hot.contains(b) && st.cold_moved.len() < MAX_COLD_MOVED {
+                    st.cold_moved.push_back(*b);
+                }
+                if !st.owners_of(b, self.r).contains(&st.me) {
+                    st.table.remove(b);
+                    st.reported.remove(b);
+                    st.dirty.remove(b);
                 }
             }
+            stats.moved = moved.len();
+        }
+        if full && !st.cold_moved.is_empty() {
+            let n = st.cold_moved.len().min(COLD_RESEND_PER_ROUND);
+            let some: HashSet<Block> = st.cold_moved.drain(..n).collect();
+            stats.resent += st.outbox.resend_where(|b| some.contains(b));
         }
         if full {
             st.outbox.prune(first);
@@ -555,8 +626,19 @@ impl Hot {
                 dropped("signature");
                 continue;
             };
-            for (b, e, c, _) in counts {
+            let mut st = self.lock();
+            let st = &mut *st;
+            for (b, e, c, sig) in counts {
                 throttle.merge(crate::throttle::SELF_ORIGIN, b, e, c, now_ms);
+                // As an owner of the block, this node's sum has them too.
+                if st.owners_of(&b, self.r).contains(&st.me)
+                    && matches!(
+                        st.table.merge(b, st.me, e, c, sig),
+                        Merge::New | Merge::Grew
+                    )
+                {
+                    st.dirty.insert(b);
+                }
                 merged += 1;
             }
         }

@@ -562,10 +562,11 @@ impl Core {
             warn!(peer = %peer.name, claimed = %sender, reason = "sender does not match the certificate", "gossip message dropped");
             return;
         }
-        if !self.is_known_sender(peer) {
-            dropped("unknown_origin");
-            return;
-        }
+        // No membership check: every v2 message is self-authenticating
+        // (counts signed by their origin, the certificate's name; reports
+        // signed by an owner, which must be a member to count), and a node
+        // that just (re)joined gets increments before SWIM tells it who the
+        // sender is.
         let now = now_ms();
         match body {
             V2::Increments(batch) => {
@@ -700,20 +701,14 @@ impl Core {
         let mut peers: Vec<SocketAddr> = live.iter().map(|id| id.gossip).collect();
         peers.shuffle(&mut rand::rng());
         peers.truncate(self.config.gossip.fanout);
-        let (out, stats) = hot.round(
-            &self.throttle,
-            now_ms(),
-            full || changed,
-            refresh,
-            changed,
-            &peers,
-        );
-        if stats.counts_sent > 0 || stats.hot_reported > 0 {
+        let (out, stats) = hot.round(&self.throttle, now_ms(), full || changed, refresh, &peers);
+        if stats.counts_sent > 0 || stats.hot_reported > 0 || stats.moved > 0 {
             debug!(
                 counts = stats.counts_sent,
                 hot = stats.hot_reported,
+                moved = stats.moved,
+                resent = stats.resent,
                 messages = out.len(),
-                members_changed = changed,
                 "owners round"
             );
         }
