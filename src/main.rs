@@ -452,6 +452,24 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             println!("greylist: {why}");
+            println!(
+                "origins:  {} node(s) counted it in the window",
+                v["origins"]
+            );
+            if let Some(owners) = v["owners"].as_array() {
+                let names: Vec<&str> = owners.iter().filter_map(|o| o.as_str()).collect();
+                println!("owners:   {}", names.join(", "));
+            }
+            for r in v["owner_reports"].as_array().into_iter().flatten() {
+                println!(
+                    "  {} reports {} connections, {} messages, {} recipients from {} origin(s)",
+                    r["owner"].as_str().unwrap_or("?"),
+                    r["counts"]["connections"],
+                    r["counts"]["messages"],
+                    r["counts"]["recipients"],
+                    r["origins"]
+                );
+            }
             Ok(())
         }
     }

@@ -387,6 +387,8 @@ impl Hot {
             st.outbox.prune(first);
             st.table.prune(first);
             st.view.prune(first);
+            metrics::gauge!("magicmx_gossip_hot_blocks").set(st.view.len() as f64);
+            metrics::gauge!("magicmx_gossip_owned_counts").set(st.table.len() as f64);
         }
         let entries = match full {
             true => st.outbox.take(),
