@@ -902,3 +902,145 @@ fn decode_reason(e: owners::DecodeError) -> &'static str {
         owners::DecodeError::Signature => "signature",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ThrottleConfig, TrustConfig};
+
+    fn node(dir: &std::path::Path, name: &str) -> (Hot, Vec<u8>) {
+        super::super::ca::issue(name, dir).unwrap();
+        let m = super::super::tls::Material::load(
+            &dir.join("ca.pem"),
+            &dir.join(format!("{name}.pem")),
+            &dir.join(format!("{name}.key")),
+        )
+        .unwrap();
+        let hot = Hot::new(
+            name,
+            "net",
+            3,
+            0.5,
+            // The throttle's default epoch (1 min) and window (1 h).
+            60_000,
+            60,
+            1_000,
+            m.key.secret_der(),
+            &m.chain[0],
+            m.ca.clone(),
+        )
+        .unwrap();
+        (hot, m.chain[0].to_vec())
+    }
+
+    fn throttle(name: &str) -> Throttle {
+        let cfg = ThrottleConfig {
+            max_connections: 10,
+            ..ThrottleConfig::default()
+        };
+        Throttle::new(&cfg, &TrustConfig::default(), name).with_change_feed()
+    }
+
+    fn hot_relay(out: &[Out]) -> proto::HotRelay {
+        let (_, bytes, _) = out.iter().find(|o| o.2 == "hot").expect("a hot report");
+        match owners::open(bytes, "net").unwrap().1 {
+            proto::envelope_v2::Body::Hot(r) => r,
+            _ => panic!("not a hot relay"),
+        }
+    }
+
+    fn increments_to(out: &[Out], to: SocketAddr) -> Vec<proto::IncrementBatch> {
+        out.iter()
+            .filter(|o| o.0 == to && o.2 == "increments")
+            .map(|o| match owners::open(&o.1, "net").unwrap().1 {
+                proto::envelope_v2::Body::Increments(b) => b,
+                _ => panic!("not increments"),
+            })
+            .collect()
+    }
+
+    /// Three owners of every block (three members, r = 3): a cold block is
+    /// never reported; a hot one is, by each owner; a report of an owner
+    /// this node never talked to waits for its key (learnt from a
+    /// connection), then counts; the median needs two owners' reports; a
+    /// report under another key is refused.
+    #[test]
+    fn reports_wait_for_owner_keys_and_cold_blocks_stay_quiet() {
+        let dir = tempfile::tempdir().unwrap();
+        super::super::ca::init(dir.path()).unwrap();
+        let (n1, cert1) = node(dir.path(), "n1");
+        let (n2, _) = node(dir.path(), "n2");
+        let (n3, cert3) = node(dir.path(), "n3");
+        let a: Vec<SocketAddr> = (1..=3)
+            .map(|i| format!("127.0.0.1:700{i}").parse().unwrap())
+            .collect();
+        assert!(n1.set_members([("n2", a[1]), ("n3", a[2])].into_iter()));
+        assert!(n2.set_members([("n1", a[0]), ("n3", a[2])].into_iter()));
+        assert!(n3.set_members([("n1", a[0]), ("n2", a[1])].into_iter()));
+        let (t1, t2, t3) = (throttle("n1"), throttle("n2"), throttle("n3"));
+        let now = 1_000_000_000;
+        let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let block = t1.block_of(ip);
+        assert_eq!(n2.owner_names(&block).len(), 3);
+
+        // Cold (4 of 10 at n1): increments to the other owners, no report.
+        for _ in 0..4 {
+            t1.on_connect(ip, now);
+        }
+        let (out, stats) = n1.round(&t1, now, true, false, &[a[1]]);
+        assert_eq!(stats.hot_reported, 0);
+        assert!(out.iter().all(|o| o.2 == "increments"));
+        for b in increments_to(&out, a[2]) {
+            assert_eq!(n3.on_increments(&t3, "n1", &cert1, &b, now), Ok(1));
+        }
+        let (out3, stats) = n3.round(&t3, now, false, false, &[a[1]]);
+        assert_eq!((stats.hot_reported, out3.len()), (0, 0));
+
+        // Hot (6 of 10): a burst goes out at a quick round; both n1 and n3
+        // report it.
+        for _ in 0..2 {
+            t1.on_connect(ip, now);
+        }
+        let (out, stats) = n1.round(&t1, now, false, false, &[a[1]]);
+        assert_eq!(stats.hot_reported, 1);
+        let from1 = hot_relay(&out);
+        for b in increments_to(&out, a[2]) {
+            n3.on_increments(&t3, "n1", &cert1, &b, now).unwrap();
+        }
+        let (out3, stats) = n3.round(&t3, now, false, false, &[a[1]]);
+        assert_eq!(stats.hot_reported, 1);
+        let from3 = hot_relay(&out3);
+
+        // n2 knows neither key yet: both wait, nothing counts.
+        let (fresh, unknown) = n2.on_reports(&t2, from1.clone(), now);
+        assert_eq!((fresh.len(), unknown.len()), (0, 1));
+        let (_, unknown3) = n2.on_reports(&t2, from3.clone(), now);
+        assert_eq!(t2.status(block, now).counts.connections, 0);
+
+        // One owner's key: its report alone is not the median of three.
+        assert!(n2.learn_key("n1", &cert1).is_some());
+        let (fresh, _) = n2.on_reports(&t2, from1.clone(), now);
+        assert_eq!(fresh.len(), 1);
+        assert_eq!(t2.status(block, now).counts.connections, 0);
+        // The second owner's: the median is the true count.
+        assert!(n2.learn_key("n3", &cert3).is_some());
+        let (fresh, _) = n2.on_reports(&t2, proto::HotRelay { reports: unknown3 }, now);
+        assert_eq!(fresh.len(), 1);
+        let st = t2.status(block, now);
+        assert_eq!((st.counts.connections, st.origins), (6, 1));
+        assert_eq!(n2.reports_of(&block).len(), 2);
+        // The same report again is not news.
+        let (fresh, _) = n2.on_reports(&t2, from1.clone(), now);
+        assert!(fresh.is_empty());
+
+        // A node holding another key under n1's name refuses n1's report.
+        let (n4, _) = node(dir.path(), "n4");
+        assert!(n4.set_members([("n1", a[0]), ("n3", a[2])].into_iter()));
+        n4.learn_key("n1", &cert3);
+        let (fresh, unknown) = n4.on_reports(&throttle("n4"), from1, now);
+        assert!(
+            fresh.is_empty() && unknown.is_empty(),
+            "a report checked with another key was taken"
+        );
+    }
+}
