@@ -1043,4 +1043,60 @@ mod tests {
             "a report checked with another key was taken"
         );
     }
+
+    /// After a leave and after a join, exactly the blocks whose owners
+    /// changed are marked moved (about r/N of them), and every cached
+    /// owner list equals one computed from scratch.
+    #[test]
+    fn only_the_blocks_whose_owners_changed_move() {
+        let dir = tempfile::tempdir().unwrap();
+        super::super::ca::init(dir.path()).unwrap();
+        let (n0, _) = node(dir.path(), "n0");
+        let names: Vec<String> = (1..20).map(|i| format!("n{i}")).collect();
+        let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let blocks: Vec<Block> = (0..2_000u32)
+            .map(|i| Block(format!("10.{}.{}.0/24", i >> 8, i & 255).parse().unwrap()))
+            .collect();
+        let owners_now = |live: &[String]| -> Vec<Vec<String>> {
+            n0.set_members(live.iter().map(|n| (n.as_str(), addr)));
+            blocks.iter().map(|b| n0.owner_names(b)).collect()
+        };
+        owners_now(&names);
+        n0.lock().moved.clear();
+        for live in [names[1..].to_vec(), names.clone()] {
+            let last = blocks.iter().map(|b| n0.owner_names(b)).collect::<Vec<_>>();
+            n0.set_members(live.iter().map(|n| (n.as_str(), addr)));
+            let moved = std::mem::take(&mut n0.lock().moved);
+            let now: Vec<Vec<String>> = blocks.iter().map(|b| n0.owner_names(b)).collect();
+            let changed: HashSet<Block> = blocks
+                .iter()
+                .zip(last.iter().zip(&now))
+                .filter(|(_, (a, b))| a != b)
+                .map(|(b, _)| *b)
+                .collect();
+            assert_eq!(moved, changed);
+            assert!(
+                (100..=500).contains(&moved.len()),
+                "{} of 2000 moved with r = 3, N = 20",
+                moved.len()
+            );
+            // From scratch: a fresh node with the same members agrees.
+            let (fresh, _) = node(dir.path(), &format!("x{}", live.len()));
+            let mut with_n0 = live.clone();
+            with_n0.push("n0".into());
+            fresh.set_members(with_n0.iter().map(|n| (n.as_str(), addr)));
+            let scratch: Vec<Vec<String>> = blocks.iter().map(|b| fresh.owner_names(b)).collect();
+            let strip = |v: &Vec<Vec<String>>| -> Vec<Vec<String>> {
+                v.iter()
+                    .map(|o| o.iter().filter(|n| !n.starts_with('x')).cloned().collect())
+                    .collect()
+            };
+            // `fresh` is a member too: compare the blocks it does not own.
+            for (i, (a, b)) in now.iter().zip(strip(&scratch)).enumerate() {
+                if scratch[i].iter().all(|n| !n.starts_with('x')) {
+                    assert_eq!(*a, b, "block {i}");
+                }
+            }
+        }
+    }
 }
