@@ -1,6 +1,7 @@
 //! Test helpers for the relay: the crate's sink ([`crate::demo::sink`])
 //! scripted as the real MX of the relay's unit tests, and TLS server
 //! configurations for it.
+#![cfg(test)]
 
 use std::sync::Arc;
 
