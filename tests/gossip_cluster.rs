@@ -679,7 +679,10 @@ fn partition_heals_and_counts_converge() {
         std::fs::write(n.block_file.as_ref().unwrap(), list.join("\n")).unwrap();
     };
     const CHANGED: &str = "gossip test block list changed";
-    let before: Vec<usize> = nodes.iter().map(|n| n.logs_with(&[CHANGED]).len()).collect();
+    let before: Vec<usize> = nodes
+        .iter()
+        .map(|n| n.logs_with(&[CHANGED]).len())
+        .collect();
     // {a} | {b, c}
     cut(&nodes[0], &[&nodes[1], &nodes[2]]);
     cut(&nodes[1], &[&nodes[0]]);
