@@ -26,8 +26,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::listener::{self, Admission, Bounds};
 
 const MAX_LINE: usize = 64 * 1024;
 const LINE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -441,48 +443,45 @@ impl Drop for Sink {
     }
 }
 
+/// Serves on `listener` through the node's one bounded accept loop until
+/// `stop`; a session still open then is cut short and recorded.
 async fn accept_loop(
     listener: TcpListener,
     script: Arc<SinkBuilder>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(script.max_connections));
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                // Out of descriptors and the like: try again shortly.
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
+    let bounds = Bounds {
+        name: "sink",
+        max_connections: script.max_connections,
+        busy: Some(b"421 4.3.2 too many connections\r\n"),
+    };
+    let admit = {
+        let shared = shared.clone();
+        move |peer| {
+            shared.record(|s| keep(&mut s.connections, s.max_kept, peer));
+            Admission::Accept(())
+        }
+    };
+    let handle = {
+        let stop = stop.clone();
+        move |stream, peer| {
+            let (script, shared, stop) = (script.clone(), shared.clone(), stop.clone());
+            async move {
+                let mut seen = Session {
+                    peer: Some(peer),
+                    ..Session::default()
+                };
+                let talk = session(stream, peer, &script, &shared, &mut seen);
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::timeout(SESSION_TIMEOUT, talk) => {}
                 }
-            },
-        };
-        shared.record(|s| keep(&mut s.connections, s.max_kept, peer));
-        let (script, shared) = (script.clone(), shared.clone());
-        let permit = slots.clone().try_acquire_owned();
-        tokio::spawn(async move {
-            let mut stream = stream;
-            let Ok(_permit) = permit else {
-                let _ = stream
-                    .write_all(b"421 4.3.2 too many connections\r\n")
-                    .await;
-                return;
-            };
-            let mut seen = Session {
-                peer: Some(peer),
-                ..Session::default()
-            };
-            let _ = tokio::time::timeout(
-                SESSION_TIMEOUT,
-                session(stream, peer, &script, &shared, &mut seen),
-            )
-            .await;
-            shared.record(|s| keep(&mut s.sessions, s.max_kept, seen));
-        });
-    }
+                shared.record(|s| keep(&mut s.sessions, s.max_kept, seen));
+            }
+        }
+    };
+    listener::serve(vec![listener], bounds, admit, handle, stop).await;
 }
 
 /// The transaction being built.
