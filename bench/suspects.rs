@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use magicmx::demo::dns::{DnsServer, Rec};
-use magicmx::demo::sink::MailSink;
+use magicmx::demo::sink::Sink;
 use magicmx::demo::{reply, start_nodes, Extra, TempDir};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -185,8 +185,10 @@ async fn tarpit() {
     let dns = DnsServer::start(&recs);
     let stop = CancellationToken::new();
     let (tx, _rx) = mpsc::unbounded_channel();
-    let mx = MailSink::start("127.0.0.1", tx, stop.clone())
-        .await
+    let mx = Sink::builder()
+        .max_message(1 << 20)
+        .events(tx)
+        .start("127.0.0.1", 0)
         .unwrap();
     let dir = TempDir::new().unwrap();
     let extra = Extra {
@@ -505,8 +507,10 @@ async fn botnet_run(defence: Defence, n_bots: usize, n_ham: usize, msgs: usize) 
     let dns = DnsServer::start(&recs);
     let stop = CancellationToken::new();
     let (tx, mut arrived) = mpsc::unbounded_channel();
-    let mx = MailSink::start("127.0.0.1", tx, stop.clone())
-        .await
+    let mx = Sink::builder()
+        .max_message(1 << 20)
+        .events(tx)
+        .start("127.0.0.1", 0)
         .unwrap();
     let dir = TempDir::new().unwrap();
     const DNSBL: &str = "[dnsbl]\nsites = [\"bl.test=127.0.0.[2..3]*5\", \"bl.test=127.0.0.[4..11]*3\"]\ntimeout = \"1500ms\"\n";
@@ -592,8 +596,8 @@ async fn botnet_run(defence: Defence, n_bots: usize, n_ham: usize, msgs: usize) 
     stop.cancel();
     let (mut spam_relayed, mut ham_delay) = (0, Vec::new());
     for (a, at) in collector.await.unwrap_or_default() {
-        if a.sender.starts_with("person") {
-            if let Some(t0) = sent_at.get(&a.subject) {
+        if a.mail_from.starts_with("person") {
+            if let Some(t0) = sent_at.get(&a.subject()) {
                 ham_delay.push(at.duration_since(*t0));
             }
         } else {

@@ -112,6 +112,8 @@ struct Node {
     admin: SocketAddr,
     gossip: SocketAddr,
     block_file: Option<PathBuf>,
+    /// The thread copying this run's stderr into `logs`.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 fn config(spec: &Spec, data_dir: &Path) -> String {
@@ -203,6 +205,7 @@ impl Node {
             admin: "0.0.0.0:0".parse().unwrap(),
             gossip: "0.0.0.0:0".parse().unwrap(),
             block_file: spec.block_file,
+            reader: None,
         };
         node.spawn();
         node
@@ -215,7 +218,9 @@ impl Node {
             .arg(self.dir.path().join("node.toml"))
             .env(
                 "MAGICMX_LOG",
-                std::env::var("MAGICMX_LOG").unwrap_or_else(|_| "info,magicmx=debug".into()),
+                // The gossip's debug lines are events the tests wait for.
+                std::env::var("MAGICMX_LOG").unwrap_or_else(|_| "info,magicmx=debug".into())
+                    + ",magicmx::gossip=debug",
             )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -237,12 +242,12 @@ impl Node {
         }
         let logs = self.logs.clone();
         let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
+        self.reader = Some(std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 logs.lock().unwrap().push(line);
             }
-        });
+        }));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -258,7 +263,10 @@ impl Node {
                 return;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(200));
+                // Every line it wrote, up to the end of its stderr.
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
                 panic!(
                     "{} exited with {st}:\n{}",
                     self.name,
@@ -631,8 +639,18 @@ fn a_build_without_fault_hooks_ignores_the_block_file() {
     for (n, other) in [(&nodes[0], &nodes[1]), (&nodes[1], &nodes[0])] {
         std::fs::write(n.block_file.as_ref().unwrap(), other.gossip.to_string()).unwrap();
     }
-    // The hook re-reads its file every 100 ms; give it a few rounds.
-    std::thread::sleep(Duration::from_millis(300));
+    // Nothing must happen, so nothing to poll for: wait as long as the hook
+    // (in a build that has it) takes to act, one re-read of its file every
+    // 100 ms, and half that again for the tick's lateness. A build with the
+    // hook would then log the change.
+    std::thread::sleep(Duration::from_millis(150));
+    for n in &nodes {
+        assert!(
+            n.logs_with(&["gossip test block list changed"]).is_empty(),
+            "{} read the block file",
+            n.name
+        );
+    }
     assert_eq!(flood([127, 3, 4], &[nodes[0].smtp], 3, 100), 3);
     let views = || {
         nodes
@@ -660,11 +678,24 @@ fn partition_heals_and_counts_converge() {
         let list: Vec<String> = others.iter().map(|o| o.gossip.to_string()).collect();
         std::fs::write(n.block_file.as_ref().unwrap(), list.join("\n")).unwrap();
     };
+    const CHANGED: &str = "gossip test block list changed";
+    let before: Vec<usize> = nodes
+        .iter()
+        .map(|n| n.logs_with(&[CHANGED]).len())
+        .collect();
     // {a} | {b, c}
     cut(&nodes[0], &[&nodes[1], &nodes[2]]);
     cut(&nodes[1], &[&nodes[0]]);
     cut(&nodes[2], &[&nodes[0]]);
-    std::thread::sleep(Duration::from_millis(300));
+    // Each hook re-reads its file every 100 ms and logs the change.
+    assert!(
+        wait_until(Duration::from_secs(5), || nodes
+            .iter()
+            .zip(&before)
+            .all(|(n, b)| n.logs_with(&[CHANGED]).len() > *b))
+        .is_some(),
+        "the hooks did not read their block files"
+    );
     assert_eq!(flood([127, 3, 3], &[nodes[0].smtp], 6, 100), 6);
     assert_eq!(
         flood([127, 3, 3], &[nodes[1].smtp, nodes[2].smtp], 4, 100),
@@ -801,13 +832,30 @@ mod peer {
             .await
             .map_err(|_| "timeout".to_string())?
             .map_err(|e| e.to_string())?;
+            let mut streams = Vec::new();
             for m in messages {
                 let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
                 s.write_all(&m).await.map_err(|e| e.to_string())?;
                 s.finish().map_err(|e| e.to_string())?;
+                streams.push(s);
             }
-            // Give the server time to read (or to close on us).
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Until the server has every message (it acknowledged all of
+            // each stream) or closed on us: a server that refuses the
+            // handshake never acknowledges what came after it.
+            let acked = async {
+                for s in &streams {
+                    let _ = s.stopped().await;
+                }
+            };
+            tokio::select! {
+                _ = conn.closed() => {}
+                _ = tokio::time::timeout(Duration::from_secs(5), acked) => {
+                    // A server that takes the messages and then refuses
+                    // them would close as soon as it has read them: give
+                    // it that long (reading and decoding, no timer).
+                    let _ = tokio::time::timeout(Duration::from_millis(100), conn.closed()).await;
+                }
+            }
             let r = match conn.close_reason() {
                 Some(e) => Err(e.to_string()),
                 None => Ok(()),
@@ -840,6 +888,8 @@ fn only_certified_peers_count_and_each_is_capped() {
         extra: String::new(),
     });
     assert_eq!(flood([127, 4, 4], &[rogue.smtp], 15, 100), 15);
+    const REFUSED: &str = "gossip handshake failed";
+    let refused_before = a.logs_with(&[REFUSED]).len();
 
     // A client without a certificate pushing a delta as "b".
     let no_cert = peer::push(
@@ -879,7 +929,43 @@ fn only_certified_peers_count_and_each_is_capped() {
     )
     .expect("a certified peer connects");
 
-    std::thread::sleep(Duration::from_millis(4 * INTERVAL_MS + 1000));
+    // First what must happen: a has read evil's messages (the capped
+    // count, the two senders that do not match) and refused the client
+    // without a certificate and the rogue, after the rogue had counts.
+    let mismatch = || {
+        a.logs_with(&["gossip message dropped", "sender does not match"])
+            .len()
+    };
+    let t = wait_until(Duration::from_secs(10), || {
+        a.connections("127.6.6.1") == (LIMIT / 2) as u64
+            && mismatch() >= 2
+            && a.logs_with(&[REFUSED]).len() >= refused_before + 2
+    });
+    assert!(
+        t.is_some(),
+        "a did not handle the pushes: capped count {}, mismatches {}, refusals {:?}",
+        a.connections("127.6.6.1"),
+        mismatch(),
+        a.logs_with(&[REFUSED])
+    );
+    // Then what must not happen: a passing any of it on to b. Pushes go
+    // every interval, and a full anti-entropy exchange carries everything
+    // a holds: wait for one between a and b that started after this point.
+    // Each side starts one a second and it takes milliseconds, so at most
+    // two (one per side) are under way now: three completions include one
+    // that started later.
+    let exchanges = || {
+        a.logs_with(&["anti-entropy done", &format!("peer={}", nodes[1].gossip)])
+            .len()
+            + nodes[1]
+                .logs_with(&["anti-entropy done", &format!("peer={}", a.gossip)])
+                .len()
+    };
+    let before = exchanges();
+    assert!(
+        wait_until(Duration::from_secs(10), || exchanges() >= before + 3).is_some(),
+        "no anti-entropy between a and b"
+    );
     for n in &nodes {
         assert!(
             !n.peers().iter().any(|(name, _)| name == "rogue"),
@@ -1201,11 +1287,13 @@ fn a_recipient_verified_at_one_node_is_answered_at_the_other_without_a_probe() {
     );
     // b answers both from the shared cache once a's verdicts reached it:
     // the real MX sees no further probe. Until then b would probe itself,
-    // so wait on b's cache (its metrics), not on its answers.
+    // so wait on b's cache (its metrics), not on its answers: for both
+    // verdicts, which may come in two pushes (the probes were made apart).
     let learnt = wait_until(Duration::from_secs(5), || {
         let m = http_text(b.admin, "/metrics");
         m.lines()
-            .any(|l| l.starts_with("magicmx_verify_cache_entries") && !l.ends_with(" 0"))
+            .filter_map(|l| l.strip_prefix("magicmx_verify_cache_entries "))
+            .any(|v| v.trim().parse::<f64>().is_ok_and(|n| n >= 2.0))
     });
     assert!(learnt.is_some(), "b never learnt a's verdicts");
     let r = rcpt_reply(
@@ -1244,11 +1332,43 @@ fn a_stopped_node_leaves_and_its_peers_know_at_once() {
         gone(&nodes[0]) && gone(&nodes[2])
     })
     .expect("b was never marked gone");
-    eprintln!("b stopped in {stopped:?}; a and c knew {t:?} after it exited");
-    assert!(
-        t < Duration::from_millis(FAILURE_TIMEOUT_MS / 3),
-        "b marked gone {t:?} after it exited: no leave (failure timeout {FAILURE_TIMEOUT_MS} ms)"
+    // When each peer marked b down, by its own log line, from b's last
+    // line ("node stopped", just before it exits): what polling /status
+    // costs (two HTTP requests a round, slow on a loaded machine) is not
+    // the peers' delay.
+    let logged_at = |n: &Node, words: &[&str]| {
+        let line = n
+            .logs_with(words)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("{} logged no {words:?}", n.name));
+        line.split_whitespace()
+            .next()
+            .and_then(|ts| chrono::DateTime::parse_from_rfc3339(ts).ok())
+            .unwrap_or_else(|| panic!("no time stamp in {line:?}"))
+    };
+    let exited = logged_at(&nodes[1], &["node stopped"]);
+    let late: Vec<(String, chrono::TimeDelta)> = [&nodes[0], &nodes[2]]
+        .iter()
+        .map(|n| {
+            let at = logged_at(n, &["gossip peer down", "peer=b "]);
+            (n.name.clone(), at - exited)
+        })
+        .collect();
+    let ms: Vec<(&str, i64)> = late
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.num_milliseconds()))
+        .collect();
+    eprintln!(
+        "b stopped in {stopped:?}; /status of a and c showed it gone {t:?} after it exited; \
+         they logged it down at (ms from b's exit) {ms:?}"
     );
+    for (name, late) in &late {
+        assert!(
+            *late < chrono::TimeDelta::milliseconds((FAILURE_TIMEOUT_MS / 3) as i64),
+            "{name} marked b down {late:?} after it exited: no leave (failure timeout {FAILURE_TIMEOUT_MS} ms)"
+        );
+    }
     assert!(
         nodes[1].logs_with(&["gossip stopped"]).len() == 1,
         "b's gossip did not stop cleanly"
@@ -1273,7 +1393,12 @@ fn a_node_that_joins_later_learns_the_suspects_at_once() {
             == "refused")
         .is_some()
     );
-    std::thread::sleep(Duration::from_millis(10 * INTERVAL_MS));
+    // Nothing to poll for: the change stops being pushed. Each node that
+    // takes it pushes it for SUSPECT_ROUNDS rounds, one per interval, and
+    // c has it now; wait for that and as long again, so that b cannot
+    // learn it from the tail of the pushes.
+    let rounds = u64::from(magicmx::throttle::SUSPECT_ROUNDS);
+    std::thread::sleep(Duration::from_millis(2 * rounds * INTERVAL_MS));
     // b joins: a and c tell it the current suspects at once.
     nodes.push(Node::start(Spec {
         name: "b".into(),

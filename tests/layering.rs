@@ -1,7 +1,7 @@
 //! The crate's dependency direction, checked from the source text.
 //!
-//! Every `crate::module` path in `src/` (outside `#[cfg(test)]` blocks and
-//! comments) is an edge from the file's top-level module to `module`. Leaf
+//! Every `crate::module` path in `src/` (outside `#[cfg(test)]` blocks,
+//! `#![cfg(test)]` files and comments) is an edge from the file's top-level module to `module`. Leaf
 //! modules (addresses, names, the clock, replies, hop counting, the metrics
 //! recorder, slots) have no edges; the graph of the other modules has no
 //! cycle; only the composition root (`lib.rs`/`node.rs`) and `main.rs` may
@@ -151,6 +151,11 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
             .trim_end_matches(".rs")
             .to_string();
         let text = std::fs::read_to_string(&path).unwrap();
+        // A file that is test code as a whole (`#![cfg(test)]`, e.g. a
+        // module of test helpers) has no production edges.
+        if text.lines().any(|l| l.trim() == "#![cfg(test)]") {
+            continue;
+        }
         let refs = crate_refs(&production_text(&text));
         let out = edges.entry(module.clone()).or_default();
         out.extend(refs.into_iter().filter(|r| *r != module));

@@ -96,7 +96,11 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<R
     let stop = shutdown.child_token();
 
     let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
-    let mx = sink::MailSink::start("127.0.0.1", arrived_tx, stop.clone()).await?;
+    let mx = sink::Sink::builder()
+        .hostname("mx.demo.test")
+        .max_message(1 << 20)
+        .events(arrived_tx)
+        .start("127.0.0.1", 0)?;
     let dns = dns::DnsServer::start(&[
         dns::Rec::Mx(DOMAIN, 10, "mx.demo.test"),
         dns::Rec::A("mx.demo.test", "127.0.0.1"),
@@ -229,12 +233,12 @@ pub async fn run(opts: Options, shutdown: CancellationToken) -> anyhow::Result<R
                 }
             }
             Some(a) = arrived.recv() => {
-                if a.sender.starts_with("ann@") {
+                if a.mail_from.starts_with("ann@") {
                     report.ham_relayed += 1;
-                    story.say(format!("real MX received {:?} for {} (person, relayed)", a.subject, a.recipients.join(", ")));
+                    story.say(format!("real MX received {:?} for {} (person, relayed)", a.subject(), a.rcpts.join(", ")));
                 } else {
                     report.flood_relayed += 1;
-                    story.say(format!("real MX received {:?} from a bot (relayed)", a.subject));
+                    story.say(format!("real MX received {:?} from a bot (relayed)", a.subject()));
                 }
             }
             _ = tick.tick() => {

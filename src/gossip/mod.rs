@@ -123,9 +123,12 @@ const MAX_SUSPECT_LIFE_MS: u64 = 24 * 3_600 * 1_000;
 const MAX_GREYLIST: usize = 4_096;
 /// Greylist times from a peer may be this far ahead of this node's clock.
 const MAX_GREYLIST_SKEW_MS: u64 = 60_000;
-/// The SWIM leave at shutdown waits at most this long for each peer's
-/// acknowledgement.
-const LEAVE_TIMEOUT: Duration = Duration::from_millis(500);
+/// The SWIM leave at shutdown is retried until acknowledged, for at most
+/// half the failure timeout (later, it saves the peers little) and at
+/// most this long.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between two tries of the leave to one peer.
+const LEAVE_RETRY: Duration = Duration::from_millis(50);
 /// After shutdown, messages in flight get this long to finish.
 const IN_FLIGHT_DRAIN: Duration = Duration::from_secs(2);
 /// Most recipient verdicts (and accept-all marks) in one batch (each is
@@ -787,16 +790,30 @@ impl Core {
             self.after_members(out);
         }
         // Tell the others we leave (acknowledged, all at once, bounded),
-        // then close the endpoint.
+        // then close the endpoint. A try that fails (a dial in its backoff,
+        // a stream or an acknowledgement late on a loaded machine) is made
+        // again: one lost leave costs that peer the whole failure timeout.
         let out = self.members().leave(Instant::now());
+        let budget = (self.config.gossip.failure_timeout.0 / 2).min(LEAVE_TIMEOUT);
+        let deadline = tokio::time::Instant::now() + budget;
         let mut sends = tokio::task::JoinSet::new();
         for (addr, _, data) in out.send {
             let bytes = self.seal(Body::Swim(data));
             let t = self.transport.clone();
             sends.spawn(async move {
-                let sent = t.send_acknowledged(addr, &bytes, "swim");
-                if let Ok(Err(e)) = tokio::time::timeout(LEAVE_TIMEOUT, sent).await {
-                    debug!(peer = %addr, reason = %e, "leave not sent");
+                loop {
+                    let sent = t.send_acknowledged(addr, &bytes, "swim");
+                    let e = match tokio::time::timeout_at(deadline, sent).await {
+                        Ok(Ok(())) => return,
+                        Ok(Err(e)) => e,
+                        Err(_) => SendError::Timeout,
+                    };
+                    let last = tokio::time::Instant::now() + LEAVE_RETRY >= deadline;
+                    if last || matches!(e, SendError::Blocked) {
+                        debug!(peer = %addr, reason = %e, "leave not sent");
+                        return;
+                    }
+                    tokio::time::sleep(LEAVE_RETRY).await;
                 }
             });
         }

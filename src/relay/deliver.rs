@@ -1344,7 +1344,8 @@ impl Probe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::testutil::{sink, tls_acceptor, tls_acceptor_asking, Mode};
+    use crate::demo::sink::{Session, Sink};
+    use crate::relay::testutil::{real_mx, tls_server, tls_server_asking};
 
     #[test]
     fn bare_cr_and_lf_are_found() {
@@ -1381,7 +1382,8 @@ mod tests {
 
     #[tokio::test]
     async fn per_recipient_outcomes_and_exact_body() {
-        let (port, sessions) = sink("127.0.0.1:0", Mode::Plain).await;
+        let sink = real_mx().start("127.0.0.1", 0).unwrap();
+        let port = sink.addr.port();
         let c = config(port);
         let dns = Dns::new(&c.dns).unwrap();
         let body = b"Subject: t\r\n\r\n.leading dot\r\nlast line\r\n";
@@ -1420,7 +1422,7 @@ mod tests {
         assert_eq!(out[3].mx, None);
 
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let s = sessions.lock().unwrap().clone();
+        let s = sink.sessions();
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].commands[0], "EHLO mx1.magic.test");
         assert_eq!(
@@ -1429,7 +1431,7 @@ mod tests {
         );
         // Dot-stuffed on the wire, trailing CRLF not doubled.
         assert_eq!(
-            s[0].data,
+            sink.transactions()[0].wire_data,
             b"Subject: t\r\n\r\n..leading dot\r\nlast line\r\n"
         );
         assert!(s[0].commands.iter().any(|c| c == "QUIT"));
@@ -1437,7 +1439,8 @@ mod tests {
 
     #[tokio::test]
     async fn null_sender_and_no_data_without_accepted_rcpt() {
-        let (port, sessions) = sink("127.0.0.1:0", Mode::Plain).await;
+        let sink = real_mx().start("127.0.0.1", 0).unwrap();
+        let port = sink.addr.port();
         let c = config(port);
         let dns = Dns::new(&c.dns).unwrap();
         let out = deliver(
@@ -1452,14 +1455,18 @@ mod tests {
         .await;
         assert!(matches!(&out[0].outcome, RcptOutcome::PermFail(_)));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let s = sessions.lock().unwrap().clone();
+        let s = sink.sessions();
         assert_eq!(s[0].commands[1], "MAIL FROM:<> BODY=8BITMIME");
         assert!(!s[0].commands.iter().any(|c| c == "DATA"));
     }
 
     #[tokio::test]
     async fn refused_greeting_and_dead_hosts_are_temporary() {
-        let (port, _) = sink("127.0.0.1:0", Mode::Refuse).await;
+        let sink = real_mx()
+            .refuse_greeting("421 4.3.2 not now")
+            .start("127.0.0.1", 0)
+            .unwrap();
+        let port = sink.addr.port();
         let c = config(port);
         let dns = Dns::new(&c.dns).unwrap();
         // 127.0.0.3: nothing listens there, the connection is refused.
@@ -1487,8 +1494,12 @@ mod tests {
 
     #[tokio::test]
     async fn next_host_after_a_refused_greeting_or_connection() {
-        let (port, sessions) = sink("127.0.0.1:0", Mode::Plain).await;
-        let (_, refused) = sink(&format!("127.0.0.2:{port}"), Mode::Refuse).await;
+        let sink = real_mx().start("127.0.0.1", 0).unwrap();
+        let port = sink.addr.port();
+        let refused = real_mx()
+            .refuse_greeting("421 4.3.2 not now")
+            .start("127.0.0.2", port)
+            .unwrap();
         let c = config(port);
         let dns = Dns::new(&c.dns).unwrap();
         let out = deliver(
@@ -1507,13 +1518,14 @@ mod tests {
         );
         assert_eq!(out[0].mx.as_deref(), Some("127.0.0.1"));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(sessions.lock().unwrap().len(), 1);
-        assert_eq!(refused.lock().unwrap().len(), 1);
+        assert_eq!(sink.sessions().len(), 1);
+        assert_eq!(refused.sessions().len(), 1);
     }
 
     #[tokio::test]
     async fn opportunistic_starttls_without_verification() {
-        let (port, sessions) = sink("127.0.0.1:0", Mode::StartTls(Some(tls_acceptor()))).await;
+        let sink = real_mx().tls(tls_server()).start("127.0.0.1", 0).unwrap();
+        let port = sink.addr.port();
         let c = config_tls(port, "opportunistic");
         let dns = Dns::new(&c.dns).unwrap();
         // The certificate is self-signed and for "localhost": accepted anyway.
@@ -1532,7 +1544,7 @@ mod tests {
             "{out:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let s = sessions.lock().unwrap().clone();
+        let s = sink.sessions();
         assert_eq!(s.len(), 1);
         assert!(s[0].tls);
         assert_eq!(
@@ -1542,15 +1554,13 @@ mod tests {
                 .count(),
             2
         );
-        assert_eq!(s[0].data, b"S: t\r\n\r\nbody\r\n");
+        assert_eq!(sink.transactions()[0].wire_data, b"S: t\r\n\r\nbody\r\n");
     }
 
     /// The session the sink recorded, once it ended.
-    async fn one_session(
-        sessions: &std::sync::Mutex<Vec<crate::relay::testutil::Seen>>,
-    ) -> crate::relay::testutil::Seen {
+    async fn one_session(sink: &Sink) -> Session {
         for _ in 0..500 {
-            if let Some(s) = sessions.lock().unwrap().first() {
+            if let Some(s) = sink.sessions().first() {
                 return s.clone();
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1592,52 +1602,53 @@ mod tests {
 
         // A server that asks (and checks the chain against the network CA)
         // gets the node's certificate.
-        let (port, sessions) = sink(
-            "127.0.0.1:0",
-            Mode::StartTls(Some(tls_acceptor_asking(&ca))),
-        )
-        .await;
+        let sink = real_mx()
+            .tls(tls_server_asking(&ca))
+            .start("127.0.0.1", 0)
+            .unwrap();
+        let port = sink.addr.port();
         let out = send(with_cert(port)).await;
         assert!(
             matches!(&out[0].outcome, RcptOutcome::Delivered(_)),
             "{out:?}"
         );
-        let s = one_session(&sessions).await;
+        let s = one_session(&sink).await;
         assert!(s.tls);
         assert_eq!(s.client_cert.as_deref(), Some(&leaf[..]));
 
         // A node without a certificate relays as before, without one.
-        let (port, sessions) = sink(
-            "127.0.0.1:0",
-            Mode::StartTls(Some(tls_acceptor_asking(&ca))),
-        )
-        .await;
+        let sink = real_mx()
+            .tls(tls_server_asking(&ca))
+            .start("127.0.0.1", 0)
+            .unwrap();
+        let port = sink.addr.port();
         let out = send(config_tls(port, "opportunistic")).await;
         assert!(
             matches!(&out[0].outcome, RcptOutcome::Delivered(_)),
             "{out:?}"
         );
-        let s = one_session(&sessions).await;
+        let s = one_session(&sink).await;
         assert!(s.tls);
         assert_eq!(s.client_cert, None);
 
         // A server that does not ask sees none (and the mail goes as before).
-        let (port, sessions) = sink("127.0.0.1:0", Mode::StartTls(Some(tls_acceptor()))).await;
+        let sink = real_mx().tls(tls_server()).start("127.0.0.1", 0).unwrap();
+        let port = sink.addr.port();
         let out = send(with_cert(port)).await;
         assert!(
             matches!(&out[0].outcome, RcptOutcome::Delivered(_)),
             "{out:?}"
         );
-        let s = one_session(&sessions).await;
+        let s = one_session(&sink).await;
         assert!(s.tls);
         assert_eq!(s.client_cert, None);
 
         // A certificate that cannot be read: logged, and relayed without one.
-        let (port, sessions) = sink(
-            "127.0.0.1:0",
-            Mode::StartTls(Some(tls_acceptor_asking(&ca))),
-        )
-        .await;
+        let sink = real_mx()
+            .tls(tls_server_asking(&ca))
+            .start("127.0.0.1", 0)
+            .unwrap();
+        let port = sink.addr.port();
         let mut c = config_tls(port, "opportunistic");
         c.gossip.cert = Some(ca_dir.path().join("missing.pem"));
         c.gossip.key = Some(ca_dir.path().join("n1.key"));
@@ -1646,14 +1657,15 @@ mod tests {
             matches!(&out[0].outcome, RcptOutcome::Delivered(_)),
             "{out:?}"
         );
-        let s = one_session(&sessions).await;
+        let s = one_session(&sink).await;
         assert!(s.tls);
         assert_eq!(s.client_cert, None);
     }
 
     #[tokio::test]
     async fn failed_tls_handshake_falls_back_to_plain_text() {
-        let (port, sessions) = sink("127.0.0.1:0", Mode::StartTls(None)).await;
+        let sink = real_mx().starttls_hangs_up().start("127.0.0.1", 0).unwrap();
+        let port = sink.addr.port();
         let c = config_tls(port, "opportunistic");
         let dns = Dns::new(&c.dns).unwrap();
         let out = deliver(
@@ -1671,16 +1683,20 @@ mod tests {
             "{out:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let s = sessions.lock().unwrap().clone();
+        let s = sink.sessions();
         assert_eq!(s.len(), 2, "{s:?}");
-        let plain = s.iter().find(|x| !x.data.is_empty()).unwrap();
+        let plain = s
+            .iter()
+            .find(|x| x.commands.iter().any(|c| c == "DATA"))
+            .unwrap();
         assert!(!plain.tls);
         assert!(!plain.commands.iter().any(|c| c == "STARTTLS"));
     }
 
     #[tokio::test]
     async fn tls_none_never_starts_tls() {
-        let (port, sessions) = sink("127.0.0.1:0", Mode::StartTls(Some(tls_acceptor()))).await;
+        let sink = real_mx().tls(tls_server()).start("127.0.0.1", 0).unwrap();
+        let port = sink.addr.port();
         let c = config_tls(port, "none");
         let dns = Dns::new(&c.dns).unwrap();
         let out = deliver(
@@ -1698,7 +1714,7 @@ mod tests {
             "{out:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let s = sessions.lock().unwrap().clone();
+        let s = sink.sessions();
         assert!(!s[0].tls);
         assert!(!s[0].commands.iter().any(|c| c == "STARTTLS"));
     }

@@ -872,6 +872,7 @@ fn pending_with(
 mod tests {
     use super::*;
     use crate::config::Dur;
+    use crate::relay::testutil::real_mx;
 
     fn relay_config() -> RelayConfig {
         RelayConfig {
@@ -1117,7 +1118,8 @@ mod tests {
 
     #[tokio::test]
     async fn runner_delivers_defers_bounces_and_stops() {
-        let (port, sessions) = testutil::sink("127.0.0.1:0", testutil::Mode::Plain).await;
+        let sink = real_mx().start("127.0.0.1", 0).unwrap();
+        let port = sink.addr.port();
         let dns = relay_dns();
         let config = node_config(port, dns.addr);
         let dir = tempfile::tempdir().unwrap();
@@ -1150,7 +1152,7 @@ mod tests {
 
         eventually("original deferred, DSN delivered, loop removed", || {
             let entries = spool.entries().unwrap();
-            entries.len() == 1 && entries[0].attempts == 1 && sessions.lock().unwrap().len() == 2
+            entries.len() == 1 && entries[0].attempts == 1 && sink.transactions().len() == 2
         })
         .await;
 
@@ -1175,32 +1177,25 @@ mod tests {
         assert_eq!(e.last_error.as_deref(), Some("450 4.2.0 try later"));
         assert!(e.next_attempt >= now + 60, "{} vs {now}", e.next_attempt);
 
-        let seen = sessions.lock().unwrap().clone();
+        // The sink may have seen both on one reused connection: look at
+        // transactions, not sessions.
+        let seen = sink.transactions();
         let original = seen
             .iter()
-            .find(|s| {
-                s.commands
-                    .iter()
-                    .any(|c| c == "MAIL FROM:<alice@relay.test>")
-            })
-            .expect("original session");
-        assert!(original
-            .commands
-            .iter()
-            .any(|c| c == "RCPT TO:<later@relay.test>"));
+            .find(|t| t.mail_from == "alice@relay.test")
+            .expect("original transaction");
+        assert!(original.refused.iter().any(|r| r == "later@relay.test"));
         let bounce = seen
             .iter()
-            .find(|s| s.commands.iter().any(|c| c == "MAIL FROM:<>"))
-            .expect("DSN session");
-        assert!(bounce
-            .commands
+            .find(|t| t.mail_from.is_empty())
+            .expect("DSN transaction");
+        assert!(bounce.rcpts.iter().any(|r| r == "alice@relay.test"));
+        assert!(!sink
+            .all_rcpt_attempts()
             .iter()
-            .any(|c| c == "RCPT TO:<alice@relay.test>"));
-        assert!(!seen
-            .iter()
-            .any(|s| s.commands.iter().any(|c| c.contains("ok2@"))));
-        let dsn = String::from_utf8(bounce.data.clone()).unwrap();
-        assert!(is_crlf_only(&bounce.data));
+            .any(|(a, _)| a.contains("ok2@")));
+        let dsn = String::from_utf8(bounce.wire_data.clone()).unwrap();
+        assert!(is_crlf_only(&bounce.wire_data));
         assert!(dsn.contains("report-type=delivery-status"), "{dsn}");
         assert!(
             dsn.contains("Final-Recipient: rfc822; bad@relay.test"),
@@ -1225,7 +1220,8 @@ mod tests {
     /// is clean too), the clean message goes out unchanged.
     #[tokio::test]
     async fn the_relay_never_emits_nul_or_bare_cr_lf() {
-        let (port, sessions) = testutil::sink("127.0.0.1:0", testutil::Mode::Plain).await;
+        let sink = real_mx().start("127.0.0.1", 0).unwrap();
+        let port = sink.addr.port();
         let dns = relay_dns();
         let config = node_config(port, dns.addr);
         let dir = tempfile::tempdir().unwrap();
@@ -1252,15 +1248,15 @@ mod tests {
         let token = CancellationToken::new();
         let runner = tokio::spawn(relay.run(token.clone()));
         eventually("the clean message and three DSNs sent", || {
-            spool.entries().unwrap().is_empty() && sessions.lock().unwrap().len() >= 4
+            spool.entries().unwrap().is_empty() && sink.transactions().len() >= 4
         })
         .await;
         token.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), runner).await;
-        let seen = sessions.lock().unwrap().clone();
+        let seen = sink.transactions();
         let data: Vec<&Vec<u8>> = seen
             .iter()
-            .map(|s| &s.data)
+            .map(|t| &t.wire_data)
             .filter(|d| !d.is_empty())
             .collect();
         assert_eq!(data.len(), 4, "{seen:?}");
@@ -1289,7 +1285,8 @@ mod tests {
     /// to a healthy domain leaves at once behind three stalled messages.
     #[tokio::test]
     async fn a_stalling_destination_does_not_delay_another() {
-        let (port, sessions) = testutil::sink("127.0.0.1:0", testutil::Mode::Plain).await;
+        let sink = real_mx().start("127.0.0.1", 0).unwrap();
+        let port = sink.addr.port();
         let stall = tokio::net::TcpListener::bind(("127.0.0.2", port))
             .await
             .unwrap();
@@ -1337,7 +1334,7 @@ mod tests {
         let token = CancellationToken::new();
         let runner = tokio::spawn(relay.run(token.clone()));
         tokio::time::timeout(Duration::from_secs(3), async {
-            while sessions.lock().unwrap().is_empty() {
+            while sink.transactions().is_empty() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
@@ -1361,7 +1358,8 @@ mod tests {
 
     #[tokio::test]
     async fn gate_quarantines_and_old_quarantine_expires() {
-        let (port, sessions) = testutil::sink("127.0.0.1:0", testutil::Mode::Plain).await;
+        let sink = real_mx().start("127.0.0.1", 0).unwrap();
+        let port = sink.addr.port();
         let dns = relay_dns();
         let config = node_config(port, dns.addr);
         let dir = tempfile::tempdir().unwrap();
@@ -1404,7 +1402,7 @@ mod tests {
         assert!(spool.get(&old.id).unwrap().is_none());
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
-            sessions.lock().unwrap().is_empty(),
+            sink.connections().is_empty(),
             "quarantined mail is never relayed"
         );
         token.cancel();

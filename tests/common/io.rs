@@ -1,7 +1,6 @@
-//! A blocking, line-oriented connection used by both ends of the tests' SMTP
-//! conversations (the sink standing in for the real MX, and the raw client
-//! talking to the node). It keeps its own read buffer so that STARTTLS can
-//! check that nothing was pipelined behind the command before upgrading.
+//! A blocking, line-oriented connection for the raw client talking to the
+//! node. It keeps its own read buffer so that STARTTLS can check that
+//! nothing was pipelined behind the command before upgrading.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -9,11 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
-use rustls::{ClientConnection, ServerConnection, StreamOwned};
+use rustls::{ClientConnection, StreamOwned};
 
 pub enum Stream {
     Plain(TcpStream),
-    ServerTls(Box<StreamOwned<ServerConnection, TcpStream>>),
     ClientTls(Box<StreamOwned<ClientConnection, TcpStream>>),
 }
 
@@ -21,7 +19,6 @@ impl Stream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
-            Stream::ServerTls(s) => &s.sock,
             Stream::ClientTls(s) => &s.sock,
         }
     }
@@ -35,7 +32,6 @@ impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Plain(s) => s.read(buf),
-            Stream::ServerTls(s) => s.read(buf),
             Stream::ClientTls(s) => s.read(buf),
         }
     }
@@ -45,7 +41,6 @@ impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Plain(s) => s.write(buf),
-            Stream::ServerTls(s) => s.write(buf),
             Stream::ClientTls(s) => s.write(buf),
         }
     }
@@ -53,7 +48,6 @@ impl Write for Stream {
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.flush(),
-            Stream::ServerTls(s) => s.flush(),
             Stream::ClientTls(s) => s.flush(),
         }
     }
@@ -142,20 +136,6 @@ impl LineConn {
                 Err(_) => return ReadLine::Closed,
             }
         }
-    }
-
-    /// Turns the plain connection into the server side of TLS.
-    pub fn upgrade_server(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
-        let Some(Stream::Plain(tcp)) = self.stream.take() else {
-            panic!("upgrade_server on a connection that is not plain text");
-        };
-        let conn = ServerConnection::new(config).map_err(io::Error::other)?;
-        let mut tls = StreamOwned::new(conn, tcp);
-        while tls.conn.is_handshaking() {
-            tls.conn.complete_io(&mut tls.sock)?;
-        }
-        self.stream = Some(Stream::ServerTls(Box::new(tls)));
-        Ok(())
     }
 
     /// Turns the plain connection into the client side of TLS.
