@@ -29,11 +29,14 @@
 //!   lying owner cannot move the median of three.
 //! * When the members change, only the blocks whose owners changed move
 //!   (a member that left owned them, or one that joined outweighs their
-//!   last owner: about r/N of them). Each node sends what it sent of them
-//!   again, to the owners of now (hot blocks at once, cold ones a few
-//!   hundred per interval), and owners forget the blocks they no longer
-//!   own: a new owner learns a hot block from its origins within one quick
-//!   round, and meanwhile the other two owners still count it.
+//!   last owner: about r/N of them). Each node signs again what it sent of
+//!   a moved block and sends it to its new owners only: at once for a
+//!   block that is hot or that it counted in this or the last epoch, the
+//!   others 64 blocks per interval (the two owners that stayed still count
+//!   them). Owners forget the blocks they no longer own. A report of a
+//!   block that passed its limit is repeated twice, 200 ms apart (one push
+//!   misses a few nodes). These follow `bench/gossip_sim --new=...,
+//!   resend=origins` (see bench/RESULTS.md).
 //!
 //! Known limits: a restarted node does not relearn its own counts (the
 //! `all` design did, through anti-entropy); it starts its own count of each
@@ -72,7 +75,7 @@ const MAX_NAMES: usize = 1 << 16;
 const MAX_OWNER_CACHE: usize = 1 << 18;
 /// Cold blocks whose owners changed, sent again to their new owners per
 /// interval (a bound on the cost of churn), and most waiting.
-const COLD_RESEND_PER_ROUND: usize = 256;
+const COLD_RESEND_PER_INTERVAL: usize = 64;
 const MAX_COLD_MOVED: usize = 1 << 16;
 /// Reports already seen, to skip duplicates before their signature check.
 const MAX_SEEN: usize = 1 << 16;
@@ -128,10 +131,15 @@ struct State {
     /// Per block, its owners ranked (weight, member key, id); kept across
     /// membership changes that do not move the block.
     owners_cache: HashMap<Block, Vec<(u64, u64, u32)>>,
-    /// Blocks whose owners changed since the last round.
-    moved: HashSet<Block>,
-    /// Cold blocks that moved, whose counts are still to be sent again.
-    cold_moved: std::collections::VecDeque<Block>,
+    /// Blocks whose owners changed since the last round, with their owners
+    /// before.
+    moved: HashMap<Block, Vec<u32>>,
+    /// Cold blocks that moved, whose counts are still to be sent again to
+    /// their new owners.
+    cold_moved: std::collections::VecDeque<(Block, Vec<u32>)>,
+    /// Blocks that passed a limit, whose report is repeated: (block, when,
+    /// repeats left).
+    again: Vec<(Block, u64, u8)>,
     outbox: Outbox<Block>,
     table: OwnerTable<Block, u32, Signature>,
     view: HotView<Block, u32>,
@@ -191,8 +199,11 @@ impl State {
             }
         }
         for b in moved {
-            self.owners_cache.remove(&b);
-            self.moved.insert(b);
+            if let Some(ranked) = self.owners_cache.remove(&b) {
+                self.moved
+                    .entry(b)
+                    .or_insert_with(|| ranked.iter().map(|o| o.2).collect());
+            }
         }
     }
 
@@ -247,8 +258,9 @@ impl Hot {
                 me,
                 members: vec![(member_key(name), me, None)],
                 owners_cache: HashMap::new(),
-                moved: HashSet::new(),
+                moved: HashMap::new(),
                 cold_moved: Default::default(),
+                again: Vec::new(),
                 outbox: Outbox::new(MAX_OUTBOX),
                 table: OwnerTable::new(MAX_TABLE),
                 view: HotView::new(MAX_HOT, 2 * r.max(1)),
@@ -348,40 +360,46 @@ impl Hot {
         let first = self.first_epoch(now_ms);
         let mut st = self.lock();
         let st = &mut *st;
+        let mut out = Vec::new();
         for (b, e, c) in throttle.take_own_changes(now_ms) {
             if !st.outbox.note(b, e, c) {
                 dropped("outbox");
             }
         }
         if !st.moved.is_empty() {
-            // Blocks whose owners changed. Their new owners learn them from
-            // this node (what it sent of them, again): hot blocks at once,
-            // cold ones a few hundred per interval (the two owners that
+            // Blocks whose owners changed. Their new owners (only those)
+            // learn them from this node, from what it sent of them: at once
+            // for blocks that are hot or that it counted in this or the last
+            // epoch (a flood that moved while still cold), the others
+            // [`COLD_RESEND_PER_INTERVAL`] per interval (the two owners that
             // stayed still count them, and the median needs only two).
             // What this node no longer owns it forgets.
             let moved = std::mem::take(&mut st.moved);
-            let hot: HashSet<Block> = moved
-                .iter()
-                .filter(|b| st.view.contains(b) || st.reported.contains_key(b))
-                .copied()
-                .collect();
-            stats.resent += st.outbox.resend_where(|b| hot.contains(b));
-            for b in &moved {
-                if !hot.contains(b) && st.cold_moved.len() < MAX_COLD_MOVED {
-                    st.cold_moved.push_back(*b);
+            stats.moved = moved.len();
+            let epoch = self.epoch(now_ms);
+            let mut urgent: HashMap<Block, Vec<u32>> = HashMap::new();
+            for (b, old) in moved {
+                let now_hot = st.view.contains(&b)
+                    || st.reported.contains_key(&b)
+                    || st.outbox.has_sent(b, epoch)
+                    || st.outbox.has_sent(b, epoch.saturating_sub(1));
+                if !st.owners_of(&b, self.r).contains(&st.me) {
+                    st.table.remove(&b);
+                    st.reported.remove(&b);
+                    st.dirty.remove(&b);
                 }
-                if !st.owners_of(b, self.r).contains(&st.me) {
-                    st.table.remove(b);
-                    st.reported.remove(b);
-                    st.dirty.remove(b);
+                if now_hot {
+                    urgent.insert(b, old);
+                } else if st.cold_moved.len() < MAX_COLD_MOVED {
+                    st.cold_moved.push_back((b, old));
                 }
             }
-            stats.moved = moved.len();
+            out.extend(self.resend(st, &urgent, &mut stats));
         }
         if full && !st.cold_moved.is_empty() {
-            let n = st.cold_moved.len().min(COLD_RESEND_PER_ROUND);
-            let some: HashSet<Block> = st.cold_moved.drain(..n).collect();
-            stats.resent += st.outbox.resend_where(|b| some.contains(b));
+            let n = st.cold_moved.len().min(COLD_RESEND_PER_INTERVAL);
+            let some: HashMap<Block, Vec<u32>> = st.cold_moved.drain(..n).collect();
+            out.extend(self.resend(st, &some, &mut stats));
         }
         if full {
             st.outbox.prune(first);
@@ -403,7 +421,6 @@ impl Hot {
                 })
             }
         };
-        let mut out = Vec::new();
         let mut per_owner: HashMap<u32, Vec<(Block, u64, Counts, Signature)>> = HashMap::new();
         for (b, e, c) in entries {
             let msg = increment_message(&self.network, &self.name, &b, e, &c);
@@ -425,14 +442,7 @@ impl Hot {
                 }
             }
         }
-        for (o, list) in per_owner {
-            let Some(addr) = st.addr_of(o) else { continue };
-            for chunk in list.chunks(MAX_BATCH) {
-                let body =
-                    proto::envelope_v2::Body::Increments(encode_increments(self.epoch_ms, chunk));
-                out.push((addr, self.seal(body), "increments"));
-            }
-        }
+        out.extend(self.increments_out(st, per_owner));
         let reports = self.report(st, throttle, now_ms, refresh);
         stats.hot_reported = reports.iter().map(|r| r.blocks.len()).sum();
         if full {
@@ -450,6 +460,68 @@ impl Hot {
         (out, stats)
     }
 
+    /// What this node sent of `blocks`, signed again and sent to their
+    /// owners that were not owners before (the values: the old owners).
+    fn resend(
+        &self,
+        st: &mut State,
+        blocks: &HashMap<Block, Vec<u32>>,
+        stats: &mut RoundStats,
+    ) -> Vec<Out> {
+        if blocks.is_empty() {
+            return Vec::new();
+        }
+        let mut per_owner: HashMap<u32, Vec<(Block, u64, Counts, Signature)>> = HashMap::new();
+        for (b, e, c) in st.outbox.sent_where(|b| blocks.contains_key(b)) {
+            let old = &blocks[&b];
+            let new: Vec<u32> = st
+                .owners_of(&b, self.r)
+                .into_iter()
+                .filter(|o| !old.contains(o))
+                .collect();
+            if new.is_empty() {
+                continue;
+            }
+            let msg = increment_message(&self.network, &self.name, &b, e, &c);
+            let Ok(sig) = self.signer.sign(&msg) else {
+                dropped("sign");
+                continue;
+            };
+            stats.resent += 1;
+            for o in new {
+                if o == st.me {
+                    if matches!(
+                        st.table.merge(b, st.me, e, c, sig),
+                        Merge::New | Merge::Grew
+                    ) {
+                        st.dirty.insert(b);
+                    }
+                } else {
+                    per_owner.entry(o).or_default().push((b, e, c, sig));
+                }
+            }
+        }
+        self.increments_out(st, per_owner)
+    }
+
+    /// Increment batches for each owner.
+    fn increments_out(
+        &self,
+        st: &State,
+        per_owner: HashMap<u32, Vec<(Block, u64, Counts, Signature)>>,
+    ) -> Vec<Out> {
+        let mut out = Vec::new();
+        for (o, list) in per_owner {
+            let Some(addr) = st.addr_of(o) else { continue };
+            for chunk in list.chunks(MAX_BATCH) {
+                let body =
+                    proto::envelope_v2::Body::Increments(encode_increments(self.epoch_ms, chunk));
+                out.push((addr, self.seal(body), "increments"));
+            }
+        }
+        out
+    }
+
     /// This node's reports of the owned blocks that changed (all hot ones
     /// when `refresh`), already merged into its own view.
     fn report(
@@ -461,13 +533,28 @@ impl Hot {
     ) -> Vec<proto::HotReport> {
         let first = self.first_epoch(now_ms);
         let cap = throttle.peer_cap();
-        let candidates: Vec<Block> = match refresh {
+        let mut candidates: Vec<Block> = match refresh {
             true => {
                 st.dirty.clear();
                 st.table.blocks().copied().collect()
             }
             false => st.dirty.drain().collect(),
         };
+        // Repeats of a crossing report that are due (one push with fanout
+        // 3 misses a few nodes; a node needs two owners' crossing reports).
+        let mut forced: HashSet<Block> = HashSet::new();
+        st.again.retain_mut(|(b, at, left)| {
+            if *at > now_ms {
+                return true;
+            }
+            forced.insert(*b);
+            *left -= 1;
+            *at = now_ms + AGAIN_MS;
+            *left > 0
+        });
+        candidates.extend(forced.iter().filter(|b| !st.dirty.contains(*b)).copied());
+        candidates.sort_unstable();
+        candidates.dedup();
         let mut blocks: Vec<(Block, Window)> = Vec::new();
         for b in candidates {
             let w = st.table.window(&b, first, &cap);
@@ -485,7 +572,11 @@ impl Hot {
                 // and when it passes the limit (every change of a block in
                 // a flood would be a broadcast to every node).
                 let l = level(&w.counts, &limits);
-                if st.reported.insert(b, l) != Some(l) || refresh {
+                let last = st.reported.insert(b, l);
+                if l == u32::MAX && last != Some(u32::MAX) && st.again.len() < MAX_HOT {
+                    st.again.push((b, now_ms + AGAIN_MS, AGAIN));
+                }
+                if last != Some(l) || refresh || forced.contains(&b) {
                     blocks.push((b, w));
                 }
             } else if st.reported.remove(&b).is_some() {
@@ -861,6 +952,11 @@ fn grew_by(c: &Counts, sent: &Counts) -> u32 {
         .max(c.recipients.saturating_sub(sent.recipients))
 }
 
+/// A report of a block that passed its limit is sent this many more times,
+/// this far apart.
+const AGAIN: u8 = 2;
+const AGAIN_MS: u64 = 200;
+
 /// Steps between reports of a hot block, as a fraction of its limit.
 const REPORT_STEP: f64 = 0.1;
 
@@ -1066,7 +1162,7 @@ mod tests {
         for live in [names[1..].to_vec(), names.clone()] {
             let last = blocks.iter().map(|b| n0.owner_names(b)).collect::<Vec<_>>();
             n0.set_members(live.iter().map(|n| (n.as_str(), addr)));
-            let moved = std::mem::take(&mut n0.lock().moved);
+            let moved: HashSet<Block> = std::mem::take(&mut n0.lock().moved).into_keys().collect();
             let now: Vec<Vec<String>> = blocks.iter().map(|b| n0.owner_names(b)).collect();
             let changed: HashSet<Block> = blocks
                 .iter()

@@ -704,12 +704,13 @@ impl Core {
         let mut peers: Vec<SocketAddr> = live.iter().map(|id| id.gossip).collect();
         peers.shuffle(&mut rand::rng());
         peers.truncate(self.config.gossip.fanout);
-        let (out, stats) = hot.round(&self.throttle, now_ms(), full || changed, refresh, &peers);
-        if stats.counts_sent > 0 || stats.hot_reported > 0 || stats.moved > 0 {
+        let (out, stats) = hot.round(&self.throttle, now_ms(), full, refresh, &peers);
+        if stats.counts_sent > 0 || stats.hot_reported > 0 || stats.moved > 0 || stats.resent > 0 {
             debug!(
                 counts = stats.counts_sent,
                 hot = stats.hot_reported,
                 moved = stats.moved,
+                members_changed = changed,
                 resent = stats.resent,
                 messages = out.len(),
                 "owners round"

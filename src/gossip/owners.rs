@@ -484,6 +484,21 @@ impl<B: Copy + Eq + Hash> Outbox<B> {
         out
     }
 
+    /// Everything sent of the blocks `pick` chooses, as (block, epoch,
+    /// counts).
+    pub fn sent_where(&self, mut pick: impl FnMut(&B) -> bool) -> Vec<(B, u64, Counts)> {
+        self.sent
+            .iter()
+            .filter(|(k, _)| pick(&k.0))
+            .map(|(k, c)| (k.0, k.1, *c))
+            .collect()
+    }
+
+    /// Whether a count of `block` in `epoch` was sent.
+    pub fn has_sent(&self, block: B, epoch: u64) -> bool {
+        self.sent.contains_key(&(block, epoch))
+    }
+
     /// Sends again, at the next take, everything sent of the blocks
     /// `pick` chooses (their owners changed). Returns how many counts.
     pub fn resend_where(&mut self, mut pick: impl FnMut(&B) -> bool) -> usize {
