@@ -107,11 +107,31 @@ fn new_row(o: &new::Outcome) -> String {
     let mut every: Vec<u64> = o.every.iter().flatten().copied().collect();
     every.sort_unstable();
     let never = o.every.iter().filter(|e| e.is_none()).count();
+    let design = match o.p.resend {
+        new::Resend::Handoff => format!(
+            "new (owners, r = {}, fanout {}, relay {} ms)",
+            o.p.owners, o.p.fanout, o.p.relay_ms
+        ),
+        new::Resend::Origins => format!(
+            "new, live policy (origins re-send, cold {} per full round{}, {}, quick {} ms, fanout {}, forwarded at once)",
+            o.p.cold_budget,
+            if o.p.full_on_change {
+                " = every interval and every membership change"
+            } else {
+                " = every interval only"
+            },
+            if o.p.resend_all {
+                "to all r owners"
+            } else {
+                "to the new owners only"
+            },
+            o.p.quick_ms,
+            o.p.fanout
+        ),
+    };
     format!(
-        "| new (owners, r = {}, fanout {}, relay {} ms) | {} | {} | {:.0} | {:.0} % | {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} / {} | {} / {} | {} of {} | {} | {} of {} checks | {:.0} s |",
-        o.p.owners,
-        o.p.fanout,
-        o.p.relay_ms,
+        "| {} | {} | {} | {:.0} | {:.0} % | {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} / {} | {} / {} | {} of {} | {} | {} of {} checks | {:.0} s |",
+        design,
         o.p.nodes,
         o.p.blocks,
         o.p.rate + (o.p.floods as f64 * (o.p.flood_rate * o.p.flood_secs) as f64 / (o.p.duration_ms as f64 / 1000.0)),
@@ -135,6 +155,27 @@ fn new_row(o: &new::Outcome) -> String {
 }
 
 fn new_detail(o: &new::Outcome) -> String {
+    if o.p.resend == new::Resend::Origins {
+        return format!(
+            "  - new, live policy, N = {}, cold budget {}{}: {} signatures made, {} verified; {} owner changes; {} counts of the run and {} of the window before it re-sent (\"handoff\" column: their bytes), longest cold queue {}, {} cold blocks dropped from a full queue, {} full rounds; hot blocks in a node's view at the end: {}; victim's true window {} (limit {}); {} owner samples checked; setup {:.0} s.",
+            o.p.nodes,
+            o.p.cold_budget,
+            if o.p.full_on_change { "" } else { " (every interval only)" },
+            o.signed,
+            o.verified,
+            o.owner_changes,
+            o.resent,
+            o.resent_past,
+            o.cold_peak,
+            o.cold_dropped,
+            o.full_rounds,
+            o.hot_blocks,
+            o.victim_true,
+            o.p.limit,
+            o.owner_checks,
+            o.setup,
+        );
+    }
     format!(
         "  - new, N = {}: {} signatures made, {} verified (1 increment batch in {} checked with `decode_increments`, every distinct hot report once with `decode_report`); {} owner changes, {} blocks handed off; hot blocks in a node's view at the end: {}; victim's true window {} (limit {}); {} samples of the cached owners equal to `owners()` over the live view; setup {:.0} s.",
         o.p.nodes,
@@ -207,8 +248,21 @@ fn new_params(spec: &str) -> new::Params {
             .expect("--new=N,BLOCKS,RATE[,key=value...]")
     };
     let mut p = new::Params::new(num() as usize, num() as usize, num());
+    // `resend=origins` first: it sets the live policy's defaults, which
+    // the other keys may change.
+    for kv in spec.split(',').skip(3) {
+        match kv {
+            "resend=origins" => p.live(),
+            "resend=handoff" => {}
+            _ => continue,
+        }
+    }
     for kv in spec.split(',').skip(3) {
         let (k, v) = kv.split_once('=').expect("key=value");
+        if k == "resend" {
+            assert!(v == "origins" || v == "handoff", "resend=origins|handoff");
+            continue;
+        }
         let f: f64 = v.parse().expect("a number");
         match k {
             "fanout" => p.fanout = f as usize,
@@ -226,6 +280,12 @@ fn new_params(spec: &str) -> new::Params {
             "duration_ms" => p.duration_ms = f as u64,
             "floods" => p.floods = f as usize,
             "min_origins" => p.min_origins = f as u32,
+            "cold_budget" => p.cold_budget = f as usize,
+            "cold_max" => p.cold_max = f as usize,
+            "quick_ms" => p.quick_ms = f as u64,
+            "full_on_change" => p.full_on_change = f != 0.0,
+            "resend_all" => p.resend_all = f != 0.0,
+            "burst" => p.burst = f as u32,
             _ => panic!("unknown key {k}"),
         }
     }
