@@ -1180,8 +1180,8 @@ impl Sim {
     /// Origins mode: the initial member that made connection `k` of chunk
     /// `j` of block `b`'s window before the run (a fixed hash).
     fn past_origin(&self, b: u32, j: usize, k: u8) -> u32 {
-        let mut x = ((b as u64) << 32 | (j as u64) << 8 | k as u64)
-            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut x =
+            ((b as u64) << 32 | (j as u64) << 8 | k as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
         x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         x ^= x >> 31;
