@@ -1364,7 +1364,9 @@ impl Sim {
         past: Vec<(u32, u64, Counts)>,
     ) {
         type Entry = (Block, u64, Counts, Signature);
-        let mut per: HashMap<u32, (Vec<Entry>, Vec<Entry>, Vec<Entry>)> = HashMap::new();
+        /// Per owner: fresh counts, re-sent counts of the run, of before.
+        type Lists = (Vec<Entry>, Vec<Entry>, Vec<Entry>);
+        let mut per: HashMap<u32, Lists> = HashMap::new();
         for (b, e, c) in changes {
             let block = block_of_id(b, self.p.blocks);
             let msg = increment_message(NET, &self.names[n as usize], &block, e, &c);
