@@ -113,7 +113,12 @@ fn new_row(o: &new::Outcome) -> String {
             o.p.owners, o.p.fanout, o.p.relay_ms
         ),
         new::Resend::Origins => format!(
-            "new, live policy (origins re-send, cold {} per full round{}, {}, quick {} ms, fanout {}, forwarded at once)",
+            "new, live policy (origins re-send, {}cold {} per full round{}, {}, quick {} ms, fanout {}, forwarded at once{})",
+            if o.p.recent_first {
+                "blocks with counts of this or the last epoch at once, other "
+            } else {
+                ""
+            },
             o.p.cold_budget,
             if o.p.full_on_change {
                 " = every interval and every membership change"
@@ -126,7 +131,12 @@ fn new_row(o: &new::Outcome) -> String {
                 "to the new owners only"
             },
             o.p.quick_ms,
-            o.p.fanout
+            o.p.fanout,
+            if o.p.again > 0 {
+                format!(", over-limit report repeated {} x {} ms later", o.p.again, o.p.again_ms)
+            } else {
+                String::new()
+            }
         ),
     };
     format!(
@@ -286,6 +296,7 @@ fn new_params(spec: &str) -> new::Params {
             "full_on_change" => p.full_on_change = f != 0.0,
             "resend_all" => p.resend_all = f != 0.0,
             "burst" => p.burst = f as u32,
+            "recent_first" => p.recent_first = f != 0.0,
             _ => panic!("unknown key {k}"),
         }
     }

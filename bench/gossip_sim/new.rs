@@ -101,6 +101,10 @@ pub struct Params {
     /// Origins: a block's count grown by this much since its last send is
     /// sent at the next quick round (a burst).
     pub burst: u32,
+    /// Origins (a variation, not the live node): a moved cold block with
+    /// own counts sent in this epoch or the last is re-sent at once too,
+    /// only older ones wait in the budgeted queue.
+    pub recent_first: bool,
     /// Verify the signatures of 1 increment batch in this many.
     pub verify_every: u64,
     pub latency_ms: (u64, u64),
@@ -160,6 +164,7 @@ impl Params {
             full_on_change: true,
             resend_all: true,
             burst: 2,
+            recent_first: false,
             verify_every: 10,
             latency_ms: (5, 50),
             loss: 0.01,
@@ -1296,8 +1301,11 @@ impl Sim {
         // again at once, cold ones queued.
         let moved: Vec<u32> = node.moved.drain().collect();
         let mut again: Vec<u32> = Vec::new();
+        let cur = epoch(t);
         for b in moved {
-            if node.hot.contains(&b) || node.levels.contains_key(&b) {
+            let recent = self.p.recent_first
+                && node.outbox.sent(b, cur.saturating_sub(1), cur).connections > 0;
+            if recent || node.hot.contains(&b) || node.levels.contains_key(&b) {
                 again.push(b);
             } else if node.cold.len() < cold_max {
                 node.cold.push_back(b);
