@@ -9,7 +9,8 @@
 //! section of `bench/RESULTS.md`); `-- --quick` runs small N and only
 //! prints. One run: `-- --new=N,BLOCKS,RATE[,key=value...]` (keys: fanout,
 //! relay_ms, interval_ms, refresh_ms, report_step, again, again_ms, hot_rmax, handoff_min, churn, verify_every,
-//! zipf, duration_ms, floods) or `-- --old=N,BLOCKS,RATE,FRESH`.
+//! zipf, duration_ms, floods, resend=origins, cold_budget, cold_max,
+//! quick_ms, full_on_change, resend_all, burst, recent_first) or `-- --old=N,BLOCKS,RATE,FRESH`.
 //!
 //! Load of the new design's runs (issue 15): N nodes, 1,000,000 active
 //! blocks whose 1 h window starts at Poisson(36) past connections each
@@ -53,6 +54,21 @@
 //! changes two owners within one window and then floods is under-counted,
 //! by less than half the limit (handing off every block with a window of
 //! 0.25 x limit or more cost 53 KB/s per node at N = 1,000 with this churn).
+//!
+//! `resend=origins` models the live node's policy instead (`src/gossip/
+//! hot.rs`, `Hot::round`, `State::members_moved`): no handoff; when a
+//! block's owners change, each origin re-sends what it sent of it (its
+//! counts of the whole window, those of before the run attributed to the
+//! initial members by a fixed hash and sized with placeholder signatures),
+//! to all r owners: blocks hot in its view or reported by it at once, cold
+//! ones through a queue (`cold_max` 65,536) of which `cold_budget` (256)
+//! go per full round, a membership change making the next round a full
+//! one (`full_on_change`). Rounds on a 50 ms grid (`quick_ms`) send hot
+//! blocks and bursts (`burst`: grown by 2 since the last send) and the
+//! owners' reports; reports are forwarded at once to 3 peers, no repeats
+//! (`again` 0), a refresh every 10 s. Variations: `resend_all=0` (re-sent
+//! counts to the new owners only), `full_on_change=0`, `recent_first=1`
+//! (moved blocks with counts of this or the last epoch at once).
 //!
 //! A finding about `HotView` (not changed here): with `r_max` = r (3),
 //! the simulation's first runs ended in a message storm (24 GB, then
