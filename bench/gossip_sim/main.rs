@@ -9,7 +9,8 @@
 //! section of `bench/RESULTS.md`); `-- --quick` runs small N and only
 //! prints. One run: `-- --new=N,BLOCKS,RATE[,key=value...]` (keys: fanout,
 //! relay_ms, interval_ms, refresh_ms, report_step, again, again_ms, hot_rmax, handoff_min, churn, verify_every,
-//! zipf, duration_ms, floods) or `-- --old=N,BLOCKS,RATE,FRESH`.
+//! zipf, duration_ms, floods, resend=origins, cold_budget, cold_max,
+//! quick_ms, full_on_change, resend_all, burst, recent_first) or `-- --old=N,BLOCKS,RATE,FRESH`.
 //!
 //! Load of the new design's runs (issue 15): N nodes, 1,000,000 active
 //! blocks whose 1 h window starts at Poisson(36) past connections each
@@ -53,6 +54,21 @@
 //! changes two owners within one window and then floods is under-counted,
 //! by less than half the limit (handing off every block with a window of
 //! 0.25 x limit or more cost 53 KB/s per node at N = 1,000 with this churn).
+//!
+//! `resend=origins` models the live node's policy instead (`src/gossip/
+//! hot.rs`, `Hot::round`, `State::members_moved`): no handoff; when a
+//! block's owners change, each origin re-sends what it sent of it (its
+//! counts of the whole window, those of before the run attributed to the
+//! initial members by a fixed hash and sized with placeholder signatures),
+//! to all r owners: blocks hot in its view or reported by it at once, cold
+//! ones through a queue (`cold_max` 65,536) of which `cold_budget` (256)
+//! go per full round, a membership change making the next round a full
+//! one (`full_on_change`). Rounds on a 50 ms grid (`quick_ms`) send hot
+//! blocks and bursts (`burst`: grown by 2 since the last send) and the
+//! owners' reports; reports are forwarded at once to 3 peers, no repeats
+//! (`again` 0), a refresh every 10 s. Variations: `resend_all=0` (re-sent
+//! counts to the new owners only), `full_on_change=0`, `recent_first=1`
+//! (moved blocks with counts of this or the last epoch at once).
 //!
 //! A finding about `HotView` (not changed here): with `r_max` = r (3),
 //! the simulation's first runs ended in a message storm (24 GB, then
@@ -107,11 +123,41 @@ fn new_row(o: &new::Outcome) -> String {
     let mut every: Vec<u64> = o.every.iter().flatten().copied().collect();
     every.sort_unstable();
     let never = o.every.iter().filter(|e| e.is_none()).count();
+    let design = match o.p.resend {
+        new::Resend::Handoff => format!(
+            "new (owners, r = {}, fanout {}, relay {} ms)",
+            o.p.owners, o.p.fanout, o.p.relay_ms
+        ),
+        new::Resend::Origins => format!(
+            "new, live policy (origins re-send, {}cold {} per full round{}, {}, quick {} ms, fanout {}, forwarded at once{})",
+            if o.p.recent_first {
+                "blocks with counts of this or the last epoch at once, other "
+            } else {
+                ""
+            },
+            o.p.cold_budget,
+            if o.p.full_on_change {
+                " = every interval and every membership change"
+            } else {
+                " = every interval only"
+            },
+            if o.p.resend_all {
+                "to all r owners"
+            } else {
+                "to the new owners only"
+            },
+            o.p.quick_ms,
+            o.p.fanout,
+            if o.p.again > 0 {
+                format!(", over-limit report repeated {} x {} ms later", o.p.again, o.p.again_ms)
+            } else {
+                String::new()
+            }
+        ),
+    };
     format!(
-        "| new (owners, r = {}, fanout {}, relay {} ms) | {} | {} | {:.0} | {:.0} % | {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} / {} | {} / {} | {} of {} | {} | {} of {} checks | {:.0} s |",
-        o.p.owners,
-        o.p.fanout,
-        o.p.relay_ms,
+        "| {} | {} | {} | {:.0} | {:.0} % | {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {} / {} | {} / {} | {} of {} | {} | {} of {} checks | {:.0} s |",
+        design,
         o.p.nodes,
         o.p.blocks,
         o.p.rate + (o.p.floods as f64 * (o.p.flood_rate * o.p.flood_secs) as f64 / (o.p.duration_ms as f64 / 1000.0)),
@@ -135,6 +181,27 @@ fn new_row(o: &new::Outcome) -> String {
 }
 
 fn new_detail(o: &new::Outcome) -> String {
+    if o.p.resend == new::Resend::Origins {
+        return format!(
+            "  - new, live policy, N = {}, cold budget {}{}: {} signatures made, {} verified; {} owner changes; {} counts of the run and {} of the window before it re-sent (\"handoff\" column: their bytes), longest cold queue {}, {} cold blocks dropped from a full queue, {} full rounds; hot blocks in a node's view at the end: {}; victim's true window {} (limit {}); {} owner samples checked; setup {:.0} s.",
+            o.p.nodes,
+            o.p.cold_budget,
+            if o.p.full_on_change { "" } else { " (every interval only)" },
+            o.signed,
+            o.verified,
+            o.owner_changes,
+            o.resent,
+            o.resent_past,
+            o.cold_peak,
+            o.cold_dropped,
+            o.full_rounds,
+            o.hot_blocks,
+            o.victim_true,
+            o.p.limit,
+            o.owner_checks,
+            o.setup,
+        );
+    }
     format!(
         "  - new, N = {}: {} signatures made, {} verified (1 increment batch in {} checked with `decode_increments`, every distinct hot report once with `decode_report`); {} owner changes, {} blocks handed off; hot blocks in a node's view at the end: {}; victim's true window {} (limit {}); {} samples of the cached owners equal to `owners()` over the live view; setup {:.0} s.",
         o.p.nodes,
@@ -207,8 +274,21 @@ fn new_params(spec: &str) -> new::Params {
             .expect("--new=N,BLOCKS,RATE[,key=value...]")
     };
     let mut p = new::Params::new(num() as usize, num() as usize, num());
+    // `resend=origins` first: it sets the live policy's defaults, which
+    // the other keys may change.
+    for kv in spec.split(',').skip(3) {
+        match kv {
+            "resend=origins" => p.live(),
+            "resend=handoff" => {}
+            _ => continue,
+        }
+    }
     for kv in spec.split(',').skip(3) {
         let (k, v) = kv.split_once('=').expect("key=value");
+        if k == "resend" {
+            assert!(v == "origins" || v == "handoff", "resend=origins|handoff");
+            continue;
+        }
         let f: f64 = v.parse().expect("a number");
         match k {
             "fanout" => p.fanout = f as usize,
@@ -226,6 +306,13 @@ fn new_params(spec: &str) -> new::Params {
             "duration_ms" => p.duration_ms = f as u64,
             "floods" => p.floods = f as usize,
             "min_origins" => p.min_origins = f as u32,
+            "cold_budget" => p.cold_budget = f as usize,
+            "cold_max" => p.cold_max = f as usize,
+            "quick_ms" => p.quick_ms = f as u64,
+            "full_on_change" => p.full_on_change = f != 0.0,
+            "resend_all" => p.resend_all = f != 0.0,
+            "burst" => p.burst = f as u32,
+            "recent_first" => p.recent_first = f != 0.0,
             _ => panic!("unknown key {k}"),
         }
     }

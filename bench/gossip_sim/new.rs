@@ -8,7 +8,7 @@
 //! (virtual time, 5-50 ms latency, 1 % loss). The model is in `main.rs`.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,6 +39,9 @@ const K: usize = 6;
 const PSEUDO: u32 = 1 << 30;
 /// A report level meaning "report again whatever the level".
 const FORCED: u32 = u32::MAX - 1;
+/// Origin ids at and above this (below `PSEUDO`) are the counts of before
+/// the run that origin `id - HIST` re-sent (origins mode).
+const HIST: u32 = 1 << 29;
 
 #[derive(Clone, Debug)]
 pub struct Params {
@@ -81,6 +84,27 @@ pub struct Params {
     pub detect_ms: u64,
     /// Blocks handed off on an owner change: window >= this x limit.
     pub handoff_min: f64,
+    /// Who tells a block's new owners: the old owners (`Handoff`, above)
+    /// or the origins (the live node's policy, `src/gossip/hot.rs`).
+    pub resend: Resend,
+    /// Origins: cold moved blocks re-sent per full round, and most queued.
+    pub cold_budget: usize,
+    pub cold_max: usize,
+    /// Origins: the quick round (hot and bursting blocks, reports).
+    pub quick_ms: u64,
+    /// Origins: a membership change makes the next quick round a full one
+    /// (`full || changed` in `Gossip::owners_round`).
+    pub full_on_change: bool,
+    /// Origins: re-sent counts go to all r owners (live) or only to the
+    /// owners that are new.
+    pub resend_all: bool,
+    /// Origins: a block's count grown by this much since its last send is
+    /// sent at the next quick round (a burst).
+    pub burst: u32,
+    /// Origins (a variation, not the live node): a moved cold block with
+    /// own counts sent in this epoch or the last is re-sent at once too,
+    /// only older ones wait in the budgeted queue.
+    pub recent_first: bool,
     /// Verify the signatures of 1 increment batch in this many.
     pub verify_every: u64,
     pub latency_ms: (u64, u64),
@@ -89,7 +113,25 @@ pub struct Params {
     pub seed: u64,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resend {
+    Handoff,
+    Origins,
+}
+
 impl Params {
+    /// The live node's policy (`src/gossip/hot.rs`): no handoff, origins
+    /// re-send on an owner change, quick rounds of 50 ms, reports forwarded
+    /// at once to 3 peers, no repeats, a refresh every 10 s.
+    pub fn live(&mut self) {
+        self.resend = Resend::Origins;
+        self.fanout = 3;
+        self.relay_ms = 0;
+        self.again = 0;
+        self.refresh_ms = 10_000;
+        self.handoff_min = f64::INFINITY;
+    }
+
     pub fn new(nodes: usize, blocks: usize, rate: f64) -> Params {
         Params {
             nodes,
@@ -115,6 +157,14 @@ impl Params {
             detect_ms: 2_000,
             // Only hot blocks: see "Handoff" in main.rs.
             handoff_min: owners::DEFAULT_HOT_FRACTION,
+            resend: Resend::Handoff,
+            cold_budget: 256,
+            cold_max: 1 << 16,
+            quick_ms: 50,
+            full_on_change: true,
+            resend_all: true,
+            burst: 2,
+            recent_first: false,
             verify_every: 10,
             latency_ms: (5, 50),
             loss: 0.01,
@@ -130,6 +180,8 @@ enum Ev {
     Victim,
     Tick(u32),
     Flush(u32),
+    /// Origins mode: a quick round of the node (on its 50 ms grid).
+    Round(u32),
     Report(u32),
     Again(u32, u32, u32),
     Refresh(u32),
@@ -142,6 +194,9 @@ enum Ev {
         from: u32,
         batch: Arc<proto::IncrementBatch>,
         verify: bool,
+        /// The last `past` counts are re-sent counts of the window before
+        /// the run (see `Sim::past`).
+        past: usize,
     },
     Hot {
         to: u32,
@@ -209,6 +264,14 @@ struct Node {
     relay_at: bool,
     seq: u64,
     bytes: Bytes,
+    /// Origins mode: the phase of the node's quick rounds, a round queued,
+    /// members changed since the last full round, blocks whose owners
+    /// changed (not yet looked at), cold ones to re-send.
+    phase: u64,
+    round_at: bool,
+    changed: bool,
+    moved: HashSet<u32>,
+    cold: VecDeque<u32>,
 }
 
 type HotView = owners::HotView<u32, u32>;
@@ -233,6 +296,13 @@ pub struct Outcome {
     pub owner_changes: u64,
     pub handed_off: u64,
     pub owner_checks: u64,
+    /// Origins mode: counts re-sent (of the run, of the window before it),
+    /// cold blocks dropped from a full queue, the longest queue.
+    pub resent: u64,
+    pub resent_past: u64,
+    pub cold_dropped: u64,
+    pub cold_peak: usize,
+    pub full_rounds: u64,
     pub wall: f64,
     pub setup: f64,
 }
@@ -275,6 +345,20 @@ struct Sim {
     owner_changes: u64,
     handed_off: u64,
     owner_checks: u64,
+    /// Origins mode: per background block, its window before the run as
+    /// chunks (age in epochs, connections), the connections from origins
+    /// given by `past_origin` (initial members), so that each origin can
+    /// re-send its share when the block's owners change.
+    past: Vec<Vec<(u8, u8)>>,
+    /// Origins mode: per block, the nodes that sent counts of it in the run.
+    senders: HashMap<u32, Vec<u32>>,
+    /// Origins mode: per block, its owners before its last owner change.
+    prev_owners: HashMap<u32, Vec<u32>>,
+    resent: u64,
+    resent_past: u64,
+    cold_dropped: u64,
+    cold_peak: usize,
+    full_rounds: u64,
     zipf_cdf: Vec<f64>,
     /// Time of the next background attempt, ms after T0.
     next_attempt: f64,
@@ -417,6 +501,11 @@ impl Sim {
                 relay_at: false,
                 seq: 0,
                 bytes: Bytes::default(),
+                phase: 0,
+                round_at: false,
+                changed: false,
+                moved: HashSet::new(),
+                cold: VecDeque::new(),
             })
             .collect();
         // The starting window: each background block has Poisson(rate x
@@ -427,6 +516,8 @@ impl Sim {
         let lambda = p.rate * (WINDOW_EPOCHS * EPOCH_MS) as f64 / 1000.0 / p.blocks as f64;
         let now = epoch(T0);
         let victim = rng.random_range(0..p.blocks as u32);
+        let origins = p.resend == Resend::Origins;
+        let mut past = vec![Vec::new(); if origins { p.blocks } else { 0 }];
         for b in 0..p.blocks as u32 {
             let n = if b == victim {
                 80
@@ -439,6 +530,9 @@ impl Sim {
                 let c = left.min(12);
                 left -= c;
                 let e = now - rng.random_range(0..WINDOW_EPOCHS);
+                if origins {
+                    past[b as usize].push(((now - e) as u8, c as u8));
+                }
                 for o in ranked[b as usize].iter().take(p.owners) {
                     nodes[o.2 as usize]
                         .table
@@ -499,6 +593,14 @@ impl Sim {
             owner_changes: 0,
             handed_off: 0,
             owner_checks: 0,
+            past,
+            senders: HashMap::new(),
+            prev_owners: HashMap::new(),
+            resent: 0,
+            resent_past: 0,
+            cold_dropped: 0,
+            cold_peak: 0,
+            full_rounds: 0,
             zipf_cdf,
             next_attempt: 0.0,
             p,
@@ -519,6 +621,9 @@ impl Sim {
     fn schedule(&mut self) {
         let p = self.p.clone();
         for i in 0..p.nodes as u32 {
+            if p.resend == Resend::Origins {
+                self.nodes[i as usize].phase = self.rng.random_range(0..p.quick_ms);
+            }
             let ph = self.rng.random_range(0..p.interval_ms);
             self.at(T0 + ph, Ev::Tick(i));
             let ph = self.rng.random_range(0..p.refresh_ms);
@@ -656,6 +761,20 @@ impl Sim {
         *c += 1;
         let c = *c;
         node.outbox.note(b, e, conn(c));
+        if self.p.resend == Resend::Origins {
+            // The live quick round: hot blocks, and bursts (two or more
+            // since the last send).
+            let sent = node.outbox.sent(b, e, e).connections;
+            let hot = node.hot.contains(&b) || node.levels.contains_key(&b);
+            let who = self.senders.entry(b).or_default();
+            if !who.contains(&n) {
+                who.push(n);
+            }
+            if hot || c.saturating_sub(sent) >= self.p.burst {
+                self.wake(n, t);
+            }
+            return !refused;
+        }
         if self.hot_value(n, b, t).is_some() && !self.nodes[n as usize].flush_at {
             self.nodes[n as usize].flush_at = true;
             self.at(t + self.p.relay_ms, Ev::Flush(n));
@@ -726,6 +845,7 @@ impl Sim {
                     from: n,
                     batch: Arc::new(batch),
                     verify,
+                    past: 0,
                 },
             );
         }
@@ -739,7 +859,9 @@ impl Sim {
         let liar = n == self.liar && b == self.victim;
         if is_hot(&w.counts, &self.limits, self.p.hot_fraction) || liar {
             node.dirty.insert(b);
-            if !node.report_at {
+            if self.p.resend == Resend::Origins {
+                self.wake(n, t);
+            } else if !node.report_at {
                 node.report_at = true;
                 self.at(t + self.p.relay_ms, Ev::Report(n));
             }
@@ -752,9 +874,10 @@ impl Sim {
         from: u32,
         batch: &proto::IncrementBatch,
         verify: bool,
+        past: usize,
         t: u64,
     ) {
-        let entries: Vec<(Block, u64, Counts, Signature)> = if verify {
+        let mut entries: Vec<(Block, u64, Counts, Signature)> = if verify {
             self.verified += batch.counts.len() as u64;
             decode_increments(
                 batch,
@@ -782,6 +905,12 @@ impl Sim {
                 })
                 .collect()
         };
+        let old = entries.split_off(entries.len() - past);
+        for (block, e, c, _) in old {
+            if let Some(b) = id_of_block(&block, self.p.blocks) {
+                self.merge_past(to, from, b, e, c, t);
+            }
+        }
         for (block, e, c, sig) in entries {
             let Some(b) = id_of_block(&block, self.p.blocks) else {
                 continue;
@@ -1053,6 +1182,276 @@ impl Sim {
         }
     }
 
+    /// Origins mode: the initial member that made connection `k` of chunk
+    /// `j` of block `b`'s window before the run (a fixed hash).
+    fn past_origin(&self, b: u32, j: usize, k: u8) -> u32 {
+        let mut x =
+            ((b as u64) << 32 | (j as u64) << 8 | k as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^= x >> 31;
+        (x % self.p.nodes as u64) as u32
+    }
+
+    /// Origins mode: node `n`'s own counts of block `b` from before the
+    /// run, (epoch, connections), epochs still in the window at `t`.
+    fn past_of(&self, n: u32, b: u32, t: u64) -> Vec<(u64, u32)> {
+        let mut v: Vec<(u64, u32)> = Vec::new();
+        let Some(chunks) = self.past.get(b as usize) else {
+            return v;
+        };
+        if n as usize >= self.p.nodes {
+            return v;
+        }
+        let now = epoch(T0);
+        for (j, &(age, c)) in chunks.iter().enumerate() {
+            let e = now - age as u64;
+            if e < first_epoch(t) {
+                continue;
+            }
+            for k in 0..c {
+                if self.past_origin(b, j, k) == n {
+                    match v.iter_mut().find(|x| x.0 == e) {
+                        Some(x) => x.1 += 1,
+                        None => v.push((e, 1)),
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// Origins mode: a quick round of `n` at its next 50 ms tick.
+    fn wake(&mut self, n: u32, t: u64) {
+        let q = self.p.quick_ms.max(1);
+        let node = &mut self.nodes[n as usize];
+        if node.round_at || !node.alive {
+            return;
+        }
+        node.round_at = true;
+        let base = T0 + node.phase;
+        let next = base + (t.saturating_sub(base) / q + 1) * q;
+        self.at(next, Ev::Round(n));
+    }
+
+    /// Origins mode (`State::members_moved`): the owners of `blocks` (with
+    /// their owners before) changed; every node that has one in its owner
+    /// cache (its origins, of the run or before it, and its owners) notes
+    /// it, and every node's next quick round is a full one.
+    fn owners_moved(&mut self, blocks: &[(u32, Vec<u32>)], t: u64) {
+        let mut holders: Vec<u32> = Vec::new();
+        for (b, old) in blocks {
+            let b = *b;
+            holders.clear();
+            if let Some(chunks) = self.past.get(b as usize) {
+                for (j, &(_, c)) in chunks.iter().enumerate() {
+                    for k in 0..c {
+                        holders.push(self.past_origin(b, j, k));
+                    }
+                }
+            }
+            if let Some(s) = self.senders.get(&b) {
+                holders.extend(s);
+            }
+            holders.extend(self.owners_of(b));
+            for &h in &holders {
+                let node = &mut self.nodes[h as usize];
+                if node.alive {
+                    node.moved.insert(b);
+                }
+            }
+            self.prev_owners.insert(b, old.clone());
+        }
+        for n in self.alive.clone() {
+            if self.p.full_on_change {
+                self.nodes[n as usize].changed = true;
+                self.wake(n, t);
+            } else if !self.nodes[n as usize].moved.is_empty() {
+                self.wake(n, t);
+            }
+        }
+    }
+
+    /// Origins mode: an owner gets an origin's count of before the run.
+    /// Owners that keep the block's window under pseudo-origins have it
+    /// already (max-merge is idempotent); others keep it under the origin.
+    fn merge_past(&mut self, to: u32, from: u32, b: u32, e: u64, c: Counts, t: u64) {
+        if !self.owners_of(b).contains(&to) {
+            return;
+        }
+        let table = &self.nodes[to as usize].table;
+        if table.slots(&b).iter().any(|s| s.origin >= PSEUDO) {
+            return;
+        }
+        self.merge_local(to, b, HIST + from, e, c, None, t);
+    }
+
+    /// Origins mode: one round of node `n` as `Hot::round` (a full one
+    /// every interval and after a membership change).
+    fn round(&mut self, n: u32, t: u64, full: bool) {
+        let first = first_epoch(t);
+        let cold_max = self.p.cold_max;
+        let node = &mut self.nodes[n as usize];
+        let full = full || node.changed;
+        if full {
+            node.changed = false;
+            self.full_rounds += 1;
+        }
+        // Moved blocks: hot ones (in the view, or reported by this node)
+        // again at once, cold ones queued.
+        let moved: Vec<u32> = node.moved.drain().collect();
+        let mut again: Vec<u32> = Vec::new();
+        let cur = epoch(t);
+        for b in moved {
+            let recent = self.p.recent_first
+                && node.outbox.sent(b, cur.saturating_sub(1), cur).connections > 0;
+            if recent || node.hot.contains(&b) || node.levels.contains_key(&b) {
+                again.push(b);
+            } else if node.cold.len() < cold_max {
+                node.cold.push_back(b);
+            } else {
+                self.cold_dropped += 1;
+            }
+        }
+        self.cold_peak = self.cold_peak.max(node.cold.len());
+        if full {
+            let k = node.cold.len().min(self.p.cold_budget);
+            again.extend(node.cold.drain(..k));
+        }
+        let changes = if full {
+            node.outbox.prune(first);
+            node.own.retain(|(_, e), _| *e >= first);
+            node.outbox.take()
+        } else {
+            let view = &node.hot;
+            let levels = &node.levels;
+            let burst = self.p.burst;
+            node.outbox.take_where(|b, c, sent| {
+                view.contains(b)
+                    || levels.contains_key(b)
+                    || c.connections.saturating_sub(sent.connections) >= burst
+            })
+        };
+        // What this node sent of the moved blocks (in the run, and before
+        // it), not already going out with a newer count.
+        let going: HashSet<(u32, u64)> = changes.iter().map(|c| (c.0, c.1)).collect();
+        let mut res: Vec<(u32, u64, Counts)> = Vec::new();
+        let mut past: Vec<(u32, u64, Counts)> = Vec::new();
+        for &b in &again {
+            let node = &self.nodes[n as usize];
+            for e in first.max(epoch(T0))..=epoch(t) {
+                let c = node.outbox.sent(b, e, e);
+                if c.connections > 0 && !going.contains(&(b, e)) {
+                    res.push((b, e, c));
+                }
+            }
+            for (e, c) in self.past_of(n, b, t) {
+                past.push((b, e, conn(c)));
+            }
+        }
+        self.resent += res.len() as u64;
+        self.resent_past += past.len() as u64;
+        if !changes.is_empty() || !res.is_empty() || !past.is_empty() {
+            self.send_counts(n, t, changes, res, past);
+        }
+        if !self.nodes[n as usize].dirty.is_empty() {
+            self.report(n, t, false);
+        }
+    }
+
+    /// Origins mode: node `n`'s changes (signed now), re-sent counts of the
+    /// run and re-sent counts of before it (sized with 64-octet
+    /// placeholder signatures: signing them all would take hours), one
+    /// increment batch per owner.
+    fn send_counts(
+        &mut self,
+        n: u32,
+        t: u64,
+        changes: Vec<(u32, u64, Counts)>,
+        res: Vec<(u32, u64, Counts)>,
+        past: Vec<(u32, u64, Counts)>,
+    ) {
+        type Entry = (Block, u64, Counts, Signature);
+        /// Per owner: fresh counts, re-sent counts of the run, of before.
+        type Lists = (Vec<Entry>, Vec<Entry>, Vec<Entry>);
+        let mut per: HashMap<u32, Lists> = HashMap::new();
+        for (b, e, c) in changes {
+            let block = block_of_id(b, self.p.blocks);
+            let msg = increment_message(NET, &self.names[n as usize], &block, e, &c);
+            let sig = self.nodes[n as usize].signer.sign(&msg).expect("sign");
+            self.signed += 1;
+            for o in self.owners_of(b) {
+                if o != n {
+                    per.entry(o).or_default().0.push((block, e, c, sig));
+                } else {
+                    let sig = Some(Box::new(sig));
+                    self.merge_local(n, b, n, e, c, sig, t);
+                }
+            }
+        }
+        let placeholder: Signature = [0; 64];
+        for (k, list) in [(1, res), (2, past)] {
+            for (b, e, c) in list {
+                let block = block_of_id(b, self.p.blocks);
+                let mut to = self.owners_of(b);
+                if !self.p.resend_all {
+                    if let Some(old) = self.prev_owners.get(&b) {
+                        to.retain(|o| !old.contains(o));
+                    }
+                }
+                for o in to {
+                    if o == n {
+                        if k == 2 {
+                            self.merge_past(n, n, b, e, c, t);
+                        }
+                        continue;
+                    }
+                    let v = per.entry(o).or_default();
+                    let v = if k == 1 { &mut v.1 } else { &mut v.2 };
+                    v.push((block, e, c, placeholder));
+                }
+            }
+        }
+        let mut per: Vec<_> = per.into_iter().collect();
+        per.sort_unstable_by_key(|x| x.0);
+        for (o, (mut entries, res, past)) in per {
+            let fresh = entries.len();
+            let npast = past.len();
+            entries.extend(res);
+            entries.extend(past);
+            let total = entries.len();
+            let batch = encode_increments(EPOCH_MS, &entries);
+            let env = seal(
+                NET,
+                &self.names[n as usize],
+                proto::envelope_v2::Body::Increments(batch),
+            );
+            let bytes = env.encode_to_vec();
+            let back = proto::EnvelopeV2::decode(bytes.as_slice()).expect("own envelope");
+            let Some(proto::envelope_v2::Body::Increments(batch)) = back.body else {
+                unreachable!()
+            };
+            // Only batches of fresh, really signed counts are checked.
+            let verify = fresh == total && self.rng.random_range(0..self.p.verify_every) == 0;
+            // Bytes of re-sent counts count as "handoff".
+            let resent = (bytes.len() * (total - fresh) / total) as u64;
+            self.nodes[n as usize].bytes.handoff += resent;
+            self.send(
+                t,
+                n,
+                bytes.len() - resent as usize,
+                0,
+                Ev::Increments {
+                    to: o,
+                    from: n,
+                    batch: Arc::new(batch),
+                    verify,
+                    past: npast,
+                },
+            );
+        }
+    }
+
     /// Membership: `m` leaves everyone's view.
     fn remove_member(&mut self, m: u32, t: u64) {
         self.in_view[m as usize] = false;
@@ -1060,6 +1459,7 @@ impl Sim {
         let r = self.p.owners;
         let blocks = std::mem::take(&mut self.index[m as usize]);
         let mut moves: HashMap<(u32, u32), Vec<u32>> = HashMap::new();
+        let mut moved = Vec::new();
         for b in blocks {
             let list = &mut self.ranked[b as usize];
             let Some(i) = list.iter().position(|e| e.2 == m) else {
@@ -1080,12 +1480,19 @@ impl Sim {
             let list = &self.ranked[b as usize];
             if i < r && list.len() >= r {
                 self.owner_changes += 1;
+                let mut old: Vec<u32> = list.iter().take(r - 1).map(|e| e.2).collect();
+                old.push(m);
+                moved.push((b, old));
                 // The new r-th owner learns from the best surviving owner.
                 moves.entry((list[0].2, list[r - 1].2)).or_default().push(b);
             }
         }
         let mut moves: Vec<_> = moves.into_iter().collect();
         moves.sort_unstable();
+        if self.p.resend == Resend::Origins {
+            self.owners_moved(&moved, t);
+            return;
+        }
         for ((from, to), blocks) in moves {
             if from != to {
                 self.handoff(from, to, &blocks, t);
@@ -1120,8 +1527,25 @@ impl Sim {
         }
         let mut moves: Vec<_> = moves.into_iter().collect();
         moves.sort_unstable();
+        let origins = self.p.resend == Resend::Origins;
+        if origins {
+            let moved: Vec<(u32, Vec<u32>)> = moves
+                .iter()
+                .flat_map(|m| m.1.iter().copied())
+                .map(|b| {
+                    let old = self.ranked[b as usize]
+                        .iter()
+                        .take(r + 1)
+                        .map(|e| e.2)
+                        .filter(|x| *x != m)
+                        .collect();
+                    (b, old)
+                })
+                .collect();
+            self.owners_moved(&moved, t);
+        }
         for (from, blocks) in moves {
-            if self.nodes[from as usize].alive {
+            if self.nodes[from as usize].alive && !origins {
                 self.handoff(from, m, &blocks, t);
             }
             for b in blocks {
@@ -1197,7 +1621,10 @@ impl Sim {
                 }
                 Ev::Tick(n) => {
                     if self.nodes[n as usize].alive {
-                        self.flush(n, t);
+                        match self.p.resend {
+                            Resend::Origins => self.round(n, t, true),
+                            Resend::Handoff => self.flush(n, t),
+                        }
                         self.at(t + self.p.interval_ms, Ev::Tick(n));
                     }
                 }
@@ -1205,6 +1632,12 @@ impl Sim {
                     self.nodes[n as usize].flush_at = false;
                     if self.nodes[n as usize].alive {
                         self.flush(n, t);
+                    }
+                }
+                Ev::Round(n) => {
+                    self.nodes[n as usize].round_at = false;
+                    if self.nodes[n as usize].alive {
+                        self.round(n, t, false);
                     }
                 }
                 Ev::Report(n) => {
@@ -1252,6 +1685,9 @@ impl Sim {
                     self.alive.push(n);
                     self.add_member(n, t);
                     self.check_owners();
+                    if self.p.resend == Resend::Origins {
+                        self.nodes[n as usize].phase = self.rng.random_range(0..self.p.quick_ms);
+                    }
                     let ph = self.rng.random_range(0..self.p.interval_ms);
                     self.at(t + ph, Ev::Tick(n));
                     let ph = self.rng.random_range(0..self.p.refresh_ms);
@@ -1262,9 +1698,10 @@ impl Sim {
                     from,
                     batch,
                     verify,
+                    past,
                 } => {
                     if self.nodes[to as usize].alive {
-                        self.on_increments(to, from, &batch, verify, t);
+                        self.on_increments(to, from, &batch, verify, past, t);
                     }
                 }
                 Ev::Hot { to, relay } => {
@@ -1368,6 +1805,11 @@ pub fn simulate(p: Params) -> Outcome {
         owner_changes: sim.owner_changes,
         handed_off: sim.handed_off,
         owner_checks: sim.owner_checks,
+        resent: sim.resent,
+        resent_past: sim.resent_past,
+        cold_dropped: sim.cold_dropped,
+        cold_peak: sim.cold_peak,
+        full_rounds: sim.full_rounds,
         wall: start.elapsed().as_secs_f64(),
         setup,
         p,
