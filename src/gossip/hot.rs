@@ -38,10 +38,13 @@
 //!   misses a few nodes). These follow `bench/gossip_sim --new=...,
 //!   resend=origins` (see bench/RESULTS.md).
 //!
-//! Known limits: a restarted node does not relearn its own counts (the
-//! `all` design did, through anti-entropy); it starts its own count of each
-//! block again, and the owners' sums, which keep its signed counts of
-//! before, still count them network-wide.
+//! * A restarted node gets its own signed counts back from the owners that
+//!   kept them (a v2 `Handoff` when it comes up, checked with its own key,
+//!   taken during its relearn period).
+//!
+//! Known limit: the owners' sums are per (origin, epoch) maxima, so counts
+//! a restarted node makes in the epoch of its restart, before the handoff
+//! arrives, are under-counted by at most what it had counted before.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
