@@ -424,28 +424,13 @@ impl Hot {
                 })
             }
         };
-        let mut per_owner: HashMap<u32, Vec<(Block, u64, Counts, Signature)>> = HashMap::new();
-        for (b, e, c) in entries {
-            let msg = increment_message(&self.network, &self.name, &b, e, &c);
-            let Ok(sig) = self.signer.sign(&msg) else {
-                dropped("sign");
-                continue;
-            };
-            stats.counts_sent += 1;
-            for o in st.owners_of(&b, self.r) {
-                if o == st.me {
-                    if matches!(
-                        st.table.merge(b, st.me, e, c, sig),
-                        Merge::New | Merge::Grew
-                    ) {
-                        st.dirty.insert(b);
-                    }
-                } else {
-                    per_owner.entry(o).or_default().push((b, e, c, sig));
-                }
-            }
-        }
-        out.extend(self.increments_out(st, per_owner));
+        let items: Vec<(Block, u64, Counts, Vec<u32>)> = entries
+            .into_iter()
+            .map(|(b, e, c)| (b, e, c, st.owners_of(&b, self.r)))
+            .collect();
+        let (sent, signed) = self.send_to(st, items);
+        stats.counts_sent += signed;
+        out.extend(sent);
         let reports = self.report(st, throttle, now_ms, refresh);
         stats.hot_reported = reports.iter().map(|r| r.blocks.len()).sum();
         if full {
@@ -474,37 +459,54 @@ impl Hot {
         if blocks.is_empty() {
             return Vec::new();
         }
+        let items: Vec<(Block, u64, Counts, Vec<u32>)> = st
+            .outbox
+            .sent_where(|b| blocks.contains_key(b))
+            .into_iter()
+            .filter_map(|(b, e, c)| {
+                let old = &blocks[&b];
+                let new: Vec<u32> = st
+                    .owners_of(&b, self.r)
+                    .into_iter()
+                    .filter(|o| !old.contains(o))
+                    .collect();
+                (!new.is_empty()).then_some((b, e, c, new))
+            })
+            .collect();
+        let (out, signed) = self.send_to(st, items);
+        stats.resent += signed;
+        out
+    }
+
+    /// Signs each (block, epoch, counts) and sends it to its `targets`
+    /// (merged into this node's own table when it is one of them). Returns
+    /// the messages and how many counts were signed.
+    fn send_to(
+        &self,
+        st: &mut State,
+        items: Vec<(Block, u64, Counts, Vec<u32>)>,
+    ) -> (Vec<Out>, usize) {
+        let mut signed = 0;
         let mut per_owner: HashMap<u32, Vec<(Block, u64, Counts, Signature)>> = HashMap::new();
-        for (b, e, c) in st.outbox.sent_where(|b| blocks.contains_key(b)) {
-            let old = &blocks[&b];
-            let new: Vec<u32> = st
-                .owners_of(&b, self.r)
-                .into_iter()
-                .filter(|o| !old.contains(o))
-                .collect();
-            if new.is_empty() {
-                continue;
-            }
+        for (b, e, c, targets) in items {
             let msg = increment_message(&self.network, &self.name, &b, e, &c);
             let Ok(sig) = self.signer.sign(&msg) else {
                 dropped("sign");
                 continue;
             };
-            stats.resent += 1;
-            for o in new {
-                if o == st.me {
-                    if matches!(
-                        st.table.merge(b, st.me, e, c, sig),
-                        Merge::New | Merge::Grew
-                    ) {
-                        st.dirty.insert(b);
-                    }
-                } else {
+            signed += 1;
+            for o in targets {
+                if o != st.me {
                     per_owner.entry(o).or_default().push((b, e, c, sig));
+                } else if matches!(
+                    st.table.merge(b, st.me, e, c, sig),
+                    Merge::New | Merge::Grew
+                ) {
+                    st.dirty.insert(b);
                 }
             }
         }
-        self.increments_out(st, per_owner)
+        (self.increments_out(st, per_owner), signed)
     }
 
     /// Increment batches for each owner.

@@ -1008,17 +1008,7 @@ pub fn open(
     use super::wire::Reject;
     use prost::Message as _;
     let e = proto::EnvelopeV2::decode(bytes).map_err(|_| Reject::Decode)?;
-    if e.network != network {
-        return Err(Reject::Network);
-    }
-    if e.version != VERSION {
-        return Err(Reject::Version);
-    }
-    if e.sender.is_empty() {
-        return Err(Reject::NoSender);
-    }
-    let body = e.body.ok_or(Reject::NoBody)?;
-    Ok((e.sender, body))
+    super::wire::check_envelope(e.network == network, e.version, VERSION, e.sender, e.body)
 }
 
 /// A v2 envelope from `sender` on `network`.

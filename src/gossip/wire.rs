@@ -75,17 +75,29 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
 /// Decodes and checks an envelope: returns the claimed sender and the body.
 pub fn open(bytes: &[u8], network: &str) -> Result<(String, Body), Reject> {
     let e = Envelope::decode(bytes).map_err(|_| Reject::Decode)?;
-    if e.network != network {
+    check_envelope(e.network == network, e.version, VERSION, e.sender, e.body)
+}
+
+/// The checks every envelope version shares: this network, the expected
+/// major version, a sender, a body.
+pub fn check_envelope<B>(
+    same_network: bool,
+    version: u32,
+    want_version: u32,
+    sender: String,
+    body: Option<B>,
+) -> Result<(String, B), Reject> {
+    if !same_network {
         return Err(Reject::Network);
     }
-    if e.version != VERSION {
+    if version != want_version {
         return Err(Reject::Version);
     }
-    if e.sender.is_empty() {
+    if sender.is_empty() {
         return Err(Reject::NoSender);
     }
-    let body = e.body.ok_or(Reject::NoBody)?;
-    Ok((e.sender, body))
+    let body = body.ok_or(Reject::NoBody)?;
+    Ok((sender, body))
 }
 
 /// A short name of the body's kind (the `kind` label of
