@@ -678,11 +678,32 @@ impl Core {
     }
 
     /// Sends `bytes` to `addr` on a stream of its own, in a task.
+    ///
+    /// Signed counts (increments, handoffs) are sent only when something
+    /// changed, so a send that fails (a dial in its backoff just after a
+    /// partition healed, a peer restarting) is tried again a few times;
+    /// they merge idempotently, so a copy that did arrive costs nothing.
     fn send_later(&self, addr: SocketAddr, bytes: Arc<Vec<u8>>, kind: &'static str) {
         let t = self.transport.clone();
+        let shutdown = self.shutdown.clone();
+        let retries: &[u64] = match kind {
+            "increments" | "handoff" => &[300, 900, 2_000],
+            _ => &[],
+        };
         self.tasks.spawn(async move {
-            if let Err(e) = t.send_uni(addr, &bytes, kind).await {
-                debug!(peer = %addr, reason = %e, kind, "gossip message not sent");
+            let mut wait = retries.iter();
+            loop {
+                let Err(e) = t.send_uni(addr, &bytes, kind).await else {
+                    return;
+                };
+                let Some(ms) = wait.next() else {
+                    debug!(peer = %addr, reason = %e, kind, "gossip message not sent");
+                    return;
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(*ms)) => {}
+                }
             }
         });
     }
