@@ -1136,9 +1136,9 @@ impl Throttle {
         out
     }
 
-    /// Every own (block, epoch) count inside the window (a re-send to new
-    /// owners after a membership change).
-    pub fn own_counts(&self, now_ms: u64) -> Vec<(Block, u64, Counts)> {
+    /// Every own (block, epoch) count inside the window (what a take after
+    /// an overflow of the change record returns).
+    fn own_counts(&self, now_ms: u64) -> Vec<(Block, u64, Counts)> {
         let first = self.window_start(now_ms);
         let mut out = Vec::new();
         for e in self.blocks.iter() {
@@ -1710,5 +1710,33 @@ mod tests {
                 prop_assert_eq!(a.window_sum(block, first, now_epoch), expected);
             }
         }
+    }
+
+    #[test]
+    fn own_changes_are_fed_once_each_with_their_value_now() {
+        let t = Throttle::new(&cfg(), &TrustConfig::default(), "n").with_change_feed();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let now = 10_000_000;
+        assert_eq!(t.on_connect(ip, now), Decision::Accept);
+        assert_eq!(t.on_connect(ip, now), Decision::Accept);
+        let ch = t.take_own_changes(now);
+        assert_eq!(ch.len(), 1);
+        assert_eq!((ch[0].0, ch[0].2.connections), (t.block_of(ip), 2));
+        // Taken: nothing again until the block counts again.
+        assert!(t.take_own_changes(now).is_empty());
+        t.on_connect(ip, now);
+        assert_eq!(t.take_own_changes(now)[0].2.connections, 3);
+        // A peer's counts are not own changes; without the feed nothing is kept.
+        t.merge(
+            t.origin("p"),
+            t.block_of(ip),
+            t.epoch_of(now),
+            Counts::default(),
+            now,
+        );
+        assert!(t.take_own_changes(now).is_empty());
+        let off = Throttle::new(&cfg(), &TrustConfig::default(), "n");
+        off.on_connect(ip, now);
+        assert!(off.take_own_changes(now).is_empty());
     }
 }

@@ -499,22 +499,6 @@ impl<B: Copy + Eq + Hash> Outbox<B> {
         self.sent.contains_key(&(block, epoch))
     }
 
-    /// Sends again, at the next take, everything sent of the blocks
-    /// `pick` chooses (their owners changed). Returns how many counts.
-    pub fn resend_where(&mut self, mut pick: impl FnMut(&B) -> bool) -> usize {
-        let again: Vec<((B, u64), Counts)> = self
-            .sent
-            .iter()
-            .filter(|(k, _)| pick(&k.0))
-            .map(|(k, c)| (*k, *c))
-            .collect();
-        let n = again.len();
-        for ((b, e), c) in again {
-            self.note(b, e, c);
-        }
-        n
-    }
-
     /// What this node sent the owners for `block` over epochs
     /// `>= first_epoch`.
     pub fn sent(&self, block: B, first_epoch: u64, last_epoch: u64) -> Counts {
